@@ -1,0 +1,1 @@
+"""Thin mitmproxy adapters over the pure engines, one concern per module."""

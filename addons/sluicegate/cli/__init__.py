@@ -1,0 +1,1 @@
+"""Operator commands behind `python -m sluicegate`; each module exposes `main(argv) -> int`."""
