@@ -28,10 +28,46 @@ class Refusal:
     phase: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """The authenticated caller of a flow, as the auth addon verified it. Plain, non-secret."""
+
+    subject: str
+    groups: tuple[str, ...]
+    issuer: str
+    token_id: str | None
+    fingerprint: str  # short non-reversible hash of the token: correlates without storing it
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {
+            "subject": self.subject,
+            "groups": list(self.groups),
+            "issuer": self.issuer,
+            "token_id": self.token_id,
+            "token_fingerprint": self.fingerprint,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class ScrubLiteral:
+    """An exact secret value that must never come back to the agent or reach a recording."""
+
+    rule_id: str  # e.g. "injected-credential:openai"
+    value: str
+
+
 @dataclasses.dataclass
 class FlowState:
     request_id: str
     refusal: Refusal | None = None
+    # Set by the auth addon once the caller's token is verified.
+    caller: Caller | None = None
+    # Name of the route the flow matched (None: unrouted).
+    route: str | None = None
+    # Injected credentials (all their encoded variants) to scrub from responses and recordings.
+    scrub: list[ScrubLiteral] = dataclasses.field(default_factory=list)
+    # The response body bytes the client actually received when the response was streamed.
+    streamed_body: bytearray | None = None
     # Recordable facts, grouped by the addon that produced them (plain types only).
     facts: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Non-recordable working data (identity objects, secrets to scrub...), by addon.
