@@ -196,3 +196,5 @@ def test_non_rsa_keys_mint_and_verify(tmp_path: Path, private_key: object, alg: 
     )
     assert dev_verifier(jwks).verify(token).groups == ("g",)
     assert json.loads(jwks.read_text())["keys"][0]["alg"] == alg
+    with pytest.raises(ValueError, match="does not match"):
+        public_jwks(pem, "k1", alg="RS256")

@@ -77,6 +77,8 @@ def public_jwks(private_key_pem: bytes, kid: str, alg: str | None = None) -> dic
     private_key = _load_private_key(private_key_pem)
     public_key = private_key.public_key()
     alg = alg or _default_alg(public_key)
+    if alg not in algorithms_for_key(public_key):
+        raise ValueError(f"alg {alg} does not match the key type")
     jwk = json.loads(_to_jwk(public_key))
     jwk.pop("key_ops", None)  # RFC 7517 4.3: not together with "use"
     jwk.update({"kid": kid, "use": "sig", "alg": alg})

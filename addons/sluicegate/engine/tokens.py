@@ -218,9 +218,10 @@ def parse_jwks(
 ) -> tuple[VerificationKey, ...]:
     """Parse a JWKS into verification keys, skipping entries that must not verify tokens.
 
-    Skipped (with a warning): symmetric (`oct`) keys, keys for encryption, keys carrying private
-    members, weak RSA keys, key types or `alg` values outside the allowlist. Exact duplicates
-    collapse to one entry; distinct keys sharing a `kid` are kept and refused at lookup time.
+    Skipped (logged at info, IdPs routinely publish encryption keys too): symmetric (`oct`)
+    keys, keys for encryption, keys carrying private members, weak RSA keys, key types or `alg`
+    values outside the allowlist. Exact duplicates collapse to one entry; distinct keys sharing
+    a `kid` are kept and refused at lookup time.
     Raises KeySourceError when the document itself is not a JWKS.
     """
     try:
@@ -235,7 +236,7 @@ def parse_jwks(
         try:
             key = _jwk_to_key(entry, algorithms, f"{origin}#{index}")
         except KeySourceError as exc:
-            log.warning("skipping JWKS entry: %s", exc)
+            log.info("skipping JWKS entry: %s", exc)
             continue
         if not any(key.kid == seen.kid and key.same_key(seen) for seen in keys):
             keys.append(key)
@@ -788,8 +789,9 @@ MAX_CREDENTIAL_HEADER_CHARS: Final = 65536
 def token_from_proxy_authorization(value: str) -> str | None:
     """The token in a Proxy-Authorization value, or None when it carries none.
 
-    `Basic base64(user:<jwt>)` (what HTTPS_PROXY=http://agent:<jwt>@host gives) yields the password,
-    which may itself contain colons; `Bearer <jwt>` yields the token. Schemes are case-insensitive.
+    `Basic base64(user:<jwt>)` (what HTTPS_PROXY=http://agent:<jwt>@host gives) yields the
+    password, which may itself contain colons (the user name is ignored); `Bearer <jwt>` yields
+    the token. Schemes are case-insensitive.
     Raises TokenRejected(too_large) for absurdly long values.
     """
     scheme, credentials = _split_auth_value(value)
