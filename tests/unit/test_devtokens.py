@@ -11,6 +11,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
 from sluicegate.engine.devtokens import generate_signing_key, mint_token, public_jwks
 from sluicegate.engine.tokens import (
     JwksFileSource,
