@@ -150,8 +150,11 @@ def test_unsafe_mitmproxy_options_stop_gateway(
 
 # -- failing closed ---------------------------------------------------------------------------
 
-REQUEST_PHASE_HOOKS = ["ProxyHardening.requestheaders"]
+REQUEST_PHASE_HOOKS = ["ProxyHardening.requestheaders", "Policy.request"]
+RESPONSE_PHASE_HOOKS = ["Policy.response"]
 CONNECT_HOOKS = ["ProxyHardening.http_connect"]
+# The stable code each hook's guard answers with (default: gateway_error).
+HOOK_CODES = {"Policy.request": "policy_error", "Policy.response": "policy_error"}
 
 
 @pytest.fixture
@@ -171,10 +174,32 @@ def test_request_hook_raising_answers_with_error_and_forwards_nothing(
         )
     assert response.status_code == 500
     error = response.json()["error"]
-    assert error["code"] == "gateway_error"
+    assert error["code"] == HOOK_CODES.get(hook, "gateway_error")
     assert error["request_id"]
     assert "SHOULD-NOT-APPEAR" not in response.text
     assert upstream.received == []
+    logs = faulty_gateway.logs
+    assert "InjectedFault" in logs and error["request_id"] in logs
+    assert "SHOULD-NOT-APPEAR" not in logs
+
+
+@pytest.mark.parametrize("hook", RESPONSE_PHASE_HOOKS)
+def test_response_hook_raising_answers_with_error_instead_of_the_body(
+    faulty_gateway: Gateway, upstream: FakeUpstream, token: str, hook: str
+) -> None:
+    upstream.script.text = "UPSTREAM-BODY-MUST-NOT-ARRIVE"
+    with faulty_gateway.client() as client:
+        response = client.post(
+            upstream.url("/v1/chat/completions"),
+            json={"model": "m", "messages": []},
+            headers={"x-test-fault": hook, "authorization": f"Bearer {token}"},
+        )
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["code"] == HOOK_CODES.get(hook, "gateway_error")
+    assert "UPSTREAM-BODY-MUST-NOT-ARRIVE" not in response.text
+    assert "SHOULD-NOT-APPEAR" not in response.text
+    assert len(upstream.received) == 1  # the request went out; its answer was replaced
     logs = faulty_gateway.logs
     assert "InjectedFault" in logs and error["request_id"] in logs
     assert "SHOULD-NOT-APPEAR" not in logs
