@@ -341,3 +341,14 @@ def test_reload_keeps_the_runtime_and_restarts_the_server(h: Harness) -> None:
             again.done()
 
     asyncio.run(scenario())
+
+
+def test_streamed_response_no_scanner_saw_is_flagged(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    flow = asyncio.run(respond(h, ""))
+    assert flow.response is not None
+    flow.response.stream = True  # streamed by something that never asked the response policy
+    asyncio.run(h.addon.response(flow))
+    assert h.policy(flow)["response"] == {"unchecked_stream": True}
+    assert "response rules did not see streamed response" in caplog.text

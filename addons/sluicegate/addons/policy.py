@@ -244,6 +244,14 @@ class Policy(GatewayAddon):
                 first = response_policy.stream_decisions[0]
                 facts["response"] = {**first.as_metadata(), "streamed": True}
                 _publish(flow, facts)
+            elif response_policy.streams_started == 0:
+                # Too late to stop anything; make the gap visible in the log and the recording.
+                logger.error(
+                    "sluicegate: response rules did not see streamed response [request %s]",
+                    flow.id,
+                )
+                facts["response"] = {"unchecked_stream": True}
+                _publish(flow, facts)
             return
         content = self._content(flow.response, Phase.RESPONSE)
         views = BodyViews.of(content, flow.response.headers.get("content-type"))

@@ -233,8 +233,10 @@ class BodyViews:
     """The texts of a body that patterns run over.
 
     The raw text, plus the decoded string values of a JSON body (so `\\n` escapes are newlines
-    again) or the decoded values of a form body. A pattern is found when it matches often enough
-    in any one view, so re-encoding a secret inside JSON does not hide it.
+    again), the decoded values of a form body, or the generated text of a buffered SSE body (the
+    deltas of OpenAI / Anthropic events, joined, so a command split over many events is whole
+    again). A pattern is found when it matches often enough in any one view, so re-encoding a
+    secret inside JSON does not hide it.
     """
 
     size: int
@@ -251,11 +253,41 @@ class BodyViews:
         elif "application/x-www-form-urlencoded" in ctype:
             pairs = urllib.parse.parse_qsl(raw, keep_blank_values=True)
             views.append("\n".join(f"{k}={v}" for k, v in pairs))
+        elif "text/event-stream" in ctype:
+            views.append(_sse_text(raw))
         return cls(size=len(content), views=tuple(views))
 
     @classmethod
     def of_text(cls, text: str) -> BodyViews:
         return cls(size=len(text.encode("utf-8", "replace")), views=(text,))
+
+
+# Keys under which OpenAI (chat, Responses) and Anthropic stream events carry generated text.
+_SSE_TEXT_KEYS = frozenset({"content", "text", "delta", "arguments", "partial_json", "thinking"})
+
+
+def _sse_text(raw: str) -> str:
+    """The generated text of an SSE body: text-bearing strings of each `data:` event, in order."""
+    pieces: list[str] = []
+    for line in raw.splitlines():
+        if not line.startswith("data:"):
+            continue
+        try:
+            event = json.loads(line[5:])
+        except (ValueError, RecursionError):
+            continue
+        stack: list[Any] = [event]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, dict):
+                for key, value in item.items():
+                    if isinstance(value, str) and key in _SSE_TEXT_KEYS:
+                        pieces.append(value)
+                    elif isinstance(value, (dict, list)):
+                        stack.append(value)
+            elif isinstance(item, list):
+                stack.extend(reversed(item))
+    return "".join(pieces)
 
 
 def _looks_like_json(text: str) -> bool:
@@ -638,6 +670,7 @@ class ResponsePolicy:
         self.window = window
         # Decisions taken by this flow's stream scanners, for the addon to record at the end.
         self.stream_decisions: list[Decision] = []
+        self.streams_started = 0
 
     def decide(self, body: BodyViews) -> Decision | None:
         """First matching rule for a whole buffered body; None means no rule matched (allow)."""
@@ -651,6 +684,7 @@ class ResponsePolicy:
         return decision
 
     def stream(self) -> ResponseScanner:
+        self.streams_started += 1
         return ResponseScanner(self)
 
 
