@@ -111,15 +111,12 @@ class Policy(GatewayAddon):
     def apply(self, config: Config) -> None:
         self.engine = engine.build_policy(config.policy)
         self.max_body_bytes = config.gateway.max_body_bytes
-        previous = self.approvals
-        self.approvals = config.approvals
-        webhook = config.approvals.webhook_url if config.approvals else None
-        self.webhook = (
-            WebhookNotifier(webhook, config.approvals.webhook_timeout_seconds)
-            if config.approvals and webhook
-            else None
-        )
-        if self._running and _listen_settings(previous) != _listen_settings(self.approvals):
+        previous, approvals = self.approvals, config.approvals
+        self.approvals = approvals
+        self.webhook = None
+        if approvals is not None and approvals.webhook_url is not None:
+            self.webhook = WebhookNotifier(approvals.webhook_url, approvals.webhook_timeout_seconds)
+        if self._running and _listen_settings(previous) != _listen_settings(approvals):
             self._start_server()
 
     def running(self) -> None:
