@@ -20,8 +20,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 import ipaddress
+import itertools
 import json
+import re
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -95,15 +98,49 @@ class ScanTimeout(PolicyError):
 
 @dataclasses.dataclass(frozen=True)
 class Pattern:
-    """A named body pattern; it is found when it matches at least `min_count` times."""
+    """A named body pattern; it is found when it matches at least `min_count` times.
+
+    Built-ins also carry a cheap necessary condition (`anchors`: every match contains one of these
+    lower-case literals; `prefilter`: every match contains a match of this `re` pattern), which
+    skips hopeless regex scans without ever changing a result, and `max_len`, the longest match,
+    so a stream rescans only that much already released text.
+    """
 
     name: str
     regex: regex.Pattern[str]
     min_count: int = 1
     description: str = ""
+    anchors: tuple[str, ...] = ()
+    prefilter: re.Pattern[str] | None = None
+    max_len: int | None = None
 
-    def count(self, text: str, timeout: float | None, stop_at: int | None = None) -> int:
+    def might_occur(self, text: str, needed: int = 1, lowered: str | None = None) -> bool:
+        """False only if `text` cannot hold `needed` matches."""
+        if self.anchors:
+            low = text.lower() if lowered is None else lowered
+            if needed == 1:
+                if not any(a in low for a in self.anchors):
+                    return False
+            else:  # matches do not overlap, so each holds its own anchor occurrence
+                hits = itertools.islice(self._anchor_re.finditer(low), needed)
+                if sum(1 for _ in hits) < needed:
+                    return False
+        return self.prefilter is None or self.prefilter.search(text) is not None
+
+    @functools.cached_property
+    def _anchor_re(self) -> re.Pattern[str]:
+        return re.compile("|".join(re.escape(a) for a in self.anchors))
+
+    def count(
+        self,
+        text: str,
+        timeout: float | None,
+        stop_at: int | None = None,
+        lowered: str | None = None,
+    ) -> int:
         """Matches in `text`, stopping early at `stop_at`. Raises ScanTimeout past `timeout`."""
+        if not self.might_occur(text, stop_at or 1, lowered):
+            return 0
         n = 0
         try:
             for _ in self.regex.finditer(text, concurrent=True, timeout=timeout):
@@ -117,83 +154,152 @@ class Pattern:
         return n
 
     def found_in(self, body: BodyViews, timeout: float | None) -> bool:
-        return any(self.count(v, timeout, self.min_count) >= self.min_count for v in body.views)
+        return any(
+            self.count(view, timeout, self.min_count, body.lowered(i)) >= self.min_count
+            for i, view in enumerate(body.views)
+        )
 
 
 def _compile(source: str) -> regex.Pattern[str]:
     return regex.compile(source)
 
 
+def _builtin(
+    name: str,
+    source: str,
+    description: str,
+    *,
+    anchors: tuple[str, ...] = (),
+    prefilter: str | None = None,
+    max_len: int,
+    min_count: int = 1,
+) -> Pattern:
+    # ASCII semantics: case-insensitive parts fold ASCII letters only, so lower-case anchors
+    # are a sound necessary condition.
+    return Pattern(
+        name,
+        regex.compile(source, regex.ASCII),
+        min_count,
+        description,
+        anchors=anchors,
+        prefilter=re.compile(prefilter) if prefilter else None,
+        max_len=max_len,
+    )
+
+
 # Written for this project from the formats themselves; tests/unit/test_policy.py has positive
-# and negative examples for each. Runs are bounded and anchored so that scans stay linear.
+# and negative examples for each. Every repetition is bounded and runs are anchored, so scans
+# stay linear and matches have a known longest length.
 _B64 = r"A-Za-z0-9+/"
+_NAME = r"[\w.@-]{1,64}"
 _PRIVILEGED_FILES = (
-    r"(?:/etc/(?:passwd|shadow|group|gshadow|sudoers|sudoers\.d/[\w.-]+|crontab"
-    r"|cron\.d/[\w.-]+|ld\.so\.preload|ssh/sshd_config|pam\.d/[\w.-]+|profile\.d/[\w.-]+"
-    r"|systemd/system/[\w.@-]+)|(?:~|/root|/home/[\w.-]+)/\.ssh/authorized_keys)"
+    rf"(?:/etc/(?:passwd|shadow|group|gshadow|sudoers|sudoers\.d/{_NAME}|crontab"
+    rf"|cron\.d/{_NAME}|ld\.so\.preload|ssh/sshd_config|pam\.d/{_NAME}|profile\.d/{_NAME}"
+    rf"|systemd/system/{_NAME})|(?:~|/root|/home/{_NAME})/\.ssh/authorized_keys)"
 )
 BUILTIN_PATTERNS: Mapping[str, Pattern] = {
     p.name: p
     for p in (
-        Pattern(
+        _builtin(
             "private-key",
-            _compile(
-                r"-----BEGIN (?:[A-Z0-9]+ ){0,3}PRIVATE KEY(?: BLOCK)?-----"
-                r"|PuTTY-User-Key-File-[0-9]+:"
-            ),
-            description="PEM/OpenSSH/PGP private key blocks and PuTTY key files.",
+            r"-----BEGIN (?:[A-Z0-9]{1,16} ){0,3}PRIVATE KEY(?: BLOCK)?-----"
+            r"|PuTTY-User-Key-File-[0-9]{1,3}:",
+            "PEM/OpenSSH/PGP private key blocks and PuTTY key files.",
+            anchors=("private key", "putty-user-key-file-"),
+            max_len=128,
         ),
-        Pattern(
+        _builtin(
             "bulk-credentials",
-            _compile(
-                r"(?i:(?:passw(?:or)?d|passwd|secret|api[_-]?key|access[_-]?key|auth[_-]?token"
-                r"|client[_-]?secret|private[_-]?key)[A-Za-z0-9_]{0,32}[\"']?"
-                r"[ \t]{0,8}[:=][ \t]{0,8}[\"']?[^\s\"',;]{8,})"
-                r"|\bAKIA[0-9A-Z]{16}\b|\bsk-[A-Za-z0-9_-]{20,}|\bgh[opsur]_[A-Za-z0-9]{30,}"
-                r"|\bxox[abprs]-[A-Za-z0-9-]{10,}|\bglpat-[A-Za-z0-9_-]{20}"
+            r"(?i:(?:passw(?:or)?d|secret|api[_-]?key|access[_-]?key|auth[_-]?token"
+            r"|private[_-]?key)[A-Za-z0-9_]{0,32}[\"']?"
+            r"[ \t]{0,8}[:=][ \t]{0,8}[\"']?[^\s\"',;]{8,256})"
+            r"|\bAKIA[0-9A-Z]{16}\b|\bsk-[A-Za-z0-9_-]{20,256}|\bgh[opsur]_[A-Za-z0-9]{30,256}"
+            r"|\bxox[abprs]-[A-Za-z0-9-]{10,256}|\bglpat-[A-Za-z0-9_-]{20}",
+            "Five or more credential assignments or well-known tokens "
+            "(a dumped .env file, a credentials export).",
+            anchors=(
+                "passw",
+                "secret",
+                "api_key",
+                "api-key",
+                "apikey",
+                "access_key",
+                "access-key",
+                "accesskey",
+                "auth_token",
+                "auth-token",
+                "authtoken",
+                "private_key",
+                "private-key",
+                "privatekey",
+                "akia",
+                "sk-",
+                "ghp_",
+                "gho_",
+                "ghs_",
+                "ghu_",
+                "ghr_",
+                "xoxa-",
+                "xoxb-",
+                "xoxp-",
+                "xoxr-",
+                "xoxs-",
+                "glpat-",
             ),
             min_count=5,
-            description="Five or more credential assignments or well-known tokens "
-            "(a dumped .env file, a credentials export).",
+            max_len=400,
         ),
-        Pattern(
+        _builtin(
             "large-base64",
-            _compile(rf"(?<![{_B64}])(?<!data:image/[a-z0-9.+-]{{1,32}};base64,)[{_B64}]{{4096,}}"),
-            description="A base64 run of 4096+ characters (about 3 KiB of binary), except "
+            rf"(?<![{_B64}])(?<!data:image/[a-z0-9.+-]{{1,32}};base64,)[{_B64}]{{4096}}",
+            "A base64 run of 4096+ characters (about 3 KiB of binary), except "
             "inline images (data:image/...;base64,).",
+            prefilter=rf"(?<![{_B64}])[{_B64}]{{4096}}",
+            max_len=4096,
         ),
-        Pattern(
+        _builtin(
             "pipe-to-shell",
-            _compile(
-                r"\b(?:curl|wget|fetch)\b[^\n|;&]{0,300}\|[ \t]*(?:sudo[ \t]+(?:-\S+[ \t]+)*)?"
-                r"(?:ba|z|k|da|fi)?sh\b"
-            ),
-            description="Downloading a script and piping it into a shell.",
+            r"\b(?:curl|wget|fetch)\b[^\n|;&]{0,300}\|[ \t]{0,8}"
+            r"(?:sudo[ \t]{1,8}(?:-[^\s|;&]{1,20}[ \t]{1,8}){0,5})?(?:ba|z|k|da|fi)?sh\b",
+            "Downloading a script and piping it into a shell.",
+            anchors=("curl", "wget", "fetch"),
+            max_len=512,
         ),
-        Pattern(
+        _builtin(
             "tls-verification-disabled",
-            _compile(
-                r"\bverify[ \t]*=[ \t]*False\b|\bcheck_hostname[ \t]*=[ \t]*False\b"
-                r"|\bCERT_NONE\b|\b_create_unverified_context\b"
-                r"|\bNODE_TLS_REJECT_UNAUTHORIZED[\"']?[ \t]*[=:][ \t]*[\"']?0"
-                r"|\brejectUnauthorized[\"']?[ \t]*:[ \t]*false\b"
-                r"|\bInsecureSkipVerify[ \t]*:[ \t]*true\b"
-                r"|\bCURLOPT_SSL_VERIFY(?:PEER|HOST)[ \t]*,[ \t]*(?:0|false)\b"
-                r"|\bPYTHONHTTPSVERIFY[ \t]*=[ \t]*[\"']?0"
-                r"|\bhttp\.sslVerify[ \t]+false\b|--no-check-certificate\b"
-                r"|\bcurl\b[^\n|;&]{0,200}[ \t](?:--insecure\b|-[A-Za-z]*k[A-Za-z]*\b)"
+            r"\bverify[ \t]{0,8}=[ \t]{0,8}False\b|\bcheck_hostname[ \t]{0,8}=[ \t]{0,8}False\b"
+            r"|\bCERT_NONE\b|\b_create_unverified_context\b"
+            r"|\bNODE_TLS_REJECT_UNAUTHORIZED[\"']?[ \t]{0,8}[=:][ \t]{0,8}[\"']?0"
+            r"|\brejectUnauthorized[\"']?[ \t]{0,8}:[ \t]{0,8}false\b"
+            r"|\bInsecureSkipVerify[ \t]{0,8}:[ \t]{0,8}true\b"
+            r"|\bCURLOPT_SSL_VERIFY(?:PEER|HOST)[ \t]{0,8},[ \t]{0,8}(?:0|false)\b"
+            r"|\bPYTHONHTTPSVERIFY[ \t]{0,8}=[ \t]{0,8}[\"']?0"
+            r"|\bhttp\.sslVerify[ \t]{1,8}false\b|--no-check-certificate\b"
+            r"|\bcurl\b[^\n|;&]{0,200}[ \t](?:--insecure\b|-[A-Za-z]{0,10}k[A-Za-z]{0,10}\b)",
+            "Code or commands that turn off TLS certificate verification.",
+            anchors=(
+                "verify",
+                "check_hostname",
+                "cert_none",
+                "_create_unverified_context",
+                "node_tls_reject_unauthorized",
+                "rejectunauthorized",
+                "insecureskipverify",
+                "curlopt_ssl_verify",
+                "--no-check-certificate",
+                "curl",
             ),
-            description="Code or commands that turn off TLS certificate verification.",
+            max_len=256,
         ),
-        Pattern(
+        _builtin(
             "privileged-file-write",
-            _compile(
-                rf"(?:>{{1,2}}[ \t]*|\btee[ \t]+(?:-a[ \t]+)?){_PRIVILEGED_FILES}"
-                rf"|\bopen\([ \t]*[\"']{_PRIVILEGED_FILES}[\"'][ \t]*,[ \t]*[\"'][wax+]"
-                r"|\bchmod[ \t]+(?:[ugoa]*\+s|[246][0-7]{3})\b"
-            ),
-            description="Writing to system account, sudo, cron, PAM or SSH files, or setting "
+            rf"(?:>{{1,2}}[ \t]{{0,8}}|\btee[ \t]{{1,8}}(?:-a[ \t]{{1,8}})?){_PRIVILEGED_FILES}"
+            rf"|\bopen\([ \t]{{0,8}}[\"']{_PRIVILEGED_FILES}[\"'][ \t]{{0,8}},[ \t]{{0,8}}"
+            r"[\"'][wax+]|\bchmod[ \t]{1,8}(?:[ugoa]{0,4}\+s|[246][0-7]{3})\b",
+            "Writing to system account, sudo, cron, PAM or SSH files, or setting "
             "setuid/setgid bits.",
+            anchors=("/etc/", "authorized_keys", "chmod"),
+            max_len=256,
         ),
     )
 }
@@ -260,6 +366,14 @@ class BodyViews:
     @classmethod
     def of_text(cls, text: str) -> BodyViews:
         return cls(size=len(text.encode("utf-8", "replace")), views=(text,))
+
+    def lowered(self, index: int) -> str:
+        """Lower-cased view `index`, computed once for all patterns' anchor checks."""
+        return self._lowered[index]
+
+    @functools.cached_property
+    def _lowered(self) -> tuple[str, ...]:
+        return tuple(v.lower() for v in self.views)
 
 
 # Keys under which OpenAI (chat, Responses) and Anthropic stream events carry generated text.
@@ -750,10 +864,17 @@ class ResponseScanner:
 
 
 def _count_ending_after(pattern: Pattern, text: str, start: int, timeout: float | None) -> int:
-    """Matches ending in text[start:] (earlier ones were counted when that text was fresh)."""
+    """Matches ending in text[start:] (earlier ones were counted when that text was fresh).
+
+    Only the old text a match could reach back into is searched: `max_len` (plus room for
+    lookbehinds) for built-ins, the whole retained window otherwise.
+    """
+    pos = 0 if pattern.max_len is None else max(0, start - pattern.max_len - 64)
+    if not pattern.might_occur(text[pos:]):
+        return 0
     n = 0
     try:
-        for m in pattern.regex.finditer(text, concurrent=True, timeout=timeout):
+        for m in pattern.regex.finditer(text, pos, concurrent=True, timeout=timeout):
             if m.end() > start:
                 n += 1
     except TimeoutError:
