@@ -188,6 +188,30 @@ def test_corpus_credentials_in_bulk_are_bulk_credentials() -> None:
     assert not found("bulk-credentials", "\n".join(hits[:1]))  # ...one alone is not bulk
 
 
+FRAGMENTS = [t for texts in (*POSITIVES.values(), *NEGATIVES.values()) for t in texts]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(FRAGMENTS).map(lambda t: t[:300]),
+            st.text(alphabet="abcKSk_-=:'\" |\n/", max_size=20),
+        ),
+        max_size=8,
+    ),
+    st.sampled_from(["keep", "upper", "lower", "swapcase"]),
+    st.sampled_from(sorted(BUILTIN_PATTERNS)),
+)
+def test_prefilters_never_change_a_result(pieces: list[str], case: str, name: str) -> None:
+    text = "".join(pieces)
+    text = text if case == "keep" else getattr(text, case)()
+    p = BUILTIN_PATTERNS[name]
+    plain = sum(1 for _ in p.regex.finditer(text))
+    assert p.count(text, None) == plain
+    assert p.count(text, None, stop_at=p.min_count) == min(plain, p.min_count)
+
+
 def test_large_base64_scan_stays_linear_on_near_miss_runs() -> None:
     body = " ".join(["QUJD" * 1023] * 500).encode()  # 2 MB of runs just under the threshold
     start = time.perf_counter()
@@ -528,6 +552,26 @@ def test_stream_hold_acts_as_block_and_allow_exempts_once_matched() -> None:
     exempt = rp.stream()
     assert exempt.feed("SAFE ") is None
     assert exempt.feed("verify=False") is None
+
+
+def test_stream_finds_a_base64_run_split_over_pieces_but_not_an_inline_image() -> None:
+    policy = response_policy(
+        Rule(
+            "blobs",
+            Action.BLOCK,
+            Conditions(body_patterns=(BUILTIN_PATTERNS["large-base64"],)),
+            Phase.RESPONSE,
+        )
+    )
+    rp = policy.response_policy(ctx())
+    assert rp is not None
+    blob = rp.stream()
+    assert blob.feed("here: ") is None
+    assert all(blob.feed("QUJD" * 100) is None for _ in range(10))
+    assert blob.feed("QUJD" * 30) is not None  # 4120 characters in one run
+    image = rp.stream()
+    assert image.feed("![x](data:image/png;base64,") is None
+    assert all(image.feed("iVBO" * 100) is None for _ in range(12))
 
 
 def test_stream_min_count_accumulates_across_pieces() -> None:
