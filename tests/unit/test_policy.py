@@ -209,7 +209,8 @@ def test_prefilters_never_change_a_result(pieces: list[str], case: str, name: st
     p = BUILTIN_PATTERNS[name]
     plain = sum(1 for _ in p.regex.finditer(text))
     assert p.count(text, None) == plain
-    assert p.count(text, None, stop_at=p.min_count) == min(plain, p.min_count)
+    found = p.count(text, None, stop_at=p.min_count) >= p.min_count
+    assert found == (plain >= p.min_count)
 
 
 def test_large_base64_scan_stays_linear_on_near_miss_runs() -> None:

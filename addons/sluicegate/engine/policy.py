@@ -138,7 +138,9 @@ class Pattern:
         stop_at: int | None = None,
         lowered: str | None = None,
     ) -> int:
-        """Matches in `text`, stopping early at `stop_at`. Raises ScanTimeout past `timeout`."""
+        """Matches in `text`. With `stop_at`, only whether the result reaches it is meaningful
+        (it stops there, and is 0 when the prefilter shows it cannot be reached).
+        Raises ScanTimeout past `timeout`."""
         if not self.might_occur(text, stop_at or 1, lowered):
             return 0
         n = 0
