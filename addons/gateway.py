@@ -5,12 +5,15 @@ Run: `mitmdump -s addons/gateway.py --set sluicegate_config=PATH`.
 The order is fixed and matters (mitmproxy calls each hook on addons in list order):
 
 1. ProxyHardening   refuse unsafe mitmproxy options; refuse all traffic without a valid config
+8. Recorder         LAST: write every finished flow (as the agent saw it, secrets masked)
 
 Each addon also works on its own: `mitmdump -s addons/<concern>.py`.
 """
 
 from sluicegate.addons.hardening import ProxyHardening
+from sluicegate.addons.recorder import Recorder
 
 addons = [
     ProxyHardening(),
+    Recorder(),  # keep last
 ]
