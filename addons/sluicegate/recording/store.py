@@ -259,12 +259,16 @@ class SessionStore:
             if session is None:
                 session = Session(self.directory, identity, self.signer, now)
                 self.sessions[identity] = session
-            return session.append(flow_id, record, now, self.limits.fsync)
+            receipt = session.append(flow_id, record, now, self.limits.fsync)
         except OSError as e:
             if session is not None:
                 self._close(identity, "write_failed", now)
             code = "disk_full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "write_failed"
             raise self.fail(code, "a flow could not be written to the recording") from None
+        if self._failure is not None:
+            logger.warning("sluicegate: recording works again (%s cleared)", self._failure.code)
+            self._failure = None
+        return receipt
 
     def _close(self, identity: str, reason: str, now: float) -> None:
         session = self.sessions.pop(identity, None)
