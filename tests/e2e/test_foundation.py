@@ -150,7 +150,8 @@ def test_unsafe_mitmproxy_options_stop_gateway(
 
 # -- failing closed ---------------------------------------------------------------------------
 
-REQUEST_PHASE_HOOKS = ["ProxyHardening.requestheaders"]
+REQUEST_PHASE_HOOKS = ["ProxyHardening.requestheaders", "Recorder.requestheaders"]
+RESPONSE_PHASE_HOOKS = ["Recorder.response"]
 CONNECT_HOOKS = ["ProxyHardening.http_connect"]
 
 
@@ -178,6 +179,23 @@ def test_request_hook_raising_answers_with_error_and_forwards_nothing(
     logs = faulty_gateway.logs
     assert "InjectedFault" in logs and error["request_id"] in logs
     assert "SHOULD-NOT-APPEAR" not in logs
+
+
+@pytest.mark.parametrize("hook", RESPONSE_PHASE_HOOKS)
+def test_response_hook_raising_replaces_the_upstream_answer(
+    faulty_gateway: Gateway, upstream: FakeUpstream, token: str, hook: str
+) -> None:
+    upstream.script.text = "upstream body the agent must not get"
+    with faulty_gateway.client() as client:
+        response = client.post(
+            upstream.url("/v1/chat/completions"),
+            json={"model": "m", "messages": []},
+            headers={"x-test-fault": hook, "authorization": f"Bearer {token}"},
+        )
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "gateway_error"
+    assert "must not get" not in response.text
+    assert "SHOULD-NOT-APPEAR" not in response.text + faulty_gateway.logs
 
 
 @pytest.mark.parametrize("hook", CONNECT_HOOKS)

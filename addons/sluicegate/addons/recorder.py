@@ -146,7 +146,7 @@ class Recorder(GatewayAddon):
 
     # -- hooks --------------------------------------------------------------------------------
 
-    @guard.fail_closed("recording_unavailable", status=503)
+    @guard.fail_closed("gateway_error")
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Refuse before anything is forwarded when the flow could not be recorded."""
         if self.store is None:
@@ -157,7 +157,7 @@ class Recorder(GatewayAddon):
             self._unavailable(flow, e)
         self.in_flight[flow.id] = flow
 
-    @guard.fail_closed("recording_unavailable", status=503, skip_refused=False)
+    @guard.fail_closed("gateway_error", skip_refused=False)
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.websocket is not None:
             return  # recorded with its messages at websocket_end
@@ -165,15 +165,15 @@ class Recorder(GatewayAddon):
         if failure is not None:
             self._unavailable(flow, failure)
 
-    @guard.fail_closed("recording_unavailable", skip_refused=False)
+    @guard.fail_closed("gateway_error", skip_refused=False)
     def error(self, flow: http.HTTPFlow) -> None:
         self._record(flow, "error")
 
-    @guard.fail_closed("recording_unavailable", skip_refused=False)
+    @guard.fail_closed("gateway_error", skip_refused=False)
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
         self._record(flow, "http_connect_error")
 
-    @guard.fail_closed("recording_unavailable", skip_refused=False)
+    @guard.fail_closed("gateway_error", skip_refused=False)
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         self._record(flow, "websocket_end")
 
