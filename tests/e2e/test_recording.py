@@ -222,8 +222,9 @@ def test_sigterm_seals_every_session_with_a_verifiable_signature(
     recorded: Recorded, keys: Keys
 ) -> None:
     assert recorded.exit_code == 0, recorded.logs[-2000:]
-    out = sessions_cli("verify", "--dir", str(recorded.directory), "--public-key",
-                       str(keys.signing_public))  # fmt: skip
+    out = sessions_cli(
+        "verify", "--dir", str(recorded.directory), "--public-key", str(keys.signing_public)
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("OK ") == len(recorded.sessions()) == 2
 
@@ -260,19 +261,27 @@ def test_server_replay_serves_the_recorded_responses(
     replay = Gateway(None, tmp_path)
     replay.args = [
         str(MITMDUMP),
-        "--listen-host", "127.0.0.1",
-        "--listen-port", "0",
-        "--set", f"confdir={replay.confdir}",
-        "--server-replay", str(alice),
-        "--set", "server_replay_extra=kill",
-        "--set", "connection_strategy=lazy",
-    ]  # fmt: skip
+        "--listen-host",
+        "127.0.0.1",
+        "--listen-port",
+        "0",
+        "--set",
+        f"confdir={replay.confdir}",
+        "--server-replay",
+        str(alice),
+        "--set",
+        "server_replay_extra=kill",
+        "--set",
+        "connection_strategy=lazy",
+    ]
     replay.start()
     try:
         with replay.client() as client:
             upstream.script.text = "something new"
-            redacted = {**CHAT, "messages": [{"role": "user", "content":
-                        "hi, my pw is [REDACTED:password]"}]}  # fmt: skip
+            redacted = {
+                **CHAT,
+                "messages": [{"role": "user", "content": "hi, my pw is [REDACTED:password]"}],
+            }
             answer = client.post(upstream.url("/v1/chat/completions"), json=redacted)
     finally:
         replay.stop()
@@ -301,8 +310,16 @@ def test_cli_lists_filters_shows_and_unseals(recorded: Recorded, keys: Keys) -> 
     assert shown.returncode == 0 and "[REDACTED:password]" in shown.stdout
     assert "Bearer [credential:openai]" in shown.stdout
 
-    unsealed = sessions_cli("unseal", flow_id, "--dir", d, "--private-key",
-                            str(keys.auditor_private), "--part", "request")  # fmt: skip
+    unsealed = sessions_cli(
+        "unseal",
+        flow_id,
+        "--dir",
+        d,
+        "--private-key",
+        str(keys.auditor_private),
+        "--part",
+        "request",
+    )
     assert unsealed.returncode == 0, unsealed.stderr
     assert json.loads(unsealed.stdout)["messages"][0]["content"] == "hi, my pw is hunter2"
     other = recorded.directory.parent / "other-auditor.pem"
@@ -372,9 +389,14 @@ def test_verify_finds_swapped_flows(recorded: Recorded, tmp_path: Path, keys: Ke
 
 
 def test_sigkill_under_load_keeps_every_answered_flow(
-    tmp_path: Path, base_config: dict, pki: TestCA, keys: Keys, idp: TestIdP,
-    upstream: FakeUpstream, plain_upstream: FakeUpstream,
-) -> None:  # fmt: skip
+    tmp_path: Path,
+    base_config: dict,
+    pki: TestCA,
+    keys: Keys,
+    idp: TestIdP,
+    upstream: FakeUpstream,
+    plain_upstream: FakeUpstream,
+) -> None:
     cfg = recording_config(base_config, tmp_path / "rec", keys)
     gw = start(tmp_path / "gw", cfg, pki)
     token = idp.mint("loader", ["agents"])
@@ -424,9 +446,13 @@ def test_sigkill_under_load_keeps_every_answered_flow(
 
 
 def test_recording_failure_refuses_before_forwarding_until_it_works_again(
-    tmp_path: Path, base_config: dict, pki: TestCA, keys: Keys, token: str,
+    tmp_path: Path,
+    base_config: dict,
+    pki: TestCA,
+    keys: Keys,
+    token: str,
     plain_upstream: FakeUpstream,
-) -> None:  # fmt: skip
+) -> None:
     directory = tmp_path / "rec"
     gw = start(tmp_path / "gw", recording_config(base_config, directory, keys), pki)
     try:

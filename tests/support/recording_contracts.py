@@ -92,8 +92,9 @@ class ContractStandIn:
         st.route = "openai" if flow.request.scheme == "https" else "internal"
         st.scrub.append(flowstate.ScrubLiteral(f"caller-token:{fingerprint}", token))
         if st.route == "openai" and KEY:
-            st.scrub += [flowstate.ScrubLiteral("injected-credential:openai", v) for v in
-                         _variants(KEY)]  # fmt: skip
+            st.scrub += [
+                flowstate.ScrubLiteral("injected-credential:openai", v) for v in _variants(KEY)
+            ]
         flowstate.record(flow, "caller", st.caller.as_metadata())
         flowstate.record(flow, "route", st.route)
 

@@ -132,7 +132,7 @@ def _summary(flow: Any, session: str, index: int) -> dict[str, Any]:
         "host": req.host,
         "path": req.path,
         "status": resp.status_code if resp is not None else None,
-        "decision": decision(sg, flow),
+        "decision": decision(sg, flow.error is not None),
         "rules": rules_fired(sg),
         "error": flow.error.msg if flow.error is not None else None,
     }
