@@ -290,6 +290,34 @@ def test_server_replay_serves_the_recorded_responses(
     assert upstream.received == []
 
 
+def test_client_replay_resends_the_recorded_requests_without_secrets(
+    recorded: Recorded, tmp_path: Path, pki: TestCA, upstream: FakeUpstream
+) -> None:
+    (alice,) = [s for s in recorded.sessions() if s.parent.name.startswith("alice")]
+    out = subprocess.run(
+        [
+            str(MITMDUMP),
+            "-n",
+            "--client-replay",
+            str(alice),
+            "--set",
+            f"confdir={tmp_path}",
+            "--set",
+            f"ssl_verify_upstream_trusted_ca={pki.cert_file}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    chats = [r for r in upstream.received if r.path == "/v1/chat/completions"]
+    assert len(chats) == 3
+    for got in chats:
+        assert got.header("authorization") == "Bearer [credential:openai]"
+        assert "[REDACTED:password]" in got.body.decode()
+        assert UPSTREAM_KEY.encode() not in got.raw()
+
+
 def test_cli_lists_filters_shows_and_unseals(recorded: Recorded, keys: Keys) -> None:
     d = str(recorded.directory)
     listing = sessions_cli("list", "--dir", d, "--json")
