@@ -140,9 +140,13 @@ def _state(flow: http.HTTPFlow) -> dict[str, Any]:
     metadata = flow.metadata
     flow.metadata = {}
     try:
-        return flow.get_state()
+        state = flow.get_state()
     finally:
         flow.metadata = metadata
+    # A backup is an earlier state of the flow (mitmproxy keeps one when a flow is edited or
+    # replayed): it may predate redaction, so it is never recorded.
+    state["backup"] = None
+    return state
 
 
 Fields = list[tuple[bytes, bytes]]
