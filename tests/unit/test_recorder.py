@@ -459,3 +459,58 @@ def test_recording_disabled_without_section_warns(tmp_path: Path, idp: TestIdP, 
         run(addon, f)
     assert addon.store is None and f.response.status_code == 200
     assert "flows are NOT recorded" in caplog.text
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+
+def test_recording_config_problems_are_named(tmp_path: Path, idp: TestIdP) -> None:
+    from sluicegate.config import ConfigError, load_config
+
+    wrong_key = tmp_path / "x25519.pem"
+    wrong_key.write_bytes(sealing.generate_keypair()[0])  # an X25519 key, not Ed25519
+    not_x25519 = tmp_path / "signing.pub"
+    not_x25519.write_bytes(chain.Signer.generate().public_pem())
+    path = tmp_path / "c.yaml"
+    recording = {
+        "directory": "rec",
+        "signing_key": {"file": str(wrong_key)},
+        "seal_to": str(not_x25519),
+        "rotate_bytes": 0,
+        "on_failure": "ignore",
+    }
+    path.write_text(
+        yaml.safe_dump({"version": 1, "auth": idp.auth_config(), "recording": recording})
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    text = str(e.value)
+    assert "recording.on_failure: must be one of 'refuse', 'continue'" in text
+    recording["on_failure"] = "refuse"
+    path.write_text(
+        yaml.safe_dump({"version": 1, "auth": idp.auth_config(), "recording": recording})
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    text = str(e.value)
+    assert "recording.signing_key: the recording signing key must be an Ed25519 key" in text
+    assert "recording.seal_to: the auditor key must be an X25519 public key" in text
+    assert "recording.rotate_bytes: must be positive" in text
+    assert "BEGIN" not in text
+
+
+def test_recording_config_defaults(tmp_path: Path, idp: TestIdP) -> None:
+    from sluicegate.config import load_config
+
+    key = tmp_path / "k.pem"
+    key.write_bytes(chain.Signer.generate().private_pem())
+    path = tmp_path / "c.yaml"
+    recording = {"directory": "rec", "signing_key": {"file": "k.pem"}}
+    path.write_text(
+        yaml.safe_dump({"version": 1, "auth": idp.auth_config(), "recording": recording})
+    )
+    section = load_config(path).recording
+    assert section is not None and section.enabled and section.on_failure == "refuse"
+    assert section.directory == tmp_path / "rec"
+    assert section.audit_log_path == tmp_path / "rec" / "audit.jsonl"
+    assert section.seal_to is None and not section.fsync
