@@ -514,3 +514,36 @@ def test_recording_config_defaults(tmp_path: Path, idp: TestIdP) -> None:
     assert section.directory == tmp_path / "rec"
     assert section.audit_log_path == tmp_path / "rec" / "audit.jsonl"
     assert section.seal_to is None and not section.fsync
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected", "rules"),
+    [
+        ({"request": {"action": "allow", "rule": None}}, "allowed", {}),
+        ({"request": {"action": "block", "rule": "no-deletes"}}, "blocked", {"no-deletes": 1}),
+        (
+            {"request": {"action": "hold", "rule": "prod", "approval": {"outcome": "approved"}}},
+            "approved",
+            {"prod": 1},
+        ),
+        (
+            {
+                "request": {"action": "hold", "rule": "prod", "approval": {"outcome": "denied"}},
+                "response": {"action": "block", "rule": "leak"},
+            },
+            "blocked",
+            {"prod": 1, "leak": 1},
+        ),
+        ({"request": {"action": "hold", "rule": "prod"}}, "held", {"prod": 1}),
+        ({"request": {"action": "allow", "rule": "prod", "grant": {}}}, "allowed", {"prod": 1}),
+        ({"decision": "rate_limited", "rule": "per-caller"}, "rate_limited", {"per-caller": 1}),
+    ],
+)
+def test_policy_facts_become_decision_and_rules(
+    policy: dict[str, Any], expected: str, rules: dict[str, int]
+) -> None:
+    from sluicegate.recording.snapshot import decision, rules_fired
+
+    sg = {"policy": policy, "redaction": {"request": {"email": 2}}}
+    assert decision(sg, errored=False) == expected
+    assert rules_fired(sg) == {"email": 2, **rules}
