@@ -308,6 +308,21 @@ def test_websocket_flow_is_recorded_at_its_end_with_messages_scrubbed(env) -> No
     assert KEY.encode() not in e.all_bytes()
 
 
+def test_shutdown_records_flows_in_flight_and_seals(env) -> None:
+    e, tctx = env
+    waiting = authenticated_flow()
+    waiting.response = None
+    e.addon.requestheaders(waiting)
+    run(e.addon, authenticated_flow())
+    tctx.master.should_exit.set()
+    e.addon.done()
+    events = [f.metadata["sluicegate"]["recording"]["event"] for f in e.flows()]
+    assert sorted(events) == ["response", "shutdown"]
+    (path,) = e.sessions()
+    text = path.with_name(path.name + ".chain").read_text()
+    assert chain.verify(path.read_bytes(), text, trusted_key=e.signer.public_key).status == "ok"
+
+
 def test_identities_get_separate_sessions_and_chains_verify(env) -> None:
     e, _ = env
     for subject in ("alice", "bob", "alice"):
