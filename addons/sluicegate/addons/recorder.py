@@ -204,7 +204,9 @@ class Recorder(GatewayAddon):
         except SnapshotLeak:
             return self._lost(flow, RecordingUnavailable("recording_scrub_failed", "not masked"))
         except (ValueError, TypeError) as e:
-            logger.error("sluicegate: recording: cannot serialize %s (%s)", flow.id, type(e))
+            logger.error(
+                "sluicegate: recording: cannot serialize %s (%s)", flow.id, type(e).__name__
+            )
             return self._lost(flow, RecordingUnavailable("recording_unserializable", "bad flow"))
         if snap.errors:
             # Another addon put something non-plain into flow.metadata: recorded as a marker.
