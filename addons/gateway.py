@@ -6,14 +6,17 @@ The order is fixed and matters (mitmproxy calls each hook on addons in list orde
 
 1. ProxyHardening   refuse unsafe mitmproxy options; refuse all traffic without a valid config
 4. Policy           block / hold for approval / redact / rate-limit, request and response side
+8. Recorder         LAST: write every finished flow (as the agent saw it, secrets masked)
 
 Each addon also works on its own: `mitmdump -s addons/<concern>.py`.
 """
 
 from sluicegate.addons.hardening import ProxyHardening
 from sluicegate.addons.policy import Policy
+from sluicegate.addons.recorder import Recorder
 
 addons = [
     ProxyHardening(),
     Policy(),
+    Recorder(),  # keep last
 ]

@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check-config": ("sluicegate.cli.check_config", "validate a gateway config file"),
     "redact": ("sluicegate.cli.redact", "redact a body or JSON-lines file with the rule pack"),
     "rules": ("sluicegate.cli.rules", "rule pack tools (`rules test` runs every rule's examples)"),
+    "sessions": ("sluicegate.cli.sessions", "recorded sessions: list, flows, show, verify, unseal"),
 }
 
 

@@ -150,8 +150,8 @@ def test_unsafe_mitmproxy_options_stop_gateway(
 
 # -- failing closed ---------------------------------------------------------------------------
 
-REQUEST_PHASE_HOOKS = ["ProxyHardening.requestheaders", "Policy.request"]
-RESPONSE_PHASE_HOOKS = ["Policy.response"]
+REQUEST_PHASE_HOOKS = ["ProxyHardening.requestheaders", "Policy.request", "Recorder.requestheaders"]
+RESPONSE_PHASE_HOOKS = ["Policy.response", "Recorder.response"]
 CONNECT_HOOKS = ["ProxyHardening.http_connect"]
 # The stable code each hook's guard answers with (default: gateway_error).
 HOOK_CODES = {"Policy.request": "policy_error", "Policy.response": "policy_error"}
@@ -184,7 +184,7 @@ def test_request_hook_raising_answers_with_error_and_forwards_nothing(
 
 
 @pytest.mark.parametrize("hook", RESPONSE_PHASE_HOOKS)
-def test_response_hook_raising_answers_with_error_instead_of_the_body(
+def test_response_hook_raising_replaces_the_upstream_answer(
     faulty_gateway: Gateway, upstream: FakeUpstream, token: str, hook: str
 ) -> None:
     upstream.script.text = "UPSTREAM-BODY-MUST-NOT-ARRIVE"
