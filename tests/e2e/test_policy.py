@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import copy
+import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+from mitmproxy import io
 
 from tests.conftest import UPSTREAM_KEY, UPSTREAM_KEY_ENV
 from tests.support.gateway import REPO, Gateway
@@ -599,3 +602,63 @@ def test_hot_reload_reuses_the_port_and_keeps_held_flows(
     assert held.result(timeout=15).status_code == 200
     assert "cannot listen" not in gw.logs
     assert [r.method for r in upstream.received] == ["DELETE"]
+
+
+def test_decisions_are_in_the_recording_and_the_audit_log(
+    start_gateway: Callable[..., Gateway],
+    tmp_path: Path,
+    base_config: dict,
+    other_upstream: FakeUpstream,
+    upstream: FakeUpstream,
+    idp: TestIdP,
+    pool: concurrent.futures.ThreadPoolExecutor,
+) -> None:
+    signing = tmp_path / "signing.pem"
+    keygen = subprocess.run(
+        [sys.executable, "-m", "sluicegate", "sessions", "keygen", "signing", str(signing)],
+        env={**os.environ, "PYTHONPATH": str(REPO / "addons")},
+        capture_output=True,
+        timeout=60,
+    )
+    assert keygen.returncode == 0, keygen.stderr
+    config = policy_config(base_config, other_upstream, 0)
+    audit = tmp_path / "audit.jsonl"
+    config["recording"] = {
+        "directory": str(tmp_path / "recordings"),
+        "signing_key": {"file": str(signing)},
+        "audit_log": str(audit),
+    }
+    gw = start_gateway(
+        config=config, extra_args=("-s", str(TEST_CALLER)), env={ADMIN_ENV: ADMIN_TOKEN}
+    )
+    found = re.search(r"approvals API listening at http://127.0.0.1:(\d+)", gw.logs)
+    assert found is not None
+    port = int(found.group(1))
+    alice = Agent(gw, idp, "alice", ("agents",))
+    held = pool.submit(alice.request, "DELETE", upstream.url("/echo"))
+    (approval,) = wait_for_pending(port)
+    decision = {"approver": "sam", "reason": "ticket 7"}
+    api(port, f"/v1/approvals/{approval['id']}/approve", "POST", json=decision)
+    assert held.result(timeout=15).status_code == 200
+    blocked = alice.request("POST", upstream.url("/echo"), content=PEM.encode())
+    assert blocked.status_code == 403
+    gw.stop()
+
+    lines = {line["method"]: line for line in map(json.loads, audit.read_text().splitlines())}
+    assert lines["DELETE"]["decision"] == "approved"
+    assert lines["DELETE"]["rules"] == {"deletes-need-approval": 1}
+    assert lines["POST"]["decision"] == "blocked"
+    assert lines["POST"]["refusal"] == "policy_blocked"
+    assert lines["POST"]["rules"] == {"no-private-keys": 1}
+    flows = []
+    for session in sorted((tmp_path / "recordings").glob("*/*.mitm")):
+        with session.open("rb") as f:
+            flows += list(io.FlowReader(f).stream())
+    recorded = {f.request.method: f.metadata["sluicegate"]["policy"] for f in flows}
+    approved = recorded["DELETE"]["request"]["approval"]
+    assert (approved["outcome"], approved["by"], approved["reason"]) == (
+        "approved",
+        "sam",
+        "ticket 7",
+    )
+    assert recorded["POST"]["request"]["patterns"] == ["private-key"]
