@@ -213,6 +213,17 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
+def wait_for_log(gw: Gateway, pattern: str, timeout: float = 10) -> re.Match[str]:
+    """mitmdump's output is read by a thread: wait for a line rather than race it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = re.search(pattern, gw.logs)
+        if found is not None:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"not logged: {pattern}")
+
+
 def error_of(response: httpx.Response) -> dict[str, Any]:
     return response.json()["error"]
 
@@ -307,7 +318,7 @@ def test_held_request_waits_while_others_flow_then_cli_approval_releases_it(
     assert response.status_code == 200
     assert [r.method for r in upstream.received] == ["GET", "DELETE"]
     assert pending(port) == []
-    assert f"approval {approval['id']} approved by sam" in policy_gateway.logs
+    wait_for_log(policy_gateway, f"approval {approval['id']} approved by sam")
 
 
 def test_denied_request_gets_403_with_the_reason_and_never_leaves(
@@ -405,7 +416,7 @@ def test_client_that_disconnects_while_held_is_removed_from_the_list(
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.strip() == "no pending approvals"
     assert plain_upstream.received == []
-    assert f"approval {approval['id']} cancelled" in policy_gateway.logs
+    wait_for_log(policy_gateway, f"approval {approval['id']} cancelled")
 
 
 # -- the control API -----------------------------------------------------------------------------
@@ -546,7 +557,7 @@ def test_timeout_denies_and_the_webhook_hears_of_the_pending_approval(
     assert event["event"] == "approval_pending"
     assert event["approval"]["rule"] == "deletes-need-approval"
     assert event["approval"]["subject"] == "dave"
-    assert "approvals API listening at http://127.0.0.1:" in gw.logs  # port 0: logged
+    wait_for_log(gw, r"approvals API listening at http://127\.0\.0\.1:\d+")  # port 0: logged
 
 
 def test_approvals_port_in_use_stops_the_gateway(
@@ -631,9 +642,7 @@ def test_decisions_are_in_the_recording_and_the_audit_log(
     gw = start_gateway(
         config=config, extra_args=("-s", str(TEST_CALLER)), env={ADMIN_ENV: ADMIN_TOKEN}
     )
-    found = re.search(r"approvals API listening at http://127.0.0.1:(\d+)", gw.logs)
-    assert found is not None
-    port = int(found.group(1))
+    port = int(wait_for_log(gw, r"approvals API listening at http://127.0.0.1:(\d+)").group(1))
     alice = Agent(gw, idp, "alice", ("agents",))
     held = pool.submit(alice.request, "DELETE", upstream.url("/echo"))
     (approval,) = wait_for_pending(port)
