@@ -56,10 +56,15 @@ class FakeStream:
 
     def feed(self, text: str) -> str:
         buf = self._held + text
-        out, pos, hold = [], 0, len(buf)
-        for match in self._redactor.pattern.finditer(buf, partial=True):
-            if match.partial or match.end() == len(buf):
-                hold = match.start()
+        out, pos = [], 0
+        pattern = self._redactor.pattern
+        while True:
+            match = pattern.search(buf, pos)
+            hold = self._could_match_from(buf, pos, match.start() if match else len(buf))
+            if hold is not None:
+                break
+            if match is None:
+                hold = len(buf)
                 break
             rule = self._redactor.rule(match)
             self.counts[rule] += 1
@@ -71,6 +76,18 @@ class FakeStream:
             out.append(tag("held-overflow"))
             self._held = ""
         return "".join(out)
+
+    def _could_match_from(self, buf: str, start: int, stop: int) -> int | None:
+        """First position in [start, stop] where a match may still grow with more text.
+
+        Not one `finditer(partial=True)`: regex prefers a complete match further on over a
+        partial one earlier (`ghp_AKIA...` would let the AKIA rule win).
+        """
+        for pos in range(start, min(stop, len(buf) - 1) + 1):
+            match = self._redactor.pattern.match(buf, pos, partial=True)
+            if match is not None and (match.partial or match.end() == len(buf)):
+                return pos
+        return None
 
     def flush(self) -> str:
         held, self._held = self._held, ""

@@ -18,7 +18,8 @@ Every other string in a JSON event is redacted as whole text. Decisions:
     whole text, which agrees with the streamed result, and are not counted twice in `counts`.
   * SSE `event:`/`id:`/`retry:` values and unknown fields are server framing and pass as they are;
     comment lines are redacted as whole text.
-  * Non-JSON `data:` is one text channel across consecutive events, flushed by the next JSON event.
+  * `data:` that is not a JSON object or array (a JSON scalar like `3` counts as text) is one
+    text channel across consecutive events, flushed by the next JSON event.
 """
 
 from __future__ import annotations
@@ -785,6 +786,9 @@ class EventRewriter:
         return b"".join(self._channels.flush_events(self._channels.open_keys()))
 
     def _data(self, event: SseEvent, data: str) -> tuple[list[bytes], str]:
+        # Only objects and arrays are JSON events: a text stream's "3" or "null" is text.
+        if data.lstrip(" \t\r\n")[:1] not in ("{", "["):
+            return [], self._text(event, data)
         try:
             payload = json.loads(data)
         except ValueError:
