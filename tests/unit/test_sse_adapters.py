@@ -489,3 +489,13 @@ def test_rewriter_counts_streamed_and_whole_but_not_repeats() -> None:
     for event in parser.feed(responses_stream([KEY, " and ", SECRETS[1]])):
         rewriter.rewrite(event)
     assert rewriter.counts == {"openai-key": 1, "github-pat": 1}
+
+
+def test_object_keys_in_events_are_redacted_in_place() -> None:
+    payload = {
+        "type": "content_block_start",
+        "index": 0,
+        "content_block": {"type": "tool_use", "input": {KEY: 1, "b": 2}},
+    }
+    (out,) = payloads(rewrite(sse(payload)))
+    assert list(out["content_block"]["input"].items()) == [(KEY_TAG, 1), ("b", 2)]

@@ -250,3 +250,94 @@ def test_parser_events_survive_a_redaction_round_trip() -> None:
 def test_the_test_double_keeps_the_stream_redactor_contract(text: str, sizes: list[int]) -> None:
     stream = make_stream()
     assert "".join(stream.feed(p) for p in split(text, sizes)) + stream.flush() == FAKE.redact(text)
+
+
+FIELDS = st.sampled_from(
+    [
+        "choices",
+        "delta",
+        "index",
+        "content",
+        "tool_calls",
+        "function",
+        "arguments",
+        "text",
+        "finish_reason",
+        "type",
+        "item_id",
+        "content_index",
+        "summary_index",
+        "item",
+        "id",
+        "content_block",
+        "partial_json",
+        "thinking",
+        "logprobs",
+        "refusal",
+        "error",
+        "response",
+    ]
+)
+TYPES = st.sampled_from(
+    [
+        "content_block_delta",
+        "content_block_start",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+        "text_delta",
+        "input_json_delta",
+        "thinking_delta",
+        "text",
+        "thinking",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.completed",
+        "response.function_call_arguments.delta",
+        "response.output_item.done",
+        "error",
+        "stop",
+    ]
+)
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-1, 2)
+    | st.text(max_size=4)
+    | TYPES
+    | st.sampled_from([*SECRETS, "sk-", SECRETS[0][3:], '{"a": "', "\\u002d"])
+)
+PAYLOADS = st.recursive(
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(FIELDS | SCALARS.filter(lambda v: isinstance(v, str)), inner, max_size=5)
+    ),
+    max_leaves=20,
+)
+DATA = (
+    PAYLOADS.map(json.dumps)
+    | st.text(max_size=12).map(lambda t: t.replace("\r", ""))
+    | st.just("[DONE]")
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    datas=st.lists(DATA, max_size=12),
+    cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=10),
+    unterminated=st.booleans(),
+)
+def test_arbitrary_event_shapes_never_crash_or_leak(
+    datas: list[str], cuts: list[int], unterminated: bool
+) -> None:
+    stream = b"".join(b"data: " + d.replace("\n", "\ndata: ").encode() + b"\n\n" for d in datas)
+    if unterminated:
+        stream = stream.rstrip(b"\n")
+    whole = run(stream)
+    assert run(stream, cuts) == whole
+    assert len(events(whole)) >= len(events(stream))
+    # Where a secret went in, only the tag comes out (a fragment alone is no secret).
+    for secret in SECRETS:
+        assert secret not in whole.decode()
+        assert secret.replace("-", "\\u002d") not in whole.decode()

@@ -394,10 +394,11 @@ class WholeText:
         self._make = make_text_stream
         self._sensitive = sensitive_keys
         self._cache: dict[tuple[bool, str], tuple[str, Mapping[str, int]]] = {}
+        self._clean: set[str] = set()  # short plain strings known to need nothing
         self.counts: Counter[str] = Counter()
 
     def redact(self, text: str, *, json_text: bool = False, count: bool = True) -> str:
-        if not text:
+        if not text or (text in self._clean and not json_text):
             return text
         cached = self._cache.get((json_text, text))
         if cached is None:
@@ -408,8 +409,11 @@ class WholeText:
             if len(text) <= self._MAX_CACHED:
                 if len(self._cache) >= self._CACHE_SIZE:
                     self._cache.clear()
+                    self._clean.clear()
                 self._cache[(json_text, text)] = cached
-        if count:
+                if not json_text and cached == (text, {}):
+                    self._clean.add(text)
+        if count and cached[1]:
             self.counts.update(cached[1])
         return cached[0]
 
@@ -817,9 +821,10 @@ class EventRewriter:
         return self._channels.feed(self._TEXT_KEY, data, synthesize, json_text=False)
 
     def _walk(self, node: Any, edit: Edit) -> Any:
-        """Redact every string not handled by a channel as whole text."""
+        """Redact every string not handled by a channel (object keys too) as whole text."""
+        count = not edit.repeat
         if isinstance(node, str):
-            new = self._whole.redact(node, count=not edit.repeat)
+            new = self._whole.redact(node, count=count)
             edit.changed |= new != node
             return new
         if isinstance(node, dict):
@@ -828,14 +833,28 @@ class EventRewriter:
                     continue
                 if isinstance(value, str):
                     json_text = name in JSON_TEXT_KEYS
-                    new = self._whole.redact(value, json_text=json_text, count=not edit.repeat)
+                    new = self._whole.redact(value, json_text=json_text, count=count)
                     if new != value:
                         node[name] = new
                         edit.changed = True
                 elif isinstance(value, dict | list):
                     self._walk(value, edit)
+            self._rename_keys(node, edit)
         elif isinstance(node, list):
             for pos, value in enumerate(node):
                 if isinstance(value, str | dict | list):
                     node[pos] = self._walk(value, edit)
         return node
+
+    def _rename_keys(self, node: dict[str, Any], edit: Edit) -> None:
+        """Keys can hold data too (a tool's input object); rename in place, keeping order."""
+        renamed: dict[str, str] = {}
+        for name in node:
+            new = self._whole.redact(name, count=not edit.repeat)
+            if new != name:
+                renamed[name] = new
+        if renamed:
+            items = [(renamed.get(name, name), value) for name, value in node.items()]
+            node.clear()
+            node.update(items)
+            edit.changed = True

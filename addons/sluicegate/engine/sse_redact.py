@@ -4,8 +4,9 @@ Feed it the (already content-decoded) response body chunk by chunk; each call re
 that are safe to send now. Output is made of whole events, so the stream can be cut after any call
 with `error_event`. The output is the same for any chunking of the same input.
 
-Memory is bounded: one event (`max_event_bytes`), plus per open text channel what its TextStream
-holds (bounded by the redactor's `max_hold`), with at most `max_channels` channels open.
+Memory is bounded: one event (`max_event_bytes`; 8 MiB by default because `response.completed`
+repeats the whole output), plus per open text channel what its TextStream holds (bounded by the
+redactor's `max_hold`), with at most `max_channels` channels open.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class SseRedactor:
         self,
         make_text_stream: TextStreamFactory,
         *,
-        max_event_bytes: int = 1 << 20,
+        max_event_bytes: int = 8 << 20,
         max_channels: int = 1024,
         sensitive_keys: Collection[str] = DEFAULT_SENSITIVE_KEYS,
     ) -> None:
