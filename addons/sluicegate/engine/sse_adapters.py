@@ -8,7 +8,7 @@ with an empty text field); held text is flushed when the channel ends, in a synt
 the channel's own shape placed BEFORE the event that ends it (so a client that stops reading at
 `[DONE]` or `message_stop` still gets it).
 
-Every other string in a JSON event is redacted as whole text. Decisions:
+Every other string in a JSON event, object keys included, is redacted as whole text. Decisions:
   * Opaque cryptographic fields pass untouched: Anthropic `signature` / `signature_delta` and
     `redacted_thinking.data`, OpenAI `encrypted_content`. Rewriting them can only break them, and a
     high-entropy rule would.
@@ -24,6 +24,7 @@ Every other string in a JSON event is redacted as whole text. Decisions:
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import Counter
@@ -95,6 +96,11 @@ def normalize_key(key: str) -> str:
     return re.sub(r"[^a-z0-9]", "", key.lower())
 
 
+@functools.lru_cache(maxsize=16)
+def _normalized(keys: frozenset[str]) -> frozenset[str]:
+    return frozenset(normalize_key(key) for key in keys)
+
+
 def encode_json_chars(text: str) -> str:
     """`text` as JSON string content: minimal escapes, lone surrogates as `\\uXXXX`."""
     return _MUST_ESCAPE.sub(_escape_char, text)
@@ -113,15 +119,15 @@ class JsonTextStream:
     are decoded (even when an escape or a surrogate pair is split across fragments), the DECODED
     characters feed one text stream per string, and what it releases is re-encoded as JSON string
     content. So a secret survives in no escaped form (`sk\\u002d...`, `\\/`), and valid JSON in
-    gives valid JSON out. String values under a sensitive key (`password`, `api_key`...) are
-    replaced whole by `SENSITIVE_KEY_TAG`.
+    gives valid JSON out (unless a rule matches a bare token). String values under a sensitive key
+    (`password`, `api_key`...) are replaced whole by `SENSITIVE_KEY_TAG`.
     """
 
     def __init__(
         self, make_text_stream: TextStreamFactory, sensitive_keys: Collection[str] = ()
     ) -> None:
         self._make = make_text_stream
-        self._sensitive = frozenset(normalize_key(k) for k in sensitive_keys)
+        self._sensitive = _normalized(frozenset(sensitive_keys))
         self._string: TextStream | None = None  # the open string's stream; None while masking
         self._in_string = False
         self._escape = ""  # raw characters of an incomplete escape, from the backslash
