@@ -21,6 +21,13 @@ __all__ = ["SseError", "SseRedactor", "TextStream", "TextStreamFactory", "error_
 
 
 class SseRedactor:
+    """One response stream: SSE parser + per-channel text redaction + event rewriting.
+
+    `make_text_stream` is called once per text channel (and per standalone string), e.g.
+    `lambda: redactor.stream(max_hold)`. `sensitive_keys` names JSON keys whose string values in
+    tool-call arguments are masked whole; pass `()` to turn that off.
+    """
+
     def __init__(
         self,
         make_text_stream: TextStreamFactory,
