@@ -1,0 +1,85 @@
+"""Refuse mitmproxy settings that would let traffic bypass the gateway.
+
+A gateway is only as strong as the proxy it runs in. Some mitmproxy options route bodies around
+the addon hooks (`stream_large_bodies`), skip upstream verification (`ssl_insecure`), write
+unredacted flows (`save_stream_file`, mitmproxy's own `-w`, which saves before our redaction runs),
+print headers and bodies to the log (`flow_detail` > 1) or tunnel hosts uninspected
+(`ignore_hosts`...). With any of them set, the gateway refuses all traffic and says why; at
+start-up mitmdump exits non-zero.
+
+It also makes mitmproxy connect upstream lazily, so no upstream connection is made for a caller
+that fails authentication.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Set
+
+from mitmproxy import ctx, http
+
+from sluicegate.addons import guard
+from sluicegate.addons.base import GatewayAddon, _report_once
+
+logger = logging.getLogger("sluicegate.hardening")
+
+
+def unsafe_options() -> list[str]:
+    """Why the current mitmproxy options are unsafe for a gateway (empty when they are fine)."""
+    o = ctx.options
+    problems = []
+    if o.stream_large_bodies:
+        problems.append(
+            "stream_large_bodies streams bodies past redaction; remove it "
+            "(sluicegate streams text/event-stream itself, redacted)"
+        )
+    if o.ssl_insecure:
+        problems.append(
+            "ssl_insecure disables upstream certificate verification, so credentials could reach "
+            "an impostor; trust a private CA with ssl_verify_upstream_trusted_ca instead"
+        )
+    if o.save_stream_file:
+        problems.append(
+            "save_stream_file (-w) saves flows before redaction; use sluicegate's recorder"
+        )
+    if o.flow_detail > 1:
+        problems.append("flow_detail above 1 prints headers and bodies to the log; use 0 or 1")
+    for name in ("ignore_hosts", "allow_hosts", "tcp_hosts", "udp_hosts"):
+        if getattr(o, name, None):
+            problems.append(f"{name} passes traffic through uninspected; remove it")
+    if o.proxyauth:
+        problems.append("proxyauth conflicts with sluicegate's token authentication; remove it")
+    unknown = sorted(k for k in o.deferred if k.startswith("sluicegate"))
+    for name in unknown:
+        problems.append(f"unknown option {name!r} (did you mean 'sluicegate_config'?)")
+    return problems
+
+
+class ProxyHardening(GatewayAddon):
+    """First addon of the chain: the proxy itself must be configured safely."""
+
+    name = "sluicegate"
+
+    def configure(self, updated: Set[str]) -> None:
+        super().configure(updated)
+        if ctx.options.connection_strategy != "lazy":
+            # Eager connects upstream on CONNECT, before an inner token could be checked.
+            ctx.options.update(connection_strategy="lazy")
+            logger.info("sluicegate: set connection_strategy=lazy (connect upstream on demand)")
+        problems = unsafe_options()
+        for problem in problems:
+            _report_once("options", f"unsafe mitmproxy option: {problem}")
+        if problems:
+            self.config = None
+
+    def running(self) -> None:
+        # Unknown --set names are only known once every addon has declared its options.
+        self.configure(set())
+
+    @guard.fail_closed("gateway_error")
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        """Nothing to do: the guard refuses while unconfigured."""
+
+    @guard.fail_closed("gateway_error")
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Nothing to do: the guard refuses while unconfigured."""

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# sluicegate developer entry point (see README).
+#
+#   scripts/dev.sh run     set up, then run the gateway on the embedded default (127.0.0.1:8080)
+#   scripts/dev.sh test    set up a test environment and run the whole test suite (+ ruff)
+#   scripts/dev.sh setup   only set up: virtualenv, install, local dev CA / signing key under certs/
+#
+# Environment: PYTHON (default python3; 3.11 gets mitmproxy 11.0.2, 3.12+ gets mitmproxy 12),
+# VENV (default .venv), SLUICEGATE_PORT (default 8080), SLUICEGATE_CONFIG (default config/dev.yaml).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+PORT=${SLUICEGATE_PORT:-8080}
+CONFIG=${SLUICEGATE_CONFIG:-config/dev.yaml}
+
+venv() {
+    local extras=$1
+    if [ ! -x "$VENV/bin/python" ]; then
+        echo "==> creating $VENV with $("$PYTHON" --version 2>&1)"
+        "$PYTHON" -m venv "$VENV"
+    fi
+    # Reinstall only when pyproject.toml changed since the last install into this venv.
+    local stamp="$VENV/.sluicegate-install-$extras"
+    local want
+    want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+        echo "==> installing sluicegate${extras:+[$extras]} into $VENV"
+        "$VENV/bin/python" -m pip install -q --upgrade pip
+        "$VENV/bin/python" -m pip install -q -e ".${extras:+[$extras]}"
+        echo "$want" > "$stamp"
+    fi
+}
+
+setup() {
+    venv "${1:-}"
+    "$VENV/bin/python" scripts/dev_setup.py
+}
+
+run() {
+    setup ""
+    local ca="$REPO/certs/mitmproxy/mitmproxy-ca-cert.pem"
+    local token
+    token=$("$VENV/bin/python" -m sluicegate mint-token --config "$CONFIG" --sub "$USER-dev" --groups agents --ttl 43200)
+    cat <<MSG
+
+sluicegate is starting on 127.0.0.1:$PORT with $CONFIG.
+On an agent host (here), point the agent at it:
+
+  export HTTPS_PROXY=http://agent:$token@127.0.0.1:$PORT
+  export HTTP_PROXY=\$HTTPS_PROXY NO_PROXY=
+  export SSL_CERT_FILE=$ca REQUESTS_CA_BUNDLE=$ca CURL_CA_BUNDLE=$ca NODE_EXTRA_CA_CERTS=$ca
+
+The token above is a 12-hour dev token for group 'agents'. Mint another:
+  $VENV/bin/python -m sluicegate mint-token --config $CONFIG --sub NAME --groups agents
+Upstream keys the gateway injects live in certs/secrets/ (never give them to the agent).
+
+MSG
+    exec "$VENV/bin/mitmdump" \
+        --listen-host 127.0.0.1 --listen-port "$PORT" \
+        --set confdir="$REPO/certs/mitmproxy" \
+        -s "$REPO/addons/gateway.py" \
+        --set sluicegate_config="$REPO/$CONFIG"
+}
+
+test_suite() {
+    venv test
+    echo "==> ruff"
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/ruff" format --check .
+    echo "==> pytest ($("$VENV/bin/python" -c 'import mitmproxy.version as v, sys; print(f"mitmproxy {v.VERSION}, Python {sys.version.split()[0]}")'))"
+    "$VENV/bin/python" -m pytest -q "$@"
+}
+
+case "${1:-run}" in
+    run) shift || true; run ;;
+    test) shift; test_suite "$@" ;;
+    setup) setup "" ;;
+    *) echo "usage: scripts/dev.sh [run|test|setup]" >&2; exit 2 ;;
+esac

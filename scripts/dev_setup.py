@@ -1,0 +1,73 @@
+"""Create the embedded default's local material under certs/ (idempotent).
+
+- certs/mitmproxy/          the gateway CA (mitmproxy confdir); agents trust mitmproxy-ca-cert.pem
+- certs/dev-signing-key/   a local token-signing key (dev.private.pem) and its JWKS
+- certs/secrets/           upstream credentials the gateway injects, one file each: taken from
+                           OPENAI_API_KEY / ANTHROPIC_API_KEY when set, else a placeholder
+
+Nothing here is for production: a production gateway uses the org's IdP (JWKS URL) and mounted
+secrets, see README "Deploying".
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "addons"))
+
+from mitmproxy import certs  # noqa: E402
+
+from sluicegate.engine.devtokens import generate_signing_key  # noqa: E402
+
+CERTS = REPO / "certs"
+SECRETS = {
+    "openai-api-key": "OPENAI_API_KEY",
+    "anthropic-api-key": "ANTHROPIC_API_KEY",
+}
+
+
+def ensure_ca(confdir: Path) -> Path:
+    confdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    certs.CertStore.from_store(confdir, "mitmproxy", 2048)
+    return confdir / "mitmproxy-ca-cert.pem"
+
+
+def ensure_signing_key(directory: Path) -> Path:
+    private = directory / "dev.private.pem"
+    if not private.exists():
+        generate_signing_key(directory, "dev")
+    return private
+
+
+def ensure_secrets(directory: Path) -> list[str]:
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    placeholders = []
+    for name, env in SECRETS.items():
+        path = directory / name
+        value = os.environ.get(env, "").strip()
+        if value:
+            path.write_text(value + "\n")
+        elif not path.exists():
+            path.write_text(f"placeholder-{name}-replace-me\n")
+        if path.read_text().startswith("placeholder-"):
+            placeholders.append(f"{path} (set {env} and rerun, or write the key into the file)")
+        path.chmod(0o600)
+    return placeholders
+
+
+def main() -> int:
+    ca = ensure_ca(CERTS / "mitmproxy")
+    key = ensure_signing_key(CERTS / "dev-signing-key")
+    placeholders = ensure_secrets(CERTS / "secrets")
+    print(f"gateway CA:        {ca}")
+    print(f"dev signing key:   {key}")
+    for line in placeholders:
+        print(f"placeholder key:   {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

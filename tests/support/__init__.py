@@ -1,0 +1,1 @@
+"""End-to-end test harness: local upstreams, a real mitmdump running the gateway, test tokens."""
