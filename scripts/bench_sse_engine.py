@@ -10,7 +10,7 @@ redactor and samples traced memory, which must stay flat: bounded by one event p
 text streams hold, not by the stream length.
 
 `--redactor rules` uses the real StreamRedactor (engine/redactor.py with the default rule pack)
-when that branch has landed; `double` is the regex test double from tests/unit/sse_testing.py.
+when that branch has landed; `double` is the regex test double from tests/support/sse_testing.py.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "addons"), str(ROOT / "tests" / "unit")]
+sys.path[:0] = [str(ROOT / "addons"), str(ROOT)]
 
 from sluicegate.engine.sse import SseParser  # noqa: E402
 from sluicegate.engine.sse_adapters import TextStreamFactory  # noqa: E402
@@ -51,7 +51,7 @@ def factory(kind: str) -> TextStreamFactory:
     if kind == "identity":
         return PassThrough
     if kind == "double":
-        from sse_testing import FakeRedactor
+        from tests.support.sse_testing import FakeRedactor
 
         redactor = FakeRedactor()
         return lambda: redactor.stream(max_hold=4096)

@@ -7,6 +7,7 @@ import pytest
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from sluicegate.engine.decoding import (
     BodyTooLarge,
     DecodeFailed,

@@ -5,6 +5,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from sluicegate.engine.sse import SseParser
 from sluicegate.engine.sse_adapters import (
     SENSITIVE_KEY_TAG,
@@ -14,7 +15,7 @@ from sluicegate.engine.sse_adapters import (
     SseUnsupportedEvent,
     encode_json_chars,
 )
-from sse_testing import (
+from tests.support.sse_testing import (
     SECRETS,
     FakeRedactor,
     anthropic_stream,

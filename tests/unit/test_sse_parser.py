@@ -4,6 +4,7 @@ import re
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from sluicegate.engine.sse import (
     BOM,
     SseEvent,

@@ -7,9 +7,10 @@ import openai
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from sluicegate.engine.sse import SseEventTooLarge, SseParser
 from sluicegate.engine.sse_redact import SseRedactor, error_event
-from sse_testing import (
+from tests.support.sse_testing import (
     SECRETS,
     FakeRedactor,
     anthropic_stream,

@@ -12,6 +12,7 @@ from collections import Counter
 from typing import Any
 
 import regex
+
 from sluicegate.engine.sse import SseEvent, SseParser
 
 RULES = {
