@@ -252,6 +252,12 @@ def test_undecodable_and_oversized_request_bodies_are_refused(h: Harness) -> Non
     big = h.flow(body=b"x" * 5000)
     asyncio.run(h.addon.request(big))
     assert big.response is not None and big.response.status_code == 413
+    bomb = h.flow(body=gzip.compress(b"x" * 1_000_000))  # small on the wire, huge decoded
+    bomb.request.headers["content-encoding"] = "gzip"
+    assert len(bomb.request.raw_content or b"") < 4096
+    asyncio.run(h.addon.request(bomb))
+    assert bomb.response is not None and bomb.response.status_code == 413
+    assert error(bomb)["code"] == "body_too_large"
 
 
 async def respond(h: Harness, text: str, **headers: str) -> http.HTTPFlow:

@@ -40,6 +40,7 @@ from sluicegate.addons.approvals import (
 )
 from sluicegate.addons.base import GatewayAddon
 from sluicegate.config import ApprovalsSection, Config
+from sluicegate.engine import decoding
 from sluicegate.engine import policy as engine
 from sluicegate.engine.policy import (
     RESPONSE_POLICY_KEY,
@@ -399,25 +400,28 @@ class Policy(GatewayAddon):
         return count
 
     def _content(self, message: http.Message, phase: Phase) -> bytes:
-        """The decoded body, or a refusal: too large, or an encoding we cannot undo."""
-        too_large = 413 if phase is Phase.REQUEST else 502
-        if len(message.raw_content or b"") > self.max_body_bytes:
-            raise guard.GatewayRefusal(
-                too_large, "body_too_large", "The body is too large for the gateway to inspect."
-            )
+        """The decoded body, or a refusal: too large (checked while decoding, so a compression
+        bomb never expands past the limit), or an encoding we cannot undo."""
+        too_large = guard.GatewayRefusal(
+            413 if phase is Phase.REQUEST else 502,
+            "body_too_large",
+            "The body is too large for the gateway to inspect.",
+        )
+        raw = message.raw_content or b""
+        if len(raw) > self.max_body_bytes:
+            raise too_large
         try:
-            content = message.get_content(strict=True) or b""
-        except ValueError:
+            return decoding.decode_body(
+                raw, message.headers.get("content-encoding"), self.max_body_bytes
+            )
+        except decoding.BodyTooLarge:
+            raise too_large from None
+        except decoding.DecodingError:
             raise guard.GatewayRefusal(
                 400 if phase is Phase.REQUEST else 502,
                 "policy_undecodable_body",
                 "The body's content encoding could not be decoded for inspection.",
             ) from None
-        if len(content) > self.max_body_bytes:
-            raise guard.GatewayRefusal(
-                too_large, "body_too_large", "The body is too large for the gateway to inspect."
-            )
-        return content
 
 
 def _grant_key(ctx: FlowContext, decision: Decision) -> tuple[str, str, str]:
