@@ -403,7 +403,7 @@ def _default_text(field: dataclasses.Field) -> str:
     if dataclasses.is_dataclass(value):
         return "(see below)"
     if isinstance(value, tuple):
-        value = list(value)
+        value = [str(v) if isinstance(v, Path) else v for v in value]
     if isinstance(value, Path):
         return str(value)
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
