@@ -4,13 +4,22 @@ Run: `mitmdump -s addons/gateway.py --set sluicegate_config=PATH`.
 
 The order is fixed and matters (mitmproxy calls each hook on addons in list order):
 
-1. ProxyHardening   refuse unsafe mitmproxy options; refuse all traffic without a valid config
+1. ProxyHardening       refuse unsafe mitmproxy options; refuse all traffic without a valid config
+2. CallerAuth           verify the caller's token (CONNECT / requestheaders); strip it
+3. Routing              match the verified upstream to a route; egress allowlist; group check
+7. CredentialInjection  inject the hidden credential last; conceal it once the request has left
 
 Each addon also works on its own: `mitmdump -s addons/<concern>.py`.
 """
 
+from sluicegate.addons.auth import CallerAuth
+from sluicegate.addons.credentials import CredentialInjection
 from sluicegate.addons.hardening import ProxyHardening
+from sluicegate.addons.routing import Routing
 
 addons = [
     ProxyHardening(),
+    CallerAuth(),
+    Routing(),
+    CredentialInjection(),
 ]

@@ -12,6 +12,7 @@ import sys
 # command -> (module, one-line help). `rules test` is dispatched as `rules` with argv ["test", ...].
 COMMANDS: dict[str, tuple[str, str]] = {
     "check-config": ("sluicegate.cli.check_config", "validate a gateway config file"),
+    "mint-token": ("sluicegate.cli.mint_token", "mint a caller token with the dev key (dev only)"),
     "redact": ("sluicegate.cli.redact", "redact a body or JSON-lines file with the rule pack"),
     "rules": ("sluicegate.cli.rules", "rule pack tools (`rules test` runs every rule's examples)"),
 }
