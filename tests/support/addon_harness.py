@@ -35,11 +35,20 @@ def write_config(directory: Path, idp: TestIdP, **sections: Any) -> Path:
 
 
 @contextlib.contextmanager
-def configured(addon: GatewayAddon, config: Path) -> Iterator[taddons.context]:
-    """`addon` loaded into a test master with `sluicegate_config=config`."""
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, sluicegate_config=str(config))
-        yield tctx
+def configured(*addons: GatewayAddon, config: Path) -> Iterator[taddons.context]:
+    """`addons` loaded into a test master with `sluicegate_config=config`.
+
+    They are unregistered from the guard's live set afterwards, as mitmproxy's `done` would:
+    other tests check the chain sentinel with no live addon.
+    """
+    with taddons.context(*addons) as tctx:
+        try:
+            for addon in addons:
+                tctx.configure(addon, sluicegate_config=str(config))
+            yield tctx
+        finally:
+            for addon in addons:
+                addon.done()
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

@@ -33,7 +33,7 @@ def make_auth(tmp_path: Path, idp: TestIdP) -> Iterator[Callable[..., CallerAuth
         def make(**overrides: Any) -> CallerAuth:
             addon = CallerAuth()
             config = write_config(tmp_path, idp, auth={**idp.auth_config(), **overrides})
-            stack.enter_context(configured(addon, config))
+            stack.enter_context(configured(addon, config=config))
             assert addon.config is not None
             return addon
 
@@ -280,7 +280,7 @@ def test_unconfigured_addon_refuses_everything(tmp_path: Path, idp: TestIdP) -> 
         "keys": [{"id": "k", "jwks_file": "missing.json", "algorithms": ["RS256"]}],
     }
     addon = CallerAuth()
-    with configured(addon, write_config(tmp_path, idp, auth=broken)):
+    with configured(addon, config=write_config(tmp_path, idp, auth=broken)):
         assert addon.config is None
         flow = flow_to("127.0.0.1", 443, headers={"authorization": f"Bearer {idp.mint()}"})
         run(addon.requestheaders(flow))

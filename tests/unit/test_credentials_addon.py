@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 from mitmproxy import http
-from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.test import tflow, tutils
 
 from sluicegate import flowstate
 from sluicegate.addons import guard
 from sluicegate.addons.credentials import CredentialInjection
 from sluicegate.addons.routing import Routing
-from tests.support.addon_harness import flow_to, write_config
+from tests.support.addon_harness import configured, flow_to, write_config
 
 if TYPE_CHECKING:
     from tests.support.tokens import TestIdP
@@ -66,9 +66,7 @@ def chain(tmp_path: Path, idp: TestIdP) -> Iterator[Chain]:
     ]
     config = write_config(tmp_path, idp, routes=routes)
     routing, credentials = Routing(), CredentialInjection()
-    with taddons.context(routing, credentials) as tctx:
-        tctx.configure(routing, sluicegate_config=str(config))
-        tctx.configure(credentials, sluicegate_config=str(config))
+    with configured(routing, credentials, config=config):
         assert routing.config is not None and credentials.config is not None
         yield Chain(routing, credentials, key_file)
 

@@ -53,7 +53,7 @@ def make_routing(tmp_path: Path, idp: TestIdP) -> Iterator[Callable[..., Routing
         def make(**sections: Any) -> Routing:
             addon = Routing()
             config = write_config(tmp_path, idp, **{"routes": ROUTES, **sections})
-            stack.enter_context(configured(addon, config))
+            stack.enter_context(configured(addon, config=config))
             assert addon.config is not None
             return addon
 
