@@ -150,8 +150,21 @@ def test_unsafe_mitmproxy_options_stop_gateway(
 
 # -- failing closed ---------------------------------------------------------------------------
 
-REQUEST_PHASE_HOOKS = ["ProxyHardening.requestheaders"]
-CONNECT_HOOKS = ["ProxyHardening.http_connect"]
+REQUEST_PHASE_HOOKS = [
+    "ProxyHardening.requestheaders",
+    "CallerAuth.requestheaders",
+    "Routing.requestheaders",
+    "CredentialInjection.request",
+]
+CONNECT_HOOKS = [
+    "ProxyHardening.http_connect",
+    "CallerAuth.http_connect",
+    "Routing.http_connect",
+]
+RESPONSE_PHASE_HOOKS = [
+    "CredentialInjection.responseheaders",
+    "CredentialInjection.response",
+]
 
 
 @pytest.fixture
@@ -182,14 +195,34 @@ def test_request_hook_raising_answers_with_error_and_forwards_nothing(
 
 @pytest.mark.parametrize("hook", CONNECT_HOOKS)
 def test_connect_hook_raising_refuses_the_tunnel(
-    faulty_gateway: Gateway, upstream: FakeUpstream, hook: str
+    faulty_gateway: Gateway, upstream: FakeUpstream, token: str, hook: str
 ) -> None:
-    with (
-        pytest.raises(httpx.ProxyError, match="500"),
-        httpx.Client(proxy=faulty_gateway.proxy_url(hook, user=hook.split(":")[0])) as client,
-    ):
+    # httpx sends proxy headers with the CONNECT request: they name the hook to break.
+    proxy = httpx.Proxy(faulty_gateway.proxy_url(token), headers={"x-test-fault": hook})
+    with pytest.raises(httpx.ProxyError, match="500"), httpx.Client(proxy=proxy) as client:
         client.get(upstream.url("/echo"))
     assert upstream.received == []
+    assert token not in faulty_gateway.logs
+
+
+@pytest.mark.parametrize("hook", RESPONSE_PHASE_HOOKS)
+def test_response_hook_raising_answers_with_error_instead_of_the_upstream_body(
+    faulty_gateway: Gateway, upstream: FakeUpstream, token: str, hook: str
+) -> None:
+    upstream.script.text = "upstream body the agent must not get"
+    with faulty_gateway.client(token) as client:
+        response = client.post(
+            upstream.url("/v1/chat/completions"),
+            json={"model": "m", "messages": []},
+            headers={"x-test-fault": hook},
+        )
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "gateway_error"
+    assert "must not get" not in response.text
+    assert UPSTREAM_KEY not in response.text
+    assert len(upstream.received) == 1
+    logs = faulty_gateway.logs
+    assert "InjectedFault" in logs and "SHOULD-NOT-APPEAR" not in logs
 
 
 # -- hot reload ---------------------------------------------------------------------------------
