@@ -37,7 +37,7 @@ def assert_forwarded_cleanly(got: Received, token: str) -> None:
 
 
 def assert_not_logged(gateway: Gateway, *tokens: str) -> None:
-    logs = gateway.logs
+    logs = gateway.settled_logs()
     for token in tokens:
         assert token not in logs
 
@@ -149,7 +149,7 @@ def test_attack_as_inner_token_is_refused(
     assert error["code"] == reason
     assert token not in response.text
     assert upstream.received == []
-    assert f"caller token rejected: {reason}" in gateway.logs
+    assert f"caller token rejected: {reason}" in gateway.settled_logs()
     assert_not_logged(gateway, token)
 
 
@@ -190,9 +190,7 @@ def test_httpx_sees_a_refused_proxy_password_as_407(
     assert_not_logged(gateway, token)
 
 
-def test_group_not_allowed_on_the_route(
-    gateway: Gateway, upstream: FakeUpstream, idp: IdP
-) -> None:
+def test_group_not_allowed_on_the_route(gateway: Gateway, upstream: FakeUpstream, idp: IdP) -> None:
     token = idp.mint("contractor", ["contractors"])
     with gateway.client() as client:
         response = client.get(upstream.url("/echo"), headers={"authorization": f"Bearer {token}"})
@@ -274,7 +272,7 @@ def test_sni_naming_another_host_inside_a_routed_tunnel_is_denied(
 
 
 def client_connects(gateway: Gateway) -> int:
-    return gateway.logs.count("client connect")
+    return gateway.settled_logs().count("client connect")
 
 
 class PreferHttp2(ssl.SSLContext):

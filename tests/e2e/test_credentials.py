@@ -78,7 +78,8 @@ def test_openai_sdk_key_is_swapped_and_echoes_are_scrubbed(
     visible = agent_visible(raw.headers)
     assert UPSTREAM_KEY not in visible
     assert raw.headers["x-echo-authorization"] == f"Bearer {REDACTED}"
-    assert token not in gateway.logs and UPSTREAM_KEY not in gateway.logs
+    logs = gateway.settled_logs()
+    assert token not in logs and UPSTREAM_KEY not in logs
 
 
 def test_echo_in_headers_of_a_streamed_response_is_scrubbed(
@@ -226,4 +227,4 @@ def test_recorded_refusals_carry_the_reason_not_the_token(
     assert [f["metadata"]["refusal"]["code"] for f in flows] == ["expired", "expired"]
     assert flows[0]["event"] == "http_connect_error"
     assert upstream.received == []
-    assert expired not in file_gateway.logs
+    assert expired not in file_gateway.settled_logs()
