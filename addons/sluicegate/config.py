@@ -389,7 +389,7 @@ def _valid_route_host(host: str) -> bool:
     name = host[2:] if wildcard else host
     if not name or not name.isascii() or not name.isprintable():
         return False
-    if any(c in name for c in "*/@ []\\?#"):
+    if any(c in name for c in "*/@ []\\?#%"):
         return False
     if ":" in name:  # only an IPv6 address may contain colons, and it takes no wildcard
         try:

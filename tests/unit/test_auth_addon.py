@@ -10,11 +10,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import jwt as pyjwt
 import pytest
 from mitmproxy import http
 
 from sluicegate import flowstate
 from sluicegate.addons.auth import TUNNELS, CallerAuth
+from sluicegate.config import ConfigError, build_verifier, load_config
 from sluicegate.engine import tokens
 from tests.support import attacks
 from tests.support.addon_harness import client, configured, connect_flow, flow_to, run, write_config
@@ -286,3 +288,107 @@ def test_unconfigured_addon_refuses_everything(tmp_path: Path, idp: TestIdP) -> 
         run(addon.requestheaders(flow))
         assert flow.response is not None and flow.response.status_code == 503
         assert error_of(flow)["code"] == "gateway_not_configured"
+
+
+# -- the auth config section -------------------------------------------------------------------
+
+
+def auth_problems(tmp_path: Path, idp: TestIdP, **overrides: Any) -> list[str]:
+    path = write_config(tmp_path, idp, auth={**idp.auth_config(), **overrides})
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    return [f"{p.path}: {p.message}" for p in e.value.problems]
+
+
+def one_key(**key: Any) -> dict[str, Any]:
+    return {"keys": [{"id": "k", "algorithms": ["RS256"], **key}]}
+
+
+def test_defaults_match_the_engine_policy(tmp_path: Path, idp: TestIdP) -> None:
+    auth = load_config(write_config(tmp_path, idp)).auth
+    policy = tokens.TokenPolicy(issuers=("i",), audiences=("a",))
+    assert auth.max_token_bytes == policy.max_token_bytes
+    assert auth.leeway_seconds == policy.leeway_seconds
+    assert auth.required_claims == policy.required_claims
+    assert auth.groups_claim == policy.groups_claim
+
+
+def test_key_files_are_loaded_at_validation_and_problems_named_by_key(
+    tmp_path: Path, idp: TestIdP
+) -> None:
+    empty = tmp_path / "empty.jwks"
+    empty.write_text('{"keys": [{"kty": "oct", "k": "c2VjcmV0c2VjcmV0", "kid": "x"}]}')
+    assert auth_problems(tmp_path, idp, **one_key(jwks_file=str(empty))) == [
+        f"auth.keys[0]: jwks file {empty}: no usable keys"
+    ]
+    private = tmp_path / "private.pem"
+    private.write_bytes(b"-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n")
+    (problem,) = auth_problems(tmp_path, idp, **one_key(public_key_file=str(private)))
+    assert problem.startswith("auth.keys[0]: pem file") and "holds a private key" in problem
+    (problem,) = auth_problems(tmp_path, idp, **one_key(jwks_file=str(tmp_path / "nope.json")))
+    assert problem.startswith("auth.keys[0]: jwks file") and "cannot read" in problem
+
+
+@pytest.mark.parametrize(
+    "url", ["http://idp.example/jwks", "http://127.0.0.1.evil.example/jwks", "ftp://idp/jwks"]
+)
+def test_jwks_url_must_be_https_except_to_loopback(tmp_path: Path, idp: TestIdP, url: str) -> None:
+    (problem,) = auth_problems(tmp_path, idp, **one_key(jwks_url=url))
+    assert problem.startswith("auth.keys[0]: jwks url") and "must be https" in problem
+
+
+def test_jwks_url_to_loopback_is_accepted_without_fetching(tmp_path: Path, idp: TestIdP) -> None:
+    auth = {**idp.auth_config(), **one_key(jwks_url="http://127.0.0.1:9/jwks.json")}
+    config = load_config(write_config(tmp_path, idp, auth=auth))
+    assert config.auth.keys[0].jwks_url == "http://127.0.0.1:9/jwks.json"
+
+
+def test_short_hmac_secret_is_refused_without_echoing_it(
+    tmp_path: Path, idp: TestIdP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SLUICEGATE_TEST_HMAC", "short-secret-value")
+    key = {"hmac_secret": {"env": "SLUICEGATE_TEST_HMAC"}, "algorithms": ["HS256"], "kid": "h"}
+    (problem,) = auth_problems(tmp_path, idp, **one_key(**key))
+    assert problem.startswith("auth.keys[0]:") and "shorter than 32 bytes" in problem
+    assert "short-secret-value" not in problem
+
+
+def test_hmac_key_verifies_hs256_only_when_configured(
+    tmp_path: Path, idp: TestIdP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = "s" * 48
+    monkeypatch.setenv("SLUICEGATE_TEST_HMAC", secret)
+    hmac_key = {
+        "id": "h",
+        "hmac_secret": {"env": "SLUICEGATE_TEST_HMAC"},
+        "kid": "h1",
+        "algorithms": ["HS256"],
+    }
+    auth = {**idp.auth_config(), "keys": [*idp.auth_config()["keys"], hmac_key]}
+    verifier = build_verifier(load_config(write_config(tmp_path, idp, auth=auth)).auth)
+    claims = attacks.claims(idp)
+    hs_token = pyjwt.encode(claims, secret, algorithm="HS256", headers={"kid": "h1"})
+    assert verifier.verify(hs_token).subject == claims["sub"]
+    assert verifier.verify(idp.mint("rs")).subject == "rs"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"leeway_seconds": -1}, "auth.leeway_seconds: must not be negative"),
+        ({"max_token_bytes": 0}, "auth.max_token_bytes: must be positive"),
+        ({"max_token_age_seconds": 0}, "auth.max_token_age_seconds: must be positive"),
+        ({"jwks_cache_seconds": 0}, "auth.jwks_cache_seconds: must be between 1 and 86400"),
+        ({"issuers": [""]}, "auth.issuers[0]: must not be empty"),
+        ({"groups_claim": ""}, "auth.groups_claim: must not be empty"),
+        ({"token_sources": ["cookie"]}, "auth.token_sources[0]: must be one of"),
+        (one_key(jwks_file="x.json", public_key_file="y.pem"), "auth.keys[0]: needs exactly one"),
+        (one_key(jwks_url="https://idp/jwks", kid="k1"), "auth.keys[0].kid: a JWKS names"),
+        (one_key(jwks_url="https://idp/jwks", algorithms=["HS256"]), "auth.keys[0].algorithms[0]"),
+    ],
+)
+def test_auth_section_is_strict(
+    tmp_path: Path, idp: TestIdP, overrides: dict[str, Any], expected: str
+) -> None:
+    problems = auth_problems(tmp_path, idp, **overrides)
+    assert any(p.startswith(expected) for p in problems), problems

@@ -23,7 +23,7 @@ from sluicegate.addons.routing import (
     host_matches,
     path_matches,
 )
-from sluicegate.config import Route
+from sluicegate.config import ConfigError, Route, load_config
 from tests.support.addon_harness import configured, connect_flow, flow_to, write_config
 
 if TYPE_CHECKING:
@@ -267,3 +267,75 @@ def test_connect_by_a_caller_no_route_admits_is_denied(routing: Routing) -> None
 def test_connect_in_passthrough_mode_is_not_checked(make_routing: Callable[..., Routing]) -> None:
     routing = make_routing(unrouted="passthrough")
     assert connect(routing, "attacker.example", 443, OUTSIDER) is None
+
+
+# -- the routes config ----------------------------------------------------------------------------
+
+
+def route_problems(tmp_path: Path, idp: TestIdP, *routes: dict[str, Any]) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        load_config(write_config(tmp_path, idp, routes=list(routes)))
+    return [f"{p.path}: {p.message}" for p in e.value.problems]
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "api.example.com:443",
+        "*.",
+        "a.*.example.com",
+        "*example.com",
+        "https://api.example.com",
+        "user@api.example.com",
+        "api..example.com",
+        "*.::1",
+        "fe80::1%eth0",
+        "",
+    ],
+)
+def test_route_host_must_be_a_bare_host_or_a_leading_wildcard(
+    tmp_path: Path, idp: TestIdP, host: str
+) -> None:
+    problems = route_problems(tmp_path, idp, {"name": "r", "host": host})
+    assert any(p.startswith("routes[0].host: must be a host name") for p in problems), problems
+
+
+@pytest.mark.parametrize("host", ["api.example.com", "*.openai.azure.com", "10.0.0.7", "::1"])
+def test_valid_route_hosts(tmp_path: Path, idp: TestIdP, host: str) -> None:
+    config = load_config(write_config(tmp_path, idp, routes=[{"name": "r", "host": host}]))
+    assert config.routes[0].host == host
+
+
+def test_two_routes_for_the_same_destination_and_prefix_are_refused(
+    tmp_path: Path, idp: TestIdP
+) -> None:
+    problems = route_problems(
+        tmp_path,
+        idp,
+        {"name": "a", "host": "API.example.com", "path_prefix": "/v1"},
+        {"name": "b", "host": "api.example.com", "path_prefix": "/v1/"},
+    )
+    assert problems == ["routes[1]: same host, port, scheme and path_prefix as routes[0] ('a')"]
+
+
+@pytest.mark.parametrize(
+    ("inject", "expected"),
+    [
+        ({"header": "host"}, "routes[0].inject.header: 'host' cannot carry a credential"),
+        ({"header": "Proxy-Authorization"}, "routes[0].inject.header: 'Proxy-Authorization'"),
+        ({"header": "x api key"}, "routes[0].inject.header: must be a valid header name"),
+        ({"template": "Bearer"}, "routes[0].inject.template: must contain `{secret}` exactly"),
+        ({"template": "Bearer {secret}\r\nx: y"}, "routes[0].inject.template: must be printable"),
+    ],
+)
+def test_inject_settings_are_checked(
+    tmp_path: Path,
+    idp: TestIdP,
+    monkeypatch: pytest.MonkeyPatch,
+    inject: dict[str, str],
+    expected: str,
+) -> None:
+    monkeypatch.setenv("SLUICEGATE_TEST_KEY", "sk-test")
+    route = {"name": "r", "host": "h.example", "credential": {"env": "SLUICEGATE_TEST_KEY"}}
+    problems = route_problems(tmp_path, idp, {**route, "inject": inject})
+    assert any(p.startswith(expected) for p in problems), problems

@@ -75,9 +75,6 @@ class TunnelTokens:
     def token(self, client: connection.Client) -> str | None:
         return self._tokens.get(client)
 
-    def __len__(self) -> int:
-        return len(self._tokens)
-
 
 TUNNELS: Final = TunnelTokens()
 
@@ -127,15 +124,15 @@ class CallerAuth(GatewayAddon):
         found = {name: headers[name] for name in CALLER_CREDENTIAL_HEADERS if name in headers}
         for name in CALLER_CREDENTIAL_HEADERS:
             headers.pop(name, None)
-        source, token = self._candidate(flow, found)
-        if token is None:
+        candidate = self._candidate(flow, found)
+        if candidate is None:
             # Outside a tunnel the agent talks to us as its proxy: ask for the proxy password.
             ask_proxy = self._proxy_source and not TUNNELS.is_tunnel(flow.client_conn)
             raise self._refusal(flow, MISSING_TOKEN, PROXY_SOURCE if ask_proxy else None, None)
-        await self._authenticate(flow, source, token)
+        await self._authenticate(flow, *candidate)
 
-    def _candidate(self, flow: http.HTTPFlow, found: dict[str, str]) -> tuple[str, str | None]:
-        """(source, token) for a request: the tunnel's, the request's proxy token, or inner."""
+    def _candidate(self, flow: http.HTTPFlow, found: dict[str, str]) -> tuple[str, str] | None:
+        """(source, token) of a request: its tunnel's, its own proxy token, or an inner one."""
         tunnel_token = TUNNELS.token(flow.client_conn)
         if tunnel_token is not None:
             return PROXY_SOURCE, tunnel_token
@@ -146,7 +143,7 @@ class CallerAuth(GatewayAddon):
             inner = tokens.token_from_inner_headers(found, self._inner_sources)
         except tokens.TokenRejected as rejected:
             raise self._refusal(flow, rejected.reason, "inner", None) from None
-        return inner if inner is not None else ("none", None)
+        return inner
 
     def _proxy_token(self, flow: http.HTTPFlow, value: str) -> str:
         """The token in a Proxy-Authorization value; a value that carries none is `malformed`."""
