@@ -8,6 +8,7 @@ The order is fixed and matters (mitmproxy calls each hook on addons in list orde
 2. CallerAuth           verify the caller's token (CONNECT / requestheaders); strip it
 3. Routing              match the verified upstream to a route; egress allowlist; group check
 7. CredentialInjection  inject the hidden credential last; conceal it once the request has left
+8. Recorder             LAST: write every finished flow (as the agent saw it, secrets masked)
 
 Each addon also works on its own: `mitmdump -s addons/<concern>.py`.
 """
@@ -15,6 +16,7 @@ Each addon also works on its own: `mitmdump -s addons/<concern>.py`.
 from sluicegate.addons.auth import CallerAuth
 from sluicegate.addons.credentials import CredentialInjection
 from sluicegate.addons.hardening import ProxyHardening
+from sluicegate.addons.recorder import Recorder
 from sluicegate.addons.routing import Routing
 
 addons = [
@@ -22,4 +24,5 @@ addons = [
     CallerAuth(),
     Routing(),
     CredentialInjection(),
+    Recorder(),  # keep last
 ]

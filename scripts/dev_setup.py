@@ -4,6 +4,7 @@
 - certs/dev-signing-key/   a local token-signing key (dev.private.pem) and its JWKS
 - certs/secrets/           upstream credentials the gateway injects, one file each: taken from
                            OPENAI_API_KEY / ANTHROPIC_API_KEY when set, else a placeholder
+- certs/recording/         the Ed25519 key that signs recorded sessions (signing.pem, .pub)
 
 Nothing here is for production: a production gateway uses the org's IdP (JWKS URL) and mounted
 secrets, see README "Deploying".
@@ -20,6 +21,7 @@ sys.path.insert(0, str(REPO / "addons"))
 
 from mitmproxy import certs  # noqa: E402
 
+from sluicegate.engine.chain import Signer  # noqa: E402
 from sluicegate.engine.devtokens import generate_signing_key  # noqa: E402
 
 CERTS = REPO / "certs"
@@ -39,6 +41,19 @@ def ensure_signing_key(directory: Path) -> Path:
     private = directory / "dev.private.pem"
     if not private.exists():
         generate_signing_key(directory, "dev")
+    return private
+
+
+def ensure_recording_key(directory: Path) -> Path:
+    """The key that signs session hash chains; `sessions verify` checks against signing.pem.pub."""
+    private = directory / "signing.pem"
+    if not private.exists():
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        signer = Signer.generate()
+        fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(signer.private_pem())
+        (directory / "signing.pem.pub").write_bytes(signer.public_pem())
     return private
 
 
@@ -62,8 +77,10 @@ def main() -> int:
     ca = ensure_ca(CERTS / "mitmproxy")
     key = ensure_signing_key(CERTS / "dev-signing-key")
     placeholders = ensure_secrets(CERTS / "secrets")
+    recording_key = ensure_recording_key(CERTS / "recording")
     print(f"gateway CA:        {ca}")
     print(f"dev signing key:   {key}")
+    print(f"recording key:     {recording_key}")
     for line in placeholders:
         print(f"placeholder key:   {line}")
     return 0

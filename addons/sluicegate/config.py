@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
-from sluicegate.engine import tokens
+from sluicegate.engine import chain, sealing, tokens
 from sluicegate.schema import (
     ConfigError,
     Parser,
@@ -336,6 +336,101 @@ class RedactionSection:
                 yield f"rules[{i}]", f"no such file or directory: {path}"
 
 
+DEFAULT_MASKED_HEADERS = (
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "api-key",
+    "cookie",
+    "set-cookie",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordingSection:
+    directory: Path = setting(
+        doc="Where session files go: `<identity>/<start>-<pid>-<rand>.mitm` plus a `.chain` "
+        "sidecar each. Created (mode 0700) if missing. One gateway process per directory."
+    )
+    signing_key: SecretRef = setting(
+        doc="Ed25519 private key (PEM) that signs the hash chain of every session. Generate one "
+        "with `python -m sluicegate sessions keygen --signing certs/recording-signing.pem`."
+    )
+    enabled: bool = setting(
+        True, doc="Record every flow. Set `false` to silence the start-up warning on purpose."
+    )
+    audit_log: Path | None = setting(
+        None, doc="JSON-lines audit log, one line per flow. Default: `<directory>/audit.jsonl`."
+    )
+    rotate_bytes: int = setting(64 * 1024 * 1024, doc="Start a new session file past this size.")
+    rotate_seconds: int = setting(3600, doc="Start a new session file after this many seconds.")
+    idle_seconds: int = setting(
+        300, doc="Close (and sign) a session with no new flow for this long."
+    )
+    retention_days: float | None = setting(
+        30, doc="Delete closed sessions last written longer ago than this. Empty: keep."
+    )
+    retention_bytes: int | None = setting(
+        10 * 1024**3,
+        doc="Delete the oldest closed sessions while all sessions together exceed this. Empty: "
+        "no size limit.",
+    )
+    min_free_bytes: int = setting(
+        64 * 1024 * 1024,
+        doc="Treat the disk as full (recording unavailable) below this much free space.",
+    )
+    fsync: bool = setting(
+        False,
+        doc="fsync every flow: survives power loss, not just a process crash; costs throughput.",
+    )
+    on_failure: Literal["refuse", "continue"] = setting(
+        "refuse",
+        doc="When a flow cannot be recorded: `refuse` answers new requests with 503 "
+        "`recording_unavailable` until writes work again; `continue` forwards them and logs an "
+        "error per unrecorded flow.",
+    )
+    mask_headers: tuple[str, ...] = setting(
+        DEFAULT_MASKED_HEADERS,
+        doc="Headers whose values are recorded as `[masked]` unless they hold a "
+        "`[credential:<route>]` marker. Proxy-Authorization is always dropped.",
+    )
+    seal_to: Path | None = setting(
+        None,
+        doc="Auditor's X25519 public key (PEM). When set, pre-redaction bodies are stored "
+        "encrypted to it with each flow (`sessions unseal` reveals them with the private key).",
+    )
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        for name in ("rotate_bytes", "rotate_seconds", "idle_seconds"):
+            if getattr(self, name) <= 0:
+                yield name, "must be positive"
+        if self.min_free_bytes < 0:
+            yield "min_free_bytes", "must not be negative"
+        if self.retention_days is not None and self.retention_days <= 0:
+            yield "retention_days", "must be positive (leave it empty to keep sessions)"
+        if self.retention_bytes is not None and self.retention_bytes <= 0:
+            yield "retention_bytes", "must be positive (leave it empty for no size limit)"
+        if self.directory.exists() and not self.directory.is_dir():
+            yield "directory", f"not a directory: {self.directory}"
+        try:
+            chain.Signer.from_pem(self.signing_key.read())
+        except chain.ChainKeyError as e:
+            yield "signing_key", str(e)
+        except SecretUnavailable:
+            pass  # already reported by the parser
+        if self.seal_to is not None:
+            try:
+                sealing.load_public_key(self.seal_to.read_bytes())
+            except OSError as e:
+                yield "seal_to", f"cannot read {self.seal_to} ({e.strerror})"
+            except sealing.SealError as e:
+                yield "seal_to", str(e)
+
+    @property
+    def audit_log_path(self) -> Path:
+        return self.audit_log if self.audit_log is not None else self.directory / "audit.jsonl"
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """The whole gateway configuration."""
@@ -353,6 +448,11 @@ class Config:
     )
     redaction: RedactionSection = setting(
         doc="Secret and PII redaction in both directions.", factory=RedactionSection
+    )
+    recording: RecordingSection | None = setting(
+        None,
+        doc="Session recording to `.mitm` files, signed hash chains and an audit log. Without "
+        "this section nothing is recorded (the gateway warns at start-up): enable it.",
     )
     source: Path = dataclasses.field(default=Path(), init=False, compare=False)
 

@@ -68,6 +68,9 @@ class FlowState:
     scrub: list[ScrubLiteral] = dataclasses.field(default_factory=list)
     # The response body bytes the client actually received when the response was streamed.
     streamed_body: bytearray | None = None
+    # Pre-redaction bodies ("request" / "response", content-decoded), kept only while the
+    # recorder seals originals (see `keep_original`); sealed to the auditor's key, never stored.
+    originals: dict[str, bytes] = dataclasses.field(default_factory=dict)
     # Recordable facts, grouped by the addon that produced them (plain types only).
     facts: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Non-recordable working data (identity objects, secrets to scrub...), by addon.
@@ -89,6 +92,22 @@ def state(flow: Any) -> FlowState:
 def peek(flow: Any) -> FlowState | None:
     """The state of `flow` if any addon created it."""
     return _states.get(flow)
+
+
+# Set by the recorder while it seals pre-redaction originals, so redaction keeps them only then.
+keep_originals: bool = False
+
+
+def keep_original(flow: Any, part: str, body: bytes) -> None:
+    """Hand the recorder the body of `part` ("request" / "response") before redacting it.
+
+    Redaction addons call this with the content-decoded body they are about to redact; it costs
+    nothing unless sealed originals are configured.
+    """
+    if keep_originals:
+        if part not in ("request", "response"):
+            raise ValueError(f"unknown body part {part!r}")
+        state(flow).originals[part] = bytes(body)
 
 
 def record(flow: Any, section: str, value: Any) -> None:

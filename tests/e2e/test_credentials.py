@@ -203,7 +203,7 @@ def test_recording_holds_the_marker_and_the_caller_never_the_secrets(
     (openai_flow, anthropic_flow) = recorded(probe)
     text = probe.read_text()
     assert UPSTREAM_KEY not in text and FILE_KEY not in text and token not in text
-    assert ["authorization", "[credential:openai]"] in openai_flow["request_headers"]
+    assert ["authorization", "Bearer [credential:openai]"] in openai_flow["request_headers"]
     assert ["x-api-key", "[credential:anthropic]"] in anthropic_flow["request_headers"]
     meta = openai_flow["metadata"]
     assert meta["route"] == "openai"

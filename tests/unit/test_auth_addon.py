@@ -88,6 +88,11 @@ def test_inner_token_attaches_the_caller_and_is_stripped(
     assert token not in json.dumps(flow.metadata["sluicegate"])
     assert_stripped(flow)
     assert flow.request.headers["content-type"] == "application/json"
+    # An echo of the token anywhere is masked by response redaction and the recorder.
+    fingerprint = tokens.token_fingerprint(token)
+    assert flowstate.state(flow).scrub == [
+        flowstate.ScrubLiteral(f"caller-token:{fingerprint}", token)
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(attacks.ATTACKS))
@@ -107,6 +112,7 @@ def test_rejected_inner_token_gets_401_with_reason_and_no_trace(
     everything = flow.response.text + json.dumps(flow.metadata["sluicegate"]) + caplog.text
     assert token not in everything
     assert tokens.token_fingerprint(token) in caplog.text  # correlatable without the token
+    assert token in [literal.value for literal in flowstate.state(flow).scrub]
 
 
 def test_different_tokens_in_two_inner_headers_are_ambiguous(
@@ -201,6 +207,17 @@ def test_proxy_authorization_without_a_password_is_malformed(auth: CallerAuth) -
     flow = inner(auth, {"proxy-authorization": basic("", user="agent")})
     assert flow.response is not None and flow.response.status_code == 407
     assert error_of(flow)["code"] == "malformed"
+
+
+def test_short_non_tokens_are_not_scrub_literals(auth: CallerAuth) -> None:
+    """Masking "x" everywhere would mangle the recording (keys like proxy_mode included)."""
+    flow = inner(auth, {"proxy-authorization": basic("x")})
+    assert error_of(flow)["code"] == "malformed"
+    assert flowstate.state(flow).scrub == []
+    real_looking = "sk-proj-" + "A" * 40
+    flow = inner(auth, {"x-api-key": real_looking})
+    assert error_of(flow)["code"] == "malformed"
+    assert [lit.value for lit in flowstate.state(flow).scrub] == [real_looking]
 
 
 def test_tunnel_token_is_verified_again_for_each_request(auth: CallerAuth, idp: TestIdP) -> None:

@@ -111,9 +111,9 @@ def test_marker_replaces_the_secret_once_the_response_arrives(chain: Chain) -> N
     flow = chain.send(flow_to("api.openai.com", 443))
     respond(flow)
     chain.credentials.responseheaders(flow)
-    assert flow.request.headers["authorization"] == "[credential:openai]"
+    assert flow.request.headers["authorization"] == "Bearer [credential:openai]"
     chain.credentials.response(flow)
-    assert flow.request.headers["authorization"] == "[credential:openai]"
+    assert flow.request.headers["authorization"] == "Bearer [credential:openai]"
     # The response redaction addons still need to know what to mask.
     assert [s.value for s in flowstate.state(flow).scrub] == [SECRET]
 
@@ -122,7 +122,7 @@ def test_marker_replaces_the_secret_when_the_flow_fails(chain: Chain) -> None:
     flow = chain.send(flow_to("api.openai.com", 443))
     flow.error = tflow.terr("connection refused")
     chain.credentials.error(flow)
-    assert flow.request.headers["authorization"] == "[credential:openai]"
+    assert flow.request.headers["authorization"] == "Bearer [credential:openai]"
 
 
 def test_marker_is_restored_even_after_another_addon_refused_the_response(chain: Chain) -> None:

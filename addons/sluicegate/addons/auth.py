@@ -13,9 +13,10 @@ tunnel's proxy token is authoritative: the inner token headers are then the SDK'
 "API key" and only stripped.
 
 All of these headers are stripped before anything else sees the request, refused or not, so the
-token never reaches the upstream, the log or a recording (its fingerprint may). Refusals: 407 with
-`Proxy-Authenticate` for the proxy credential, 401 for inner tokens, the engine's reason code
-(`expired`, `bad_signature`, ...) as the error code, or `missing_token`. The upstream is never
+token never reaches the upstream, the log or a recording (its fingerprint may); the token is also
+registered in `flowstate.scrub` (`caller-token:<fingerprint>`) so an echo of it is masked too.
+Refusals: 407 with `Proxy-Authenticate` for the proxy credential, 401 for inner tokens, the reason
+code (`expired`, `bad_signature`, ...) as the error code, or `missing_token`. The upstream is never
 contacted for a refused flow: ProxyHardening makes mitmproxy connect lazily.
 """
 
@@ -46,6 +47,9 @@ INNER_HEADERS: Final = {
 # Stripped from every request whatever the configured sources: caller credentials never leave.
 CALLER_CREDENTIAL_HEADERS: Final = ("proxy-authorization", *tokens.INNER_TOKEN_HEADERS)
 MISSING_TOKEN: Final = "missing_token"
+# flowstate.scrub rule id prefix for the caller's token (the recorder writes `[caller-token:<fp>]`)
+CALLER_TOKEN_SCRUB: Final = "caller-token"
+MIN_SCRUB_CHARS: Final = 16
 REALM: Final = "sluicegate"
 
 
@@ -160,10 +164,17 @@ class CallerAuth(GatewayAddon):
         verifier = self._verifier
         if verifier is None:  # the guard refuses flows while unconfigured; never forward
             raise RuntimeError("CallerAuth is not configured")
+        fingerprint = tokens.token_fingerprint(token)
+        # Wherever the token turns up again (an echo, a body), recordings and responses mask it;
+        # a rejected token may still be a real credential (e.g. for another audience). Short
+        # values ("x", "placeholder") are no credential, and masking them would mangle records.
+        if len(token) >= MIN_SCRUB_CHARS:
+            flowstate.state(flow).scrub.append(
+                flowstate.ScrubLiteral(f"{CALLER_TOKEN_SCRUB}:{fingerprint}", token)
+            )
         try:
             identity = await verifier.averify(token)
         except tokens.TokenRejected as rejected:
-            fingerprint = tokens.token_fingerprint(token)
             raise self._refusal(flow, rejected.reason, source, fingerprint) from None
         caller = flowstate.Caller(
             subject=identity.subject,

@@ -5,11 +5,11 @@ the secret on the request. The secret is read on every request (`SecretRef.read(
 secret takes effect without a restart) and registered in `flowstate.scrub`, every encoded
 variant, so response redaction and the recorder mask it if the upstream echoes it.
 
-Once the request has left (response headers arrived, or the flow failed) the header value is
-replaced by the marker `[credential:<route>]`, so mitmweb, logs and recordings never hold it; the
-secret is also scrubbed from response headers before the agent sees them. The concealing hooks
-run even on flows another addon refused (`skip_refused=False`): a refusal in the response phase
-must not leave the secret on the recorded request.
+Once the request has left (response headers arrived, or the flow failed) the secret in the header
+is replaced by the marker `[credential:<route>]` (`Bearer [credential:openai]`), so mitmweb, logs
+and recordings never hold it; the secret is also scrubbed from response headers before the agent
+sees them. The concealing hooks run even on flows another addon refused (`skip_refused=False`): a
+refusal in the response phase must not leave the secret on the recorded request.
 """
 
 from __future__ import annotations
@@ -31,16 +31,19 @@ INJECTED_KEY: Final = "credentials.injected"
 
 @dataclasses.dataclass(frozen=True)
 class Injected:
-    route: str
-    header: str
+    """Which header carries the credential, and the value it shows once the request has left:
+    the route's template around the marker `[credential:<route>]`."""
 
-    @property
-    def marker(self) -> str:
-        return f"[credential:{self.route}]"
+    header: str
+    concealed: str
 
 
 def scrub_rule_id(route: str) -> str:
     return f"injected-credential:{route}"
+
+
+def credential_marker(route: str) -> str:
+    return f"[credential:{route}]"
 
 
 def secret_variants(secret: str) -> tuple[str, ...]:
@@ -80,10 +83,10 @@ class CredentialInjection(GatewayAddon):
         st = flowstate.state(flow)
         rule_id = scrub_rule_id(route.name)
         st.scrub.extend(flowstate.ScrubLiteral(rule_id, v) for v in secret_variants(secret))
-        st.private[INJECTED_KEY] = Injected(route.name, route.inject.header)
-        flow.request.headers[route.inject.header] = route.inject.template.replace(
-            "{secret}", secret
-        )
+        template = route.inject.template
+        concealed = template.replace("{secret}", credential_marker(route.name))
+        st.private[INJECTED_KEY] = Injected(route.inject.header, concealed)
+        flow.request.headers[route.inject.header] = template.replace("{secret}", secret)
 
     @guard.fail_closed("gateway_error", skip_refused=False)
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -101,11 +104,11 @@ class CredentialInjection(GatewayAddon):
 
 
 def conceal(flow: http.HTTPFlow) -> None:
-    """Replace the injected header value by its marker (idempotent)."""
+    """Put the marker in place of the injected secret (idempotent)."""
     st = flowstate.peek(flow)
     injected = st.private.get(INJECTED_KEY) if st is not None else None
     if isinstance(injected, Injected):
-        flow.request.headers[injected.header] = injected.marker
+        flow.request.headers[injected.header] = injected.concealed
 
 
 def scrub_headers(headers: http.Headers, literals: list[flowstate.ScrubLiteral]) -> None:

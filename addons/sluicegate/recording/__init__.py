@@ -1,0 +1,1 @@
+"""Session recording: session files, the audit log, and the recordable copy of a flow."""
