@@ -11,6 +11,7 @@ import sys
 
 # command -> (module, one-line help). `rules test` is dispatched as `rules` with argv ["test", ...].
 COMMANDS: dict[str, tuple[str, str]] = {
+    "approvals": ("sluicegate.cli.approvals", "list, approve or deny flows held by policy"),
     "check-config": ("sluicegate.cli.check_config", "validate a gateway config file"),
     "mint-token": ("sluicegate.cli.mint_token", "mint a caller token with the dev key (dev only)"),
     "redact": ("sluicegate.cli.redact", "redact a body or JSON-lines file with the rule pack"),

@@ -12,15 +12,20 @@ import dataclasses
 import ipaddress
 import re
 import threading
-from collections.abc import Iterable
+import urllib.parse
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
+import regex
+
 from sluicegate.engine import chain, sealing, tokens
+from sluicegate.engine.policy import BUILTIN_PATTERNS, HostPattern
 from sluicegate.schema import (
     ConfigError,
     Parser,
     Problem,
+    Regex,
     SecretRef,
     SecretUnavailable,
     read_yaml,
@@ -336,6 +341,245 @@ class RedactionSection:
                 yield f"rules[{i}]", f"no such file or directory: {path}"
 
 
+_POLICY_ID = regex.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+_METHOD = regex.compile(r"[A-Z]{1,20}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PatternConfig:
+    regex: Regex = setting(
+        doc="Regular expression (Python `regex` module syntax; `(?i)` for case-insensitive)."
+    )
+    min_count: int = setting(
+        1, doc="The pattern is found when it matches at least this many times in one body."
+    )
+    description: str = setting("", doc="What the pattern is for (shown in docs and logs).")
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        if self.min_count < 1:
+            yield "min_count", "must be at least 1"
+
+
+@dataclasses.dataclass(frozen=True)
+class MatchConfig:
+    """Conditions of a policy rule or rate limit: all given conditions must hold."""
+
+    hosts: tuple[str, ...] = setting(
+        (),
+        doc="Destination hosts (verified upstream host, never the Host header): `example.com`, "
+        "`*.example.com` (subdomains), optionally with `:port`.",
+    )
+    routes: tuple[str, ...] = setting((), doc="Route names (see `routes`).")
+    methods: tuple[str, ...] = setting((), doc="HTTP methods, e.g. `POST`.")
+    paths: tuple[Regex, ...] = setting(
+        (), doc="Regular expressions matched against the WHOLE path (without the query string)."
+    )
+    groups: tuple[str, ...] = setting((), doc="The caller is in any of these groups.")
+    subjects: tuple[str, ...] = setting((), doc="The caller's subject is one of these.")
+    body_patterns: tuple[str, ...] = setting(
+        (),
+        doc="Names of body patterns (built-in or from `policy.patterns`); any one found matches.",
+    )
+    body_larger_than: int | None = setting(
+        None, doc="The body (after content decoding) is larger than this many bytes."
+    )
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        for i, host in enumerate(self.hosts):
+            try:
+                HostPattern.parse(host)
+            except ValueError as e:
+                yield f"hosts[{i}]", str(e)
+        for i, method in enumerate(self.methods):
+            if not _METHOD.fullmatch(method):
+                yield f"methods[{i}]", "must be an upper-case HTTP method such as POST"
+        if self.body_larger_than is not None and self.body_larger_than < 0:
+            yield "body_larger_than", "must not be negative"
+
+    @property
+    def needs_body(self) -> bool:
+        return bool(self.body_patterns) or self.body_larger_than is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyRuleConfig:
+    id: str = setting(doc="Stable rule id, shown to the agent and recorded with the flow.")
+    action: Literal["allow", "block", "hold", "redact_only"] = setting(
+        doc="`allow`; `block` (403); `hold` for an approver; `redact_only`: replace what the "
+        "rule's `body_patterns` matched by `[REDACTED:policy:<id>]` and let it pass."
+    )
+    phase: Literal["request", "response"] = setting(
+        "request", doc="Evaluate on the request, or on the upstream's response."
+    )
+    message: str = setting("", doc="Human explanation, shown to the agent and the approver.")
+    match: MatchConfig = setting(
+        doc="When the rule applies (no conditions: always).", factory=MatchConfig
+    )
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        if not _POLICY_ID.fullmatch(self.id):
+            yield "id", "must be 1-64 letters, digits, `_`, `.`, `:` or `-`"
+        if self.action == "redact_only" and not self.match.body_patterns:
+            yield "match.body_patterns", "a redact_only rule needs body_patterns to redact"
+
+
+@dataclasses.dataclass(frozen=True)
+class RateLimitConfig:
+    id: str = setting(doc="Stable id, named in 429 answers and recorded with the flow.")
+    requests: int = setting(doc="Requests admitted per window.")
+    window_seconds: float = setting(doc="Length of the sliding window.")
+    per: Literal["caller", "caller_and_route", "route"] = setting(
+        "caller_and_route",
+        doc="What is counted separately: each caller, each caller on each route (unrouted: "
+        "host:port), or each route for everyone together.",
+    )
+    message: str = setting("", doc="Human explanation added to the 429 answer.")
+    match: MatchConfig = setting(
+        doc="Which requests count (no body conditions).", factory=MatchConfig
+    )
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        if not _POLICY_ID.fullmatch(self.id):
+            yield "id", "must be 1-64 letters, digits, `_`, `.`, `:` or `-`"
+        if self.requests < 1:
+            yield "requests", "must be at least 1"
+        if not self.window_seconds > 0:
+            yield "window_seconds", "must be positive"
+        if self.match.needs_body:
+            yield "match", "rate limits cannot use body_patterns or body_larger_than"
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySection:
+    rules: tuple[PolicyRuleConfig, ...] = setting(
+        (),
+        doc="Evaluated in order per phase; the FIRST rule whose conditions all hold decides. "
+        "Put narrow exceptions before the general rule.",
+    )
+    default_action: Literal["allow", "block", "hold"] = setting(
+        "allow", doc="Requests no rule matches. (Responses no rule matches are allowed.)"
+    )
+    default_message: str = setting(
+        "", doc="Message for requests decided by `default_action` (block or hold)."
+    )
+    rate_limits: tuple[RateLimitConfig, ...] = setting(
+        (),
+        doc="Checked after the rules for every request that is not blocked; all matching "
+        "limits must admit it (429 with Retry-After otherwise).",
+    )
+    patterns: Mapping[str, PatternConfig] = setting(
+        doc="Named body patterns for `body_patterns`, in addition to the built-in ones.",
+        factory=dict,
+    )
+    scan_timeout_seconds: float = setting(
+        2.0,
+        doc="Most time one pattern may take on one body; past it the body is refused "
+        "as uninspectable.",
+    )
+    stream_window_chars: int = setting(
+        8192,
+        doc="Streamed responses: matches up to this long are found across chunk boundaries.",
+    )
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        known = {**BUILTIN_PATTERNS, **self.patterns}
+        for name in self.patterns:
+            if name in BUILTIN_PATTERNS:
+                yield f"patterns.{name}", "is a built-in pattern name; choose another name"
+            elif not _POLICY_ID.fullmatch(name):
+                yield f"patterns.{name}", "names are 1-64 letters, digits, `_`, `.`, `:` or `-`"
+        ids: dict[str, str] = {}
+        for where, entry in self.entries():
+            if entry.id in ids:
+                yield f"{where}.id", f"duplicate id {entry.id!r} (also {ids[entry.id]})"
+            ids.setdefault(entry.id, where)
+            for j, name in enumerate(entry.match.body_patterns):
+                if name not in known:
+                    names = ", ".join(sorted(known))
+                    yield (
+                        f"{where}.match.body_patterns[{j}]",
+                        f"unknown pattern {name!r}; known: {names}",
+                    )
+        if self.scan_timeout_seconds <= 0:
+            yield "scan_timeout_seconds", "must be positive"
+        if self.stream_window_chars < 256:
+            yield "stream_window_chars", "must be at least 256"
+
+    def entries(self) -> Iterable[tuple[str, PolicyRuleConfig | RateLimitConfig]]:
+        """Rules and rate limits with their key paths inside the section."""
+        yield from ((f"rules[{i}]", r) for i, r in enumerate(self.rules))
+        yield from ((f"rate_limits[{i}]", r) for i, r in enumerate(self.rate_limits))
+
+    @property
+    def uses_hold(self) -> bool:
+        return self.default_action == "hold" or any(r.action == "hold" for r in self.rules)
+
+
+_LOOPBACK_NAMES = ("localhost",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ApprovalsSection:
+    admin_token: SecretRef = setting(
+        doc="Bearer token of the approvals control API (at least 24 characters)."
+    )
+    listen_host: str = setting(
+        "127.0.0.1", doc="Loopback address of the control API (it is never exposed)."
+    )
+    listen_port: int = setting(
+        8790, doc="Port of the control API; 0 picks a free port (logged at start-up)."
+    )
+    timeout_seconds: float = setting(
+        300.0,
+        doc="A held flow no approver decided on within this time is denied (403). Agents' "
+        "HTTP timeouts must be longer, or they give up first.",
+    )
+    max_grant_minutes: float = setting(
+        480.0, doc="Longest allowance an approval may grant (`--grant-minutes`)."
+    )
+    webhook_url: SecretRef | None = setting(
+        None,
+        doc="URL notified (POST JSON) of every new pending approval. A secret reference, since "
+        "chat webhook URLs carry their own credential. Failures are logged, never blocking.",
+    )
+    webhook_timeout_seconds: float = setting(5.0, doc="Timeout of one webhook POST.")
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        if not _is_loopback(self.listen_host):
+            yield "listen_host", "must be a loopback address (127.0.0.1, ::1 or localhost)"
+        if not 0 <= self.listen_port < 65536:
+            yield "listen_port", "must be between 0 and 65535"
+        if not self.timeout_seconds > 0:
+            yield "timeout_seconds", "must be positive"
+        if not self.max_grant_minutes > 0:
+            yield "max_grant_minutes", "must be positive"
+        if not self.webhook_timeout_seconds > 0:
+            yield "webhook_timeout_seconds", "must be positive"
+        try:
+            if len(self.admin_token.read()) < 24:
+                yield "admin_token", "must be at least 24 characters long"
+        except SecretUnavailable:
+            pass  # already reported by the parser
+        if self.webhook_url is not None:
+            try:
+                url = urllib.parse.urlsplit(self.webhook_url.read())
+            except (SecretUnavailable, ValueError):
+                url = None
+            if url is not None and not (
+                url.scheme == "https" or (url.scheme == "http" and _is_loopback(url.hostname or ""))
+            ):
+                yield "webhook_url", "must be an https:// URL (http only for loopback)"
+
+
+def _is_loopback(host: str) -> bool:
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 DEFAULT_MASKED_HEADERS = (
     "authorization",
     "proxy-authorization",
@@ -449,6 +693,13 @@ class Config:
     redaction: RedactionSection = setting(
         doc="Secret and PII redaction in both directions.", factory=RedactionSection
     )
+    policy: PolicySection = setting(
+        doc="Block, hold for approval, redact or rate-limit requests and responses.",
+        factory=PolicySection,
+    )
+    approvals: ApprovalsSection | None = setting(
+        None, doc="Just-in-time approval of held flows (required by `hold` rules)."
+    )
     recording: RecordingSection | None = setting(
         None,
         doc="Session recording to `.mitm` files, signed hash chains and an audit log. Without "
@@ -471,6 +722,12 @@ class Config:
             if first != i:
                 same = f"same host, port, scheme and path_prefix as routes[{first}]"
                 yield f"routes[{i}]", f"{same} ({names[first]!r})"
+        for where, entry in self.policy.entries():
+            for j, route in enumerate(entry.match.routes):
+                if route not in names:
+                    yield f"policy.{where}.match.routes[{j}]", f"no route named {route!r}"
+        if self.policy.uses_hold and self.approvals is None:
+            yield "approvals", "required: the policy holds flows for approval"
 
 
 def normalize_host(host: str) -> str:

@@ -154,10 +154,12 @@ REQUEST_PHASE_HOOKS = [
     "ProxyHardening.requestheaders",
     "CallerAuth.requestheaders",
     "Routing.requestheaders",
+    "Policy.request",
     "CredentialInjection.request",
     "Recorder.requestheaders",
 ]
 RESPONSE_PHASE_HOOKS = [
+    "Policy.response",
     "CredentialInjection.responseheaders",
     "CredentialInjection.response",
     "Recorder.response",
@@ -167,6 +169,8 @@ CONNECT_HOOKS = [
     "CallerAuth.http_connect",
     "Routing.http_connect",
 ]
+# The stable code each hook's guard answers with (default: gateway_error).
+HOOK_CODES = {"Policy.request": "policy_error", "Policy.response": "policy_error"}
 
 
 @pytest.fixture
@@ -186,12 +190,14 @@ def test_request_hook_raising_answers_with_error_and_forwards_nothing(
         )
     assert response.status_code == 500
     error = response.json()["error"]
-    assert error["code"] == "gateway_error"
+    assert error["code"] == HOOK_CODES.get(hook, "gateway_error")
     assert error["request_id"]
     assert "SHOULD-NOT-APPEAR" not in response.text
     assert upstream.received == []
+    # mitmdump's output is read by a thread: the log line may land just after the answer.
+    wait_for(lambda: error["request_id"] in faulty_gateway.logs)
     logs = faulty_gateway.logs
-    assert "InjectedFault" in logs and error["request_id"] in logs
+    assert "InjectedFault" in logs
     assert "SHOULD-NOT-APPEAR" not in logs
 
 
@@ -199,7 +205,7 @@ def test_request_hook_raising_answers_with_error_and_forwards_nothing(
 def test_response_hook_raising_replaces_the_upstream_answer(
     faulty_gateway: Gateway, upstream: FakeUpstream, token: str, hook: str
 ) -> None:
-    upstream.script.text = "upstream body the agent must not get"
+    upstream.script.text = "UPSTREAM-BODY-MUST-NOT-ARRIVE"
     with faulty_gateway.client() as client:
         response = client.post(
             upstream.url("/v1/chat/completions"),
@@ -207,9 +213,16 @@ def test_response_hook_raising_replaces_the_upstream_answer(
             headers={"x-test-fault": hook, "authorization": f"Bearer {token}"},
         )
     assert response.status_code == 500
-    assert response.json()["error"]["code"] == "gateway_error"
-    assert "must not get" not in response.text
-    assert "SHOULD-NOT-APPEAR" not in response.text + faulty_gateway.logs
+    error = response.json()["error"]
+    assert error["code"] == HOOK_CODES.get(hook, "gateway_error")
+    assert "UPSTREAM-BODY-MUST-NOT-ARRIVE" not in response.text
+    assert "SHOULD-NOT-APPEAR" not in response.text
+    assert len(upstream.received) == 1  # the request went out; its answer was replaced
+    # mitmdump's output is read by a thread: the log line may land just after the answer.
+    wait_for(lambda: error["request_id"] in faulty_gateway.logs)
+    logs = faulty_gateway.logs
+    assert "InjectedFault" in logs
+    assert "SHOULD-NOT-APPEAR" not in logs
 
 
 @pytest.mark.parametrize("hook", CONNECT_HOOKS)
