@@ -4,19 +4,28 @@ Run: `mitmdump -s addons/gateway.py --set sluicegate_config=PATH`.
 
 The order is fixed and matters (mitmproxy calls each hook on addons in list order):
 
-1. ProxyHardening   refuse unsafe mitmproxy options; refuse all traffic without a valid config
-4. Policy           block / hold for approval / redact / rate-limit, request and response side
-8. Recorder         LAST: write every finished flow (as the agent saw it, secrets masked)
+1. ProxyHardening       refuse unsafe mitmproxy options; refuse all traffic without a valid config
+2. CallerAuth           verify the caller's token (CONNECT / requestheaders); strip it
+3. Routing              match the verified upstream to a route; egress allowlist; group check
+4. Policy               block / hold for approval / redact / rate-limit, request and response side
+7. CredentialInjection  inject the hidden credential last; conceal it once the request has left
+8. Recorder             LAST: write every finished flow (as the agent saw it, secrets masked)
 
 Each addon also works on its own: `mitmdump -s addons/<concern>.py`.
 """
 
+from sluicegate.addons.auth import CallerAuth
+from sluicegate.addons.credentials import CredentialInjection
 from sluicegate.addons.hardening import ProxyHardening
 from sluicegate.addons.policy import Policy
 from sluicegate.addons.recorder import Recorder
+from sluicegate.addons.routing import Routing
 
 addons = [
     ProxyHardening(),
+    CallerAuth(),
+    Routing(),
     Policy(),
+    CredentialInjection(),
     Recorder(),  # keep last
 ]

@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "approvals": ("sluicegate.cli.approvals", "list, approve or deny flows held by policy"),
     "check-config": ("sluicegate.cli.check_config", "validate a gateway config file"),
+    "mint-token": ("sluicegate.cli.mint_token", "mint a caller token with the dev key (dev only)"),
     "redact": ("sluicegate.cli.redact", "redact a body or JSON-lines file with the rule pack"),
     "rules": ("sluicegate.cli.rules", "rule pack tools (`rules test` runs every rule's examples)"),
     "sessions": ("sluicegate.cli.sessions", "recorded sessions: list, flows, show, verify, unseal"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import threading
 import urllib.parse
 from collections.abc import Iterable, Mapping
@@ -18,7 +19,7 @@ from typing import Literal
 
 import regex
 
-from sluicegate.engine import chain, sealing
+from sluicegate.engine import chain, sealing, tokens
 from sluicegate.engine.policy import BUILTIN_PATTERNS, HostPattern
 from sluicegate.schema import (
     ConfigError,
@@ -31,17 +32,43 @@ from sluicegate.schema import (
     setting,
 )
 
-__all__ = ["Config", "ConfigError", "Problem", "SecretRef", "load_cached", "load_config"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Problem",
+    "SecretRef",
+    "build_key_source",
+    "build_verifier",
+    "load_cached",
+    "load_config",
+]
 
 REPO_DIR = Path(__file__).resolve().parents[2]
 DEFAULT_RULES_DIR = REPO_DIR / "rules"
 
 TokenSource = Literal["proxy_authorization", "authorization", "x_api_key", "api_key"]
 
-ASYMMETRIC_ALGORITHMS = frozenset(
-    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+ASYMMETRIC_ALGORITHMS = tokens.ASYMMETRIC_ALGORITHMS
+HMAC_ALGORITHMS = tokens.HMAC_ALGORITHMS
+# A JWKS is never trusted for longer than this when refetches keep failing (fail closed).
+JWKS_MAX_STALE_SECONDS = 24 * 3600
+# RFC 9110 token characters: what a header name may consist of.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# Headers the gateway or the HTTP framing owns; a credential must not be injected into them.
+_RESERVED_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-connection",
+    }
 )
-HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,11 +98,22 @@ class KeyConfig:
     )
     jwks_file: Path | None = setting(None, doc="A JWKS file of public keys.")
     jwks_url: str | None = setting(
-        None, doc="An https URL serving a JWKS; cached, refetched on an unknown `kid`."
+        None,
+        doc="An https URL serving a JWKS (plain http only to loopback); cached, refetched "
+        "when `auth.jwks_cache_seconds` have passed or a token names an unknown `kid`.",
     )
-    public_key_file: Path | None = setting(None, doc="A PEM public key (RSA, EC or Ed25519).")
+    public_key_file: Path | None = setting(
+        None, doc="A PEM public key (RSA, EC or Ed25519) or certificate. Never a private key."
+    )
     hmac_secret: SecretRef | None = setting(
-        None, doc="A shared secret for HS256/384/512. Only when explicitly configured."
+        None,
+        doc="A shared secret for HS256/384/512 (at least as long as the hash). "
+        "Only when explicitly configured.",
+    )
+    kid: str | None = setting(
+        None,
+        doc="The `kid` tokens signed with `public_key_file` or `hmac_secret` carry. Needed "
+        "when several keys are configured; a JWKS names its own keys.",
     )
 
     def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
@@ -93,14 +131,10 @@ class KeyConfig:
             if alg not in allowed:
                 kind = "an hmac_secret" if self.hmac_secret is not None else "a public key"
                 yield f"algorithms[{i}]", f"{alg!r} cannot be used with {kind}"
-        for name in ("jwks_file", "public_key_file"):
-            path = getattr(self, name)
-            if path is not None and not path.is_file():
-                yield name, f"file not found: {path}"
-        if self.jwks_url is not None and not self.jwks_url.startswith(
-            ("https://", "http://127.0.0.1", "http://localhost")
-        ):
-            yield "jwks_url", "must be an https:// URL"
+        if self.kid is not None and (self.jwks_file is not None or self.jwks_url is not None):
+            yield "kid", "a JWKS names its own keys; kid is for public_key_file or hmac_secret"
+        if self.kid == "":
+            yield "kid", "must not be empty"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,17 +146,24 @@ class AuthSection:
         ("proxy_authorization", "authorization", "x_api_key", "api_key"),
         doc="Where a caller's token may come from: the proxy password (`Proxy-Authorization`, "
         "Basic or Bearer, covering the whole CONNECT tunnel) and/or the inner request's "
-        "`Authorization: Bearer`, `x-api-key` or `api-key` header.",
+        "`Authorization: Bearer`, `x-api-key` or `api-key` header. Sources not listed are "
+        "ignored; every one of these headers is stripped before a request goes upstream.",
     )
-    leeway_seconds: int = setting(30, doc="Clock skew allowed for `exp`, `nbf` and `iat`.")
+    leeway_seconds: int = setting(
+        tokens.TokenPolicy.leeway_seconds, doc="Clock skew allowed for `exp`, `nbf` and `iat`."
+    )
     required_claims: tuple[str, ...] = setting(
-        ("exp", "iat", "sub"), doc="Claims every token must carry."
+        tokens.TokenPolicy.required_claims,
+        doc="Claims every token must carry on top of `iss`, `aud`, `sub` and `exp` "
+        "(dotted paths allowed).",
     )
     groups_claim: str = setting(
-        "groups",
+        tokens.TokenPolicy.groups_claim,
         doc="Claim holding the caller's groups (a dotted path such as `realm_access.roles`).",
     )
-    max_token_bytes: int = setting(8192, doc="Longer tokens are rejected before parsing.")
+    max_token_bytes: int = setting(
+        tokens.TokenPolicy.max_token_bytes, doc="Longer tokens are rejected before parsing."
+    )
     max_token_age_seconds: int | None = setting(
         None, doc="Reject tokens issued (`iat`) longer ago than this."
     )
@@ -141,10 +182,74 @@ class AuthSection:
             yield "audiences", "must list at least one audience"
         if not self.token_sources:
             yield "token_sources", "must list at least one token source"
+        for name in ("issuers", "audiences", "required_claims"):
+            for i, value in enumerate(getattr(self, name)):
+                if not value:
+                    yield f"{name}[{i}]", "must not be empty"
+        if not self.groups_claim:
+            yield "groups_claim", "must not be empty"
+        if self.leeway_seconds < 0:
+            yield "leeway_seconds", "must not be negative"
+        if self.max_token_bytes <= 0:
+            yield "max_token_bytes", "must be positive"
+        if self.max_token_age_seconds is not None and self.max_token_age_seconds <= 0:
+            yield "max_token_age_seconds", "must be positive"
+        if self.jwks_refetch_min_seconds < 0:
+            yield "jwks_refetch_min_seconds", "must not be negative"
+        if not 0 < self.jwks_cache_seconds <= JWKS_MAX_STALE_SECONDS:
+            yield "jwks_cache_seconds", f"must be between 1 and {JWKS_MAX_STALE_SECONDS}"
         ids = [k.id for k in self.keys]
         for i, key_id in enumerate(ids):
             if ids.index(key_id) != i:
                 yield f"keys[{i}].id", f"duplicate key id {key_id!r}"
+        # Build the key sources exactly as the gateway will, so a key file that does not load
+        # (no usable key, a private key, a weak key) is reported here, by key path.
+        for i, key in enumerate(self.keys):
+            try:
+                build_key_source(key, self)
+            except (tokens.KeySourceError, SecretUnavailable) as e:
+                yield f"keys[{i}]", str(e)
+
+
+def build_key_source(key: KeyConfig, auth: AuthSection) -> tokens.KeySource:
+    """The verification key source a `KeyConfig` describes. No network I/O.
+
+    Raises KeySourceError (or SecretUnavailable for `hmac_secret`) when it cannot be used.
+    """
+    if key.jwks_file is not None:
+        return tokens.JwksFileSource(key.jwks_file, algorithms=key.algorithms)
+    if key.jwks_url is not None:
+        return tokens.JwksUrlSource(
+            key.jwks_url,
+            algorithms=key.algorithms,
+            min_refetch_interval=auth.jwks_refetch_min_seconds,
+            max_age=auth.jwks_cache_seconds,
+            max_stale=JWKS_MAX_STALE_SECONDS,
+        )
+    if key.public_key_file is not None:
+        return tokens.PemKeySource(key.public_key_file, kid=key.kid, algorithms=key.algorithms)
+    if key.hmac_secret is not None:
+        return tokens.SharedSecretSource(
+            key.hmac_secret.read().encode("utf-8"),
+            kid=key.kid,
+            algorithms=key.algorithms,
+            origin=f"hmac_secret {key.hmac_secret.describe()}",
+        )
+    raise tokens.KeySourceError(f"key {key.id!r}: no key source configured")
+
+
+def build_verifier(auth: AuthSection) -> tokens.TokenVerifier:
+    """The token verifier for a validated `auth` section (what CallerAuth and mint-token use)."""
+    policy = tokens.TokenPolicy(
+        issuers=auth.issuers,
+        audiences=auth.audiences,
+        leeway_seconds=auth.leeway_seconds,
+        required_claims=auth.required_claims,
+        max_token_bytes=auth.max_token_bytes,
+        groups_claim=auth.groups_claim,
+        max_token_age_seconds=auth.max_token_age_seconds,
+    )
+    return tokens.TokenVerifier([build_key_source(key, auth) for key in auth.keys], policy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,8 +262,12 @@ class InjectConfig:
     def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
         if self.template.count("{secret}") != 1:
             yield "template", "must contain `{secret}` exactly once"
-        if not self.header or any(c in self.header for c in " :\r\n"):
+        if not self.template.isprintable() or not self.template.isascii():
+            yield "template", "must be printable ASCII"
+        if not _HEADER_NAME.fullmatch(self.header):
             yield "header", "must be a valid header name"
+        elif self.header.lower() in _RESERVED_HEADERS:
+            yield "header", f"{self.header!r} cannot carry a credential"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,10 +291,10 @@ class Route:
     inject: InjectConfig = setting(doc="How the credential is injected.", factory=InjectConfig)
 
     def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
-        if not self.name:
-            yield "name", "must not be empty"
-        if not self.host or any(c in self.host for c in "/@ ") or self.host.count(":") == 1:
-            yield "host", "must be a bare host name or IP address (the port goes in `port`)"
+        if not self.name or not self.name.isprintable() or any(c in self.name for c in "[] "):
+            yield "name", "must be a non-empty name without spaces or brackets"
+        if not _valid_route_host(self.host):
+            yield "host", "must be a host name, `*.<domain>` or an IP address (port in `port`)"
         if not 0 < self.port < 65536:
             yield "port", "must be between 1 and 65535"
         if not self.path_prefix.startswith("/"):
@@ -603,12 +712,49 @@ class Config:
         for i, name in enumerate(names):
             if names.index(name) != i:
                 yield f"routes[{i}].name", f"duplicate route name {name!r}"
+        # Two routes for the same destination and prefix would make the choice arbitrary.
+        targets = [
+            (normalize_host(r.host), r.port, r.scheme, r.path_prefix.rstrip("/"))
+            for r in self.routes
+        ]
+        for i, target in enumerate(targets):
+            first = targets.index(target)
+            if first != i:
+                same = f"same host, port, scheme and path_prefix as routes[{first}]"
+                yield f"routes[{i}]", f"{same} ({names[first]!r})"
         for where, entry in self.policy.entries():
             for j, route in enumerate(entry.match.routes):
                 if route not in names:
                     yield f"policy.{where}.match.routes[{j}]", f"no route named {route!r}"
         if self.policy.uses_hold and self.approvals is None:
             yield "approvals", "required: the policy holds flows for approval"
+
+
+def normalize_host(host: str) -> str:
+    """Canonical spelling of a host for comparisons: lower case, no trailing dot, IPs compressed."""
+    host = host.strip().lower().rstrip(".")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
+
+
+def _valid_route_host(host: str) -> bool:
+    wildcard = host.startswith("*.")
+    name = host[2:] if wildcard else host
+    if not name or not name.isascii() or not name.isprintable():
+        return False
+    if any(c in name for c in "*/@ []\\?#%"):
+        return False
+    if ":" in name:  # only an IPv6 address may contain colons, and it takes no wildcard
+        try:
+            ipaddress.IPv6Address(name)
+        except ValueError:
+            return False
+        return not wildcard
+    return all(name.split("."))
 
 
 def load_config(file: str | Path) -> Config:

@@ -150,9 +150,25 @@ def test_unsafe_mitmproxy_options_stop_gateway(
 
 # -- failing closed ---------------------------------------------------------------------------
 
-REQUEST_PHASE_HOOKS = ["ProxyHardening.requestheaders", "Policy.request", "Recorder.requestheaders"]
-RESPONSE_PHASE_HOOKS = ["Policy.response", "Recorder.response"]
-CONNECT_HOOKS = ["ProxyHardening.http_connect"]
+REQUEST_PHASE_HOOKS = [
+    "ProxyHardening.requestheaders",
+    "CallerAuth.requestheaders",
+    "Routing.requestheaders",
+    "Policy.request",
+    "CredentialInjection.request",
+    "Recorder.requestheaders",
+]
+RESPONSE_PHASE_HOOKS = [
+    "Policy.response",
+    "CredentialInjection.responseheaders",
+    "CredentialInjection.response",
+    "Recorder.response",
+]
+CONNECT_HOOKS = [
+    "ProxyHardening.http_connect",
+    "CallerAuth.http_connect",
+    "Routing.http_connect",
+]
 # The stable code each hook's guard answers with (default: gateway_error).
 HOOK_CODES = {"Policy.request": "policy_error", "Policy.response": "policy_error"}
 
@@ -211,14 +227,14 @@ def test_response_hook_raising_replaces_the_upstream_answer(
 
 @pytest.mark.parametrize("hook", CONNECT_HOOKS)
 def test_connect_hook_raising_refuses_the_tunnel(
-    faulty_gateway: Gateway, upstream: FakeUpstream, hook: str
+    faulty_gateway: Gateway, upstream: FakeUpstream, token: str, hook: str
 ) -> None:
-    with (
-        pytest.raises(httpx.ProxyError, match="500"),
-        httpx.Client(proxy=faulty_gateway.proxy_url(hook, user=hook.split(":")[0])) as client,
-    ):
+    # httpx sends proxy headers with the CONNECT request: they name the hook to break.
+    proxy = httpx.Proxy(faulty_gateway.proxy_url(token), headers={"x-test-fault": hook})
+    with pytest.raises(httpx.ProxyError, match="500"), httpx.Client(proxy=proxy) as client:
         client.get(upstream.url("/echo"))
     assert upstream.received == []
+    assert token not in faulty_gateway.logs
 
 
 # -- hot reload ---------------------------------------------------------------------------------

@@ -54,6 +54,8 @@ def free_port() -> int:
 
 def policy_config(base: dict, other: FakeUpstream, port: int, **approvals: Any) -> dict:
     cfg = copy.deepcopy(base)
+    # Routed (egress allows it, without a credential), so it is the policy that blocks it.
+    cfg["routes"].append({"name": "paste", "host": "localhost", "port": other.port})
     cfg["policy"] = {
         "rules": [
             {
@@ -347,7 +349,8 @@ def test_denied_request_gets_403_with_the_reason_and_never_leaves(
 def test_rule_exception_before_the_hold_lets_admins_through(
     agent: Callable[..., Agent], upstream: FakeUpstream
 ) -> None:
-    response = agent("root", ("admins",)).request("DELETE", upstream.url("/echo"))
+    # `agents` too: the route itself is only open to that group.
+    response = agent("root", ("agents", "admins")).request("DELETE", upstream.url("/echo"))
     assert response.status_code == 200
     assert upstream.received[0].method == "DELETE"
 

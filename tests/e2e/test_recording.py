@@ -184,7 +184,7 @@ def test_refused_connect_is_recorded_as_anonymous(recorded: Recorded) -> None:
     refused = [f for f in recorded.flows() if f.response and f.response.status_code == 407]
     assert len(refused) == 1
     sg = refused[0].metadata["sluicegate"]
-    assert sg["refusal"]["code"] == "missing_token"
+    assert sg["refusal"]["code"] == "malformed"  # CallerAuth: the proxy password `x` is no JWT
     assert sg["recording"]["event"] == "http_connect_error"
     assert "caller" not in sg
 

@@ -157,6 +157,18 @@ class Gateway:
         with self._lock:
             return "".join(self._lines)
 
+    def settled_logs(self, settle: float = 0.2, timeout: float = 5) -> str:
+        """The log once it stopped growing: lines arrive asynchronously, so a check that
+        something was (not) logged must wait for them."""
+        deadline = time.monotonic() + timeout
+        logs = self.logs
+        while time.monotonic() < deadline:
+            time.sleep(settle)
+            if self.logs == logs:
+                break
+            logs = self.logs
+        return logs
+
     @property
     def ca_file(self) -> Path:
         """The gateway's CA certificate, which agents trust."""

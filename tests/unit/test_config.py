@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from sluicegate.config import ConfigError, load_config
 from sluicegate.schema import SecretRef, SecretUnavailable
 
-JWKS = '{"keys": []}'
+
+def _jwks() -> str:
+    """A JWKS with one usable RSA key: the gateway refuses key sets it cannot verify with."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    return json.dumps({"keys": [{**jwk, "kid": "k1", "use": "sig"}]})
+
+
+JWKS = _jwks()
 
 
 def write(tmp_path: Path, *parts: str) -> Path:
