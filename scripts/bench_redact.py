@@ -51,11 +51,15 @@ def random_identifier(rng: random.Random) -> str:
     return base if rng.random() < 0.6 else f"{base}_{rng.choice(IDENTIFIERS)}"
 
 
+# Zipf-like word frequencies: function words dominate, domain words are rarer, as in English.
+WEIGHTS = [1 / (rank + 1) for rank in range(len(WORDS))]
+
+
 def prose(rng: random.Random, size: int) -> str:
     out: list[str] = []
     length = 0
     while length < size:
-        words = [rng.choice(WORDS) for _ in range(rng.randint(6, 20))]
+        words = rng.choices(WORDS, WEIGHTS, k=rng.randint(6, 20))
         if rng.random() < 0.2:
             words.insert(rng.randrange(len(words)), str(rng.randint(1, 5000)))
         if rng.random() < 0.1:

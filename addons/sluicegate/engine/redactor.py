@@ -238,21 +238,24 @@ class _KeywordIndex:
 
     def __init__(self, keywords: Iterable[str]) -> None:
         groups: dict[tuple[bool, bool], list[str]] = {}
-        self._finds: list[tuple[str, bool]] = []
+        self._finds: list[tuple[str, bool, re.Pattern[str]]] = []
         for keyword in sorted(set(keywords)):
             folded = keyword == keyword.lower()
             common = _COMMON_FOLDED if folded else _COMMON_EXACT
-            if keyword[-1] not in common:
+            # Exact keywords mostly start with a capital: scan those forward. Folded ones
+            # mostly end with a delimiter (ghp_, sk-): scan those on the reversed text.
+            forward_ok, reverse_ok = keyword[0] not in common, keyword[-1] not in common
+            if reverse_ok and (folded or not forward_ok):
                 groups.setdefault((folded, True), []).append(keyword)
-            elif keyword[0] not in common:
+            elif forward_ok:
                 groups.setdefault((folded, False), []).append(keyword)
             else:
-                self._finds.append((keyword, folded))
+                self._finds.append((keyword, folded, re.compile(re.escape(keyword))))
         self._tries = [
             _TrieScan.build(words, folded=folded, reverse=reverse)
             for (folded, reverse), words in sorted(groups.items())
         ]
-        self.needs_folding = any(t.folded for t in self._tries) or any(f for _, f in self._finds)
+        self.needs_folding = any(t.folded for t in self._tries) or any(f[1] for f in self._finds)
 
     def hits(self, text: str, folded: str | None) -> dict[str, list[int]]:
         """keyword -> sorted start offsets; `folded` is text.lower() (same length) or None."""
@@ -266,13 +269,10 @@ class _KeywordIndex:
                 base = folded if trie.folded else text
                 haystack = haystacks[key] = base[::-1] if trie.reverse else base
             trie.scan(haystack, size, hits)
-        for keyword, is_folded in self._finds:
-            haystack = folded if is_folded else text
-            found = hits.setdefault(keyword, [])
-            index = haystack.find(keyword)
-            while index >= 0:
-                found.append(index)
-                index = haystack.find(keyword, index + 1)
+        for keyword, is_folded, pattern in self._finds:
+            positions = [m.start() for m in pattern.finditer(folded if is_folded else text)]
+            if positions:
+                hits.setdefault(keyword, []).extend(positions)
         for positions in hits.values():
             positions.sort()
         return hits
@@ -354,17 +354,19 @@ class Redactor:
             if folded is None or len(folded) == len(text):  # a few characters lowercase to two
                 hits = compiled.keywords.hits(text, folded)
         for order, rule in enumerate(compiled.rules):
-            if rule.keywords and hits is not None:
-                positions = [p for k in rule.keywords for p in hits.get(k, ())]
-                if len(rule.keywords) > 1:
-                    positions.sort()
-                matches = _windowed_matches(rule, text, positions)
+            keywords = rule.keywords
+            if keywords and hits is not None:
+                found = [hits[k] for k in keywords if k in hits]
+                if not found:
+                    continue
+                positions = found[0] if len(found) == 1 else sorted(p for f in found for p in f)
+                matches: Iterable[regex.Match[str]] = _windowed_matches(rule, text, positions)
             else:
-                matches = rule.pattern.finditer(text)
+                matches = rule.plain.finditer(text)
             for match in matches:
-                found = _rule_finding(rule, order, match)
-                if found is not None:
-                    findings.append(found)
+                finding = _rule_finding(rule, order, match)
+                if finding is not None:
+                    findings.append(finding)
         return findings
 
 
@@ -379,15 +381,32 @@ def _windowed_matches(rule: Rule, text: str, hits: list[int]) -> Iterator[regex.
             runs[-1] = (runs[-1][0], max(runs[-1][1], high))
         else:
             runs.append((low, high))
+    finder = rule.finder
     position = 0
     for low, high in runs:
         position = max(position, low)
         while position <= high:
-            match = _bounded_search(rule, text, position, high)
+            if finder is not None:
+                match = _anchored_search(rule, finder, text, position, high)
+            else:
+                match = _bounded_search(rule, text, position, high)
             if match is None:
                 break
             yield match
             position = match.end() if match.end() > match.start() else match.start() + 1
+
+
+def _anchored_search(
+    rule: Rule, finder: re.Pattern[str], text: str, pos: int, limit: int
+) -> regex.Match[str] | None:
+    """The first match starting in [pos, limit]: anchored attempts where the rule's first
+    characters occur. Anchored on the full text, so no truncation can change the outcome."""
+    match_at = rule.plain.match
+    for candidate in finder.finditer(text, pos, limit + 1):
+        match = match_at(text, candidate.start())
+        if match is not None:
+            return match
+    return None
 
 
 def _bounded_search(rule: Rule, text: str, pos: int, limit: int) -> regex.Match[str] | None:

@@ -92,11 +92,16 @@ class Rule:
     id: str
     description: str
     pattern: regex.Pattern[str]
+    # The same pattern without the partial-matching workaround (see `harden_lookbehinds`):
+    # faster, used where nothing is partial (whole-text redaction).
+    plain: regex.Pattern[str]
     # `(?:pattern)(?!)`: never matches, only reports partial matches. Used to prove that a
     # match found in a truncated text cannot change when more text arrives.
     sentinel: regex.Pattern[str]
-    # Characters a match can start with: a stream only runs rules that could start a match.
+    # Characters a match can start with: a stream only runs rules that could start a match,
+    # and a windowed search only tries positions holding one (`finder`, None: too many).
     first: FirstChars
+    finder: re.Pattern[str] | None
     group: int | str
     keywords: tuple[str, ...]
     validators: tuple[validators_module.Validator, ...]
@@ -464,6 +469,16 @@ class FirstChars:
     def accepts(self, char: str) -> bool:
         return char in self.ascii if char < "\x80" else self.non_ascii
 
+    def finder(self) -> re.Pattern[str] | None:
+        """A regex finding positions that may start a match; None when that is most."""
+        if len(self.ascii) > 8:
+            return None
+        chars = "".join(sorted(self.ascii))
+        body = f"[{re.escape(chars)}]" if chars else ""
+        if self.non_ascii:
+            body = f"{body}|[^\\x00-\\x7f]" if body else "[^\\x00-\\x7f]"
+        return re.compile(body) if body else None
+
 
 _EMPTY = FirstChars(frozenset(), False)
 
@@ -600,8 +615,11 @@ def _first_of_sequence(
     return first, nullable, i
 
 
-def compile_pattern(source: str) -> tuple[regex.Pattern[str], FirstChars]:
-    """Compile a rule pattern and compute the characters its matches can start with.
+def compile_pattern(
+    source: str,
+) -> tuple[regex.Pattern[str], regex.Pattern[str], FirstChars]:
+    """Compile a rule pattern (for partial and for plain matching) and compute the
+    characters its matches can start with.
 
     Raises `regex.error` or `ValueError` (the caller adds the file and key path).
     """
@@ -609,14 +627,16 @@ def compile_pattern(source: str) -> tuple[regex.Pattern[str], FirstChars]:
         raise ValueError("backreferences are not supported")
     flags_match = _LEADING_FLAGS.match(source)
     letters = flags_match.group(1) if flags_match else ""
-    body = harden_lookbehinds(source[flags_match.end() :] if flags_match else source)
+    plain_body = source[flags_match.end() :] if flags_match else source
+    body = harden_lookbehinds(plain_body)
     flags = 0
     for letter in letters:
         flags |= _FLAG_BITS[letter]
     pattern = regex.compile(body, flags)
-    if pattern.search("") is not None:
+    plain = regex.compile(plain_body, flags)
+    if plain.search("") is not None:
         raise ValueError("pattern matches the empty string")
-    return pattern, first_chars(body, ignorecase="i" in letters)
+    return pattern, plain, first_chars(body, ignorecase="i" in letters)
 
 
 def _parse_rule(file: Path, path: str, data: object) -> Rule:
@@ -624,7 +644,7 @@ def _parse_rule(file: Path, path: str, data: object) -> Rule:
     rule_id, description, directions, profiles = _common(reader)
     source = reader.string("pattern")
     try:
-        pattern, first = compile_pattern(source)
+        pattern, plain, first = compile_pattern(source)
         sentinel = regex.compile(f"(?:{pattern.pattern})(?!)", pattern.flags)
     except (regex.error, ValueError) as exc:
         raise reader.error("pattern", f"invalid pattern: {exc}") from None
@@ -649,8 +669,10 @@ def _parse_rule(file: Path, path: str, data: object) -> Rule:
         id=rule_id,
         description=description,
         pattern=pattern,
+        plain=plain,
         sentinel=sentinel,
         first=first,
+        finder=first.finder(),
         group=group,
         keywords=keywords,
         validators=_parse_validators(reader),
