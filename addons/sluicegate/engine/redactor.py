@@ -332,8 +332,8 @@ class Redactor:
     def redact_text(self, text: str) -> RedactionResult:
         if not text:
             return RedactionResult(text, {})
-        findings = self._findings(text)
-        protected = [m.span() for m in TAG_PATTERN.finditer(text)] if findings else []
+        protected = [m.span() for m in TAG_PATTERN.finditer(text)]
+        findings = self._findings(_neutralize(text, protected) if protected else text)
         counts: dict[str, int] = {}
         out = _render(text, 0, len(text), findings, protected, self.tagger, counts)
         return RedactionResult(out, counts)
@@ -494,6 +494,20 @@ def _render(
     return "".join(pieces)
 
 
+_FILLER = "\0"
+
+
+def _neutralize(text: str, spans: list[tuple[int, int]]) -> str:
+    """`text` with existing tags blanked out (same length), so that no rule uses a tag's
+    words as context: `[REDACTED:generic-password]: x` must not read as `password: x`."""
+    pieces, cursor = [], 0
+    for start, end in spans:
+        pieces += [text[cursor:start], _FILLER * (end - start)]
+        cursor = end
+    pieces.append(text[cursor:])
+    return "".join(pieces)
+
+
 def _overlaps_any(finding: _Finding, spans: list[tuple[int, int]]) -> bool:
     return any(s < finding.end and finding.start < e for s, e in spans)
 
@@ -527,6 +541,8 @@ class StreamRedactor:
         self._tagger = tagger
         self._max_hold = max_hold
         self._buf = ""
+        # The buffer as rules see it: existing tags blanked out (see `_neutralize`).
+        self._scan_buf = ""
         self._emit = 0  # everything before this index has been released
         # Scanners that may still match from a position before the end: index -> position.
         # Every other scanner cannot start a match anywhere before the end of the buffer.
@@ -547,17 +563,16 @@ class StreamRedactor:
             return ""
         start = len(self._buf)
         self._buf += text
-        candidates: set[int] = set()
+        self._scan_buf += text
+        scans: set[int] = set()
         for char in set(text):
             found = self._by_char.get(char) if char < "\x80" else self._non_ascii
             if found:
-                candidates.update(found)
+                scans.update(found)
         holding = self._holding
-        for index in list(holding):
-            self._scan(index, holding.pop(index), final=False)
-        for index in candidates:
-            if index not in holding:
-                self._scan(index, start, final=False)
+        # Scanner 0 finds tags: it runs first so later scanners see them blanked out.
+        for index in sorted(scans | holding.keys()):
+            self._scan(index, holding.pop(index, start), final=False)
         return self._release(final=False)
 
     def flush(self) -> str:
@@ -565,13 +580,13 @@ class StreamRedactor:
             return ""
         self._closed = True
         holding = self._holding
-        for index in list(holding):
+        for index in sorted(holding):
             self._scan(index, holding.pop(index), final=True)
         return self._release(final=True)
 
     def _scan(self, index: int, pos: int, *, final: bool) -> None:
         scanner = self._scanners[index]
-        buf = self._buf
+        buf = self._scan_buf
         size = len(buf)
         while pos <= size:
             match = scanner.pattern.search(buf, pos, partial=not final)
@@ -585,6 +600,7 @@ class StreamRedactor:
                 return
             if scanner.rule is None and scanner.literals is None:
                 self._protected.append((start, end))
+                self._scan_buf = buf = buf[:start] + _FILLER * (end - start) + buf[end:]
             else:
                 found = scanner.finding(match)
                 if found is not None and found.end > self._emit:
@@ -629,6 +645,7 @@ class StreamRedactor:
         self.counts[OVERFLOW_RULE_ID] = self.counts.get(OVERFLOW_RULE_ID, 0) + 1
         seed = min(_OVERFLOW_SEED, self._max_hold // 2)
         self._buf = self._buf[: point + seed]
+        self._scan_buf = self._scan_buf[: point + seed]
         self._emit = len(self._buf)
         self._findings = []
         self._protected = [p for p in self._protected if p[1] <= point]
@@ -641,6 +658,7 @@ class StreamRedactor:
         if cut <= 0:
             return
         self._buf = self._buf[cut:]
+        self._scan_buf = self._scan_buf[cut:]
         self._emit -= cut
         self._holding = {i: p - cut for i, p in self._holding.items()}
         self._findings = [
