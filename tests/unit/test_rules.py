@@ -9,7 +9,6 @@ import pytest
 import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from sluicegate.engine.rules import (
     Direction,
     RuleFileError,

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from sluicegate.engine.redactor import Redactor
 from sluicegate.engine.rules import Direction, load_rule_pack
 

@@ -412,30 +412,27 @@ def _anchored_search(
 def _bounded_search(rule: Rule, text: str, pos: int, limit: int) -> regex.Match[str] | None:
     """The first full-text match starting in [pos, limit], scanning no further than `limit`.
 
-    The search runs on the text truncated after `limit` with partial matching on, so a match
-    starting in the window is found even when it runs past the cut; any match the cut could
-    have changed is then decided by an anchored match on the full text.
+    On the text truncated after `limit`, the leftmost complete match is a candidate; a match
+    attempt that runs into the cut (found with the rule's sentinel) may start earlier or make
+    that candidate longer, so it is decided by an anchored match on the full text.
     """
     endpos = limit + 1
     if endpos >= len(text):
-        match = rule.pattern.search(text, pos)
+        match = rule.plain.search(text, pos)
         return match if match is not None and match.start() <= limit else None
     while pos <= limit:
-        match = rule.pattern.search(text, pos, endpos, partial=True)
-        if match is None or match.start() > limit:
-            return None
-        start = match.start()
-        final = (
-            not match.partial
-            and match.end() < endpos
-            and rule.sentinel.match(text, start, endpos, partial=True) is None
-        )
-        if final:
-            return match
-        full = rule.pattern.match(text, start)
-        if full is not None:
-            return full
-        pos = start + 1
+        match = rule.plain.search(text, pos, endpos)
+        pending = rule.sentinel.search(text, pos, endpos, partial=True)
+        cut = pending.start() if pending is not None and pending.start() <= limit else None
+        if match is not None and match.end() >= endpos and cut is None:
+            cut = match.start()
+        if cut is not None and (match is None or cut <= match.start()):
+            full = rule.plain.match(text, cut)
+            if full is not None:
+                return full
+            pos = cut + 1
+            continue
+        return match if match is not None and match.start() <= limit else None
     return None
 
 
@@ -494,7 +491,7 @@ def _render(
     return "".join(pieces)
 
 
-_FILLER = "\0"
+_FILLER = "_"  # a word character, like most of the secret it replaced
 
 
 def _neutralize(text: str, spans: list[tuple[int, int]]) -> str:
@@ -585,19 +582,33 @@ class StreamRedactor:
         return self._release(final=True)
 
     def _scan(self, index: int, pos: int, *, final: bool) -> None:
+        """Record the scanner's decided matches from `pos`; remember where it must hold.
+
+        A complete match is decided once it ends before the end of the buffer and no match
+        attempt at or before its start runs into the end (more text could change those).
+        The leftmost such attempt is found with the sentinel: `search(partial=True)` itself
+        prefers a later complete match to an earlier partial one.
+        """
         scanner = self._scanners[index]
         buf = self._scan_buf
         size = len(buf)
         while pos <= size:
-            match = scanner.pattern.search(buf, pos, partial=not final)
-            if match is None or match.start() >= size:
+            match = scanner.pattern.search(buf, pos)
+            if not final:
+                pending = scanner.sentinel.search(buf, pos, partial=True)
+                hold = pending.start() if pending is not None and pending.start() < size else None
+                if match is not None and (
+                    match.end() >= size or (hold is not None and hold <= match.start())
+                ):
+                    hold = match.start() if hold is None else min(hold, match.start())
+                elif match is not None:
+                    hold = None  # the match is decided; holds after it are found next round
+                if hold is not None:
+                    self._holding[index] = hold
+                    return
+            if match is None:
                 return
             start, end = match.span()
-            if not final and (
-                match.partial or end >= size or scanner.sentinel.match(buf, start, partial=True)
-            ):
-                self._holding[index] = start
-                return
             if scanner.rule is None and scanner.literals is None:
                 self._protected.append((start, end))
                 self._scan_buf = buf = buf[:start] + _FILLER * (end - start) + buf[end:]
@@ -631,25 +642,27 @@ class StreamRedactor:
             self._protected = [p for p in self._protected if p[1] > point]
             self._emit = point
         if not final and size - point > self._max_hold:
-            out += self._overflow(point)
+            out += self._overflow(point, min(self._holding.values(), default=point))
         self._trim()
         return out
 
-    def _overflow(self, point: int) -> str:
+    def _overflow(self, point: int, restart: int) -> str:
         """Held text grew past max_hold: replace it by a tag, never release it raw.
 
-        The head of the held text stays in the buffer (as already released) so the rule that
-        held it can keep matching its continuation, e.g. the rest of a long private key.
+        The head of the held match (from `restart`, where it started) stays in the buffer,
+        counted as released, and the rest is dropped: rules then see that head followed by
+        whatever comes next, so the rule that held the text keeps matching its continuation
+        (e.g. the rest of a long private key) and the buffer stays bounded.
         """
         tag = self._tagger(OVERFLOW_RULE_ID, self._buf[point:])
         self.counts[OVERFLOW_RULE_ID] = self.counts.get(OVERFLOW_RULE_ID, 0) + 1
-        seed = min(_OVERFLOW_SEED, self._max_hold // 2)
-        self._buf = self._buf[: point + seed]
-        self._scan_buf = self._scan_buf[: point + seed]
-        self._emit = len(self._buf)
+        end = max(point, restart + min(_OVERFLOW_SEED, self._max_hold // 2))
+        self._buf = self._buf[:end]
+        self._scan_buf = self._scan_buf[:end]
+        self._emit = end
         self._findings = []
         self._protected = [p for p in self._protected if p[1] <= point]
-        self._holding = dict.fromkeys(range(len(self._scanners)), point)
+        self._holding = dict.fromkeys(range(len(self._scanners)), restart)
         return tag
 
     def _trim(self) -> None:
