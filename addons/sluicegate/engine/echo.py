@@ -25,7 +25,13 @@ _PERCENT = re.compile(r"%[0-9A-F]{2}")
 
 
 def secret_variants(secret: str, *, min_length: int = MIN_VARIANT_LENGTH) -> list[str]:
-    """Distinct encodings of `secret`, longest first; too-short ones are left out."""
+    """Distinct encodings of `secret`, longest first; too-short ones are left out.
+
+    A secret shorter than `min_length` gets no variants at all: masking it (or its encodings)
+    everywhere would mangle ordinary text.
+    """
+    if len(secret) < min_length:
+        return []
     variants = [secret]
     for ascii_only in (True, False):
         escaped = json.dumps(secret, ensure_ascii=ascii_only)[1:-1]

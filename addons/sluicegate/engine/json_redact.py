@@ -54,7 +54,7 @@ class JsonRedactionResult:
 def redact_json_text(text: str, redactor: Redactor) -> JsonRedactionResult:
     """Redact a JSON document (or plain text, if `text` is not JSON)."""
     document = _parse(text)
-    if document is None:
+    if document is _NOT_JSON:
         result = redactor.redact_text(text)
         return JsonRedactionResult(result.text, result.counts, parsed=False)
     walker = _Walker(redactor)
@@ -64,16 +64,20 @@ def redact_json_text(text: str, redactor: Redactor) -> JsonRedactionResult:
     return JsonRedactionResult(serialize(value), walker.counts)
 
 
-def _parse(text: str) -> object | None:
+_NOT_JSON = object()
+
+
+def _parse(text: str) -> object:
+    """The parsed document, or `_NOT_JSON`."""
     stripped = text.strip()
     if not stripped or stripped[0] not in '{["-0123456789tfn':
-        return None
+        return _NOT_JSON
     try:
         return json.loads(text, object_pairs_hook=_Pairs, parse_float=_Number, parse_int=_Number)
     except RecursionError:
         raise JsonRedactionError("json_too_deep", "JSON nesting too deep to redact") from None
     except ValueError:
-        return None
+        return _NOT_JSON
 
 
 class _Walker:
