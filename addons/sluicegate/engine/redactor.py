@@ -32,8 +32,6 @@ import regex
 
 from .rules import (
     CONTEXT_CHARS,
-    KEYWORD_AFTER,
-    KEYWORD_BEFORE,
     Direction,
     FirstChars,
     KeyRule,
@@ -152,6 +150,9 @@ class _Compiled:
     rules: tuple[Rule, ...]
     scanners: tuple[_Scanner, ...]
     keywords: _KeywordIndex
+    # keyword -> orders of the rules using it; rules without keywords always run.
+    by_keyword: dict[str, tuple[int, ...]]
+    unkeyed: tuple[int, ...]
 
     @classmethod
     def build(cls, pack: RulePack, direction: Direction) -> _Compiled:
@@ -166,7 +167,18 @@ class _Compiled:
             ),
         )
         keywords = _KeywordIndex(k for rule in rules for k in rule.keywords)
-        return cls(rules, scanners, keywords)
+        by_keyword: dict[str, list[int]] = {}
+        for order, rule in enumerate(rules):
+            for keyword in rule.keywords:
+                by_keyword.setdefault(keyword, []).append(order)
+        unkeyed = tuple(order for order, rule in enumerate(rules) if not rule.keywords)
+        return cls(
+            rules,
+            scanners,
+            keywords,
+            {keyword: tuple(orders) for keyword, orders in by_keyword.items()},
+            unkeyed,
+        )
 
     @classmethod
     def of(cls, pack: RulePack, direction: Direction) -> _Compiled:
@@ -353,12 +365,17 @@ class Redactor:
             folded = text.lower() if compiled.keywords.needs_folding else None
             if folded is None or len(folded) == len(text):  # a few characters lowercase to two
                 hits = compiled.keywords.hits(text, folded)
-        for order, rule in enumerate(compiled.rules):
-            keywords = rule.keywords
-            if keywords and hits is not None:
-                found = [hits[k] for k in keywords if k in hits]
-                if not found:
-                    continue
+        if hits is None:
+            orders: Iterable[int] = range(len(compiled.rules))
+        else:
+            selected = set(compiled.unkeyed)
+            for keyword in hits:
+                selected.update(compiled.by_keyword.get(keyword, ()))
+            orders = sorted(selected)
+        for order in orders:
+            rule = compiled.rules[order]
+            if rule.keywords and hits is not None:
+                found = [hits[k] for k in rule.keywords if k in hits]
                 positions = found[0] if len(found) == 1 else sorted(p for f in found for p in f)
                 matches: Iterable[regex.Match[str]] = _windowed_matches(rule, text, positions)
             else:
@@ -375,8 +392,9 @@ def _windowed_matches(rule: Rule, text: str, hits: list[int]) -> Iterator[regex.
     if not hits:
         return
     runs: list[tuple[int, int]] = []
+    before, after = rule.window
     for hit in hits:
-        low, high = max(0, hit - KEYWORD_BEFORE), hit + KEYWORD_AFTER
+        low, high = max(0, hit - before), hit + after
         if runs and low <= runs[-1][1]:
             runs[-1] = (runs[-1][0], max(runs[-1][1], high))
         else:

@@ -10,9 +10,10 @@ Pattern conventions (see rules/README.md):
 - syntax of the `regex` module; a leading global flag group such as `(?i)` is allowed,
   backreferences are not;
 - lookbehinds are bounded and look back at most `CONTEXT_CHARS` characters;
-- every match starts at most `KEYWORD_BEFORE` characters before or `KEYWORD_AFTER` characters
-  after an occurrence of one of the rule's keywords, or the rule has no keywords (then the
-  pattern should start with a literal, which the regex engine finds fast on its own);
+- every match starts at most `before` characters before or `after` characters after the start
+  of an occurrence of one of the rule's keywords (`window: [before, after]`, default
+  `DEFAULT_WINDOW`), or the rule has no keywords (then the pattern should start with a
+  literal, which the regex engine finds fast on its own);
 - a keyword in lowercase matches in any case; one with an uppercase letter matches exactly.
 """
 
@@ -34,11 +35,11 @@ from . import validators as validators_module
 # How far back a rule may look (lookbehind, \b): the stream keeps this much released text.
 CONTEXT_CHARS = 1024
 # Where a match may start relative to a keyword occurrence (see the module docstring).
-KEYWORD_BEFORE = 64
-KEYWORD_AFTER = 96
+DEFAULT_WINDOW = (64, 96)
+MAX_WINDOW = 1024
 
 RULE_KEYS = frozenset(
-    {"id", "description", "pattern", "group", "keywords", "validators", "direction",
+    {"id", "description", "pattern", "group", "keywords", "window", "validators", "direction",
      "profiles", "examples"}
 )  # fmt: skip
 KEY_RULE_KEYS = frozenset({"id", "description", "key", "direction", "profiles", "examples"})
@@ -104,6 +105,7 @@ class Rule:
     finder: re.Pattern[str] | None
     group: int | str
     keywords: tuple[str, ...]
+    window: tuple[int, int]  # (before, after): where matches start around a keyword
     validators: tuple[validators_module.Validator, ...]
     directions: frozenset[Direction]
     profiles: frozenset[str]
@@ -664,6 +666,20 @@ def _parse_rule(file: Path, path: str, data: object) -> Rule:
         group = raw_group
 
     keywords = tuple(reader.strings("keywords"))
+    window = DEFAULT_WINDOW
+    raw_window = reader.data.get("window", None)
+    if raw_window is not None:
+        valid = (
+            isinstance(raw_window, list)
+            and len(raw_window) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in raw_window)
+            and all(0 <= n <= MAX_WINDOW for n in raw_window)
+        )
+        if not valid:
+            raise reader.error("window", f"expected [before, after], 0 to {MAX_WINDOW} each")
+        if not keywords:
+            raise reader.error("window", "a window needs keywords")
+        window = (raw_window[0], raw_window[1])
 
     return Rule(
         id=rule_id,
@@ -675,6 +691,7 @@ def _parse_rule(file: Path, path: str, data: object) -> Rule:
         finder=first.finder(),
         group=group,
         keywords=keywords,
+        window=window,
         validators=_parse_validators(reader),
         directions=directions,
         profiles=profiles,
