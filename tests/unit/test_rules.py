@@ -82,6 +82,8 @@ def test_loads_a_valid_rule(tmp_path: Path) -> None:
             "rules[0].direction",
             "",
         ),
+        ("    keywords: [demo_]", "    keywords: [demo_]\n    window: [1]", "rules[0].window", ""),
+        ("    keywords: [demo_]", "    window: [0, 4]", "rules[0].window", "needs keywords"),
         (
             "    keywords: [demo_]",
             "    keywords: [demo_]\n    validators: [nope]",

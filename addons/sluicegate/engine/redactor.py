@@ -388,21 +388,22 @@ class Redactor:
 
 
 def _windowed_matches(rule: Rule, text: str, hits: list[int]) -> Iterator[regex.Match[str]]:
-    """The matches `finditer` would yield, searching only near keyword hits."""
+    """The matches `finditer` would yield, searching only near keyword hits (sorted)."""
     if not hits:
         return
-    runs: list[tuple[int, int]] = []
     before, after = rule.window
-    for hit in hits:
-        low, high = max(0, hit - before), hit + after
-        if runs and low <= runs[-1][1]:
-            runs[-1] = (runs[-1][0], max(runs[-1][1], high))
-        else:
+    runs: list[tuple[int, int]] = []
+    low, high = hits[0] - before, hits[0] + after
+    for hit in hits:  # sorted, so each window ends no earlier than the previous one
+        if hit - before > high:
             runs.append((low, high))
+            low = hit - before
+        high = hit + after
+    runs.append((low, high))
     finder = rule.finder
     position = 0
     for low, high in runs:
-        position = max(position, low)
+        position = max(position, low, 0)
         while position <= high:
             if finder is not None:
                 match = _anchored_search(rule, finder, text, position, high)
