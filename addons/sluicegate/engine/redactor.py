@@ -2,13 +2,15 @@
 
 Findings: every rule is run on its own (separate regexes are faster than one alternation and
 keep rule semantics independent). A rule reports the span of its `group` (default: the whole
-match) when its validators accept it. Findings that overlap an existing redaction tag are
-dropped, so redacting redacted output is a no-op. Overlapping findings are merged into one
-span; its tag is that of the first finding in (start, longest, pack order) order, literal
-secrets coming before every rule. Adjacent (touching) findings are not merged.
+match) when its validators accept it. Existing redaction tags are blanked out before rules
+run and findings overlapping them are dropped, so redacting redacted output is a no-op.
+Overlapping findings are merged into one span; its tag is that of the first finding in
+(start, longest, pack order) order, literal secrets coming before every rule. Adjacent
+(touching) findings are not merged. Counts are per emitted tag.
 
-Whole text: rules with keywords only run near keyword occurrences (`rules.KEYWORD_WINDOW`);
-rules without keywords start with a literal, which the regex engine searches fast on its own.
+Whole text: one pass finds all keyword occurrences (`_KeywordIndex`); a rule with keywords is
+only tried near them (its `window`), by anchored matches at the characters its matches can
+start with. Rules without keywords start with a literal the regex engine searches fast.
 
 Streaming: `StreamRedactor.feed()` releases every character that can no longer be part of a
 match and holds back the rest, using partial matching of the `regex` module. A complete match
