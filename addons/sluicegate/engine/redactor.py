@@ -1,0 +1,766 @@
+"""Whole-text and incremental redaction with a compiled `RulePack`.
+
+Findings: every rule is run on its own (separate regexes are faster than one alternation and
+keep rule semantics independent). A rule reports the span of its `group` (default: the whole
+match) when its validators accept it. Existing redaction tags are blanked out before rules
+run and findings overlapping them are dropped, so redacting redacted output is a no-op.
+Overlapping findings are merged into one span; its tag is that of the first finding in
+(start, longest, pack order) order, literal secrets coming before every rule. Adjacent
+(touching) findings are not merged. Counts are per emitted tag.
+
+Whole text: one pass finds all keyword occurrences (`_KeywordIndex`); a rule with keywords is
+only tried near them (its `window`), by anchored matches at the characters its matches can
+start with. Rules without keywords start with a literal the regex engine searches fast.
+
+Streaming: `StreamRedactor.feed()` releases every character that can no longer be part of a
+match and holds back the rest, using partial matching of the `regex` module. A complete match
+is only trusted once no alternative path of its regex reaches the end of the buffer (checked
+with the rule's sentinel pattern, `(?:pattern)(?!)`); before that it is held like a partial
+one. Per-feed cost stays small because only the rules that can start a match with one of the
+new characters are run (see `rules.FirstChars`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import string
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import regex
+
+from .rules import (
+    CONTEXT_CHARS,
+    Direction,
+    FirstChars,
+    KeyRule,
+    Rule,
+    RulePack,
+)
+
+OVERFLOW_RULE_ID = "stream-hold-overflow"
+TAG_PATTERN = regex.compile(r"\[REDACTED:[a-z0-9]+(?:-[a-z0-9]+)*(?::[0-9a-f]{8})?\]")
+# After a hold overflow, this much of the held text is kept so the rule can keep matching.
+_OVERFLOW_SEED = 256
+
+
+@dataclass(frozen=True)
+class LiteralSecret:
+    """An exact string to mask, e.g. a credential the gateway injected upstream."""
+
+    rule_id: str
+    value: str
+
+
+class Tagger(Protocol):
+    def __call__(self, rule_id: str, secret: str) -> str: ...
+
+
+def plain_tag(rule_id: str, secret: str) -> str:
+    """`[REDACTED:<rule-id>]`: says what was removed, nothing about the value."""
+    return f"[REDACTED:{rule_id}]"
+
+
+class KeyedTagger:
+    """`[REDACTED:<rule-id>:<8 hex>]`: HMAC-SHA256 of the secret under a deployment key.
+
+    The same secret always maps to the same tag (so a reader can tell two redacted values
+    apart or see one value reused) without the tag revealing or confirming the value to
+    anyone lacking the key.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) < 16:
+            raise ValueError("the tag key needs at least 16 bytes")
+        self._key = key
+
+    def __call__(self, rule_id: str, secret: str) -> str:
+        data = secret.encode("utf-8", "surrogatepass")
+        digest = hmac.new(self._key, data, hashlib.sha256).hexdigest()[:8]
+        return f"[REDACTED:{rule_id}:{digest}]"
+
+
+@dataclass(frozen=True)
+class RedactionResult:
+    text: str
+    counts: dict[str, int]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.counts)
+
+
+@dataclass(frozen=True, order=True)
+class _Finding:
+    start: int
+    neg_end: int  # sorts longer spans first at equal start
+    order: int  # pack order; literals are -1
+    rule_id: str = field(compare=False)
+
+    @property
+    def end(self) -> int:
+        return -self.neg_end
+
+
+@dataclass(frozen=True, eq=False)
+class _Scanner:
+    """One thing the stream scans for: a rule, the literal secrets, or existing tags."""
+
+    pattern: regex.Pattern[str]
+    sentinel: regex.Pattern[str]
+    first: FirstChars
+    order: int
+    rule: Rule | None = None
+    literals: dict[str, str] | None = None  # value -> rule id
+
+    def finding(self, match: regex.Match[str]) -> _Finding | None:
+        if self.rule is None:
+            if self.literals is None:  # the tag scanner reports protected spans elsewhere
+                return None
+            start, end = match.span()
+            return _Finding(start, -end, self.order, self.literals[match.group()])
+        return _rule_finding(self.rule, self.order, match)
+
+
+def _rule_finding(rule: Rule, order: int, match: regex.Match[str]) -> _Finding | None:
+    start, end = match.span(rule.group)
+    if start < 0:  # the group is in an alternative that did not take part: whole match
+        start, end = match.span()
+    # Groups must lie inside the match; a group in a lookbehind could be released text.
+    start, end = max(start, match.start()), min(end, match.end())
+    if start >= end or not rule.accepts(match.string[start:end]):
+        return None
+    return _Finding(start, -end, order, rule.id)
+
+
+def _literal_pattern(literals: dict[str, str]) -> regex.Pattern[str]:
+    values = sorted(literals, key=len, reverse=True)
+    return regex.compile("|".join(regex.escape(v) for v in values))
+
+
+def _sentinel(pattern: regex.Pattern[str]) -> regex.Pattern[str]:
+    return regex.compile(f"(?:{pattern.pattern})(?!)", pattern.flags)
+
+
+@dataclass(eq=False)
+class _Compiled:
+    """Per (pack, direction): the rules, their stream scanners and the keyword index."""
+
+    rules: tuple[Rule, ...]
+    scanners: tuple[_Scanner, ...]
+    keywords: _KeywordIndex
+    # keyword -> orders of the rules using it; rules without keywords always run.
+    by_keyword: dict[str, tuple[int, ...]]
+    unkeyed: tuple[int, ...]
+
+    @classmethod
+    def build(cls, pack: RulePack, direction: Direction) -> _Compiled:
+        rules = pack.rules_for(direction)
+        tag_first = FirstChars(frozenset("["), False)
+        tag_scanner = _Scanner(TAG_PATTERN, _sentinel(TAG_PATTERN), tag_first, order=-2)
+        scanners = (
+            tag_scanner,
+            *(
+                _Scanner(r.pattern, r.sentinel, r.first, order=i, rule=r)
+                for i, r in enumerate(rules)
+            ),
+        )
+        keywords = _KeywordIndex(k for rule in rules for k in rule.keywords)
+        by_keyword: dict[str, list[int]] = {}
+        for order, rule in enumerate(rules):
+            for keyword in rule.keywords:
+                by_keyword.setdefault(keyword, []).append(order)
+        unkeyed = tuple(order for order, rule in enumerate(rules) if not rule.keywords)
+        return cls(
+            rules,
+            scanners,
+            keywords,
+            {keyword: tuple(orders) for keyword, orders in by_keyword.items()},
+            unkeyed,
+        )
+
+    @classmethod
+    def of(cls, pack: RulePack, direction: Direction) -> _Compiled:
+        key = ("redactor", direction)
+        compiled = pack.cache.get(key)
+        if compiled is None:
+            compiled = pack.cache[key] = cls.build(pack, direction)
+        return compiled
+
+
+def _trie_source(words: Iterable[str]) -> str:
+    """A regex alternation of `words` factored as a trie: longest word first at each node."""
+    root: dict[str, dict] = {}
+    for word in words:
+        node = root
+        for char in word:
+            node = node.setdefault(char, {})
+        node[""] = {}
+
+    def emit(node: dict[str, dict]) -> str:
+        branches = [re.escape(char) + emit(child) for char, child in sorted(node.items()) if char]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        if "" in node:
+            return f"(?:{body})?"
+        return body
+
+    return emit(root)
+
+
+@dataclass(eq=False)
+class _TrieScan:
+    """One `re` pass finding many keywords. `re` skips fast over characters that cannot
+    start a word, so each trie holds words starting (or, scanned on the reversed text,
+    ending) with a character that is rare in text: `_`, `-`, `.`, digits, capitals."""
+
+    pattern: re.Pattern[str]
+    folded: bool  # scans the lowercased text
+    reverse: bool  # scans the reversed text (words stored reversed)
+    # matched word (scan direction) -> (keyword, offset of the keyword in the match)
+    expansions: dict[str, list[tuple[str, int]]]
+
+    @classmethod
+    def build(cls, keywords: list[str], *, folded: bool, reverse: bool) -> _TrieScan:
+        forms = {(k[::-1] if reverse else k): k for k in keywords}
+        expansions: dict[str, list[tuple[str, int]]] = {}
+        for form in forms:
+            expansions[form] = [
+                (keyword, len(form) - len(other) if reverse else 0)
+                for other, keyword in forms.items()
+                if form.startswith(other)
+            ]
+        pattern = re.compile(_trie_source(forms))
+        return cls(pattern, folded, reverse, expansions)
+
+    def scan(self, haystack: str, size: int, hits: dict[str, list[int]]) -> None:
+        search = self.pattern.search
+        match = search(haystack)
+        while match is not None:
+            start = size - match.end() if self.reverse else match.start()
+            for keyword, offset in self.expansions[match.group()]:
+                hits.setdefault(keyword, []).append(start + offset)
+            match = search(haystack, match.start() + 1)
+
+
+class _KeywordIndex:
+    """Finds every occurrence of every keyword of a pack in a few passes over the text."""
+
+    def __init__(self, keywords: Iterable[str]) -> None:
+        groups: dict[tuple[bool, bool], list[str]] = {}
+        self._finds: list[tuple[str, bool, re.Pattern[str]]] = []
+        for keyword in sorted(set(keywords)):
+            folded = keyword == keyword.lower()
+            common = _COMMON_FOLDED if folded else _COMMON_EXACT
+            # Exact keywords mostly start with a capital: scan those forward. Folded ones
+            # mostly end with a delimiter (ghp_, sk-): scan those on the reversed text.
+            forward_ok, reverse_ok = keyword[0] not in common, keyword[-1] not in common
+            if reverse_ok and (folded or not forward_ok):
+                groups.setdefault((folded, True), []).append(keyword)
+            elif forward_ok:
+                groups.setdefault((folded, False), []).append(keyword)
+            else:
+                self._finds.append((keyword, folded, re.compile(re.escape(keyword))))
+        self._tries = [
+            _TrieScan.build(words, folded=folded, reverse=reverse)
+            for (folded, reverse), words in sorted(groups.items())
+        ]
+        self.needs_folding = any(t.folded for t in self._tries) or any(f[1] for f in self._finds)
+
+    def hits(self, text: str, folded: str | None) -> dict[str, list[int]]:
+        """keyword -> sorted start offsets; `folded` is text.lower() (same length) or None."""
+        hits: dict[str, list[int]] = {}
+        size = len(text)
+        haystacks: dict[tuple[bool, bool], str] = {}
+        for trie in self._tries:
+            key = (trie.folded, trie.reverse)
+            haystack = haystacks.get(key)
+            if haystack is None:
+                base = folded if trie.folded else text
+                haystack = haystacks[key] = base[::-1] if trie.reverse else base
+            trie.scan(haystack, size, hits)
+        for keyword, is_folded, pattern in self._finds:
+            positions = [m.start() for m in pattern.finditer(folded if is_folded else text)]
+            if positions:
+                hits.setdefault(keyword, []).extend(positions)
+        for positions in hits.values():
+            positions.sort()
+        return hits
+
+
+# Characters too frequent in text and code to start a trie word (see `_TrieScan`).
+_COMMON_FOLDED = frozenset(string.ascii_lowercase)
+_COMMON_EXACT = frozenset(string.ascii_lowercase)
+
+
+class Redactor:
+    """Redacts text with the rules of one pack and direction, plus literal secrets."""
+
+    def __init__(
+        self,
+        pack: RulePack,
+        direction: Direction,
+        *,
+        tagger: Tagger | None = None,
+        literals: Sequence[LiteralSecret] = (),
+    ) -> None:
+        self.pack = pack
+        self.direction = Direction(direction)
+        self.tagger: Tagger = tagger or plain_tag
+        self._compiled = _Compiled.of(pack, self.direction)
+        self._literals: dict[str, str] = {}
+        for literal in literals:
+            if literal.value:
+                self._literals.setdefault(literal.value, literal.rule_id)
+        self._literal_scanner: _Scanner | None = None
+        if self._literals:
+            pattern = _literal_pattern(self._literals)
+            first = FirstChars(
+                frozenset(v[0] for v in self._literals if v[0] < "\x80"),
+                any(v[0] >= "\x80" for v in self._literals),
+            )
+            self._literal_scanner = _Scanner(
+                pattern, _sentinel(pattern), first, order=-1, literals=self._literals
+            )
+
+    @property
+    def key_rules(self) -> tuple[KeyRule, ...]:
+        return self.pack.key_rules_for(self.direction)
+
+    def with_literals(self, literals: Sequence[LiteralSecret]) -> Redactor:
+        """A redactor sharing this one's compiled rules, masking these literals too."""
+        return Redactor(
+            self.pack,
+            self.direction,
+            tagger=self.tagger,
+            literals=[*(LiteralSecret(r, v) for v, r in self._literals.items()), *literals],
+        )
+
+    def tag(self, rule_id: str, secret: str) -> str:
+        return self.tagger(rule_id, secret)
+
+    def redact_text(self, text: str) -> RedactionResult:
+        if not text:
+            return RedactionResult(text, {})
+        protected = [m.span() for m in TAG_PATTERN.finditer(text)]
+        findings = self._findings(_neutralize(text, protected) if protected else text)
+        counts: dict[str, int] = {}
+        out = _render(text, 0, len(text), findings, protected, self.tagger, counts)
+        return RedactionResult(out, counts)
+
+    def stream(self, max_hold: int) -> StreamRedactor:
+        return StreamRedactor(self._compiled, self._literal_scanner, self.tagger, max_hold)
+
+    # --- whole-text search --------------------------------------------------------------
+
+    def _findings(self, text: str, *, prefilter: bool = True) -> list[_Finding]:
+        findings: list[_Finding] = []
+        if self._literals:
+            findings += _literal_findings(text, self._literals)
+        compiled = self._compiled
+        hits: dict[str, list[int]] | None = None
+        if prefilter:
+            folded = text.lower() if compiled.keywords.needs_folding else None
+            if folded is None or len(folded) == len(text):  # a few characters lowercase to two
+                hits = compiled.keywords.hits(text, folded)
+        if hits is None:
+            orders: Iterable[int] = range(len(compiled.rules))
+        else:
+            selected = set(compiled.unkeyed)
+            for keyword in hits:
+                selected.update(compiled.by_keyword.get(keyword, ()))
+            orders = sorted(selected)
+        for order in orders:
+            rule = compiled.rules[order]
+            if rule.keywords and hits is not None:
+                found = [hits[k] for k in rule.keywords if k in hits]
+                positions = found[0] if len(found) == 1 else sorted(p for f in found for p in f)
+                matches: Iterable[regex.Match[str]] = _windowed_matches(rule, text, positions)
+            else:
+                matches = rule.plain.finditer(text)
+            for match in matches:
+                finding = _rule_finding(rule, order, match)
+                if finding is not None:
+                    findings.append(finding)
+        return findings
+
+
+def _windowed_matches(rule: Rule, text: str, hits: list[int]) -> Iterator[regex.Match[str]]:
+    """The matches `finditer` would yield, searching only near keyword hits (sorted)."""
+    if not hits:
+        return
+    before, after = rule.window
+    runs: list[tuple[int, int]] = []
+    low, high = hits[0] - before, hits[0] + after
+    for hit in hits:  # sorted, so each window ends no earlier than the previous one
+        if hit - before > high:
+            runs.append((low, high))
+            low = hit - before
+        high = hit + after
+    runs.append((low, high))
+    finder = rule.finder
+    position = 0
+    for low, high in runs:
+        position = max(position, low, 0)
+        while position <= high:
+            if finder is not None:
+                match = _anchored_search(rule, finder, text, position, high)
+            else:
+                match = _bounded_search(rule, text, position, high)
+            if match is None:
+                break
+            yield match
+            position = match.end() if match.end() > match.start() else match.start() + 1
+
+
+def _anchored_search(
+    rule: Rule, finder: re.Pattern[str], text: str, pos: int, limit: int
+) -> regex.Match[str] | None:
+    """The first match starting in [pos, limit]: anchored attempts where the rule's first
+    characters occur. Anchored on the full text, so no truncation can change the outcome."""
+    match_at = rule.plain.match
+    for candidate in finder.finditer(text, pos, limit + 1):
+        match = match_at(text, candidate.start())
+        if match is not None:
+            return match
+    return None
+
+
+def _bounded_search(rule: Rule, text: str, pos: int, limit: int) -> regex.Match[str] | None:
+    """The first full-text match starting in [pos, limit], scanning no further than `limit`.
+
+    On the text truncated after `limit`, the leftmost complete match is a candidate; a match
+    attempt that runs into the cut (found with the rule's sentinel) may start earlier or make
+    that candidate longer, so it is decided by an anchored match on the full text.
+    """
+    endpos = limit + 1
+    if endpos >= len(text):
+        match = rule.plain.search(text, pos)
+        return match if match is not None and match.start() <= limit else None
+    while pos <= limit:
+        match = rule.plain.search(text, pos, endpos)
+        pending = rule.sentinel.search(text, pos, endpos, partial=True)
+        cut = pending.start() if pending is not None and pending.start() <= limit else None
+        if match is not None and match.end() >= endpos and cut is None:
+            cut = match.start()
+        if cut is not None and (match is None or cut <= match.start()):
+            full = rule.plain.match(text, cut)
+            if full is not None:
+                return full
+            pos = cut + 1
+            continue
+        return match if match is not None and match.start() <= limit else None
+    return None
+
+
+def _literal_findings(text: str, literals: dict[str, str]) -> list[_Finding]:
+    """Leftmost-longest, non-overlapping: what the literal alternation would find."""
+    hits: list[tuple[int, int, str]] = []
+    for value, rule_id in literals.items():
+        index = text.find(value)
+        while index >= 0:
+            hits.append((index, -len(value), rule_id))
+            index = text.find(value, index + 1)
+    hits.sort()
+    findings: list[_Finding] = []
+    end = 0
+    for start, neg_length, rule_id in hits:
+        if start >= end:
+            end = start - neg_length
+            findings.append(_Finding(start, -end, -1, rule_id))
+    return findings
+
+
+def _render(
+    text: str,
+    start: int,
+    end: int,
+    findings: list[_Finding],
+    protected: list[tuple[int, int]],
+    tagger: Tagger,
+    counts: dict[str, int],
+) -> str:
+    """text[start:end] with merged findings replaced by tags (findings clipped to the range)."""
+    if not findings:
+        return text[start:end]
+    findings = sorted(findings)
+    if protected:
+        findings = [f for f in findings if not _overlaps_any(f, protected)]
+    pieces: list[str] = []
+    cursor = start
+    index = 0
+    while index < len(findings):
+        first = findings[index]
+        group_end = first.end
+        index += 1
+        while index < len(findings) and findings[index].start < group_end:
+            group_end = max(group_end, findings[index].end)
+            index += 1
+        group_start = max(first.start, cursor)
+        group_end = min(group_end, end)
+        if group_start >= group_end:
+            continue
+        pieces.append(text[cursor:group_start])
+        pieces.append(tagger(first.rule_id, text[first.start : group_end]))
+        counts[first.rule_id] = counts.get(first.rule_id, 0) + 1
+        cursor = group_end
+    pieces.append(text[cursor:end])
+    return "".join(pieces)
+
+
+_FILLER = "_"  # a word character, like most of the secret it replaced
+
+
+def _neutralize(text: str, spans: list[tuple[int, int]]) -> str:
+    """`text` with existing tags blanked out (same length), so that no rule uses a tag's
+    words as context: `[REDACTED:generic-password]: x` must not read as `password: x`."""
+    pieces, cursor = [], 0
+    for start, end in spans:
+        pieces += [text[cursor:start], _FILLER * (end - start)]
+        cursor = end
+    pieces.append(text[cursor:])
+    return "".join(pieces)
+
+
+def _overlaps_any(finding: _Finding, spans: list[tuple[int, int]]) -> bool:
+    return any(s < finding.end and finding.start < e for s, e in spans)
+
+
+class StreamRedactor:
+    """Incremental redaction of one text channel (see the module docstring)."""
+
+    def __init__(
+        self,
+        compiled: _Compiled,
+        literal_scanner: _Scanner | None,
+        tagger: Tagger,
+        max_hold: int,
+    ) -> None:
+        if max_hold < 1:
+            raise ValueError("max_hold must be positive")
+        self.counts: dict[str, int] = {}
+        self._scanners: list[_Scanner] = list(compiled.scanners)
+        if literal_scanner is not None:
+            self._scanners.append(literal_scanner)
+        # ASCII character -> scanners that can start a match with it; the rest for non-ASCII.
+        by_char: dict[str, list[int]] = {}
+        non_ascii: list[int] = []
+        for index, scanner in enumerate(self._scanners):
+            for char in scanner.first.ascii:
+                by_char.setdefault(char, []).append(index)
+            if scanner.first.non_ascii:
+                non_ascii.append(index)
+        self._by_char = {char: frozenset(indexes) for char, indexes in by_char.items()}
+        self._non_ascii = frozenset(non_ascii)
+        self._tagger = tagger
+        self._max_hold = max_hold
+        self._buf = ""
+        # The buffer as rules see it: existing tags blanked out (see `_neutralize`).
+        self._scan_buf = ""
+        self._emit = 0  # everything before this index has been released
+        # Scanners that may still match from a position before the end: index -> position.
+        # Every other scanner cannot start a match anywhere before the end of the buffer.
+        self._holding: dict[int, int] = {}
+        self._findings: list[_Finding] = []
+        self._protected: list[tuple[int, int]] = []
+        self._closed = False
+
+    @property
+    def held(self) -> int:
+        """Characters received but not released yet."""
+        return len(self._buf) - self._emit
+
+    def feed(self, text: str) -> str:
+        if self._closed:
+            raise RuntimeError("feed() after flush()")
+        if not text:
+            return ""
+        start = len(self._buf)
+        self._buf += text
+        self._scan_buf += text
+        scans: set[int] = set()
+        for char in set(text):
+            found = self._by_char.get(char) if char < "\x80" else self._non_ascii
+            if found:
+                scans.update(found)
+        holding = self._holding
+        # Scanner 0 finds tags: it runs first so later scanners see them blanked out.
+        for index in sorted(scans | holding.keys()):
+            self._scan(index, holding.pop(index, start), final=False)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        if self._closed:
+            return ""
+        self._closed = True
+        holding = self._holding
+        for index in sorted(holding):
+            self._scan(index, holding.pop(index), final=True)
+        return self._release(final=True)
+
+    def _scan(self, index: int, pos: int, *, final: bool) -> None:
+        """Record the scanner's decided matches from `pos`; remember where it must hold.
+
+        A complete match is decided once it ends before the end of the buffer and no match
+        attempt at or before its start runs into the end (more text could change those).
+        The leftmost such attempt is found with the sentinel: `search(partial=True)` itself
+        prefers a later complete match to an earlier partial one.
+        """
+        scanner = self._scanners[index]
+        buf = self._scan_buf
+        size = len(buf)
+        while pos <= size:
+            match = scanner.pattern.search(buf, pos)
+            if not final:
+                pending = scanner.sentinel.search(buf, pos, partial=True)
+                hold = pending.start() if pending is not None and pending.start() < size else None
+                if match is not None and (
+                    match.end() >= size or (hold is not None and hold <= match.start())
+                ):
+                    hold = match.start() if hold is None else min(hold, match.start())
+                elif match is not None:
+                    hold = None  # the match is decided; holds after it are found next round
+                if hold is not None:
+                    self._holding[index] = hold
+                    return
+            if match is None:
+                return
+            start, end = match.span()
+            if scanner.rule is None and scanner.literals is None:
+                self._protected.append((start, end))
+                self._scan_buf = buf = buf[:start] + _FILLER * (end - start) + buf[end:]
+            else:
+                found = scanner.finding(match)
+                if found is not None and found.end > self._emit:
+                    if found.start < self._emit:  # only after an overflow: the head is out
+                        found = _Finding(self._emit, found.neg_end, found.order, found.rule_id)
+                    self._findings.append(found)
+            pos = end if end > start else start + 1
+
+    def _release(self, *, final: bool) -> str:
+        size = len(self._buf)
+        point = size if final else min(self._holding.values(), default=size)
+        spans = [(f.start, f.end) for f in self._findings] + self._protected
+        moved = True
+        while moved:  # a span crossing the release point waits, with everything it touches
+            moved = False
+            for start, end in spans:
+                if start < point < end:
+                    point, moved = start, True
+        point = max(point, self._emit)
+        released = [f for f in self._findings if f.start < point]
+        out = ""
+        if point > self._emit or released:
+            out = _render(
+                self._buf, self._emit, point, released, self._protected, self._tagger,
+                self.counts,
+            )  # fmt: skip
+            self._findings = [f for f in self._findings if f.start >= point]
+            self._protected = [p for p in self._protected if p[1] > point]
+            self._emit = point
+        if not final and size - point > self._max_hold:
+            out += self._overflow(point, min(self._holding.values(), default=point))
+        self._trim()
+        return out
+
+    def _overflow(self, point: int, restart: int) -> str:
+        """Held text grew past max_hold: replace it by a tag, never release it raw.
+
+        The head of the held match (from `restart`, where it started) stays in the buffer,
+        counted as released, and the rest is dropped: rules then see that head followed by
+        whatever comes next, so the rule that held the text keeps matching its continuation
+        (e.g. the rest of a long private key) and the buffer stays bounded.
+        """
+        tag = self._tagger(OVERFLOW_RULE_ID, self._buf[point:])
+        self.counts[OVERFLOW_RULE_ID] = self.counts.get(OVERFLOW_RULE_ID, 0) + 1
+        end = max(point, restart + min(_OVERFLOW_SEED, self._max_hold // 2))
+        self._buf = self._buf[:end]
+        self._scan_buf = self._scan_buf[:end]
+        self._emit = end
+        self._findings = []
+        self._protected = [p for p in self._protected if p[1] <= point]
+        self._holding = dict.fromkeys(range(len(self._scanners)), restart)
+        return tag
+
+    def _trim(self) -> None:
+        anchors = [self._emit, *self._holding.values(), *(f.start for f in self._findings)]
+        cut = min(anchors) - CONTEXT_CHARS
+        if cut <= 0:
+            return
+        self._buf = self._buf[cut:]
+        self._scan_buf = self._scan_buf[cut:]
+        self._emit -= cut
+        self._holding = {i: p - cut for i, p in self._holding.items()}
+        self._findings = [
+            _Finding(f.start - cut, f.neg_end + cut, f.order, f.rule_id) for f in self._findings
+        ]
+        self._protected = [(s - cut, e - cut) for s, e in self._protected if e - cut > 0]
+
+
+# --- rule self-tests (`python -m sluicegate rules test`) ---------------------------------
+
+
+@dataclass(frozen=True)
+class ExampleFailure:
+    """A rule that does not behave as its own examples say. Examples are fake data."""
+
+    rule_id: str
+    source: str
+    example: str  # key path, e.g. "examples.positive[1]"
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.rule_id}: {self.example}: {self.problem}"
+
+
+def check_rule_examples(rule: Rule) -> list[ExampleFailure]:
+    """Run a rule alone on its examples: positives redacted, negatives untouched.
+
+    Also checks the keyword contract (the prefiltered search finds what a full scan finds)
+    and that streaming the positive one character at a time gives the whole-text result.
+    """
+    failures: list[ExampleFailure] = []
+
+    def fail(example: str, problem: str) -> None:
+        failures.append(ExampleFailure(rule.id, str(rule.source), example, problem))
+
+    pack = RulePack(rules=(rule,), key_rules=(), profile="rule-test")
+    redactor = Redactor(pack, min(rule.directions))
+    for index, example in enumerate(rule.positives):
+        where = f"examples.positive[{index}]"
+        result = redactor.redact_text(example.text)
+        if example.secret is not None and example.secret in result.text:
+            fail(where, "the secret survives redaction")
+        elif not result.changed:
+            fail(where, "nothing was redacted")
+        full = sorted(redactor._findings(example.text, prefilter=False))
+        if sorted(redactor._findings(example.text)) != full:
+            fail(where, "a match starts too far from every keyword occurrence")
+        for match in rule.pattern.finditer(example.text):
+            if match.end() > match.start() and not rule.first.accepts(match.group()[0]):
+                fail(where, "a match starts with a character outside the computed first set")
+        stream = redactor.stream(max_hold=len(example.text) + 1)
+        streamed = "".join(stream.feed(c) for c in example.text) + stream.flush()
+        if streamed != result.text:
+            fail(where, "streaming one character at a time differs from whole-text redaction")
+    for index, text in enumerate(rule.negatives):
+        if redactor.redact_text(text).changed:
+            fail(f"examples.negative[{index}]", "a negative example was redacted")
+    return failures
+
+
+def check_key_rule_examples(rule: KeyRule) -> list[ExampleFailure]:
+    failures: list[ExampleFailure] = []
+    for index, name in enumerate(rule.positives):
+        if not rule.matches(name):
+            where = f"examples.positive[{index}]"
+            failures.append(ExampleFailure(rule.id, str(rule.source), where, "key not matched"))
+    for index, name in enumerate(rule.negatives):
+        if rule.matches(name):
+            where = f"examples.negative[{index}]"
+            failures.append(ExampleFailure(rule.id, str(rule.source), where, "key matched"))
+    return failures

@@ -1,0 +1,143 @@
+"""StreamRedactor: any split of a text streams to exactly the whole-text redaction."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sluicegate.engine.echo import echo_literals
+from sluicegate.engine.redactor import OVERFLOW_RULE_ID, LiteralSecret, Redactor
+from sluicegate.engine.rules import Direction, load_rule_pack, load_rule_set
+
+RULES = Path(__file__).resolve().parents[2] / "rules"
+EXAMPLES = [p.text for rule in load_rule_set([RULES]).rules for p in rule.positives]
+REDACTORS = {
+    profile: Redactor(load_rule_pack([RULES], profile), Direction.RESPONSE)
+    for profile in ("default", "strict-pii")
+}
+PROSE = [
+    "Sure, here is the config you asked for:\n\n",
+    " and then ",
+    "The token is ",
+    "password = ",
+    '{"api_key": "',
+    '"}\n',
+    ". Next, run `make deploy` (it takes 2-3 minutes).\n",
+    "- step 1: ",
+    " https://example.com/docs?page=2 ",
+]
+GH = "ghp_C3J27XDCG2LmlZGEONYlgCtjfIZ4SOcMz9CP"
+
+
+def split(text: str, rng: random.Random, low: int, high: int) -> list[str]:
+    pieces, position = [], 0
+    while position < len(text):
+        step = rng.randint(low, high)
+        pieces.append(text[position : position + step])
+        position += step
+    return pieces
+
+
+def stream(redactor: Redactor, pieces: list[str], max_hold: int = 1 << 20) -> tuple[str, dict]:
+    streamer = redactor.stream(max_hold=max_hold)
+    out = "".join(streamer.feed(piece) for piece in pieces) + streamer.flush()
+    return out, streamer.counts
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    parts=st.lists(st.one_of(st.sampled_from(EXAMPLES), st.sampled_from(PROSE)), max_size=6),
+    rng=st.randoms(use_true_random=False),
+    profile=st.sampled_from(sorted(REDACTORS)),
+)
+def test_examples_in_prose_stream_like_whole_text(
+    parts: list[str], rng: random.Random, profile: str
+) -> None:
+    redactor = REDACTORS[profile]
+    text = "".join(parts)
+    whole = redactor.redact_text(text)
+    out, counts = stream(redactor, split(text, rng, 1, 3))
+    assert out == whole.text
+    assert counts == whole.counts
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    text=st.text(alphabet=st.characters(codec="utf-8"), max_size=80)
+    | st.text(alphabet="ghp_ABCxyz0123 :=\"'-.@/\n[]REDACTED", max_size=80),
+    rng=st.randoms(use_true_random=False),
+)
+def test_arbitrary_text_streams_like_whole_text(text: str, rng: random.Random) -> None:
+    redactor = REDACTORS["strict-pii"]
+    out, counts = stream(redactor, split(text, rng, 1, 7))
+    whole = redactor.redact_text(text)
+    assert (out, counts) == (whole.text, whole.counts)
+
+
+def test_clean_prose_is_released_as_it_arrives() -> None:
+    streamer = REDACTORS["default"].stream(max_hold=4096)
+    for token in ["Here", " is", " what", " I", " found", " in", " the", " logs", "."]:
+        assert streamer.feed(token) == token
+    assert streamer.flush() == ""
+
+
+def test_a_secret_is_held_until_decided_then_tagged() -> None:
+    streamer = REDACTORS["default"].stream(max_hold=4096)
+    released = streamer.feed("token ")
+    for char in GH:
+        released += streamer.feed(char)
+    assert released == "token "  # all of the token is still held back
+    assert streamer.held == len(GH)
+    released += streamer.feed(" done")
+    assert released == "token [REDACTED:github-token] done"
+    assert streamer.counts == {"github-token": 1}
+
+
+def test_held_text_beyond_max_hold_is_replaced_never_released() -> None:
+    body = "".join(random.Random(4).choices("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdef0123456789+/", k=1600))
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    pem = "-----BEGIN RSA PRIVATE KEY-----\n" + "\n".join(lines) + "\n-----END RSA PRIVATE KEY-----"
+    text = f"Here is the key:\n{pem}\nKeep it safe."
+    out, counts = stream(REDACTORS["default"], split(text, random.Random(1), 2, 6), max_hold=300)
+    assert counts[OVERFLOW_RULE_ID] >= 1
+    assert f"[REDACTED:{OVERFLOW_RULE_ID}]" in out
+    assert not any(line in out for line in lines)  # no line of the key body got out
+    assert out.startswith("Here is the key:\n") and out.endswith("Keep it safe.")
+
+
+def test_flush_releases_the_rest_and_closes() -> None:
+    streamer = REDACTORS["default"].stream(max_hold=4096)
+    # `=` after a token-named key: held until the value is known.
+    assert streamer.feed("export GITHUB_TOKEN=" + GH) == "export GITHUB_TOKEN"
+    assert streamer.flush() == "=[REDACTED:github-token]"
+    assert streamer.flush() == ""
+    with pytest.raises(RuntimeError) as info:
+        streamer.feed("more")
+    assert "more" not in str(info.value)
+
+
+def test_injected_secret_split_across_events_is_masked() -> None:
+    secret = "corp-upstream-9f8e7d6c5b4a"
+    redactor = REDACTORS["default"].with_literals(echo_literals("injected-credential", secret))
+    text = f"The upstream said: invalid key {secret}, please retry."
+    for size in (1, 2, 5):
+        out, _ = stream(redactor, split(text, random.Random(size), 1, size))
+        assert secret not in out and "[REDACTED:injected-credential]" in out
+        assert out == redactor.redact_text(text).text
+
+
+def test_literals_alone_stream_like_whole_text() -> None:
+    redactor = REDACTORS["default"].with_literals([LiteralSecret("lit", "abcabcabd")])
+    text = "abcabcabcabcabd abcab"
+    for seed in range(10):
+        assert stream(redactor, split(text, random.Random(seed), 1, 4))[0] == (
+            redactor.redact_text(text).text
+        )
+
+
+def test_max_hold_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        REDACTORS["default"].stream(max_hold=0)
