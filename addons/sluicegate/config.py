@@ -21,6 +21,7 @@ import regex
 
 from sluicegate.engine import chain, sealing, tokens
 from sluicegate.engine.policy import BUILTIN_PATTERNS, HostPattern
+from sluicegate.engine.rules import RuleFileError, RulePack, RuleSelectionError, load_rule_pack
 from sluicegate.schema import (
     ConfigError,
     Parser,
@@ -320,9 +321,10 @@ class RedactionSection:
     )
     tag_key: SecretRef | None = setting(None, doc="HMAC key for keyed tags.")
     max_hold_chars: int = setting(
-        512,
+        4096,
         doc="Streams: most characters held back per channel while they could still become a "
-        "secret; past this the held text is redacted, never released raw.",
+        "secret; past this the held text is redacted, never released raw. Keep it above the "
+        "longest secret you expect (JWTs, PEM bodies are matched from their head).",
     )
     binary_bodies: Literal["pass", "block"] = setting(
         "block", doc="What to do with bodies that cannot be redacted as text (images, archives)."
@@ -331,14 +333,32 @@ class RedactionSection:
         "text", doc="Bodies with a content type that is neither JSON, text nor form data."
     )
 
-    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+    # The compiled rule pack, built once while the config is validated (not a config key).
+    pack: RulePack | None = dataclasses.field(default=None, init=False, compare=False, repr=False)
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str] | Problem]:
         if self.tag == "keyed" and self.tag_key is None:
             yield "tag_key", "required when tag is `keyed`"
-        if self.max_hold_chars < 16:
-            yield "max_hold_chars", "must be at least 16"
+        if self.max_hold_chars < 256:
+            yield "max_hold_chars", "must be at least 256"
+        missing = False
         for i, path in enumerate(self.rules):
             if not path.exists():
+                missing = True
                 yield f"rules[{i}]", f"no such file or directory: {path}"
+        if missing:
+            return
+        try:
+            pack = load_rule_pack(
+                list(self.rules), self.profile, enable=self.enable, disable=self.disable
+            )
+        except RuleFileError as e:  # names the rule file and the key inside it
+            yield Problem(str(e.file), e.key_path, e.message)
+            return
+        except RuleSelectionError as e:
+            yield "", str(e)
+            return
+        object.__setattr__(self, "pack", pack)
 
 
 _POLICY_ID = regex.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")

@@ -307,7 +307,11 @@ class Parser:
             return None
         check = getattr(obj, "check", None)
         if check is not None:
-            for sub, message in check(self):
+            for item in check(self):
+                if isinstance(item, Problem):  # located in another file (e.g. a rule file)
+                    self.problems.append(item)
+                    continue
+                sub, message = item
                 self.problem(join(path, sub) if sub else path, message)
         return obj
 
@@ -333,7 +337,7 @@ def _closest(word: str, candidates: Iterable[str]) -> str | None:
     return matches[0] if matches else None
 
 
-Check = Callable[[Parser], Iterable[tuple[str, str]]]
+Check = Callable[[Parser], Iterable[tuple[str, str] | Problem]]
 
 
 def reference(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:

@@ -90,6 +90,28 @@ def test_typo_in_config_key_stops_gateway_and_names_the_key(
     assert "routes[0].credentail: unknown key" in result.stderr
 
 
+def test_rule_with_bad_regex_stops_gateway_and_names_rule_file_and_key(
+    tmp_path: Path, base_config: dict
+) -> None:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "corp.yaml").write_text(
+        "rules:\n"
+        "  - id: corp-id\n"
+        "    description: internal ids\n"
+        "    pattern: 'CORP-([0-9]{6}'\n"
+        "    keywords: [CORP-]\n"
+        "    profiles: [default]\n"
+    )
+    config = {**base_config, "redaction": {"rules": [str(REPO / "rules"), str(rules)]}}
+    code, logs = run_bad(tmp_path, config)
+    assert code != 0
+    assert f"{rules / 'corp.yaml'}: rules[0].pattern:" in logs
+    result = check_config(tmp_path / "sluicegate.yaml", env={UPSTREAM_KEY_ENV: UPSTREAM_KEY})
+    assert result.returncode == 1
+    assert f"{rules / 'corp.yaml'}: rules[0].pattern:" in result.stderr
+
+
 def test_missing_secret_env_var_stops_gateway(tmp_path: Path, base_config: dict) -> None:
     config = {**base_config, "routes": [dict(base_config["routes"][0])]}
     config["routes"][0]["credential"] = {"env": "SLUICEGATE_TEST_NOT_SET"}

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from sluicegate.engine.bodies import BodyPolicy, BodyRefused, classify, media_type, redact_body
 from sluicegate.engine.redactor import Redactor
 from sluicegate.engine.rules import Direction, load_rule_pack

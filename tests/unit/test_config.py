@@ -10,6 +10,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from sluicegate.config import DEFAULT_RULES_DIR as REPO_RULES
 from sluicegate.config import ConfigError, load_config
 from sluicegate.schema import SecretRef, SecretUnavailable
 
@@ -26,9 +27,9 @@ JWKS = _jwks()
 
 def write(tmp_path: Path, *parts: str) -> Path:
     (tmp_path / "jwks.json").write_text(JWKS)
-    (tmp_path / "rules").mkdir(exist_ok=True)
     path = tmp_path / "gateway.yaml"
-    path.write_text("\n".join(textwrap.dedent(part) for part in parts))
+    text = "\n".join(textwrap.dedent(part) for part in parts)
+    path.write_text(text.replace("RULES", str(REPO_RULES)))
     return path
 
 
@@ -39,7 +40,7 @@ MINIMAL = """
       issuers: [https://idp]
       audiences: [sluicegate]
     redaction:
-      rules: [rules]
+      rules: [RULES]
 """
 
 
@@ -54,7 +55,8 @@ def test_minimal_config_loads_with_defaults(tmp_path: Path) -> None:
     assert config.unrouted == "deny"
     assert config.gateway.environment == "production"
     assert config.auth.keys[0].jwks_file == tmp_path / "jwks.json"
-    assert config.redaction.rules == ((tmp_path / "rules").resolve(),)
+    assert config.redaction.rules == (REPO_RULES,)
+    assert config.redaction.pack is not None and config.redaction.pack.rules
 
 
 def test_every_problem_is_reported_with_its_key_path(tmp_path: Path) -> None:

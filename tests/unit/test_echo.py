@@ -10,6 +10,7 @@ from urllib.parse import quote, quote_plus
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from sluicegate.engine.echo import MIN_VARIANT_LENGTH, echo_literals, secret_variants
 from sluicegate.engine.redactor import Redactor
 from sluicegate.engine.rules import Direction, load_rule_pack

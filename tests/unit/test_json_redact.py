@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from sluicegate.engine.json_redact import MAX_DEPTH, JsonRedactionError, redact_json_text
 from sluicegate.engine.redactor import Redactor
 from sluicegate.engine.rules import Direction, load_rule_pack

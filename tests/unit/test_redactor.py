@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from sluicegate.engine.redactor import KeyedTagger, LiteralSecret, Redactor, plain_tag
 from sluicegate.engine.rules import Direction, load_rule_pack, load_rule_set
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from sluicegate.engine.echo import echo_literals
 from sluicegate.engine.redactor import OVERFLOW_RULE_ID, LiteralSecret, Redactor
 from sluicegate.engine.rules import Direction, load_rule_pack, load_rule_set

@@ -9,6 +9,7 @@ import pytest
 import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from sluicegate.engine.rules import (
     Direction,
     RuleFileError,

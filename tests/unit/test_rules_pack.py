@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from sluicegate.engine.redactor import (
     OVERFLOW_RULE_ID,
     Redactor,
