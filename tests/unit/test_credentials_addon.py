@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from sluicegate import flowstate
 from sluicegate.addons import guard
 from sluicegate.addons.credentials import CredentialInjection
 from sluicegate.addons.routing import Routing
+from sluicegate.engine.echo import secret_variants
 from tests.support.addon_harness import configured, flow_to, write_config
 
 if TYPE_CHECKING:
@@ -115,7 +117,10 @@ def test_marker_replaces_the_secret_once_the_response_arrives(chain: Chain) -> N
     chain.credentials.response(flow)
     assert flow.request.headers["authorization"] == "Bearer [credential:openai]"
     # The response redaction addons still need to know what to mask.
-    assert [s.value for s in flowstate.state(flow).scrub] == [SECRET]
+    values = [s.value for s in flowstate.state(flow).scrub]
+    assert values == secret_variants(SECRET)
+    assert SECRET in values and base64.b64encode(SECRET.encode()).decode() in values
+    assert {s.rule_id for s in flowstate.state(flow).scrub} == {"injected-credential:openai"}
 
 
 def test_marker_replaces_the_secret_when_the_flow_fails(chain: Chain) -> None:

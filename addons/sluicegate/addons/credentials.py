@@ -23,6 +23,7 @@ from sluicegate import flowstate
 from sluicegate.addons import guard
 from sluicegate.addons.base import GatewayAddon
 from sluicegate.addons.routing import Destination, chosen_route, serves
+from sluicegate.engine.echo import secret_variants
 from sluicegate.schema import SecretUnavailable
 
 # flowstate private key: what was injected into the flow's request (never the secret itself).
@@ -44,11 +45,6 @@ def scrub_rule_id(route: str) -> str:
 
 def credential_marker(route: str) -> str:
     return f"[credential:{route}]"
-
-
-def secret_variants(secret: str) -> tuple[str, ...]:
-    """The forms of the secret an upstream may echo back."""
-    return (secret,)
 
 
 class CredentialInjection(GatewayAddon):
@@ -80,9 +76,16 @@ class CredentialInjection(GatewayAddon):
                 "credential_invalid",
                 f"The credential for route {route.name!r} is not a valid header value.",
             )
+        variants = secret_variants(secret)
+        if not variants:  # too short to be masked reliably wherever it is echoed
+            raise guard.GatewayRefusal(
+                500,
+                "credential_invalid",
+                f"The credential for route {route.name!r} is too short to be protected.",
+            )
         st = flowstate.state(flow)
         rule_id = scrub_rule_id(route.name)
-        st.scrub.extend(flowstate.ScrubLiteral(rule_id, v) for v in secret_variants(secret))
+        st.scrub.extend(flowstate.ScrubLiteral(rule_id, v) for v in variants)
         template = route.inject.template
         concealed = template.replace("{secret}", credential_marker(route.name))
         st.private[INJECTED_KEY] = Injected(route.inject.header, concealed)
