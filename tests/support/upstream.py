@@ -14,7 +14,6 @@ Endpoints (any other path: 404, or a handler registered with `upstream.handle`):
 from __future__ import annotations
 
 import dataclasses
-import gzip as gzip_mod
 import http.server
 import json
 import re
@@ -25,6 +24,9 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+
+import brotli
+import zstandard
 
 from tests.support.pki import ServerCert
 
@@ -70,7 +72,7 @@ class Script:
     # Put the credential the upstream received into the answer (as upstreams do in error messages).
     echo_credential: bool = False
     status: int = 200
-    content_encoding: str | None = None  # "gzip" or "deflate" (streams use sync flushes)
+    content_encoding: str | None = None  # gzip, deflate, br or zstd (streams flush per event)
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
     event_delay: float = 0.0
     # Pause the stream after this many events until `release` is set (time-to-first-token tests).
@@ -104,12 +106,9 @@ class Responder:
     ) -> None:
         all_headers = {"content-type": content_type, **self.script.headers, **(headers or {})}
         encoding = self.script.content_encoding
-        if encoding == "gzip":
-            body = gzip_mod.compress(body)
-            all_headers["content-encoding"] = "gzip"
-        elif encoding == "deflate":
-            body = zlib.compress(body)
-            all_headers["content-encoding"] = "deflate"
+        if encoding is not None:
+            body = compress(body, encoding)
+            all_headers["content-encoding"] = encoding
         self._h.send_response(status)
         for k, v in all_headers.items():
             self._h.send_header(k, v)
@@ -128,25 +127,22 @@ class Responder:
         for k, v in self.script.headers.items():
             self._h.send_header(k, v)
         encoding = self.script.content_encoding
-        if encoding == "gzip":
-            self._compressor = zlib.compressobj(wbits=31)
-            self._h.send_header("content-encoding", "gzip")
-        elif encoding == "deflate":
-            self._compressor = zlib.compressobj()
-            self._h.send_header("content-encoding", "deflate")
+        if encoding is not None:
+            self._compressor = StreamCompressor(encoding)
+            self._h.send_header("content-encoding", encoding)
         self._h.send_header("transfer-encoding", "chunked")
         self._h.end_headers()
 
     def write(self, data: bytes) -> None:
         if self._compressor is not None:
-            data = self._compressor.compress(data) + self._compressor.flush(zlib.Z_SYNC_FLUSH)
+            data = self._compressor.compress(data)
         if data:
             self._h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self._h.wfile.flush()
 
     def end_stream(self) -> None:
         if self._compressor is not None:
-            tail = self._compressor.flush()
+            tail = self._compressor.finish()
             if tail:
                 self._h.wfile.write(b"%x\r\n%s\r\n" % (len(tail), tail))
         self._h.wfile.write(b"0\r\n\r\n")
@@ -162,6 +158,42 @@ class Responder:
             if self.script.event_delay:
                 time.sleep(self.script.event_delay)
         self.end_stream()
+
+
+def compress(body: bytes, encoding: str) -> bytes:
+    """Encode a whole body: gzip, deflate, br or zstd."""
+    c = StreamCompressor(encoding)
+    return c.compress(body) + c.finish()
+
+
+class StreamCompressor:
+    """Incremental encoder that flushes after every piece, so each SSE event is decodable at once
+    (what real servers do for streams)."""
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding
+        if encoding == "gzip":
+            self._z = zlib.compressobj(wbits=31)
+        elif encoding == "deflate":
+            self._z = zlib.compressobj()
+        elif encoding == "br":
+            self._z = brotli.Compressor()
+        elif encoding == "zstd":
+            self._z = zstandard.ZstdCompressor().compressobj()
+        else:
+            raise ValueError(f"unsupported test encoding {encoding!r}")
+
+    def compress(self, data: bytes) -> bytes:
+        if self.encoding in ("gzip", "deflate"):
+            return self._z.compress(data) + self._z.flush(zlib.Z_SYNC_FLUSH)
+        if self.encoding == "br":
+            return self._z.process(data) + self._z.flush()
+        return self._z.compress(data) + self._z.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+
+    def finish(self) -> bytes:
+        if self.encoding == "br":
+            return self._z.finish()
+        return self._z.flush()
 
 
 def sse(data: Any, event: str | None = None) -> bytes:
