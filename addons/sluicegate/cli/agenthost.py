@@ -6,6 +6,7 @@ Standard library only: these run on agent hosts, which need no mitmproxy or cryp
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import ipaddress
 import re
@@ -181,7 +182,8 @@ def no_proxy_entry(no_proxy: str, host: str, port: int) -> str | None:
 
     Takes the union of client rules (Python, curl, Go, requests), since the agent may use any:
     `*`; a name matching the host or a parent domain (with or without a leading `.` or `*.`);
-    an IP or CIDR range covering a literal IP host; an optional `:port` that must match.
+    an IP or CIDR range covering a literal IP host (whose text is matched like a name, too);
+    an optional `:port` that must match.
     """
     host = host.strip("[]").rstrip(".").lower()
     address = _ip(host)
@@ -195,13 +197,10 @@ def no_proxy_entry(no_proxy: str, host: str, port: int) -> str | None:
         if entry_port is not None and entry_port != port:
             continue
         if address is not None:
-            try:
-                network = ipaddress.ip_network(name.strip("[]"), strict=False)
-            except ValueError:
-                continue
-            if address in network:
-                return raw.strip()
-            continue
+            with contextlib.suppress(ValueError):
+                if address in ipaddress.ip_network(name.strip("[]"), strict=False):
+                    return raw.strip()
+        # Python and curl match IP literals by string suffix too (`0.1` covers 10.0.0.1).
         name = name.removeprefix("*").lstrip(".").rstrip(".")
         if name and (host == name or host.endswith("." + name)):
             return raw.strip()

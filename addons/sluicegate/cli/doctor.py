@@ -399,7 +399,16 @@ class Doctor:
 
     def _refused_tunnel(self, answer: Answer) -> bool:
         error = answer.gateway_error()
-        code, message = error or ("?", "")
+        if error is None:
+            self.add(
+                "token",
+                "fail",
+                f"HTTP {answer.status} to CONNECT, not from sluicegate: is HTTPS_PROXY another "
+                "proxy, or is the gateway behind one?",
+                "point HTTPS_PROXY at the gateway",
+            )
+            return False
+        code, message = error
         if answer.status in (401, 407):
             self.add(
                 "token",
@@ -407,23 +416,24 @@ class Doctor:
                 f"the gateway rejected the token: {code} (HTTP {answer.status})",
                 TOKEN_FIXES.get(code, "get a valid token for this gateway"),
             )
-        elif error is not None:
-            self.add("token", "pass", "the gateway accepted the token")
-            self.add(
-                "probe",
-                "fail",
-                f"the gateway refused a tunnel to {self.probe_host}:{self.probe_port}: "
-                f"{code}: {message}",
-                ROUTING_FIXES.get(code, "see the gateway's policy for this code"),
-            )
-        else:
+            return False
+        if answer.status >= 500:  # e.g. gateway_not_configured: refused before authentication
             self.add(
                 "token",
                 "fail",
-                f"{answer.status} to CONNECT, not from sluicegate: is {self.probe_host} reached "
-                "through another proxy?",
-                "point HTTPS_PROXY at the gateway",
+                f"the gateway cannot serve: {code}: {message}",
+                "a gateway-side problem: tell its operator (see the gateway's log)",
             )
+            return False
+        # Routing and policy refuse a tunnel only after authentication passed.
+        self.add("token", "pass", "the gateway accepted the token")
+        self.add(
+            "probe",
+            "fail",
+            f"the gateway refused a tunnel to {self.probe_host}:{self.probe_port}: "
+            f"{code}: {message}",
+            ROUTING_FIXES.get(code, "see the gateway's policy for this code"),
+        )
         return False
 
     def _handshake(self, proxy: Proxy, context: ssl.SSLContext) -> ssl.SSLSocket:
