@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import stat
 import subprocess
+import sys
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -258,3 +259,20 @@ def test_main_refusals(
     )  # fmt: skip
     assert code == 2 and out == ""
     assert message in err and TOKEN not in err
+
+
+def test_agent_host_tools_need_only_the_standard_library() -> None:
+    """agent-env and doctor run on agent hosts, which have no mitmproxy or cryptography."""
+    code = (
+        "import sys, sluicegate.__main__, sluicegate.cli.agent_env, sluicegate.cli.doctor\n"
+        "third = {'mitmproxy', 'cryptography', 'yaml', 'jwt', 'regex', 'httpx'}\n"
+        "print(sorted(third & {m.split('.')[0] for m in sys.modules}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"PYTHONPATH": str(Path(agent_env.__file__).parents[2])},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.strip() == "[]"
