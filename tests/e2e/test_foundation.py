@@ -179,11 +179,15 @@ REQUEST_PHASE_HOOKS = [
     "CallerAuth.requestheaders",
     "Routing.requestheaders",
     "Policy.request",
+    "Redaction.requestheaders",
+    "Redaction.request",
     "CredentialInjection.request",
     "Recorder.requestheaders",
 ]
 RESPONSE_PHASE_HOOKS = [
     "Policy.response",
+    "Redaction.responseheaders",
+    "Redaction.response",
     "CredentialInjection.responseheaders",
     "CredentialInjection.response",
     "Recorder.response",
@@ -194,7 +198,14 @@ CONNECT_HOOKS = [
     "Routing.http_connect",
 ]
 # The stable code each hook's guard answers with (default: gateway_error).
-HOOK_CODES = {"Policy.request": "policy_error", "Policy.response": "policy_error"}
+HOOK_CODES = {
+    "Policy.request": "policy_error",
+    "Policy.response": "policy_error",
+    **{
+        f"Redaction.{hook}": "redaction_error"
+        for hook in ("requestheaders", "request", "responseheaders", "response")
+    },
+}
 
 
 @pytest.fixture
