@@ -219,6 +219,23 @@ def test_text_response_is_redacted(client: httpx.Client, upstream: FakeUpstream)
     assert response.text == f"a\n{GITHUB.text}\n".replace(GITHUB.secret, "[REDACTED:github-token]")
 
 
+def test_chunked_compressed_response_is_redacted(
+    client: httpx.Client, upstream: FakeUpstream
+) -> None:
+    def chunked(responder: Responder, got: Received) -> None:
+        responder.start_stream("text/plain")
+        for line in ("first\n", f"{GITHUB.text}\n", "last\n"):
+            responder.write(line.encode())
+        responder.end_stream()
+
+    upstream.script.content_encoding = "br"
+    upstream.handle("GET", "/log", chunked)
+    response = client.get(upstream.url("/log"))
+    assert response.status_code == 200
+    expected = f"first\n{GITHUB.text}\nlast\n".replace(GITHUB.secret, "[REDACTED:github-token]")
+    assert response.text == expected
+
+
 @pytest.mark.parametrize("encoding", ENCODINGS)
 def test_compressed_response_reaches_the_agent_decoded_and_redacted(
     client: httpx.Client, upstream: FakeUpstream, encoding: str
