@@ -252,6 +252,13 @@ def test_binary_request_passes_untouched_when_configured(make_addon: MakeAddon) 
     assert flow.response is None and flow.request.raw_content == body
 
 
+def test_a_misdeclared_charset_is_refused(addon: Redaction) -> None:
+    body = chat(OPENAI.text)
+    body += b" " * (-len(body) % 2)  # decodes as UTF-16, to nonsense
+    flow = send(addon, request_flow(body, content_type="application/json; charset=utf-16"))
+    assert refusal(flow) == (415, "charset_mismatch")
+
+
 def test_escaped_json_and_duplicate_keys_are_redacted(addon: Redaction) -> None:
     escaped = OPENAI.text.replace("-", "\\u002d")
     aws = AWS.text.replace("/", "\\/")
