@@ -418,3 +418,29 @@ def test_echo_is_scrubbed_with_response_redaction_off(
     )
     assert UPSTREAM_KEY not in content and SCRUB_TAG in content
     assert GITHUB.secret in content  # rules are off for responses; only the key is scrubbed
+
+
+def test_huge_declared_body_is_refused_without_reading_it(gateway, upstream, token) -> None:
+    """body_size_limit (set by the gateway) answers before a 1 GB body is read."""
+    import socket
+    import ssl
+
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as raw:
+        raw.sendall(
+            f"CONNECT 127.0.0.1:{upstream.port} HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{upstream.port}\r\n\r\n".encode()
+        )
+        assert b" 200 " in raw.recv(4096)
+        with gateway.ssl_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.settimeout(10)
+            tls.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                + f"authorization: Bearer {token}\r\n".encode()
+                + b"content-type: application/json\r\ncontent-length: 1000000000\r\n\r\n{"
+            )
+            try:
+                answer = tls.recv(4096)
+            except (ssl.SSLError, OSError):
+                answer = b""
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:80]
+    assert upstream.received == []
