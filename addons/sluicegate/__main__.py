@@ -15,6 +15,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "approvals": ("sluicegate.cli.approvals", "list, approve or deny flows held by policy"),
     "ca": ("sluicegate.cli.ca", "gateway CA: init, rotate (stage/activate/finish), export"),
     "check-config": ("sluicegate.cli.check_config", "validate a gateway config file"),
+    "config-reference": (
+        "sluicegate.cli.config_reference",
+        "print the config reference (Markdown), generated from the schema",
+    ),
     "doctor": ("sluicegate.cli.doctor", "check an agent host: proxy, CA trust, token, bypass"),
     "mint-token": ("sluicegate.cli.mint_token", "mint a caller token with the dev key (dev only)"),
     "redact": ("sluicegate.cli.redact", "redact a body or JSON-lines file with the rule pack"),
