@@ -177,11 +177,14 @@ REQUEST_PHASE_HOOKS = [
     "CallerAuth.requestheaders",
     "Routing.requestheaders",
     "Policy.request",
+    "StreamRedaction.requestheaders",
     "CredentialInjection.request",
     "Recorder.requestheaders",
 ]
 RESPONSE_PHASE_HOOKS = [
     "Policy.response",
+    "StreamRedaction.responseheaders",
+    "StreamRedaction.response",
     "CredentialInjection.responseheaders",
     "CredentialInjection.response",
     "Recorder.response",
@@ -192,7 +195,13 @@ CONNECT_HOOKS = [
     "Routing.http_connect",
 ]
 # The stable code each hook's guard answers with (default: gateway_error).
-HOOK_CODES = {"Policy.request": "policy_error", "Policy.response": "policy_error"}
+HOOK_CODES = {
+    "Policy.request": "policy_error",
+    "Policy.response": "policy_error",
+    "StreamRedaction.requestheaders": "stream_redaction_error",
+    "StreamRedaction.responseheaders": "stream_redaction_error",
+    "StreamRedaction.response": "stream_redaction_error",
+}
 
 
 @pytest.fixture
