@@ -195,6 +195,18 @@ def test_injected_credential_is_scrubbed_even_with_response_redaction_off(
     assert content_of(sent) == f"key [REDACTED:injected-credential:openai]; also {SECRET}"
 
 
+def test_each_flow_masks_its_own_literals_when_the_key_rotates(streaming: StreamRedaction) -> None:
+    rotated = INJECTED.replace("0123", "9876")
+    for key in (INJECTED, rotated, INJECTED):
+        flow = sse_flow()
+        flowstate.state(flow).scrub.append(
+            flowstate.ScrubLiteral("injected-credential:openai", key)
+        )
+        streaming.responseheaders(flow)
+        sent, _ = pump(flow, chat_events(split(f"key {key}.", 3)))
+        assert content_of(sent) == "key [REDACTED:injected-credential:openai]."
+
+
 def expect_cut(sent: bytes, code: str, *, after: str = "") -> dict[str, Any]:
     """The client got `after` as content, then exactly one error event, and nothing else."""
     events = payloads(sent)
