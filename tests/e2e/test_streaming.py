@@ -299,17 +299,18 @@ def test_every_format_split_randomly_never_reaches_the_agent(
 def test_compressed_streams_are_decoded_and_redacted(
     agent: Agent, upstream: FakeUpstream, encoding: str
 ) -> None:
-    rng = random.Random()
+    seed = random.randrange(1 << 32)
+    rng = random.Random(seed)
     cases = ALL_CASES if encoding == "gzip" else ALL_CASES[::7]
     text = SEPARATOR.join(case.text for case in cases)
     upstream.script.content_encoding = encoding
     script_text(upstream, text, random_deltas(text, rng))
     got = agent.chat()
-    assert not leaks(cases, got.raw, got.text)
-    assert got.text == REDACTOR.redact_text(text).text
+    assert not leaks(cases, got.raw, got.text), f"seed {seed}"
+    assert got.text == REDACTOR.redact_text(text).text, f"seed {seed}"
     script_tool(upstream, random_deltas(tool_arguments(text), rng))
     got = agent.chat()
-    assert not leaks(cases, got.raw, got.arguments)
+    assert not leaks(cases, got.raw, got.arguments), f"seed {seed}"
     assert json.loads(got.arguments) == {"command": REDACTOR.redact_text(text).text}
 
 
@@ -323,32 +324,33 @@ def test_a_secret_split_at_every_position_never_reaches_the_agent(
 ) -> None:
     case = min((c for c in ALL_CASES if c.rule == rule_id), key=lambda c: len(c.text))
     secret = case.secrets[0]
-    start = case.text.index(secret)
-    rng = random.Random()
+    seed = random.randrange(1 << 32)
+    rng = random.Random(seed)
     # One copy of the example per split position inside the secret, all in one stream; in tool
-    # arguments the cut falls inside the JSON-escaped secret.
-    joined = SEPARATOR.join([case.text] * (len(secret) - 1)) + SEPARATOR
+    # arguments the cuts fall inside the JSON-escaped secret.
     if tool:
+        escaped = json.dumps(secret)[1:-1]
         copy = json.dumps(case.text + SEPARATOR)[1:-1]
-        at = copy.index(json.dumps(secret)[1:-1])
-        deltas = ['{"command": "']
-        for cut in range(1, len(json.dumps(secret)) - 2):
-            deltas += random_deltas(copy, rng, cut_at=at + cut)
-        deltas.append('"}')
-        joined = SEPARATOR.join([case.text] * (len(json.dumps(secret)) - 3)) + SEPARATOR
-        script_tool(upstream, deltas)
+        at = copy.index(escaped)
+        cuts = range(1, len(escaped))
+        pieces = [d for cut in cuts for d in random_deltas(copy, rng, cut_at=at + cut)]
+        script_tool(upstream, ['{"command": "', *pieces, '"}'])
     else:
-        deltas = []
-        for cut in range(1, len(secret)):
-            deltas += random_deltas(case.text + SEPARATOR, rng, cut_at=start + cut)
-        script_text(upstream, joined, deltas)
+        at = case.text.index(secret)
+        cuts = range(1, len(secret))
+        pieces = [
+            d for cut in cuts for d in random_deltas(case.text + SEPARATOR, rng, cut_at=at + cut)
+        ]
+    joined = (case.text + SEPARATOR) * len(cuts)
+    if not tool:
+        script_text(upstream, joined, pieces)
     got = agent.chat()
-    assert not leaks([case], got.raw, got.text, got.arguments)
+    assert not leaks([case], got.raw, got.text, got.arguments), f"seed {seed}"
     expected = REDACTOR.redact_text(joined).text
     if tool:
-        assert json.loads(got.arguments) == {"command": expected}
+        assert json.loads(got.arguments) == {"command": expected}, f"seed {seed}"
     else:
-        assert got.text == expected
+        assert got.text == expected, f"seed {seed}"
 
 
 # -- clean text is not held back -------------------------------------------------------------------
@@ -437,6 +439,19 @@ def recorded_flows(gateway: Gateway) -> list[Any]:
     return flows
 
 
+def recorded_flow(gateway: Gateway, marker: str) -> Any:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        flows = [
+            f for f in recorded_flows(gateway) if f.request.headers.get("x-test-marker") == marker
+        ]
+        if flows:
+            (flow,) = flows
+            return flow
+        time.sleep(0.1)
+    raise AssertionError(f"no recorded flow {marker}")
+
+
 def test_the_recording_holds_the_stream_as_the_agent_received_it(
     agent: Agent, upstream: FakeUpstream, gateway: Gateway
 ) -> None:
@@ -446,19 +461,38 @@ def test_the_recording_holds_the_stream_as_the_agent_received_it(
     upstream.script.content_encoding = "gzip"
     got = agent.chat(**{"x-test-marker": "recording"})
     assert ECHO_TAG in got.text and "[REDACTED:github-token]" in got.text
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        flows = [f for f in recorded_flows(gateway) if f.request.headers.get("x-test-marker")]
-        if flows:
-            break
-        time.sleep(0.1)
-    (flow,) = flows
+    flow = recorded_flow(gateway, "recording")
     assert flow.response.raw_content == bytes(agent.tee.bodies[-1])
     assert "content-encoding" not in flow.response.headers
     meta = flow.metadata["sluicegate"]
     assert meta["redaction"]["response"]["github-token"] == 1
     assert meta["redaction"]["response"]["injected-credential:openai"] == 1
     assert meta["stream"] == {"bytes_sent": len(agent.tee.bodies[-1])}
+
+
+def test_a_client_gone_mid_stream_is_recorded_with_what_was_sent(
+    agent: Agent, upstream: FakeUpstream, gateway: Gateway
+) -> None:
+    upstream.script.deltas = WORDS
+    upstream.script.pause_after = 4
+    with (
+        httpx.Client(transport=agent.tee, timeout=30) as client,
+        client.stream(
+            "POST",
+            upstream.url("/v1/chat/completions"),
+            json={"stream": True},
+            headers={"authorization": f"Bearer {agent.token}", "x-test-marker": "abort"},
+        ) as response,
+    ):
+        for line in response.iter_lines():
+            if "passed" in line:
+                break  # leaving the block closes the connection mid-body
+    upstream.script.release.set()
+    flow = recorded_flow(gateway, "abort")
+    assert flow.error is not None
+    assert flow.response.raw_content.startswith(bytes(agent.tee.bodies[-1]))
+    assert b"passed" in flow.response.raw_content
+    assert flow.metadata["sluicegate"]["stream"]["bytes_sent"] >= len(agent.tee.bodies[-1])
 
 
 # -- cutting a stream ------------------------------------------------------------------------------
