@@ -9,7 +9,7 @@ that has left cannot be taken back, so anything that goes wrong mid-stream (a de
 oversized event, an engine error, a policy rule matching) ends the stream with one final SSE error
 event, after which nothing more of the upstream body is sent. The stream function never raises
 into mitmproxy: it runs inside mitmproxy's protocol layer, outside every guard, where an exception
-would end the connection with no error event and no recorded reason.
+is logged with its text ("mitmproxy has crashed!") and leaves the connection half-handled.
 
 With `redaction.responses: false` the flow's scrub literals (the injected credential in all its
 encodings, the caller's token) are still masked.
