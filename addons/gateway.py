@@ -9,6 +9,7 @@ The order is fixed and matters (mitmproxy calls each hook on addons in list orde
 3. Routing              match the verified upstream to a route; egress allowlist; group check
 4. Policy               block / hold for approval / redact / rate-limit, request and response side
 5. Redaction            redact buffered bodies (and the request query), both directions
+6. StreamRedaction      redact text/event-stream responses while they stream
 7. CredentialInjection  inject the hidden credential last; conceal it once the request has left
 8. Recorder             LAST: write every finished flow (as the agent saw it, secrets masked)
 
@@ -22,6 +23,7 @@ from sluicegate.addons.policy import Policy
 from sluicegate.addons.recorder import Recorder
 from sluicegate.addons.redaction import Redaction
 from sluicegate.addons.routing import Routing
+from sluicegate.addons.streaming import StreamRedaction
 
 addons = [
     ProxyHardening(),
@@ -29,6 +31,7 @@ addons = [
     Routing(),
     Policy(),
     Redaction(),
+    StreamRedaction(),
     CredentialInjection(),
     Recorder(),  # keep last
 ]

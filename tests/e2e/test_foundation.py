@@ -181,6 +181,7 @@ REQUEST_PHASE_HOOKS = [
     "Policy.request",
     "Redaction.requestheaders",
     "Redaction.request",
+    "StreamRedaction.requestheaders",
     "CredentialInjection.request",
     "Recorder.requestheaders",
 ]
@@ -188,6 +189,8 @@ RESPONSE_PHASE_HOOKS = [
     "Policy.response",
     "Redaction.responseheaders",
     "Redaction.response",
+    "StreamRedaction.responseheaders",
+    "StreamRedaction.response",
     "CredentialInjection.responseheaders",
     "CredentialInjection.response",
     "Recorder.response",
@@ -205,6 +208,9 @@ HOOK_CODES = {
         f"Redaction.{hook}": "redaction_error"
         for hook in ("requestheaders", "request", "responseheaders", "response")
     },
+    "StreamRedaction.requestheaders": "stream_redaction_error",
+    "StreamRedaction.responseheaders": "stream_redaction_error",
+    "StreamRedaction.response": "stream_redaction_error",
 }
 
 
