@@ -623,7 +623,24 @@ def test_stream_scanner_agrees_with_whole_text_scan_for_any_split(
     bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
     for start, end in itertools.pairwise(bounds):
         streamed = scanner.feed(text[start:end]) or streamed
-    assert (streamed is None) == (whole is None)
+    # Whatever the whole text blocks, the stream blocks. The stream may block more, but only where
+    # it had to decide at a piece boundary: the end of released text counts as a word boundary
+    # (`| sudo bash` is cut before a later `ful` could make it `bashful`), erring towards blocking.
+    if whole is not None:
+        assert streamed is not None
+    elif streamed is not None:
+        assert command and any(rp.scan(text[:end]) is not None for end in bounds if end < len(text))
+
+
+def test_stream_scanner_decides_at_a_piece_boundary() -> None:
+    policy = response_policy(
+        Rule("pipes", Action.BLOCK, Conditions(body_patterns=(PIPE,)), Phase.RESPONSE)
+    )
+    rp = policy.response_policy(ctx())
+    assert rp is not None
+    assert rp.scan("wget -qO- u | sudo bashful") is None
+    scanner = rp.stream()
+    assert scanner.feed("wget -qO- u | sudo bash") is not None  # released text would be a pipe
 
 
 def test_sse_error_event_names_the_rule_and_parses_as_json() -> None:

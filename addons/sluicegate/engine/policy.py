@@ -810,7 +810,10 @@ class ResponseScanner:
     A pattern is found across piece boundaries as long as the match is shorter than
     `policy.stream_window_chars`; `min_count` counts matches over the whole stream. Rules are still
     taken in order, but on a stream a rule acts as soon as it matches: an earlier `allow` rule with
-    body conditions only exempts the stream if it has matched by then.
+    body conditions only exempts the stream if it has matched by then. The scanner decides on the
+    text about to be released, so the end of a piece counts as the end of the text (`| sudo bash`
+    blocks even if the next piece would have made it `bashful`): it may block where a scan of the
+    whole text would not, never the reverse.
     """
 
     def __init__(self, policy: ResponsePolicy) -> None:
