@@ -42,6 +42,7 @@ from .rules import (
 
 OVERFLOW_RULE_ID = "stream-hold-overflow"
 TAG_PATTERN = regex.compile(r"\[REDACTED:[a-z0-9]+(?:-[a-z0-9]+)*(?::[0-9a-f]{8})?\]")
+_TAG_START = "[REDACTED:"  # `in` finds it faster than the pattern's search
 # After a hold overflow, this much of the held text is kept so the rule can keep matching.
 _OVERFLOW_SEED = 256
 
@@ -248,7 +249,9 @@ class Redactor:
     def redact_text(self, text: str) -> RedactionResult:
         if not text:
             return RedactionResult(text, {})
-        protected = [m.span() for m in TAG_PATTERN.finditer(text)]
+        protected = (
+            [m.span() for m in TAG_PATTERN.finditer(text)] if _TAG_START in text else []
+        )
         findings = self._findings(_neutralize(text, protected) if protected else text)
         counts: dict[str, int] = {}
         out = _render(text, 0, len(text), findings, protected, self.tagger, counts)
