@@ -249,9 +249,7 @@ class Redactor:
     def redact_text(self, text: str) -> RedactionResult:
         if not text:
             return RedactionResult(text, {})
-        protected = (
-            [m.span() for m in TAG_PATTERN.finditer(text)] if _TAG_START in text else []
-        )
+        protected = [m.span() for m in TAG_PATTERN.finditer(text)] if _TAG_START in text else []
         findings = self._findings(_neutralize(text, protected) if protected else text)
         counts: dict[str, int] = {}
         out = _render(text, 0, len(text), findings, protected, self.tagger, counts)
