@@ -1,16 +1,23 @@
-"""Finding every occurrence of a rule pack's keywords in a text, in few passes.
+"""Finding every occurrence of a rule pack's keywords in a text, in a few passes.
 
 CPython has no multi-string search, and the costs of what it has decide the design:
-`str.find` for one word costs ~0.7 ns per character of text; an `re` pattern that starts with
-one literal character is scanned for that character at ~0.3 ns per character, plus ~15 ns at
-each place it occurs; a pattern starting with a character class costs ~2.5 ns per character.
-So keywords are grouped by an *anchor* character they contain, one that is rare in text
-(`_`, `-`, `k`, capitals in exact keywords...), and each group is found by one pattern that
-starts with the anchor: `k(?=(en(?<=token)|ey(?<=key)|...))`. A lookbehind at the end of
-each branch checks the part of the keyword before the anchor, so only real occurrences come
-back to Python, and matching only the anchor character finds overlapping occurrences too.
-Anchors are picked greedily with rough character frequencies (`_PER_MILLE`); a keyword with
-no character worth a pass of its own (`sonar`) is found with `str.find`.
+`str.find` for one word costs ~0.4-0.8 ns per character of text; an `re` pattern that starts
+with one literal character is scanned for it at ~0.3 ns per character, plus ~30 ns where it
+occurs; a pattern starting with a character class costs ~2.5 ns per character. So keywords
+are grouped by an *anchor* character they contain, one that is rare in text (`_`, `-`, `k`,
+a capital in an exact keyword...), and each group is found by one pattern that starts with
+the anchor: `k(?=(en(?<=token)|ey(?<=key)|...))`. The lookbehind where a keyword ends checks
+the part before the anchor, so only real occurrences come back to Python, and matching only
+the anchor character finds overlapping occurrences too. Keywords that end with their anchor
+are scanned in a reversed copy of the text (`_` then `phg` for `ghp_`), and a very rare
+anchor is found with `str.find` (memchr) instead. Anchors are picked greedily with rough
+character frequencies (`_PER_MILLE`); a keyword with no character worth a pass (`sonar`) is
+found with `str.find`.
+
+A key may also ask where a `followed_by` pattern, matched right after each occurrence, ends
+(`Key`); that pattern runs inside the pass, so occurrences no rule wants (the word "token" in
+prose) never reach Python either. Follows ignore case: they are matched in the lowercased
+text.
 
 A keyword in lowercase matches in any case (it is searched in `text.lower()`); one with a
 capital letter matches exactly (searched in the text, or in the lowercased text and checked).

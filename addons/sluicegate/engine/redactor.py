@@ -8,9 +8,11 @@ Overlapping findings are merged into one span; its tag is that of the first find
 (start, longest, pack order) order, literal secrets coming before every rule. Adjacent
 (touching) findings are not merged. Counts are per emitted tag.
 
-Whole text: one pass finds all keyword occurrences (`KeywordIndex`); a rule with keywords is
-only tried near them (its `window`), by anchored matches at the characters its matches can
-start with. Rules without keywords start with a literal the regex engine searches fast.
+Whole text: a few passes find all keyword occurrences (`keywords.KeywordIndex`), and for
+rules with `followed_by`, where that pattern's match after each occurrence ends. A rule with
+keywords is only tried near those anchors (its `window`), by anchored matches at the
+characters its matches can start with. Rules without keywords start with a literal the
+regex engine searches fast.
 
 Streaming: `StreamRedactor.feed()` releases every character that can no longer be part of a
 match and holds back the rest, using partial matching of the `regex` module. A complete match
@@ -280,11 +282,8 @@ class Redactor:
         for order in orders:
             rule = compiled.rules[order]
             if rule.keywords and hits is not None:
-                anchors = _anchors(rule, hits)
-                if not anchors:
-                    continue
                 matches: Iterable[regex.Match[str]] = _windowed_matches(
-                    rule, compiled.first_char[order], text, anchors
+                    rule, compiled.first_char[order], text, _anchors(rule, hits)
                 )
             else:
                 matches = rule.plain.finditer(text)
@@ -305,11 +304,12 @@ def _anchors(rule: Rule, hits: dict[Key, list[int]]) -> list[int]:
 
 
 def _windowed_matches(
-    rule: Rule, first_char: str | None, text: str, hits: list[int]
+    rule: Rule, first_char: str | None, text: str, anchors: list[int]
 ) -> list[regex.Match[str]]:
-    """The matches `finditer` would yield, searching only near keyword hits (sorted).
+    """The matches `finditer` would yield, searching only in the windows around `anchors`
+    (sorted; see `_anchors`).
 
-    Windows around consecutive hits are merged into runs; in a run, the rule is tried
+    Windows around consecutive anchors are merged into runs; in a run, the rule is tried
     (anchored, on the full text) only where one of its first characters occurs, found with
     `str.find` when there is just one, else with the rule's `finder`.
     """
@@ -319,12 +319,12 @@ def _windowed_matches(
     find = text.find
     matches: list[regex.Match[str]] = []
     position = 0
-    count, index = len(hits), 0
+    count, index = len(anchors), 0
     while index < count:
-        low, high = hits[index] - before, hits[index] + after
+        low, high = anchors[index] - before, anchors[index] + after
         index += 1
-        while index < count and hits[index] - before <= high:
-            high = hits[index] + after
+        while index < count and anchors[index] - before <= high:
+            high = anchors[index] + after
             index += 1
         if position < low:
             position = low if low > 0 else 0
