@@ -106,6 +106,12 @@ def test_loads_a_valid_rule(tmp_path: Path) -> None:
         ),
         (
             "    keywords: [demo_]",
+            "    keywords: [demo_]\n    followed_by: '(?P<n>x)'",
+            "rules[0].followed_by",
+            "named groups",
+        ),
+        (
+            "    keywords: [demo_]",
             "    keywords: [demo_]\n    validators: [nope]",
             "rules[0].validators[0]",
             "unknown validator",

@@ -678,7 +678,10 @@ def _parse_rule(file: Path, path: str, data: object) -> Rule:
         follow_source = reader.string("followed_by")
         if not keywords:
             raise reader.error("followed_by", "needs keywords")
-        try:  # it is also embedded in a group with other rules' (see the redactor)
+        # It is embedded in the keyword index's patterns, next to other rules' follows.
+        if _BACKREFERENCE.search(follow_source) or "(?P<" in follow_source:
+            raise reader.error("followed_by", "backreferences and named groups not supported")
+        try:
             re.compile(f"(?:{follow_source})")
             followed_by = re.compile(follow_source)
         except re.error as exc:
