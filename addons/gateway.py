@@ -8,6 +8,8 @@ The order is fixed and matters (mitmproxy calls each hook on addons in list orde
 2. CallerAuth           verify the caller's token (CONNECT / requestheaders); strip it
 3. Routing              match the verified upstream to a route; egress allowlist; group check
 4. Policy               block / hold for approval / redact / rate-limit, request and response side
+5. Redaction            redact buffered bodies (and the request query), both directions
+6. StreamRedaction      redact text/event-stream responses while they stream
 7. CredentialInjection  inject the hidden credential last; conceal it once the request has left
 8. Recorder             LAST: write every finished flow (as the agent saw it, secrets masked)
 
@@ -19,13 +21,17 @@ from sluicegate.addons.credentials import CredentialInjection
 from sluicegate.addons.hardening import ProxyHardening
 from sluicegate.addons.policy import Policy
 from sluicegate.addons.recorder import Recorder
+from sluicegate.addons.redaction import Redaction
 from sluicegate.addons.routing import Routing
+from sluicegate.addons.streaming import StreamRedaction
 
 addons = [
     ProxyHardening(),
     CallerAuth(),
     Routing(),
     Policy(),
+    Redaction(),
+    StreamRedaction(),
     CredentialInjection(),
     Recorder(),  # keep last
 ]

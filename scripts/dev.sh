@@ -40,20 +40,25 @@ setup() {
 
 run() {
     setup ""
-    local ca="$REPO/certs/mitmproxy/mitmproxy-ca-cert.pem"
-    local token
-    token=$("$VENV/bin/python" -m sluicegate mint-token --config "$CONFIG" --sub "$USER-dev" --groups agents --ttl 43200)
+    local py="$VENV/bin/python" agent="$REPO/certs/agent"
+    # The agent side of README "Onboarding an agent host", for this machine: a dev token, the CA
+    # export and the environment, under certs/agent/ (the token file and agent.env are 0600).
+    mkdir -p -m 700 "$agent"
+    (umask 077 && "$py" -m sluicegate mint-token --config "$CONFIG" --sub "${USER:-dev}-dev" \
+        --groups agents --ttl 43200 > "$agent/token")
+    "$py" -m sluicegate ca export --confdir "$REPO/certs/mitmproxy" --out "$agent/gateway-ca.pem"
+    "$py" -m sluicegate agent-env --proxy "127.0.0.1:$PORT" --token-file "$agent/token" \
+        --ca "$agent/gateway-ca.pem" --out "$agent/agent.env"
     cat <<MSG
 
 sluicegate is starting on 127.0.0.1:$PORT with $CONFIG.
-On an agent host (here), point the agent at it:
+On an agent host (here), in the agent's shell:
 
-  export HTTPS_PROXY=http://agent:$token@127.0.0.1:$PORT
-  export HTTP_PROXY=\$HTTPS_PROXY NO_PROXY=
-  export SSL_CERT_FILE=$ca REQUESTS_CA_BUNDLE=$ca CURL_CA_BUNDLE=$ca NODE_EXTRA_CA_CERTS=$ca
+  . $agent/agent.env
+  $py -m sluicegate doctor
 
-The token above is a 12-hour dev token for group 'agents'. Mint another:
-  $VENV/bin/python -m sluicegate mint-token --config $CONFIG --sub NAME --groups agents
+agent.env holds a 12-hour dev token for group 'agents' (certs/agent/token). Mint another:
+  $py -m sluicegate mint-token --config $CONFIG --sub NAME --groups agents
 Upstream keys the gateway injects live in certs/secrets/ (never give them to the agent).
 
 MSG

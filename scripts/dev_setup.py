@@ -1,13 +1,13 @@
 """Create the embedded default's local material under certs/ (idempotent).
 
-- certs/mitmproxy/          the gateway CA (mitmproxy confdir); agents trust mitmproxy-ca-cert.pem
+- certs/mitmproxy/          the gateway CA (mitmproxy confdir, `ca init`); agents trust its export
 - certs/dev-signing-key/   a local token-signing key (dev.private.pem) and its JWKS
 - certs/secrets/           upstream credentials the gateway injects, one file each: taken from
                            OPENAI_API_KEY / ANTHROPIC_API_KEY when set, else a placeholder
 - certs/recording/         the Ed25519 key that signs recorded sessions (signing.pem, .pub)
 
 Nothing here is for production: a production gateway uses the org's IdP (JWKS URL) and mounted
-secrets, see README "Deploying".
+secrets, see docs/DEPLOYMENT.md.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "addons"))
 
-from mitmproxy import certs  # noqa: E402
-
+from sluicegate.cli import ca  # noqa: E402
 from sluicegate.engine.chain import Signer  # noqa: E402
 from sluicegate.engine.devtokens import generate_signing_key  # noqa: E402
 
@@ -32,9 +31,10 @@ SECRETS = {
 
 
 def ensure_ca(confdir: Path) -> Path:
-    confdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    certs.CertStore.from_store(confdir, "mitmproxy", 2048)
-    return confdir / "mitmproxy-ca-cert.pem"
+    """`python -m sluicegate ca init` unless there is a CA (an older checkout's is kept)."""
+    if not (confdir / ca.KEY_AND_CERT).exists():
+        ca.init(confdir, "sluicegate-dev", ca.DEFAULT_DAYS, ca.DEFAULT_KEY_SIZE)
+    return confdir / ca.CERT
 
 
 def ensure_signing_key(directory: Path) -> Path:

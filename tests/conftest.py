@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import copy
+import os
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from tests.support.gateway import REPO, Gateway
 from tests.support.pki import TestCA
 from tests.support.tokens import TestIdP
 from tests.support.upstream import FakeUpstream
+
+# CI runs property tests with a fixed seed, so a landing is never decided by a lucky draw; local
+# runs explore new examples (and a failure found there becomes a regression test).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 # The hidden upstream credential the gateway injects. Distinctive, so tests can grep for it.
 UPSTREAM_KEY = "sk-proj-UPSTREAMSECRET" + secrets.token_hex(12)

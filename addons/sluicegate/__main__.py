@@ -11,8 +11,15 @@ import sys
 
 # command -> (module, one-line help). `rules test` is dispatched as `rules` with argv ["test", ...].
 COMMANDS: dict[str, tuple[str, str]] = {
+    "agent-env": ("sluicegate.cli.agent_env", "print the environment an agent host needs"),
     "approvals": ("sluicegate.cli.approvals", "list, approve or deny flows held by policy"),
+    "ca": ("sluicegate.cli.ca", "gateway CA: init, rotate (stage/activate/finish), export"),
     "check-config": ("sluicegate.cli.check_config", "validate a gateway config file"),
+    "config-reference": (
+        "sluicegate.cli.config_reference",
+        "print the config reference (Markdown), generated from the schema",
+    ),
+    "doctor": ("sluicegate.cli.doctor", "check an agent host: proxy, CA trust, token, bypass"),
     "mint-token": ("sluicegate.cli.mint_token", "mint a caller token with the dev key (dev only)"),
     "redact": ("sluicegate.cli.redact", "redact a body or JSON-lines file with the rule pack"),
     "rules": ("sluicegate.cli.rules", "rule pack tools (`rules test` runs every rule's examples)"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -51,7 +52,8 @@ def test_curl_through_https_proxy(gateway: Gateway, upstream: FakeUpstream, toke
         timeout=20,
     )
     assert out.returncode == 0, out.stderr
-    assert b'"path": "/echo"' in out.stdout
+    # The echo quotes the injected key, so redaction re-serializes it: compare parsed JSON.
+    assert json.loads(out.stdout)["path"] == "/echo"
     assert upstream.received[0].path == "/echo"
 
 
@@ -177,11 +179,18 @@ REQUEST_PHASE_HOOKS = [
     "CallerAuth.requestheaders",
     "Routing.requestheaders",
     "Policy.request",
+    "Redaction.requestheaders",
+    "Redaction.request",
+    "StreamRedaction.requestheaders",
     "CredentialInjection.request",
     "Recorder.requestheaders",
 ]
 RESPONSE_PHASE_HOOKS = [
     "Policy.response",
+    "Redaction.responseheaders",
+    "Redaction.response",
+    "StreamRedaction.responseheaders",
+    "StreamRedaction.response",
     "CredentialInjection.responseheaders",
     "CredentialInjection.response",
     "Recorder.response",
@@ -192,7 +201,17 @@ CONNECT_HOOKS = [
     "Routing.http_connect",
 ]
 # The stable code each hook's guard answers with (default: gateway_error).
-HOOK_CODES = {"Policy.request": "policy_error", "Policy.response": "policy_error"}
+HOOK_CODES = {
+    "Policy.request": "policy_error",
+    "Policy.response": "policy_error",
+    **{
+        f"Redaction.{hook}": "redaction_error"
+        for hook in ("requestheaders", "request", "responseheaders", "response")
+    },
+    "StreamRedaction.requestheaders": "stream_redaction_error",
+    "StreamRedaction.responseheaders": "stream_redaction_error",
+    "StreamRedaction.response": "stream_redaction_error",
+}
 
 
 @pytest.fixture

@@ -141,7 +141,9 @@ def recorded(
             assert client.post(upstream.url("/v1/chat/completions"), json=CHAT).status_code == 200
             upstream.script.echo_credential = False
             echoed = client.get(upstream.url("/echo?q=1"))
-            assert UPSTREAM_KEY in echoed.text  # the upstream saw the key; the agent did too
+            # The upstream saw the key; Redaction masked it before the agent saw the echo.
+            assert UPSTREAM_KEY not in echoed.text
+            assert "[REDACTED:key-authorization]" in echoed.text
             with client.stream(
                 "POST", upstream.url("/v1/chat/completions"), json={**CHAT, "stream": True}
             ) as streamed:
@@ -198,7 +200,7 @@ def test_recorded_request_is_what_left_with_the_credential_marked(recorded: Reco
         assert flow.metadata["sluicegate"]["route"] == "openai"
         assert "hunter2" not in flow.request.text
     echo = next(f for f in recorded.flows() if f.request.path == "/echo?q=1")
-    assert "Bearer [credential:openai]" in echo.response.text
+    assert "[REDACTED:key-authorization]" in echo.response.text  # as the agent saw it
 
 
 def test_streamed_sse_is_recorded_as_the_client_received_it(recorded: Recorded) -> None:

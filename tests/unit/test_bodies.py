@@ -167,3 +167,33 @@ def test_binary_pass_and_unknown_policies() -> None:
     assert as_text.body == TAG.encode() and as_text.kind == "unknown"
     as_json = redact_body(json.dumps({"t": GH}).encode(), None, REDACTOR, POLICY)
     assert as_json.kind == "json" and json.loads(as_json.body) == {"t": TAG}
+
+
+@pytest.mark.parametrize("charset", ["utf-16", "utf-16-le", "utf-32-be", "cp500", "utf-7"])
+def test_a_misdeclared_charset_cannot_hide_a_secret(charset: str) -> None:
+    # Most receivers read JSON as UTF-8 whatever the label: redaction must not see less.
+    body = f'{{"a": "x+{GH}"}}'.encode()
+    body += b" " * (-len(body) % 4)  # decodes as UTF-16/32 without error
+    try:
+        result = redact_body(body, f"application/json; charset={charset}", REDACTOR, POLICY)
+    except BodyRefused as e:
+        assert e.code == "charset_mismatch"
+    else:
+        assert GH.encode() not in result.body
+
+
+@pytest.mark.parametrize("charset", ["utf-16", "utf-32", "cp500"])
+def test_a_secret_in_a_real_non_ascii_charset_is_redacted(charset: str) -> None:
+    body = f'{{"a": "{GH}"}}'.encode(charset)
+    result = redact_body(body, f"application/json; charset={charset}", REDACTOR, POLICY)
+    assert json.loads(result.body.decode(charset)) == {"a": TAG}
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=ascii"])
+def test_json_escapes_for_characters_the_charset_lacks_stay_escapes(content_type: str) -> None:
+    # \xff makes the body invalid UTF-8 (read as latin-1); \u4e2d is not latin-1 or ASCII.
+    body = b'{"a": "\xff \\u4e2d \\ud83d\\ude00 ' + GH.encode() + b'"}'
+    result = redact_body(body, content_type, REDACTOR, POLICY)
+    assert GH.encode() not in result.body
+    assert result.body.startswith(b'{"a":"\xff ')
+    assert b"\\u4e2d \\ud83d\\ude00 " + TAG.encode() in result.body

@@ -1,5 +1,7 @@
 import gzip
 import itertools
+import sys
+import tracemalloc
 import zlib
 
 import brotli
@@ -17,6 +19,7 @@ from sluicegate.engine.decoding import (
     decode_body,
     parse_content_encoding,
 )
+from tests.support.upstream import StreamCompressor
 
 BODY = b'data: {"choices":[{"delta":{"content":"hello"}}]}\n\n' * 50
 MB = 1 << 20
@@ -176,3 +179,45 @@ def test_any_chunking_gives_the_same_body(body: bytes, encoding: str, cuts: list
     decoder = IncrementalDecoder(encoding, MB)
     out = b"".join(decoder.decode(encoded[a:b]) for a, b in itertools.pairwise(points))
     assert out + decoder.finish() == body
+
+
+# -- streams: a cap per decoded chunk instead of per body -------------------------------------
+
+
+def stream_encoded(encoding: str, pieces: list[bytes]) -> list[bytes]:
+    """Each piece encoded and flushed on its own, as servers send SSE events."""
+    if encoding == "identity":
+        return list(pieces)
+    compressor = StreamCompressor(encoding)
+    out = [compressor.compress(piece) for piece in pieces]
+    out[-1] += compressor.finish()
+    return out
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd", "identity"])
+def test_chunk_cap_bounds_each_chunk_not_the_whole_stream(encoding: str) -> None:
+    event = BODY[:1000]
+    decoder = IncrementalDecoder(encoding, sys.maxsize, max_chunk_output=len(event))
+    encoded = stream_encoded(encoding, [event] * 300)
+    out = b"".join(decoder.decode(chunk) for chunk in encoded) + decoder.finish()
+    assert out == event * 300  # 300 times the per-chunk cap
+    decoder = IncrementalDecoder(encoding, sys.maxsize, max_chunk_output=len(event) - 1)
+    with pytest.raises(BodyTooLarge):
+        decoder.decode(b"".join(encoded))
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
+def test_chunk_cap_stops_a_bomb_in_one_chunk_without_expanding_it(encoding: str) -> None:
+    if encoding == "br" and not hasattr(brotli.Decompressor(), "can_accept_more_data"):
+        pytest.skip("brotli < 1.2 cannot bound what one input slice expands to")
+    zeros = bytes(32 * MB)
+    bomb = brotli.compress(zeros, quality=4) if encoding == "br" else ENCODERS[encoding](zeros)
+    decoder = IncrementalDecoder(encoding, sys.maxsize, max_chunk_output=MB)
+    tracemalloc.start()
+    try:
+        with pytest.raises(BodyTooLarge):
+            decoder.decode(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * MB

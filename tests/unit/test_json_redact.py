@@ -128,3 +128,13 @@ def test_output_is_valid_json_without_the_secret(value: object) -> None:
     assert result.parsed
     json.loads(result.text)
     assert GH not in result.text
+
+
+def test_lone_surrogate_escapes_survive_reserialization() -> None:
+    # Valid JSON (RFC 8259 grammar; Python's json.dumps writes it for lone surrogates): once a
+    # secret forces re-serialization, the output must still encode as UTF-8 and mean the same.
+    text = '{"a": "\\ud800 ' + GH + '", "b": "\\udc00x"}'
+    result = redact_json_text(text, REDACTOR)
+    body = result.text.encode("utf-8")
+    assert json.loads(body) == {"a": "\ud800 [REDACTED:github-token]", "b": "\udc00x"}
+    assert GH.encode() not in body

@@ -342,3 +342,20 @@ def test_arbitrary_event_shapes_never_crash_or_leak(
     for secret in SECRETS:
         assert secret not in whole.decode()
         assert secret.replace("-", "\\u002d") not in whole.decode()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"type": ["content_block_delta"], "index": 0},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": ["text_delta"], "text": "x"}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": {"t": 1}}},
+        {"type": "content_block_delta", "index": [1], "delta": {"type": "text_delta", "text": "x"}},
+        {"type": {"response.output_text.delta": 1}, "delta": "x"},
+    ],
+)
+def test_non_string_type_fields_do_not_crash(payload: object) -> None:
+    """Upstream-controlled JSON: a list or object where a type name belongs is just data."""
+    redactor = SseRedactor(make_stream)
+    out = redactor.feed(sse(payload)) + redactor.finish()
+    assert out.startswith(b"data: ")

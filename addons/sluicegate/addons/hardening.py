@@ -23,6 +23,8 @@ from sluicegate.addons.base import GatewayAddon, _report_once
 
 logger = logging.getLogger("sluicegate.hardening")
 
+BODY_LIMIT_MARGIN = 64 * 1024
+
 
 def unsafe_options() -> list[str]:
     """Why the current mitmproxy options are unsafe for a gateway (empty when they are fine)."""
@@ -66,6 +68,15 @@ class ProxyHardening(GatewayAddon):
             # Eager connects upstream on CONNECT, before an inner token could be checked.
             ctx.options.update(connection_strategy="lazy")
             logger.info("sluicegate: set connection_strategy=lazy (connect upstream on demand)")
+        if self.config is not None and not ctx.options.body_size_limit:
+            # Without it mitmproxy reads a whole oversized body before any refusal is sent, so an
+            # unauthenticated client could make the gateway buffer gigabytes. Slightly above our own
+            # cap (which applies to decoded bodies and answers with JSON) so ours decides first.
+            limit = self.config.gateway.max_body_bytes + BODY_LIMIT_MARGIN
+            ctx.options.update(body_size_limit=str(limit))
+            logger.info(
+                "sluicegate: set body_size_limit=%d (gateway.max_body_bytes + margin)", limit
+            )
         problems = unsafe_options()
         for problem in problems:
             _report_once("options", f"unsafe mitmproxy option: {problem}")

@@ -11,7 +11,10 @@ refused according to `BodyPolicy`; a refusal raises `BodyRefused` with a stable 
 from __future__ import annotations
 
 import codecs
+import functools
+import json
 import re
+import string
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import quote_plus, unquote_plus
@@ -126,6 +129,22 @@ def _redact(
     if kind == "multipart":
         return _redact_multipart(body, params, redactor, policy, depth)
     text, codec = _decode(body, params.get("charset"))
+    new_text, counts, kind = _redact_text(text, kind, codec, redactor)
+    new_body = _encode(new_text, codec, kind) if counts else body
+    if not _ascii_compatible(codec):
+        # Most receivers read the bytes as UTF-8 whatever the label says: check that view too.
+        view, view_codec = _decode(new_body, None)
+        if _redact_text(view, kind, view_codec, redactor)[1]:
+            raise BodyRefused(
+                "charset_mismatch", "the declared charset hides text that UTF-8 readers see"
+            )
+    return BodyResult(new_body, bool(counts), counts, kind)
+
+
+def _redact_text(
+    text: str, kind: Kind, codec: str, redactor: Redactor
+) -> tuple[str, dict[str, int], Kind]:
+    """Redacted text, counts, and the kind found (JSON that does not parse is text)."""
     if kind == "form":
         new_text, counts = _redact_form(text, codec, redactor)
     elif kind == "jsonl":
@@ -136,9 +155,30 @@ def _redact(
             kind = "json"
         elif kind == "json" and not parsed:
             kind = "text"
-    if not counts:
-        return BodyResult(body, False, {}, kind)
-    return BodyResult(new_text.encode(codec), True, counts, kind)
+    return new_text, counts, kind
+
+
+def _encode(text: str, codec: str, kind: Kind) -> bytes:
+    """JSON text can hold characters its charset lacks (from `\\u` escapes, always inside
+    strings): they are written back as escapes. Other text only gained ASCII tags."""
+    return text.encode(codec, _JSON_ESCAPE if kind in ("json", "jsonl") else "strict")
+
+
+def _escape_for_json(error: UnicodeError) -> tuple[str, int]:
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    return json.dumps(error.object[error.start : error.end])[1:-1], error.end
+
+
+_JSON_ESCAPE = "sluicegate-json-escape"
+codecs.register_error(_JSON_ESCAPE, _escape_for_json)
+_ASCII_PROBE = string.printable
+
+
+@functools.cache
+def _ascii_compatible(codec: str) -> bool:
+    """Whether `codec` writes ASCII text as ASCII bytes (UTF-16, UTF-7 and EBCDIC do not)."""
+    return _ASCII_PROBE.encode(codec, "replace") == _ASCII_PROBE.encode("ascii")
 
 
 def _decode(body: bytes, charset: str | None) -> tuple[str, str]:

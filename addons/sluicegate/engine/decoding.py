@@ -53,22 +53,32 @@ class _Stage(Protocol):
 
 
 class _Budget:
-    """Cumulative output counter shared by the stages of one decoder."""
+    """Output counter shared by the stages of one decoder: cumulative, and optionally per call."""
 
-    def __init__(self, max_output: int) -> None:
-        if max_output < 0:
-            raise ValueError("max_output must be >= 0")
+    def __init__(self, max_output: int, max_call: int | None = None) -> None:
+        if max_output < 0 or (max_call is not None and max_call < 0):
+            raise ValueError("output caps must be >= 0")
         self.remaining = max_output
+        self._max_call = max_call
+        self._call_left = max_output if max_call is None else max_call
+
+    def new_call(self) -> None:
+        if self._max_call is not None:
+            self._call_left = self._max_call
 
     def take(self, data: bytes) -> bytes:
         self.remaining -= len(data)
         if self.remaining < 0:
             raise BodyTooLarge("decoded body exceeds max_output")
+        if self._max_call is not None:
+            self._call_left -= len(data)
+            if self._call_left < 0:
+                raise BodyTooLarge("one chunk decodes to more than max_chunk_output")
         return data
 
     def step(self) -> int:
         """How much one bounded decompress call may produce (one byte more than allowed trips)."""
-        return min(self.remaining + 1, _OUTPUT_STEP)
+        return min(self.remaining + 1, self._call_left + 1, _OUTPUT_STEP)
 
 
 class _Identity:
@@ -238,27 +248,41 @@ class IncrementalDecoder:
 
     `max_output` caps the cumulative decoded size over the whole stream. Each stage of a chain
     is capped too, so a bomb nested inside another coding cannot expand unnoticed.
+    `max_chunk_output` also caps what each single `decode()`/`finish()` call may produce: a
+    stream of unbounded length (SSE) then decodes in bounded memory with `max_output=sys.maxsize`.
     """
 
-    def __init__(self, content_encoding: str | None, max_output: int) -> None:
-        self._final = _Budget(max_output)
+    def __init__(
+        self, content_encoding: str | None, max_output: int, *, max_chunk_output: int | None = None
+    ) -> None:
+        self._final = _Budget(max_output, max_chunk_output)
+        self._budgets = [self._final]
         names = parse_content_encoding(content_encoding)
+        stages: list[_Stage] = []
+        for i, name in enumerate(names):
+            budget = self._final if i == 0 else _Budget(max_output, max_chunk_output)
+            if i:
+                self._budgets.append(budget)
+            stages.append(_stage(name, budget))
         # Decode in reverse order of application; the last stage produces the body.
-        self._stages: list[_Stage] = [
-            _stage(name, self._final if i == 0 else _Budget(max_output))
-            for i, name in enumerate(names)
-        ][::-1] or [_Identity(self._final)]
+        self._stages: list[_Stage] = stages[::-1] or [_Identity(self._final)]
 
     def decode(self, chunk: bytes) -> bytes:
+        self._new_call()
         for stage in self._stages:
             chunk = stage.decode(chunk)
         return chunk
 
     def finish(self) -> bytes:
+        self._new_call()
         out = b""
         for stage in self._stages:
             out = stage.decode(out) + stage.finish()
         return out
+
+    def _new_call(self) -> None:
+        for budget in self._budgets:
+            budget.new_call()
 
 
 def decode_body(data: bytes, content_encoding: str | None, max_output: int) -> bytes:

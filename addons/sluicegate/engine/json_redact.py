@@ -12,6 +12,7 @@ text and key order is preserved. Text that is not JSON is redacted as plain text
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 from .redactor import TAG_PATTERN, Redactor
@@ -19,6 +20,8 @@ from .rules import KeyRule
 
 MAX_DEPTH = 200  # nesting of arrays/objects, counted across nested documents
 MAX_NESTED_DOCUMENTS = 4  # JSON inside a string inside JSON...
+# Code points json.loads leaves for lone `\udXXX` escapes (pairs become one character).
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class JsonRedactionError(Exception):
@@ -153,7 +156,7 @@ def _emit(value: object, parts: list[str]) -> None:
         for index, (key, item) in enumerate(value):
             if index:
                 parts.append(",")
-            parts.append(json.dumps(key, ensure_ascii=False))
+            parts.append(_string(key))
             parts.append(":")
             _emit(item, parts)
         parts.append("}")
@@ -166,5 +169,14 @@ def _emit(value: object, parts: list[str]) -> None:
         parts.append("]")
     elif isinstance(value, _Number):
         parts.append(value.text)
-    else:  # str, bool, None, and floats json.loads produced for NaN/Infinity
-        parts.append(json.dumps(value, ensure_ascii=False))
+    elif isinstance(value, str):
+        parts.append(_string(value))
+    else:  # bool, None, and floats json.loads produced for NaN/Infinity
+        parts.append(json.dumps(value))
+
+
+def _string(text: str) -> str:
+    """A JSON string literal; lone surrogates stay escapes, so the result encodes as UTF-8."""
+    return _SURROGATE.sub(
+        lambda m: f"\\u{ord(m.group()):04x}", json.dumps(text, ensure_ascii=False)
+    )

@@ -467,6 +467,12 @@ def dump_json(payload: Any) -> str:
     return text
 
 
+def _str_field(value: Any) -> str | None:
+    """A field that should be a string, or None: event JSON is upstream-controlled, and a list
+    where a type name belongs must not crash a lookup."""
+    return value if isinstance(value, str) else None
+
+
 def _key_part(value: Any) -> Hashable:
     return value if value is None or isinstance(value, str | int | float) else repr(value)
 
@@ -688,7 +694,7 @@ class AnthropicMessages:
 
     @classmethod
     def matches(cls, payload: Any) -> bool:
-        return isinstance(payload, dict) and payload.get("type") in cls.TYPES
+        return isinstance(payload, dict) and _str_field(payload.get("type")) in cls.TYPES
 
     def rewrite(self, edit: Edit) -> None:
         payload = edit.payload
@@ -696,7 +702,7 @@ class AnthropicMessages:
         key = ("anthropic", _key_part(payload.get("index")))
         if kind == "content_block_delta" and isinstance(payload.get("delta"), dict):
             delta = payload["delta"]
-            delta_type = delta.get("type")
+            delta_type = _str_field(delta.get("type"))
             name = self._DELTA_FIELDS.get(delta_type)
             if name is not None and isinstance(delta.get(name), str):
                 json_text = delta_type == "input_json_delta"
@@ -710,7 +716,7 @@ class AnthropicMessages:
                 edit.skip(delta, "signature")
         elif kind == "content_block_start" and isinstance(payload.get("content_block"), dict):
             block = payload["content_block"]
-            block_type = block.get("type")
+            block_type = _str_field(block.get("type"))
             if block_type in self._START_DELTAS and isinstance(block.get(block_type), str):
                 delta_type = self._START_DELTAS[block_type]
                 synthesize = self._synthesizer(edit, key, delta_type, block_type)

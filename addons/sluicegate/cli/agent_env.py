@@ -1,0 +1,196 @@
+"""`python -m sluicegate agent-env`: the environment an agent host needs to use the gateway.
+
+    python -m sluicegate agent-env --proxy gateway.internal:8080 --token-file ~/.sluicegate/token \\
+        --ca gateway-ca.pem [--bundle PATH] [--no-proxy LIST] [--format sh|dotenv] [--out FILE]
+
+Prints (or writes to --out, mode 0600: it holds the token) the proxy variables, with the token as
+the proxy password, and the CA variables of the common stacks. SSL_CERT_FILE, REQUESTS_CA_BUNDLE,
+CURL_CA_BUNDLE and GIT_SSL_CAINFO *replace* the trust store of OpenSSL-based tools, Python
+requests, curl and git, so they point at a bundle written here: this host's system CAs followed
+by the gateway CA (with the gateway CA alone, hosts in NO_PROXY would fail TLS). Node's
+NODE_EXTRA_CA_CERTS *adds* to its built-in roots, so it gets the gateway CA file itself.
+
+`--ca` is what `python -m sluicegate ca export` wrote (several certificates during a CA rotation).
+After a rotation, deliver the new export to the same path and rerun: the variables stay the same,
+the bundle is rewritten. The token is read from a file, never taken on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sluicegate.cli.agenthost import (
+    ADDITIVE_CA_VARS,
+    DEFAULT_NO_PROXY,
+    REPLACING_CA_VARS,
+    AgentHostError,
+    Proxy,
+    bundle,
+    certificates,
+    read_token,
+    system_ca_file,
+)
+
+NO_SYSTEM_CAS = "none"
+
+
+def environment(proxy: Proxy, ca_file: Path, bundle_file: Path, no_proxy: str) -> dict[str, str]:
+    """The variables, in the order they are printed. Both cases of the proxy variables: curl
+    reads only `http_proxy` in lower case, and lower case wins where both are set."""
+    url = proxy.url()
+    env = {
+        "HTTPS_PROXY": url,
+        "https_proxy": url,
+        "HTTP_PROXY": url,
+        "http_proxy": url,
+        "NO_PROXY": no_proxy,
+        "no_proxy": no_proxy,
+        "NODE_USE_ENV_PROXY": "1",
+    }
+    env.update(dict.fromkeys(REPLACING_CA_VARS, str(bundle_file)))
+    env.update(dict.fromkeys(ADDITIVE_CA_VARS, str(ca_file)))
+    return env
+
+
+def render(env: dict[str, str], fmt: str, system_source: str) -> str:
+    """Shell (`export K=V`, for `eval` or `source`) or dotenv (`K=V`, for systemd's
+    EnvironmentFile= and `docker --env-file`), with comments saying why each group is there."""
+    for name, value in env.items():
+        if "\n" in value or "\r" in value:
+            raise AgentHostError(f"{name} would contain a line break")
+
+    def line(name: str) -> str:
+        value = env[name]
+        return f"export {name}={shlex.quote(value)}" if fmt == "sh" else f"{name}={value}"
+
+    lines = [
+        "# sluicegate agent environment (python -m sluicegate agent-env). It holds the caller",
+        "# token: keep it readable by the agent's user only.",
+        "# Every HTTP(S) request goes through the gateway; the token is the proxy password.",
+        *(line(n) for n in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")),
+        "# Hosts reached directly, NOT through the gateway (never the API hosts).",
+        line("NO_PROXY"),
+        line("no_proxy"),
+        "# Node.js >= 24 uses the proxy variables only with this set; older Node ignores them",
+        "# (the agent needs its own proxy setting there).",
+        line("NODE_USE_ENV_PROXY"),
+        "# These REPLACE the trust store of OpenSSL-based tools, Python (ssl, requests, httpx),",
+        f"# curl and git: a bundle of {system_source} plus the gateway CA.",
+        *(line(n) for n in REPLACING_CA_VARS),
+        "# Node adds this to its built-in roots: the gateway CA alone.",
+        *(line(n) for n in ADDITIVE_CA_VARS),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_private(path: Path, text: str) -> None:
+    """Create or replace `path` with mode 0600 (it holds the token)."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def write_public(path: Path, data: bytes) -> None:
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sluicegate agent-env",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--proxy", required=True, help="the gateway, HOST:PORT")
+    parser.add_argument("--token-file", required=True, type=Path, help="file with the token")
+    parser.add_argument(
+        "--ca", required=True, type=Path, help="the gateway CA certificate(s) (`ca export`)"
+    )
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        help="where to write system CAs + gateway CA (default: beside --ca, *-bundle.pem)",
+    )
+    parser.add_argument(
+        "--system-cas",
+        help="this host's CA bundle (default: found automatically); `none` trusts the gateway "
+        "CA only, so no TLS connection works except through the gateway",
+    )
+    parser.add_argument(
+        "--no-proxy",
+        default=DEFAULT_NO_PROXY,
+        help=f"hosts reached directly (default {DEFAULT_NO_PROXY!r}; '' for none)",
+    )
+    parser.add_argument("--format", choices=("sh", "dotenv"), default="sh")
+    parser.add_argument("--out", type=Path, help="write here, mode 0600 (default: stdout)")
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    try:
+        text, notes = run(args)
+    except AgentHostError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        write_private(args.out.expanduser().absolute(), text)
+        notes.append(f"wrote {args.out} (mode 0600)")
+    for note in notes:
+        print(note, file=sys.stderr)
+    return 0
+
+
+def run(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """(the rendered environment, notes for stderr); writes the CA bundle."""
+    proxy = Proxy.parse(args.proxy)
+    if proxy.token is not None:
+        raise AgentHostError("give the token with --token-file, not inside --proxy")
+    proxy = proxy.with_token(read_token(args.token_file.expanduser()))
+    ca_file = args.ca.expanduser().absolute()
+    gateway_certs = certificates(ca_file.read_bytes(), str(ca_file))
+    bundle_file = (args.bundle or ca_file.with_name(f"{ca_file.stem}-bundle.pem")).expanduser()
+    bundle_file = bundle_file.absolute()
+    if bundle_file == ca_file:
+        raise AgentHostError("--bundle must not be the --ca file")
+    if args.system_cas == NO_SYSTEM_CAS:
+        system, source = b"", "no system CAs (--system-cas none)"
+    else:
+        found = Path(args.system_cas).expanduser() if args.system_cas else system_ca_file()
+        if found is None:
+            raise AgentHostError(
+                "found no system CA bundle on this host: pass --system-cas FILE, or "
+                "--system-cas none to trust the gateway CA only"
+            )
+        system, source = found.read_bytes(), f"the system CAs ({found})"
+    write_public(bundle_file, bundle(system, gateway_certs))
+    env = environment(proxy, ca_file, bundle_file, args.no_proxy.strip())
+    notes = [
+        f"CA bundle: {bundle_file} ({source} + {len(gateway_certs)} gateway CA certificate(s))",
+        "check this host with: python -m sluicegate doctor (in the environment above)",
+    ]
+    return render(env, args.format, source), notes

@@ -1,0 +1,254 @@
+"""deploy/: the manifests parse, fit together, keep their hardening, and carry a config the
+gateway accepts; the README's onboarding commands parse with the real CLI."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sluicegate.__main__ import COMMANDS
+from sluicegate.cli import agent_env, ca, doctor
+from sluicegate.config import load_config
+from sluicegate.engine.chain import Signer
+from tests.support.gateway import REPO
+
+K8S = REPO / "deploy" / "k8s"
+UNIT = REPO / "deploy" / "systemd" / "sluicegate.service"
+
+
+def documents() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc is not None:
+                assert {"apiVersion", "kind"} <= doc.keys(), path
+                docs.append(doc)
+    return docs
+
+
+def one(kind: str) -> dict[str, Any]:
+    (doc,) = [d for d in documents() if d["kind"] == kind]
+    return doc
+
+
+def test_every_manifest_is_yaml_and_listed_in_the_kustomization() -> None:
+    kinds = sorted(d["kind"] for d in documents())
+    assert kinds == sorted(
+        ["ConfigMap", "Deployment", "Kustomization", "Namespace", "NetworkPolicy",
+         "NetworkPolicy", "PersistentVolumeClaim", "PodDisruptionBudget", "Service"]
+    )  # fmt: skip
+    resources = one("Kustomization")["resources"]
+    assert sorted(resources) == sorted(
+        p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"
+    )
+    for doc in documents():
+        if doc["kind"] not in ("Kustomization", "Namespace"):
+            assert doc["metadata"]["namespace"] in ("sluicegate", "agents")
+
+
+def container() -> dict[str, Any]:
+    (gateway,) = one("Deployment")["spec"]["template"]["spec"]["containers"]
+    return gateway
+
+
+def option(name: str) -> str:
+    args = container()["args"]
+    (value,) = [a.split("=", 1)[1] for a in args if a.startswith(f"{name}=")]
+    return value
+
+
+def test_deployment_is_hardened_and_bounded() -> None:
+    pod = one("Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["automountServiceAccountToken"] is False
+    gateway = container()
+    security = gateway["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert {"cpu", "memory"} <= gateway["resources"]["limits"].keys()
+    assert {"cpu", "memory"} <= gateway["resources"]["requests"].keys()
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert gateway[probe]["tcpSocket"]["port"] == "proxy"
+
+
+def test_service_reaches_the_proxy_port_over_tcp() -> None:
+    (port,) = container()["ports"]
+    (service_port,) = one("Service")["spec"]["ports"]
+    assert port["name"] == service_port["targetPort"] == "proxy"
+    assert service_port["protocol"] == port["protocol"] == "TCP"
+    assert (
+        one("Service")["spec"]["selector"] == one("Deployment")["spec"]["selector"]["matchLabels"]
+    )
+    assert (
+        one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"]
+        == one("Service")["spec"]["selector"]
+    )
+
+
+def mounts() -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """volume name -> (mount, volume)"""
+    volumes = {v["name"]: v for v in one("Deployment")["spec"]["template"]["spec"]["volumes"]}
+    return {m["name"]: (m, volumes[m["name"]]) for m in container()["volumeMounts"]}
+
+
+def test_secrets_config_and_recordings_are_mounted_where_the_gateway_looks() -> None:
+    by_name = mounts()
+    ca_mount, ca_volume = by_name["ca"]
+    assert ca_mount["mountPath"] == option("confdir") and ca_mount["readOnly"]
+    assert ca_volume["secret"]["secretName"] == "sluicegate-ca"
+    config_mount, config_volume = by_name["config"]
+    config_path = Path(option("sluicegate_config"))
+    assert config_mount["mountPath"] == str(config_path.parent)
+    assert config_volume["configMap"]["name"] == one("ConfigMap")["metadata"]["name"]
+    assert config_path.name in one("ConfigMap")["data"]
+    credentials, volume = by_name["credentials"]
+    assert credentials["readOnly"] and volume["secret"]["secretName"] == "sluicegate-credentials"
+    recordings, volume = by_name["recordings"]
+    assert recordings["subPathExpr"] == "$(POD_NAME)"  # one gateway per recording directory
+    assert (
+        volume["persistentVolumeClaim"]["claimName"]
+        == one("PersistentVolumeClaim")["metadata"]["name"]
+    )
+    env = {e["name"]: e for e in container()["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["SLUICEGATE_CONFIG"]["value"] == str(config_path)
+
+
+def test_the_configmap_config_is_valid_with_the_mounts(tmp_path: Path) -> None:
+    """The gateway's own loader accepts the shipped config once the mounts exist; every secret
+    it names lives in the credentials Secret's mount."""
+    text = one("ConfigMap")["data"]["sluicegate.yaml"]
+    by_name = mounts()
+    secrets_dir = by_name["credentials"][0]["mountPath"]
+    recordings_dir = by_name["recordings"][0]["mountPath"]
+    files = set(re.findall(r"\{file: ([^}]+)\}", text))
+    assert files and all(f.startswith(secrets_dir + "/") for f in files)
+    assert yaml.safe_load(text)["recording"]["directory"] == recordings_dir
+
+    local = tmp_path / "secrets"
+    local.mkdir()
+    for name in files:
+        (local / Path(name).name).write_text("test-secret-value-0123456789abcdef\n")
+    (local / "recording-signing.pem").write_bytes(Signer.generate().private_pem())
+    text = text.replace(secrets_dir, str(local)).replace(recordings_dir, str(tmp_path / "rec"))
+    text = text.replace("/app/rules", str(REPO / "rules"))
+    (tmp_path / "sluicegate.yaml").write_text(text)
+    config = load_config(tmp_path / "sluicegate.yaml")
+    assert config.gateway.environment == "production"
+    assert [r.name for r in config.routes] == ["openai", "anthropic"]
+
+
+def test_dockerfile_matches_the_deployment() -> None:
+    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
+    user = re.search(r"^USER (\d+)", dockerfile, re.M)
+    assert (
+        user
+        and int(user.group(1))
+        == one("Deployment")["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
+    )
+    assert "/app/addons/gateway.py" in dockerfile and "COPY rules ./rules" in dockerfile
+    assert f"confdir={option('confdir')}" in dockerfile
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kustomize_builds() -> None:
+    done = subprocess.run(
+        ["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(list(yaml.safe_load_all(done.stdout))) == len(documents()) - 1
+
+
+# -- systemd --------------------------------------------------------------------------------------
+
+
+def unit_settings() -> dict[str, list[str]]:
+    """key -> values (repeatable keys keep every value); continuation lines joined."""
+    settings: dict[str, list[str]] = defaultdict(list)
+    text = UNIT.read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings[key.strip()].append(" ".join(value.split()))
+    return settings
+
+
+def test_systemd_unit_runs_the_gateway_hardened() -> None:
+    s = unit_settings()
+    (start,) = s["ExecStart"]
+    argv = shlex.split(start)
+    assert argv[0].endswith("/mitmdump")
+    config = argv[argv.index("--set", argv.index("-s")) + 1].removeprefix("sluicegate_config=")
+    assert argv[argv.index("-s") + 1].endswith("/addons/gateway.py")
+    assert any(a.startswith("confdir=") for a in argv)
+    assert s["ExecStartPre"] == [
+        f"/opt/sluicegate/venv/bin/python -m sluicegate check-config {config}"
+    ]
+    assert s["User"] == ["sluicegate"]
+    for key, value in {
+        "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
+        "PrivateTmp": "yes", "PrivateDevices": "yes", "CapabilityBoundingSet": "",
+        "RestrictNamespaces": "yes", "LockPersonality": "yes", "ProtectKernelTunables": "yes",
+        "SystemCallArchitectures": "native", "UMask": "0077",
+    }.items():  # fmt: skip
+        assert s[key] == [value], key
+    assert "@system-service" in s["SystemCallFilter"]
+    assert s["StateDirectory"] and s["Restart"] == ["on-failure"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    """systemd's own parser accepts the unit (binaries swapped for ones that exist here)."""
+    text = UNIT.read_text()
+    text = text.replace("/opt/sluicegate/venv/bin/python", shutil.which("true") or "/bin/true")
+    text = text.replace("/opt/sluicegate/venv/bin/mitmdump", shutil.which("true") or "/bin/true")
+    text = re.sub(r"^(User|Group)=.*$", r"\1=root", text, flags=re.M)
+    unit = tmp_path / "sluicegate.service"
+    unit.write_text(text)
+    done = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Unknown key" not in done.stderr and "Unknown lvalue" not in done.stderr
+
+
+# -- README ---------------------------------------------------------------------------------------
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `python -m sluicegate ...` line of the README's onboarding and deploying sections."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Onboarding an agent host") : text.index("## Recordings")]
+    section = section.replace("\\\n", " ")
+    commands = []
+    for line in section.splitlines():
+        line = line.strip()
+        if line.startswith("python -m sluicegate "):
+            line = re.sub(r"\[[^\]]*\]", "", line).split(">")[0]
+            commands.append(shlex.split(line)[3:])
+    return commands
+
+
+def test_readme_onboarding_commands_parse() -> None:
+    parsers = {
+        "ca": ca.build_parser,
+        "agent-env": agent_env.build_parser,
+        "doctor": doctor.build_parser,
+    }
+    seen = set()
+    for argv in readme_commands():
+        assert argv[0] in COMMANDS
+        if argv[0] in parsers:
+            parsers[argv[0]]().parse_args(argv[1:])  # exits (SystemExit) if the README drifted
+            seen.add(argv[0])
+    assert seen == set(parsers)
