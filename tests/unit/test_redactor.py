@@ -10,7 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluicegate.engine.redactor import KeyedTagger, LiteralSecret, Redactor, plain_tag
+from sluicegate.engine.redactor import (
+    KeyedTagger,
+    LiteralSecret,
+    Redactor,
+    check_rule_examples,
+    plain_tag,
+)
 from sluicegate.engine.rules import Direction, load_rule_pack, load_rule_set
 
 RULES = Path(__file__).resolve().parents[2] / "rules"
@@ -146,6 +152,65 @@ def test_redaction_is_idempotent(parts: list[str]) -> None:
 def test_keyword_prefilter_finds_what_a_full_scan_finds(parts: list[str]) -> None:
     text = "".join(parts)
     assert REDACTOR._findings(text) == REDACTOR._findings(text, prefilter=False)
+
+
+# Keys, separators and values as context rules see them, to check their keyword windows
+# and follows (`followed_by`) against a full scan in every combination.
+KEYS = st.sampled_from(
+    ["password", "DB_PASS", "pwd", "passphrase", "client_secret", "secrete", "AUTH_TOKEN",
+     "token_value", "token_2", "credentials2", "api_key", "apiKey", "HEROKU_KEY", "AccountKey",
+     "storage_key", "aws_secret_access_key", "x-api-key", "Authorization", "auth",
+     "MessageBirdToken", "SONAR_TOKEN", "okta_api_token", "spring.datasource.password",
+     "CLOUDFLARE_KEY", "sumo_access_id", "<password>", '"auth"', "--token", "-ClientSecret"]
+)  # fmt: skip
+SEPARATORS = st.sampled_from(
+    ["=", " = ", ":", ": ", " := ", "==", " !== ", "=>", ":::=", '": ', "'] = ", "\t=\t", " ",
+     ", ", ">", "  ", '", "', "\t"]
+)  # fmt: skip
+VALUES = st.sampled_from(
+    ['"S3cr3t-V4lue!"', "'abc def ghi';", "Xy7.vQ2-pL9_zR4", "correct horse battery staple",
+     "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "00abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMN",
+     "Bearer cfcabd11c7ed9a41b1a3e063c32d5114", '"YnJvd3Nlcjo="', "Xk2pQ9vR4tL7mN1bC8dF3gH6j",
+     "${X}", "</password>"]
+)  # fmt: skip
+AROUND = st.sampled_from(["", " ", "\n", "(", '("', "<", '{"', "export ", ";", ")", "\n  "])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(AROUND, KEYS, SEPARATORS, VALUES, AROUND), min_size=1, max_size=3))
+def test_context_rules_find_what_a_full_scan_finds(
+    parts: list[tuple[str, str, str, str, str]],
+) -> None:
+    text = "".join("".join(part) for part in parts)
+    assert REDACTOR._findings(text) == REDACTOR._findings(text, prefilter=False)
+
+
+FOLLOWED_RULE = """
+rules:
+  - id: demo-assignment
+    description: value of demo_key
+    pattern: '=(?<=demo_key[ ]{0,3}=)[ ]*(?P<v>[a-z0-9]{6,})'
+    group: v
+    keywords: [demo_key]
+    followed_by: '%s'
+    window: [1, 0]
+    profiles: [default]
+    examples: {positive: [{text: 'demo_key = abc123', secret: abc123}]}
+"""
+
+
+def test_followed_by_windows_start_where_the_follow_ends(tmp_path: Path) -> None:
+    pack = pack_from(tmp_path, FOLLOWED_RULE % "[ ]*=")
+    redactor = Redactor(pack, Direction.REQUEST)
+    text = "demo_key = abc123, DEMO_KEY= zzz999, demo_key: abc123 = qqq999"
+    assert redactor.redact_text(text).text == (
+        "demo_key = [REDACTED:demo-assignment], DEMO_KEY= zzz999, demo_key: abc123 = qqq999"
+    )
+    assert check_rule_examples(pack.rules[0]) == []
+    # A follow that does not reach the match start is caught by the examples check.
+    (wrong,) = pack_from(tmp_path, FOLLOWED_RULE % "[ ]*=[ ]*").rules
+    problems = [failure.problem for failure in check_rule_examples(wrong)]
+    assert any("outside the windows" in problem for problem in problems)
 
 
 def test_text_whose_lowercase_changes_length_is_still_scanned() -> None:

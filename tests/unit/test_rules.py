@@ -51,6 +51,7 @@ def test_loads_a_valid_rule(tmp_path: Path) -> None:
     (rule,) = rule_set.rules
     assert rule.id == "demo-token"
     assert rule.keywords == ("demo_",)
+    assert rule.followed_by is None
     assert rule.directions == frozenset(Direction)
     assert rule.pattern.search("x demo_abcd1234") is not None
     assert rule.positives[0].text == "x demo_abcd1234 y"
@@ -85,6 +86,30 @@ def test_loads_a_valid_rule(tmp_path: Path) -> None:
         ),
         ("    keywords: [demo_]", "    keywords: [demo_]\n    window: [1]", "rules[0].window", ""),
         ("    keywords: [demo_]", "    window: [0, 4]", "rules[0].window", "needs keywords"),
+        (
+            "    keywords: [demo_]",
+            "    followed_by: '[a-z]'",
+            "rules[0].followed_by",
+            "needs keywords",
+        ),
+        (
+            "    keywords: [demo_]",
+            "    keywords: [demo_]\n    followed_by: '[a-z'",
+            "rules[0].followed_by",
+            "invalid pattern",
+        ),
+        (
+            "    keywords: [demo_]",
+            "    keywords: [demo_]\n    followed_by: 'x(?i)y'",
+            "rules[0].followed_by",
+            "invalid pattern",
+        ),
+        (
+            "    keywords: [demo_]",
+            "    keywords: [demo_]\n    followed_by: '(?P<n>x)'",
+            "rules[0].followed_by",
+            "named groups",
+        ),
         (
             "    keywords: [demo_]",
             "    keywords: [demo_]\n    validators: [nope]",

@@ -8,9 +8,11 @@ Overlapping findings are merged into one span; its tag is that of the first find
 (start, longest, pack order) order, literal secrets coming before every rule. Adjacent
 (touching) findings are not merged. Counts are per emitted tag.
 
-Whole text: one pass finds all keyword occurrences (`_KeywordIndex`); a rule with keywords is
-only tried near them (its `window`), by anchored matches at the characters its matches can
-start with. Rules without keywords start with a literal the regex engine searches fast.
+Whole text: a few passes find all keyword occurrences (`keywords.KeywordIndex`), and for
+rules with `followed_by`, where that pattern's match after each occurrence ends. A rule with
+keywords is only tried near those anchors (its `window`), by anchored matches at the
+characters its matches can start with. Rules without keywords start with a literal the
+regex engine searches fast.
 
 Streaming: `StreamRedactor.feed()` releases every character that can no longer be part of a
 match and holds back the rest, using partial matching of the `regex` module. A complete match
@@ -24,14 +26,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
-import string
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import regex
 
+from .keywords import Key, KeywordIndex
 from .rules import (
     CONTEXT_CHARS,
     Direction,
@@ -43,6 +44,7 @@ from .rules import (
 
 OVERFLOW_RULE_ID = "stream-hold-overflow"
 TAG_PATTERN = regex.compile(r"\[REDACTED:[a-z0-9]+(?:-[a-z0-9]+)*(?::[0-9a-f]{8})?\]")
+_TAG_START = "[REDACTED:"  # `in` finds it faster than the pattern's search
 # After a hold overflow, this much of the held text is kept so the rule can keep matching.
 _OVERFLOW_SEED = 256
 
@@ -151,10 +153,13 @@ class _Compiled:
 
     rules: tuple[Rule, ...]
     scanners: tuple[_Scanner, ...]
-    keywords: _KeywordIndex
-    # keyword -> orders of the rules using it; rules without keywords always run.
-    by_keyword: dict[str, tuple[int, ...]]
+    keywords: KeywordIndex
+    # (keyword, followed_by) -> orders of the rules using it; rules without keywords always
+    # run.
+    by_key: dict[Key, tuple[int, ...]]
     unkeyed: tuple[int, ...]
+    # per rule: its only possible first character (found with `str.find`), if it has one
+    first_char: tuple[str | None, ...]
 
     @classmethod
     def build(cls, pack: RulePack, direction: Direction) -> _Compiled:
@@ -168,18 +173,24 @@ class _Compiled:
                 for i, r in enumerate(rules)
             ),
         )
-        keywords = _KeywordIndex(k for rule in rules for k in rule.keywords)
-        by_keyword: dict[str, list[int]] = {}
+        by_key: dict[Key, list[int]] = {}
         for order, rule in enumerate(rules):
             for keyword in rule.keywords:
-                by_keyword.setdefault(keyword, []).append(order)
+                by_key.setdefault((keyword, rule.followed_by), []).append(order)
         unkeyed = tuple(order for order, rule in enumerate(rules) if not rule.keywords)
+        first_char = tuple(
+            next(iter(rule.first.ascii))
+            if len(rule.first.ascii) == 1 and not rule.first.non_ascii
+            else None
+            for rule in rules
+        )
         return cls(
             rules,
             scanners,
-            keywords,
-            {keyword: tuple(orders) for keyword, orders in by_keyword.items()},
+            KeywordIndex(by_key),
+            {key: tuple(orders) for key, orders in by_key.items()},
             unkeyed,
+            first_char,
         )
 
     @classmethod
@@ -189,112 +200,6 @@ class _Compiled:
         if compiled is None:
             compiled = pack.cache[key] = cls.build(pack, direction)
         return compiled
-
-
-def _trie_source(words: Iterable[str]) -> str:
-    """A regex alternation of `words` factored as a trie: longest word first at each node."""
-    root: dict[str, dict] = {}
-    for word in words:
-        node = root
-        for char in word:
-            node = node.setdefault(char, {})
-        node[""] = {}
-
-    def emit(node: dict[str, dict]) -> str:
-        branches = [re.escape(char) + emit(child) for char, child in sorted(node.items()) if char]
-        if not branches:
-            return ""
-        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
-        if "" in node:
-            return f"(?:{body})?"
-        return body
-
-    return emit(root)
-
-
-@dataclass(eq=False)
-class _TrieScan:
-    """One `re` pass finding many keywords. `re` skips fast over characters that cannot
-    start a word, so each trie holds words starting (or, scanned on the reversed text,
-    ending) with a character that is rare in text: `_`, `-`, `.`, digits, capitals."""
-
-    pattern: re.Pattern[str]
-    folded: bool  # scans the lowercased text
-    reverse: bool  # scans the reversed text (words stored reversed)
-    # matched word (scan direction) -> (keyword, offset of the keyword in the match)
-    expansions: dict[str, list[tuple[str, int]]]
-
-    @classmethod
-    def build(cls, keywords: list[str], *, folded: bool, reverse: bool) -> _TrieScan:
-        forms = {(k[::-1] if reverse else k): k for k in keywords}
-        expansions: dict[str, list[tuple[str, int]]] = {}
-        for form in forms:
-            expansions[form] = [
-                (keyword, len(form) - len(other) if reverse else 0)
-                for other, keyword in forms.items()
-                if form.startswith(other)
-            ]
-        pattern = re.compile(_trie_source(forms))
-        return cls(pattern, folded, reverse, expansions)
-
-    def scan(self, haystack: str, size: int, hits: dict[str, list[int]]) -> None:
-        search = self.pattern.search
-        match = search(haystack)
-        while match is not None:
-            start = size - match.end() if self.reverse else match.start()
-            for keyword, offset in self.expansions[match.group()]:
-                hits.setdefault(keyword, []).append(start + offset)
-            match = search(haystack, match.start() + 1)
-
-
-class _KeywordIndex:
-    """Finds every occurrence of every keyword of a pack in a few passes over the text."""
-
-    def __init__(self, keywords: Iterable[str]) -> None:
-        groups: dict[tuple[bool, bool], list[str]] = {}
-        self._finds: list[tuple[str, bool, re.Pattern[str]]] = []
-        for keyword in sorted(set(keywords)):
-            folded = keyword == keyword.lower()
-            common = _COMMON_FOLDED if folded else _COMMON_EXACT
-            # Exact keywords mostly start with a capital: scan those forward. Folded ones
-            # mostly end with a delimiter (ghp_, sk-): scan those on the reversed text.
-            forward_ok, reverse_ok = keyword[0] not in common, keyword[-1] not in common
-            if reverse_ok and (folded or not forward_ok):
-                groups.setdefault((folded, True), []).append(keyword)
-            elif forward_ok:
-                groups.setdefault((folded, False), []).append(keyword)
-            else:
-                self._finds.append((keyword, folded, re.compile(re.escape(keyword))))
-        self._tries = [
-            _TrieScan.build(words, folded=folded, reverse=reverse)
-            for (folded, reverse), words in sorted(groups.items())
-        ]
-        self.needs_folding = any(t.folded for t in self._tries) or any(f[1] for f in self._finds)
-
-    def hits(self, text: str, folded: str | None) -> dict[str, list[int]]:
-        """keyword -> sorted start offsets; `folded` is text.lower() (same length) or None."""
-        hits: dict[str, list[int]] = {}
-        size = len(text)
-        haystacks: dict[tuple[bool, bool], str] = {}
-        for trie in self._tries:
-            key = (trie.folded, trie.reverse)
-            haystack = haystacks.get(key)
-            if haystack is None:
-                base = folded if trie.folded else text
-                haystack = haystacks[key] = base[::-1] if trie.reverse else base
-            trie.scan(haystack, size, hits)
-        for keyword, is_folded, pattern in self._finds:
-            positions = [m.start() for m in pattern.finditer(folded if is_folded else text)]
-            if positions:
-                hits.setdefault(keyword, []).extend(positions)
-        for positions in hits.values():
-            positions.sort()
-        return hits
-
-
-# Characters too frequent in text and code to start a trie word (see `_TrieScan`).
-_COMMON_FOLDED = frozenset(string.ascii_lowercase)
-_COMMON_EXACT = frozenset(string.ascii_lowercase)
 
 
 class Redactor:
@@ -346,7 +251,7 @@ class Redactor:
     def redact_text(self, text: str) -> RedactionResult:
         if not text:
             return RedactionResult(text, {})
-        protected = [m.span() for m in TAG_PATTERN.finditer(text)]
+        protected = [m.span() for m in TAG_PATTERN.finditer(text)] if _TAG_START in text else []
         findings = self._findings(_neutralize(text, protected) if protected else text)
         counts: dict[str, int] = {}
         out = _render(text, 0, len(text), findings, protected, self.tagger, counts)
@@ -362,7 +267,7 @@ class Redactor:
         if self._literals:
             findings += _literal_findings(text, self._literals)
         compiled = self._compiled
-        hits: dict[str, list[int]] | None = None
+        hits: dict[Key, list[int]] | None = None
         if prefilter:
             folded = text.lower() if compiled.keywords.needs_folding else None
             if folded is None or len(folded) == len(text):  # a few characters lowercase to two
@@ -371,15 +276,15 @@ class Redactor:
             orders: Iterable[int] = range(len(compiled.rules))
         else:
             selected = set(compiled.unkeyed)
-            for keyword in hits:
-                selected.update(compiled.by_keyword.get(keyword, ()))
+            for key in hits:
+                selected.update(compiled.by_key[key])
             orders = sorted(selected)
         for order in orders:
             rule = compiled.rules[order]
             if rule.keywords and hits is not None:
-                found = [hits[k] for k in rule.keywords if k in hits]
-                positions = found[0] if len(found) == 1 else sorted(p for f in found for p in f)
-                matches: Iterable[regex.Match[str]] = _windowed_matches(rule, text, positions)
+                matches: Iterable[regex.Match[str]] = _windowed_matches(
+                    rule, compiled.first_char[order], text, _anchors(rule, hits)
+                )
             else:
                 matches = rule.plain.finditer(text)
             for match in matches:
@@ -389,45 +294,64 @@ class Redactor:
         return findings
 
 
-def _windowed_matches(rule: Rule, text: str, hits: list[int]) -> Iterator[regex.Match[str]]:
-    """The matches `finditer` would yield, searching only near keyword hits (sorted)."""
-    if not hits:
-        return
+def _anchors(rule: Rule, hits: dict[Key, list[int]]) -> list[int]:
+    """Where the rule's windows are measured from (sorted): its keyword occurrences, or with
+    `followed_by`, where that pattern's matches after them end."""
+    found = [hits[key] for key in ((k, rule.followed_by) for k in rule.keywords) if key in hits]
+    if len(found) == 1:
+        return found[0]
+    return sorted(p for positions in found for p in positions)
+
+
+def _windowed_matches(
+    rule: Rule, first_char: str | None, text: str, anchors: list[int]
+) -> list[regex.Match[str]]:
+    """The matches `finditer` would yield, searching only in the windows around `anchors`
+    (sorted; see `_anchors`).
+
+    Windows around consecutive anchors are merged into runs; in a run, the rule is tried
+    (anchored, on the full text) only where one of its first characters occurs, found with
+    `str.find` when there is just one, else with the rule's `finder`.
+    """
     before, after = rule.window
-    runs: list[tuple[int, int]] = []
-    low, high = hits[0] - before, hits[0] + after
-    for hit in hits:  # sorted, so each window ends no earlier than the previous one
-        if hit - before > high:
-            runs.append((low, high))
-            low = hit - before
-        high = hit + after
-    runs.append((low, high))
+    match_at = rule.plain.match
     finder = rule.finder
+    find = text.find
+    matches: list[regex.Match[str]] = []
     position = 0
-    for low, high in runs:
-        position = max(position, low, 0)
+    count, index = len(anchors), 0
+    while index < count:
+        low, high = anchors[index] - before, anchors[index] + after
+        index += 1
+        while index < count and anchors[index] - before <= high:
+            high = anchors[index] + after
+            index += 1
+        if position < low:
+            position = low if low > 0 else 0
         while position <= high:
-            if finder is not None:
-                match = _anchored_search(rule, finder, text, position, high)
+            if first_char is not None:
+                start = find(first_char, position, high + 1)
+                if start < 0:
+                    break
+                match = match_at(text, start)
+            elif finder is not None:
+                candidate = finder.search(text, position, high + 1)
+                if candidate is None:
+                    break
+                start = candidate.start()
+                match = match_at(text, start)
             else:
                 match = _bounded_search(rule, text, position, high)
+                if match is None:
+                    break
+                start = match.start()
             if match is None:
-                break
-            yield match
-            position = match.end() if match.end() > match.start() else match.start() + 1
-
-
-def _anchored_search(
-    rule: Rule, finder: re.Pattern[str], text: str, pos: int, limit: int
-) -> regex.Match[str] | None:
-    """The first match starting in [pos, limit]: anchored attempts where the rule's first
-    characters occur. Anchored on the full text, so no truncation can change the outcome."""
-    match_at = rule.plain.match
-    for candidate in finder.finditer(text, pos, limit + 1):
-        match = match_at(text, candidate.start())
-        if match is not None:
-            return match
-    return None
+                position = start + 1
+                continue
+            matches.append(match)
+            end = match.end()
+            position = end if end > start else start + 1
+    return matches
 
 
 def _bounded_search(rule: Rule, text: str, pos: int, limit: int) -> regex.Match[str] | None:
@@ -739,7 +663,7 @@ def check_rule_examples(rule: Rule) -> list[ExampleFailure]:
             fail(where, "nothing was redacted")
         full = sorted(redactor._findings(example.text, prefilter=False))
         if sorted(redactor._findings(example.text)) != full:
-            fail(where, "a match starts too far from every keyword occurrence")
+            fail(where, "a match starts outside the windows of its keyword occurrences")
         for match in rule.pattern.finditer(example.text):
             if match.end() > match.start() and not rule.first.accepts(match.group()[0]):
                 fail(where, "a match starts with a character outside the computed first set")

@@ -14,6 +14,10 @@ Pattern conventions (see rules/README.md):
   of an occurrence of one of the rule's keywords (`window: [before, after]`, default
   `DEFAULT_WINDOW`), or the rule has no keywords (then the pattern should start with a
   literal, which the regex engine finds fast on its own);
+- with `followed_by`, only keyword occurrences followed right away by a match of that `re`
+  pattern (always matched ignoring case) count, and the window is measured from the end of
+  that match instead: a context rule (`password = ...`) then tries its pattern once, at the
+  separator after the key, and not at every separator near every "password" in prose;
 - a keyword in lowercase matches in any case; one with an uppercase letter matches exactly.
 """
 
@@ -39,8 +43,8 @@ DEFAULT_WINDOW = (64, 96)
 MAX_WINDOW = 1024
 
 RULE_KEYS = frozenset(
-    {"id", "description", "pattern", "group", "keywords", "window", "validators", "direction",
-     "profiles", "examples"}
+    {"id", "description", "pattern", "group", "keywords", "followed_by", "window", "validators",
+     "direction", "profiles", "examples"}
 )  # fmt: skip
 KEY_RULE_KEYS = frozenset({"id", "description", "key", "direction", "profiles", "examples"})
 FILE_KEYS = frozenset({"rules", "key_rules"})
@@ -105,6 +109,9 @@ class Rule:
     finder: re.Pattern[str] | None
     group: int | str
     keywords: tuple[str, ...]
+    # What must follow a keyword occurrence for it to count (`re`, ignoring case); the window
+    # is then measured from the end of this match.
+    followed_by: re.Pattern[str] | None
     window: tuple[int, int]  # (before, after): where matches start around a keyword
     validators: tuple[validators_module.Validator, ...]
     directions: frozenset[Direction]
@@ -666,6 +673,19 @@ def _parse_rule(file: Path, path: str, data: object) -> Rule:
         group = raw_group
 
     keywords = tuple(reader.strings("keywords"))
+    followed_by: re.Pattern[str] | None = None
+    if reader.data.get("followed_by", None) is not None:
+        follow_source = reader.string("followed_by")
+        if not keywords:
+            raise reader.error("followed_by", "needs keywords")
+        # It is embedded in the keyword index's patterns, next to other rules' follows.
+        if _BACKREFERENCE.search(follow_source) or "(?P<" in follow_source:
+            raise reader.error("followed_by", "backreferences and named groups not supported")
+        try:
+            re.compile(f"(?:{follow_source})")
+            followed_by = re.compile(follow_source)
+        except re.error as exc:
+            raise reader.error("followed_by", f"invalid pattern: {exc}") from None
     window = DEFAULT_WINDOW
     raw_window = reader.data.get("window", None)
     if raw_window is not None:
@@ -691,6 +711,7 @@ def _parse_rule(file: Path, path: str, data: object) -> Rule:
         finder=first.finder(),
         group=group,
         keywords=keywords,
+        followed_by=followed_by,
         window=window,
         validators=_parse_validators(reader),
         directions=directions,

@@ -71,8 +71,8 @@ def shannon_entropy(value: str) -> float:
     """Bits per character; random base64 is ~6, English words ~3-4 at word length."""
     if not value:
         return 0.0
-    length = len(value)
-    return -sum(n / length * math.log2(n / length) for n in Counter(value).values())
+    length, log2 = len(value), math.log2
+    return -sum([n / length * log2(n / length) for n in Counter(value).values()])
 
 
 def min_entropy(threshold: float) -> Validator:
@@ -162,9 +162,8 @@ def literal_block_values(block: str) -> bool:
 
 def token_shape(value: str) -> bool:
     """Long random-looking token: mixes letters and digits, not one repeated character."""
-    has_digit = any(c.isdigit() for c in value)
-    has_alpha = any(c.isalpha() for c in value)
-    return has_digit and has_alpha and len(set(value)) >= 6
+    has_digit = any(map(str.isdigit, value))
+    return has_digit and any(map(str.isalpha, value)) and len(set(value)) >= 6
 
 
 _HEX = frozenset("0123456789abcdefABCDEF")
