@@ -221,6 +221,7 @@ class Redactor:
         for literal in literals:
             if literal.value:
                 self._literals.setdefault(literal.value, literal.rule_id)
+        self._stream_index: _StreamIndex | None = None
         self._literal_scanner: _Scanner | None = None
         if self._literals:
             pattern = _literal_pattern(self._literals)
@@ -258,7 +259,9 @@ class Redactor:
         return RedactionResult(out, counts)
 
     def stream(self, max_hold: int) -> StreamRedactor:
-        return StreamRedactor(self._compiled, self._literal_scanner, self.tagger, max_hold)
+        if self._stream_index is None:
+            self._stream_index = _StreamIndex.build(self._compiled, self._literal_scanner)
+        return StreamRedactor(self._stream_index, self.tagger, max_hold)
 
     # --- whole-text search --------------------------------------------------------------
 
@@ -454,32 +457,49 @@ def _overlaps_any(finding: _Finding, spans: list[tuple[int, int]]) -> bool:
     return any(s < finding.end and finding.start < e for s, e in spans)
 
 
-class StreamRedactor:
-    """Incremental redaction of one text channel (see the module docstring)."""
+@dataclass(frozen=True)
+class _StreamIndex:
+    """The scanners a stream runs and, per ASCII character, which of them can start a match there
+    (the rest for non-ASCII). Built once per redactor, shared by all its channels."""
 
-    def __init__(
-        self,
-        compiled: _Compiled,
-        literal_scanner: _Scanner | None,
-        tagger: Tagger,
-        max_hold: int,
-    ) -> None:
-        if max_hold < 1:
-            raise ValueError("max_hold must be positive")
-        self.counts: dict[str, int] = {}
-        self._scanners: list[_Scanner] = list(compiled.scanners)
-        if literal_scanner is not None:
-            self._scanners.append(literal_scanner)
-        # ASCII character -> scanners that can start a match with it; the rest for non-ASCII.
+    scanners: tuple[_Scanner, ...]
+    by_char: dict[str, frozenset[int]]
+    non_ascii: frozenset[int]
+
+    @classmethod
+    def build(cls, compiled: _Compiled, literal_scanner: _Scanner | None) -> _StreamIndex:
+        scanners = (
+            compiled.scanners
+            if literal_scanner is None
+            else (
+                *compiled.scanners,
+                literal_scanner,
+            )
+        )
         by_char: dict[str, list[int]] = {}
         non_ascii: list[int] = []
-        for index, scanner in enumerate(self._scanners):
+        for index, scanner in enumerate(scanners):
             for char in scanner.first.ascii:
                 by_char.setdefault(char, []).append(index)
             if scanner.first.non_ascii:
                 non_ascii.append(index)
-        self._by_char = {char: frozenset(indexes) for char, indexes in by_char.items()}
-        self._non_ascii = frozenset(non_ascii)
+        return cls(
+            scanners,
+            {char: frozenset(indexes) for char, indexes in by_char.items()},
+            frozenset(non_ascii),
+        )
+
+
+class StreamRedactor:
+    """Incremental redaction of one text channel (see the module docstring)."""
+
+    def __init__(self, index: _StreamIndex, tagger: Tagger, max_hold: int) -> None:
+        if max_hold < 1:
+            raise ValueError("max_hold must be positive")
+        self.counts: dict[str, int] = {}
+        self._scanners = index.scanners
+        self._by_char = index.by_char
+        self._non_ascii = index.non_ascii
         self._tagger = tagger
         self._max_hold = max_hold
         self._buf = ""
