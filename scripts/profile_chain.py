@@ -131,6 +131,7 @@ class Driver:
         self.addons = addons
         self.times: collections.Counter[str] = collections.Counter()
         self.flows = 0
+        self.server: Any = None
 
     async def hook(self, name: str, flow: http.HTTPFlow, timed: bool = True) -> None:
         for addon in self.addons:
@@ -156,6 +157,9 @@ class Driver:
                 "authorization": "Bearer sk-agent-placeholder",
             },
         )
+        if self.server is None:
+            self.server = flow.server_conn
+        flow.server_conn = self.server  # one upstream connection, as in a keep-alive tunnel
         self.flows += 1
         number = b"%011d" % self.flows
         flow.request.content = request_body.replace(COUNTER, number)

@@ -117,6 +117,15 @@ class CallerAuth(GatewayAddon):
             token = self._proxy_token(flow, value)
             await self._authenticate(flow, PROXY_SOURCE, token)
             TUNNELS.open(flow.client_conn, token)
+            # Once per tunnel, not per request: in mitmdump every log record, even one below
+            # the console's level, is formatted and dispatched to all addons (~100 µs).
+            caller = flowstate.state(flow).caller
+            logger.debug(
+                "sluicegate: tunnel opened by caller %s (token %s) [request %s]",
+                caller.subject if caller else "-",
+                caller.fingerprint if caller else "-",
+                flow.id,
+            )
         elif self._inner_sources:
             TUNNELS.open(flow.client_conn, None)  # the requests inside must carry a token
         else:
@@ -185,13 +194,6 @@ class CallerAuth(GatewayAddon):
         )
         flowstate.state(flow).caller = caller
         flowstate.record(flow, "caller", caller.as_metadata())
-        logger.debug(
-            "sluicegate: caller %s (token %s via %s) [request %s]",
-            caller.subject,
-            caller.fingerprint,
-            source,
-            flow.id,
-        )
 
     def _refusal(
         self, flow: http.HTTPFlow, reason: str, source: str | None, fingerprint: str | None
