@@ -75,6 +75,8 @@ class FlowState:
     facts: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Non-recordable working data (identity objects, secrets to scrub...), by addon.
     private: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The dict `publish` last put into flow.metadata (`record` updates it in place).
+    published: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
 
 
 _states: weakref.WeakKeyDictionary[Any, FlowState] = weakref.WeakKeyDictionary()
@@ -111,10 +113,19 @@ def keep_original(flow: Any, part: str, body: bytes) -> None:
 
 
 def record(flow: Any, section: str, value: Any) -> None:
-    """Set a recordable fact and publish it to `flow.metadata` at once."""
+    """Set a recordable fact and publish it to `flow.metadata` at once.
+
+    Only the new value is checked (the rest was checked when it was recorded), and the published
+    metadata is updated in place while it is still the one `publish` put there.
+    """
+    ensure_plain(value, f"{METADATA_KEY}.{section}")
     st = state(flow)
     st.facts[section] = value
-    publish(flow)
+    meta = flow.metadata.get(METADATA_KEY)
+    if meta is not None and meta is st.published:
+        meta[section] = value
+    else:
+        publish(flow)
 
 
 def publish(flow: Any) -> None:
@@ -128,7 +139,7 @@ def publish(flow: Any) -> None:
     if st.refusal is not None:
         meta["refusal"] = dataclasses.asdict(st.refusal)
     ensure_plain(meta, METADATA_KEY)
-    flow.metadata[METADATA_KEY] = meta
+    flow.metadata[METADATA_KEY] = st.published = meta
 
 
 _PLAIN_SCALARS = (str, int, float, bool, bytes, type(None))

@@ -134,9 +134,12 @@ class CallerAuth(GatewayAddon):
     @guard.fail_closed("gateway_error")
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         headers = flow.request.headers
-        found = {name: headers[name] for name in CALLER_CREDENTIAL_HEADERS if name in headers}
-        for name in CALLER_CREDENTIAL_HEADERS:
-            headers.pop(name, None)
+        # One pass over the fields instead of a lookup per name (each one scans them all).
+        names = {name.lower() for name, _ in headers.fields}
+        present = [name for name in CALLER_CREDENTIAL_HEADERS if name.encode() in names]
+        found = {name: headers[name] for name in present}
+        for name in present:
+            del headers[name]
         candidate = self._candidate(flow, found)
         if candidate is None:
             # Outside a tunnel the agent talks to us as its proxy: ask for the proxy password.
