@@ -10,7 +10,8 @@ Endpoints (keep-alive; request bodies by Content-Length or chunked):
 - POST /v1/chat/completions[?size=N]  a chat.completion whose message has N characters (default
   40), starting with a counter so no two answers are the same text, whatever the request held;
 - GET  /sse?n=N[&pace_us=P]           N chat.completion.chunk events (one word each, one chunked
-  write per event, P microseconds apart), then `data: [DONE]`.
+  write per event, P microseconds apart), then `data: [DONE]`;
+- GET  /stats                         connections accepted and requests served so far.
 """
 
 from __future__ import annotations
@@ -123,7 +124,11 @@ async def _sse(writer: asyncio.StreamWriter, n: int, pace: float) -> None:
     await writer.drain()
 
 
+STATS = {"connections": 0, "requests": 0}
+
+
 async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    STATS["connections"] += 1
     sock = writer.get_extra_info("socket")
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -135,6 +140,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 return
             method, target, _ = head[0].split(b" ", 2)
             await _read_body(reader, head)
+            STATS["requests"] += 1
             path, _, query = target.decode("latin-1").partition("?")
             params = {k: int(v[0]) for k, v in parse_qs(query).items()}
             if path == "/sse":
@@ -142,6 +148,8 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 continue
             if path == "/v1/chat/completions" and method == b"POST":
                 status, body = b"200 OK", completion(params.get("size", 40))
+            elif path == "/stats":
+                status, body = b"200 OK", json.dumps(STATS).encode()
             else:
                 status, body = b"404 Not Found", b'{"error": "not found"}'
             writer.write(

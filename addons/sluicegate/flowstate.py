@@ -124,8 +124,15 @@ def record(flow: Any, section: str, value: Any) -> None:
     meta = flow.metadata.get(METADATA_KEY)
     if meta is not None and meta is st.published:
         meta[section] = value
-    else:
-        publish(flow)
+    else:  # every fact was checked when it was recorded; a refusal has plain fields
+        flow.metadata[METADATA_KEY] = st.published = _projection(st)
+
+
+def _projection(st: FlowState) -> dict[str, Any]:
+    meta: dict[str, Any] = {"request_id": st.request_id, **st.facts}
+    if st.refusal is not None:
+        meta["refusal"] = dataclasses.asdict(st.refusal)
+    return meta
 
 
 def publish(flow: Any) -> None:
@@ -135,9 +142,7 @@ def publish(flow: Any) -> None:
     serialize; a programming error here must fail loudly (and the guard fails the flow closed).
     """
     st = state(flow)
-    meta: dict[str, Any] = {"request_id": st.request_id, **st.facts}
-    if st.refusal is not None:
-        meta["refusal"] = dataclasses.asdict(st.refusal)
+    meta = _projection(st)
     ensure_plain(meta, METADATA_KEY)
     flow.metadata[METADATA_KEY] = st.published = meta
 

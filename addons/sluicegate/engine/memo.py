@@ -101,7 +101,9 @@ class MemoRedactor:
         self.direction = direction
         self._memo = memo
         self._scope = scope
-        self._literals = tuple(v for v in literals if v)
+        self._literals = tuple(sorted({v for v in literals if v}, key=len))
+        # Most texts (JSON keys, ids, roles) are shorter than every literal: no search at all.
+        self._shortest = len(self._literals[0]) if self._literals else 0
 
     @property
     def redactor(self) -> Redactor:
@@ -124,12 +126,17 @@ class MemoRedactor:
         memo = self._memo
         if memo is None:
             return self.redactor.redact_text(text)
-        if memo.seen(self._scope, text) and not any(v in text for v in self._literals):
+        if memo.seen(self._scope, text) and not self._holds_literal(text):
             return RedactionResult(text, {})
         result = self.redactor.redact_text(text)
         if not result.changed:
             memo.add(self._scope, text)
         return result
+
+    def _holds_literal(self, text: str) -> bool:
+        if len(text) < self._shortest:
+            return False
+        return any(value in text for value in self._literals)
 
 
 # What body and JSON redaction accept: a plain redactor, or one that remembers clean texts.
