@@ -6,7 +6,8 @@ credential in all its encodings, the caller's token) so upstream echoes of them 
 agent. Redactors with literals cost a regex compilation each; the same caller on the same route
 has the same literals on every request, so they are kept (a few, least recently used out).
 Buffered bodies are redacted through `engine.memo.MemoRedactor`, which skips texts the rules
-already found clean for the same caller (see there why that is exact).
+already found clean for the same caller (see there why that is exact); SSE streams of the same
+caller and redactor share their memo of short strings (`stream_memo`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from sluicegate.engine.bodies import BodyPolicy
 from sluicegate.engine.memo import CleanTexts, MemoRedactor
 from sluicegate.engine.redactor import KeyedTagger, LiteralSecret, Redactor, Tagger
 from sluicegate.engine.rules import Direction, RulePack, load_rule_pack
+from sluicegate.engine.sse_adapters import WholeTextMemo
 from sluicegate.flowstate import Caller, ScrubLiteral
 
 LITERAL_REDACTORS = 64
+STREAM_MEMOS = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +47,23 @@ class RedactionRuntime:
     _lock: threading.Lock = dataclasses.field(
         default_factory=threading.Lock, compare=False, repr=False
     )
+    _stream_memos: OrderedDict[tuple[Redactor, str], WholeTextMemo] = dataclasses.field(
+        default_factory=OrderedDict, compare=False, repr=False
+    )
+
+    def stream_memo(self, redactor: Redactor, caller: Caller | None) -> WholeTextMemo:
+        """What the SSE streams of `redactor` and `caller` share: their redacted short strings
+        (ids, model names, keys), so a stream's first event costs what the others cost.
+        Streams run on the event loop only."""
+        key = (redactor, _scope(caller))
+        memo = self._stream_memos.get(key)
+        if memo is None:
+            memo = self._stream_memos[key] = WholeTextMemo()
+            while len(self._stream_memos) > STREAM_MEMOS:
+                self._stream_memos.popitem(last=False)
+        else:
+            self._stream_memos.move_to_end(key)
+        return memo
 
     def for_response(self, scrub: Iterable[ScrubLiteral]) -> Redactor:
         """The response redactor for one flow: rules plus that flow's scrub literals."""

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sluicegate import redaction_runtime
 from sluicegate.engine.bodies import BodyPolicy, redact_body
 from sluicegate.engine.memo import CleanTexts, MemoRedactor, key_rule_for
 from sluicegate.engine.redactor import LiteralSecret, Redactor
@@ -138,8 +140,8 @@ def test_key_rule_lookups_are_remembered_and_bounded() -> None:
     assert "x" * 300 not in cache and "model" in cache and cache["model"] is None
 
 
-def test_runtime_keeps_redactors_per_literal_set_and_masks_new_literals() -> None:
-    runtime = RedactionRuntime(
+def make_runtime() -> RedactionRuntime:
+    return RedactionRuntime(
         request=REQUEST,
         response=RESPONSE,
         response_scrub_only=RESPONSE,
@@ -147,6 +149,10 @@ def test_runtime_keeps_redactors_per_literal_set_and_masks_new_literals() -> Non
         max_hold=4096,
         max_body_bytes=1 << 20,
     )
+
+
+def test_runtime_keeps_redactors_per_literal_set_and_masks_new_literals() -> None:
+    runtime = make_runtime()
     caller = Caller("alice", (), "https://idp", None, "fp")
     first = (ScrubLiteral("injected-credential:r", INJECTED),)
     rotated = (ScrubLiteral("injected-credential:r", INJECTED[::-1]),)
@@ -156,3 +162,18 @@ def test_runtime_keeps_redactors_per_literal_set_and_masks_new_literals() -> Non
     assert runtime.response_text_redactor(caller, first).redact_text(text).text == text
     masked = runtime.response_text_redactor(caller, rotated).redact_text(text)
     assert masked.text == "echo [REDACTED:injected-credential:r]"
+
+
+def test_stream_memos_are_per_redactor_and_caller_and_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runtime = make_runtime()
+    alice = Caller("alice", (), "https://idp", None, "fp1")
+    bob = Caller("bob", (), "https://idp", None, "fp2")
+    memo = runtime.stream_memo(RESPONSE, alice)
+    assert runtime.stream_memo(RESPONSE, alice) is memo
+    assert runtime.stream_memo(RESPONSE, bob) is not memo
+    assert runtime.stream_memo(REQUEST, alice) is not memo
+    monkeypatch.setattr(redaction_runtime, "STREAM_MEMOS", 2)
+    runtime.stream_memo(RESPONSE, None)
+    assert runtime.stream_memo(RESPONSE, alice) is not memo  # the least recently used went

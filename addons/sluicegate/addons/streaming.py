@@ -239,7 +239,11 @@ class StreamRedaction(GatewayAddon):
         st = flowstate.state(flow)
         redactor = runtime.for_response(st.scrub)
         max_hold = runtime.max_hold
-        sse = SseRedactor(lambda: redactor.stream(max_hold), max_event_bytes=max_event)
+        sse = SseRedactor(
+            lambda: redactor.stream(max_hold),
+            max_event_bytes=max_event,
+            memo=runtime.stream_memo(redactor, st.caller),
+        )
         response_policy: ResponsePolicy | None = st.private.get(RESPONSE_POLICY_KEY)
         # Two scanners: the released events as sent, and the text their deltas carry.
         scanners = [response_policy.stream(), response_policy.stream()] if response_policy else []
