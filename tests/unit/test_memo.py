@@ -108,6 +108,10 @@ def test_memory_is_bounded_least_recently_used_first() -> None:
     assert memo.chars == 30
     assert not memo.seen("alice", "bbbbbbbbbb")
     assert all(memo.seen("alice", w) for w in ("aaaaaaaaaa", "cccccccccc", "dddddddddd"))
+    few = CleanTexts(max_texts=2)
+    for word in ("a", "b", "c"):
+        memo_redactor(few).redact_text(word)
+    assert len(few) == 2 and not few.seen("alice", "a") and few.seen("alice", "c")
 
 
 def test_json_bodies_redact_the_same_with_a_memo() -> None:

@@ -15,7 +15,8 @@ literals is redacted in full.
 Scope: remembered texts are kept per caller, so how long a request takes cannot tell one caller
 whether another caller sent a text. Memory is bounded: texts longer than `max_text_chars` are
 never remembered, and the least recently used ones go once all remembered texts together exceed
-`max_chars`. Only clean texts are kept, never a text in which a rule found a secret.
+`max_chars` or there are more than `max_texts` of them. Only clean texts are kept, never a text
+in which a rule found a secret.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .redactor import RedactionResult, Redactor
 from .rules import Direction, KeyRule, RulePack
 
 MAX_CHARS = 4_000_000
+MAX_TEXTS = 20_000  # short texts cost more in bookkeeping than in characters
 MAX_TEXT_CHARS = 256 * 1024
 # Names looked up in key rules: bounded, cleared when full (names come from request bodies).
 MAX_KEY_NAMES = 4096
@@ -41,9 +43,15 @@ class CleanTexts:
     Thread-safe: large bodies are redacted on worker threads.
     """
 
-    def __init__(self, max_chars: int = MAX_CHARS, max_text_chars: int = MAX_TEXT_CHARS) -> None:
+    def __init__(
+        self,
+        max_chars: int = MAX_CHARS,
+        max_text_chars: int = MAX_TEXT_CHARS,
+        max_texts: int = MAX_TEXTS,
+    ) -> None:
         self.max_chars = max_chars
         self.max_text_chars = min(max_text_chars, max_chars)
+        self.max_texts = max_texts
         self._texts: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._chars = 0
         self._lock = threading.Lock()
@@ -73,7 +81,7 @@ class CleanTexts:
                 return
             self._texts[key] = None
             self._chars += size
-            while self._chars > self.max_chars:
+            while self._chars > self.max_chars or len(self._texts) > self.max_texts:
                 (_, old), _ = self._texts.popitem(last=False)
                 self._chars -= len(old)
 
