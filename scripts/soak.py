@@ -18,9 +18,10 @@ Tunnels are reopened every 200 requests. Every request, CONNECTs included, carri
 `x-soak-seq: N`; a request counts as answered once its whole response was read. At the end the
 gateway is stopped (SIGTERM, so sessions are sealed), every session file is read back with
 `mitmproxy.io.FlowReader`, and every answered sequence number must be in a recorded flow.
-Printed: RSS and open descriptors of the gateway over time (start, after warm-up, end), answered
-and recorded counts, and missing flows (there must be none). Exit status 1 on missing flows, a
-descriptor leak or errors the gateway logged.
+Printed: RSS and open descriptors of the gateway over time, and idle (no connection open) after
+the warm-up and at the end; answered and recorded counts, and missing flows (there must be
+none). Exit status 1 on missing flows, unreadable session files, more descriptors open at the
+idle end than at the idle baseline, or errors the gateway logged.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import dataclasses
 import json
 import random
 import re
@@ -55,6 +57,9 @@ MIX = {"json": 60, "sse": 12, "big": 3, "blocked": 10, "no_token": 5, "bad_token
 REOPEN_EVERY = 200
 CHAT = "/v1/chat/completions"
 WARMUP_SECONDS = 60
+IDLE_SECONDS = 2.0
+# Session files open and close with rotation and idle timeouts: two per identity.
+FD_SLACK = 4
 
 
 class Soak:
@@ -174,28 +179,58 @@ class Soak:
             self.unexpected[f"no_token: status {response.status}"] += 1
         self.answered.add(inner)
 
-    async def run(self) -> list[tuple[float, int, int, int]]:
+    async def run(self) -> Samples:
+        """Warm-up, an idle pause (the baseline), the rest of the run, an idle pause (the end)."""
         args = self.args
-        start = time.monotonic()
-        deadline = start + args.minutes * 60
+        total = args.minutes * 60
+        samples = Samples(time.monotonic(), self.sample("start"))
+        warm_up = min(WARMUP_SECONDS, total * 0.2)
+        await self.phase(warm_up, samples)
+        await asyncio.sleep(IDLE_SECONDS)  # connections closed, nothing in flight
+        samples.baseline = self.sample(f"idle after {warm_up:.0f} s warm-up")
+        await self.phase(total - warm_up, samples)
+        await asyncio.sleep(IDLE_SECONDS)
+        samples.end = self.sample("idle at the end")
+        return samples
+
+    def sample(self, label: str) -> Sample:
+        return Sample(label, self.gateway.rss(), self.gateway.fds(), len(self.answered))
+
+    async def phase(self, seconds: float, samples: Samples) -> None:
+        args = self.args
+        deadline = time.monotonic() + seconds
         interval = args.workers / args.rate
-        samples = [(0.0, self.gateway.rss(), self.gateway.fds(), 0)]
         workers = [
             asyncio.create_task(self.worker(deadline, interval)) for _ in range(args.workers)
         ]
         while time.monotonic() < deadline:
             await asyncio.sleep(min(args.sample_seconds, max(0.0, deadline - time.monotonic())))
-            now = time.monotonic() - start
-            samples.append((now, self.gateway.rss(), self.gateway.fds(), len(self.answered)))
+            now = time.monotonic() - samples.started
+            sample = self.sample(f"{now:.0f} s")
+            samples.during.append(sample)
             print(
-                f"  {now:6.0f} s  RSS {samples[-1][1] / 2**20:7.1f} MiB  fds {samples[-1][2]:4d}  "
-                f"answered {samples[-1][3]:7d}",
+                f"  {sample.label:>6}  RSS {sample.rss / 2**20:7.1f} MiB  fds {sample.fds:4d}  "
+                f"answered {sample.answered:7d}",
                 flush=True,
             )
         await asyncio.gather(*workers)
-        await asyncio.sleep(1)  # let the gateway settle (closed connections, idle sessions)
-        samples.append((time.monotonic() - start, self.gateway.rss(), self.gateway.fds(), 0))
-        return samples
+
+
+@dataclasses.dataclass
+class Sample:
+    label: str
+    rss: int
+    fds: int
+    answered: int
+
+
+@dataclasses.dataclass
+class Samples:
+    started: float
+    start: Sample
+    baseline: Sample | None = None
+    end: Sample | None = None
+    during: list[Sample] = dataclasses.field(default_factory=list)
 
 
 _ANY = re.compile(rb"data:")
@@ -260,25 +295,29 @@ def main() -> int:
         missing = sorted(soak.answered - set(seqs))
         duplicated = sorted(s for s, n in seqs.items() if n > 1)
         errors = [line.strip() for line in gateway.lines if " error" in line.lower()]
-        start, end = samples[0], samples[-1]
-        warm = next((s for s in samples[1:] if s[0] >= WARMUP_SECONDS), samples[1])
+        base, end = samples.baseline, samples.end
+        assert base is not None and end is not None
+        sessions = len(list(recordings.glob("*/*.mitm")))
         print(f"\nrequests answered: {len(soak.answered)} ({dict(soak.kinds)})")
-        print(f"flows recorded: {flows} in {len(list(recordings.glob('*/*.mitm')))} session files")
+        print(f"flows recorded: {flows} in {sessions} session files")
         example = f" e.g. {missing[:5]}" if missing else ""
         print(f"answered but not recorded: {len(missing)}{example}")
         print(f"recorded more than once: {len(duplicated)}")
         print(
-            f"RSS MiB: start {start[1] / 2**20:.1f}, after {warm[0]:.0f} s {warm[1] / 2**20:.1f}, "
-            f"end {end[1] / 2**20:.1f}"
+            f"RSS MiB: start {samples.start.rss / 2**20:.1f}, {base.label} "
+            f"{base.rss / 2**20:.1f}, {end.label} {end.rss / 2**20:.1f} "
+            f"(max while running {max(s.rss for s in samples.during) / 2**20:.1f})"
         )
-        print(f"open fds: start {start[2]}, after {warm[0]:.0f} s {warm[2]}, end {end[2]}")
+        print(
+            f"open fds: start {samples.start.fds}, {base.label} {base.fds}, {end.label} {end.fds}"
+        )
         if soak.unexpected:
             print(f"unexpected answers: {dict(soak.unexpected)}")
         if problems:
             print(f"unreadable session files: {problems[:3]}")
         if errors:
             print(f"gateway logged {len(errors)} error line(s), e.g. {errors[0]}")
-        if missing or problems or errors or end[2] > warm[2] + 5:
+        if missing or duplicated or problems or errors or end.fds > base.fds + FD_SLACK:
             status = 1
     finally:
         if args.keep:
