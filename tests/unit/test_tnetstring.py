@@ -20,6 +20,15 @@ class Level(enum.IntEnum):
     LOW = 1
 
 
+class Text(str):
+    def __str__(self) -> str:
+        return "not what is encoded"
+
+
+class Pair(tuple):
+    pass
+
+
 scalars = (
     st.none()
     | st.booleans()
@@ -58,6 +67,8 @@ def test_odd_values_follow_the_reference() -> None:
         Level.LOW,
         OrderedDict(b=1, a=[2]),
         {1: 2.5, None: True},
+        [Text("abc"), Pair((b"x", Level.LOW)), bytearray(b"no")][:2],
+        {Text("k"): Pair(())},
         math.inf,
         -0.0,
         10**40,

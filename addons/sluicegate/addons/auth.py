@@ -8,7 +8,8 @@ Where the token comes from (`auth.token_sources`):
   use their token as the "API key" of an SDK.
 
 A tunnel's token is kept in memory (never in the flow) and verified again for every request in
-the tunnel, so an expiring token or a key removed by a config reload takes effect at once. A
+the tunnel, so an expiring token or a key removed by a config reload takes effect at once (the
+verifier remembers the signature check only; see `TokenVerifier`). A
 tunnel's proxy token is authoritative: the inner token headers are then the SDK's placeholder
 "API key" and only stripped.
 

@@ -3,10 +3,10 @@
 `mitmproxy.io.tnetstring.dumps` is the reference: every record must be byte-for-byte what it
 writes, so that stock mitmproxy reads the session files and the chain hashes what was written
 (a property test compares the two on arbitrary values). Two things make this one cheaper per
-flow: dispatch on the exact type first (subclasses fall back to the reference encoder, whose
-`isinstance` rules they follow), and `known` encodings: containers whose bytes the caller already
-has (a connection's state, the same for every flow of a keep-alive connection) are copied in
-instead of being encoded again.
+flow: dispatch on the exact type first (subclasses follow the reference's `isinstance` rules),
+and `known` encodings: containers whose bytes the caller already has (a connection's state, the
+same for every flow of a keep-alive connection) are copied in instead of being encoded again.
+No mitmproxy import: the recording package stays usable without it.
 
 Note the reference's order for mappings: it writes the pairs last first (it builds the output
 backwards), so this does the same.
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
-
-from mitmproxy.io import tnetstring as reference
 
 NO_KNOWN: Mapping[int, bytes] = {}
 
@@ -73,11 +71,29 @@ def _encode(value: Any, parts: list[bytes], known: Mapping[int, bytes]) -> int:
         return 8
     if kind is int:
         data = b"%d" % value
-        item = b"%d:%s#" % (len(data), data)
     elif kind is float:
         data = repr(value).encode()
-        item = b"%d:%s^" % (len(data), data)
-    else:  # subclasses and anything else: exactly as (or refused like) the reference
-        item = reference.dumps(value)
+    else:
+        return _encode_subclass(value, parts, known)
+    item = b"%d:%s%s" % (len(data), data, b"#" if kind is int else b"^")
+    parts.append(item)
+    return len(item)
+
+
+def _encode_subclass(value: Any, parts: list[bytes], known: Mapping[int, bytes]) -> int:
+    """Instances of subclasses (IntEnum, OrderedDict...), by the reference's `isinstance` rules."""
+    if isinstance(value, int):
+        data, tag = str(value).encode(), b"#"
+    elif isinstance(value, float):
+        data, tag = repr(value).encode(), b"^"
+    elif isinstance(value, bytes | str):
+        return _encode(value[:], parts, known)  # a slice of a subclass is the base type
+    elif isinstance(value, list | tuple):
+        return _encode(list(value), parts, known)
+    elif isinstance(value, dict):
+        return _encode(dict(value.items()), parts, known)
+    else:
+        raise ValueError(f"unserializable object: {value} ({type(value)})")
+    item = b"%d:%s%s" % (len(data), data, tag)
     parts.append(item)
     return len(item)
