@@ -181,6 +181,21 @@ class Bench:
         await conn.close()
         return result
 
+    async def first_tokens(self, proxy: Process, count: int) -> Round:
+        """One keep-alive connection, `count` short streams one after the other: the time to
+        each one's first content event."""
+        target = self.target(proxy)
+        conn = await Conn.open(target)
+        raw = get(target, "/sse?n=20")
+        await conn.stream(raw, FIRST_TOKEN)
+        result = Round()
+        for _ in range(count):
+            first, _, _ = await conn.stream(raw, FIRST_TOKEN)
+            result.latencies.append(first)
+        result.requests = count
+        await conn.close()
+        return result
+
     async def streams(self, proxy: Process, count: int, events: int) -> list[tuple[float, float]]:
         """`count` concurrent SSE streams of `events` events: (first token, total) seconds."""
         target = self.target(proxy)
@@ -290,6 +305,9 @@ def section_sse(bench: Bench, env: BenchEnv, gateway: Process) -> None:
     bare = env.start_bare("bare-stream", stream=True)
     try:
         proxies = {"bare": bare, "gateway": gateway}
+        alone = interleave(
+            proxies, args.rounds, lambda n: asyncio.run(bench.first_tokens(proxies[n], 20))
+        )
         results: dict[str, list[tuple[float, float, float]]] = {n: [] for n in proxies}
         for i in range(max(3, args.rounds // 2)):
             for name in proxies if i % 2 == 0 else reversed(list(proxies)):
@@ -311,6 +329,14 @@ def section_sse(bench: Bench, env: BenchEnv, gateway: Process) -> None:
         f"{'ratio':>8} {g[0] / b[0]:18.2f}x {g[1] / b[1]:18.2f}x {g[2] / b[2]:11.2f}x   "
         f"(first token added {(g[0] - b[0]) * 1e3:+.1f} ms; µs CPU per event: bare "
         f"{b[2] / (streams * events) * 1e6:.0f}, gateway {g[2] / (streams * events) * 1e6:.0f})"
+    )
+    first = {
+        n: median([percentile(r.latencies, 0.5) for r in runs]) * 1e3 for n, runs in alone.items()
+    }
+    fb, fg = first["bare"], first["gateway"]
+    print(
+        f"one stream alone (no other load), first token p50: bare {fb:.2f} ms, "
+        f"gateway {fg:.2f} ms, added {fg - fb:+.2f} ms"
     )
 
 
@@ -418,6 +444,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer and smaller runs")
     parser.add_argument("--pin", action="store_true", help="proxies on CPU 0, the rest on CPU 1")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (recordings)")
+    parser.add_argument(
+        "--gateway-script",
+        type=Path,
+        default=None,
+        help="another gateway.py to measure (e.g. an exported older version), same config",
+    )
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.seconds = min(args.rounds, 3), min(args.seconds, 2.0)
@@ -427,7 +459,7 @@ def main() -> None:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
 
     work = Path(tempfile.mkdtemp(prefix="sluicegate-bench-"))
-    env = BenchEnv(work)
+    env = BenchEnv(work, args.gateway_script)
     started: list[Process] = []
     try:
         upstream = env.start_upstream()

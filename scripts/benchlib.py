@@ -149,8 +149,9 @@ def start_mitmdump(
 class BenchEnv:
     """One temp dir: upstream CA + certificate, IdP, recording key, the shared mitmproxy confdir."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, gateway_script: Path | None = None) -> None:
         self.work = work
+        self.gateway_script = gateway_script or GATEWAY_SCRIPT
         self.pki = TestCA(work / "pki")
         self.server = self.pki.issue("bench-upstream")
         self.idp = TestIdP(work / "idp")
@@ -224,7 +225,7 @@ class BenchEnv:
     def start_gateway(
         self, config: Path, name: str = "gateway", profile: Path | None = None
     ) -> Process:
-        args = [*self.common_args(), "-s", str(GATEWAY_SCRIPT)]
+        args = [*self.common_args(), "-s", str(self.gateway_script)]
         args += ["--set", f"sluicegate_config={config}"]
         env = {UPSTREAM_KEY_ENV: UPSTREAM_KEY}
         return start_mitmdump(name, args, self.work, env, profile)
