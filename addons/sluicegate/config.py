@@ -9,6 +9,7 @@ Secrets are never inlined: they are `{env: NAME}` or `{file: PATH}` references (
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import re
 import threading
@@ -750,8 +751,11 @@ class Config:
             yield "approvals", "required: the policy holds flows for approval"
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_host(host: str) -> str:
-    """Canonical spelling of a host for comparisons: lower case, no trailing dot, IPs compressed."""
+    """Canonical spelling of a host for comparisons: lower case, no trailing dot, IPs compressed.
+
+    Cached: every request compares its host (and SNI) with every route's host."""
     host = host.strip().lower().rstrip(".")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]

@@ -75,6 +75,8 @@ class FlowState:
     facts: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Non-recordable working data (identity objects, secrets to scrub...), by addon.
     private: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The dict `publish` last put into flow.metadata (`record` updates it in place).
+    published: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
 
 
 _states: weakref.WeakKeyDictionary[Any, FlowState] = weakref.WeakKeyDictionary()
@@ -111,10 +113,26 @@ def keep_original(flow: Any, part: str, body: bytes) -> None:
 
 
 def record(flow: Any, section: str, value: Any) -> None:
-    """Set a recordable fact and publish it to `flow.metadata` at once."""
+    """Set a recordable fact and publish it to `flow.metadata` at once.
+
+    Only the new value is checked (the rest was checked when it was recorded), and the published
+    metadata is updated in place while it is still the one `publish` put there.
+    """
+    ensure_plain(value, f"{METADATA_KEY}.{section}")
     st = state(flow)
     st.facts[section] = value
-    publish(flow)
+    meta = flow.metadata.get(METADATA_KEY)
+    if meta is not None and meta is st.published:
+        meta[section] = value
+    else:  # every fact was checked when it was recorded; a refusal has plain fields
+        flow.metadata[METADATA_KEY] = st.published = _projection(st)
+
+
+def _projection(st: FlowState) -> dict[str, Any]:
+    meta: dict[str, Any] = {"request_id": st.request_id, **st.facts}
+    if st.refusal is not None:
+        meta["refusal"] = dataclasses.asdict(st.refusal)
+    return meta
 
 
 def publish(flow: Any) -> None:
@@ -124,11 +142,9 @@ def publish(flow: Any) -> None:
     serialize; a programming error here must fail loudly (and the guard fails the flow closed).
     """
     st = state(flow)
-    meta: dict[str, Any] = {"request_id": st.request_id, **st.facts}
-    if st.refusal is not None:
-        meta["refusal"] = dataclasses.asdict(st.refusal)
+    meta = _projection(st)
     ensure_plain(meta, METADATA_KEY)
-    flow.metadata[METADATA_KEY] = meta
+    flow.metadata[METADATA_KEY] = st.published = meta
 
 
 _PLAIN_SCALARS = (str, int, float, bool, bytes, type(None))

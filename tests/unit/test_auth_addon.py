@@ -241,6 +241,34 @@ def test_tunnel_token_is_verified_again_for_each_request(auth: CallerAuth, idp: 
     assert error_of(flow)["code"] == "expired"
 
 
+def test_tunnel_token_expiring_mid_tunnel_is_refused_at_expiry(
+    auth: CallerAuth, idp: TestIdP
+) -> None:
+    """The verifier remembers the token's signature; expiry is still checked on every request."""
+    now = [1_000_000.0]
+    auth._verifier = tokens.TokenVerifier(
+        [tokens.JwksFileSource(idp.jwks_file, algorithms=["RS256"])],
+        tokens.TokenPolicy(
+            issuers=("https://idp.test.local",), audiences=("sluicegate",), leeway_seconds=0
+        ),
+        clock=lambda: now[0],
+    )
+    token = idp.mint(iat=int(now[0]), nbf=int(now[0]), exp=int(now[0]) + 60)
+    conn = client()
+    run(
+        auth.http_connect(
+            connect_flow("h", 443, headers={"proxy-authorization": basic(token)}, client_conn=conn)
+        )
+    )
+    for second in (0, 30, 59):
+        now[0] = 1_000_000.0 + second
+        assert inner(auth, {}, client_conn=conn).response is None
+    now[0] = 1_000_000.0 + 60
+    flow = inner(auth, {}, client_conn=conn)
+    assert flow.response is not None and flow.response.status_code == 407
+    assert error_of(flow)["code"] == "expired"
+
+
 def test_connect_without_credentials_defers_to_inner_tokens(auth: CallerAuth, idp: TestIdP) -> None:
     conn = client()
     connect = connect_flow("h", 443, client_conn=conn)

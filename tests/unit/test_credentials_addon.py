@@ -107,6 +107,13 @@ def test_rotated_secret_file_is_used_without_a_restart(chain: Chain) -> None:
     second = chain.send(flow_to("api.openai.com", 443))
     assert first.request.headers["authorization"] == f"Bearer {SECRET}"
     assert second.request.headers["authorization"] == "Bearer sk-test-rotated-9876543210"
+    # The scrub literals (kept per route and secret) follow the rotation: echoes of the new
+    # secret are masked, in every encoding, and the old one is no longer this flow's secret.
+    scrubbed = {lit.value for lit in flowstate.state(second).scrub}
+    assert scrubbed == set(secret_variants("sk-test-rotated-9876543210"))
+    assert {lit.value for lit in flowstate.state(first).scrub} == set(secret_variants(SECRET))
+    third = chain.send(flow_to("api.openai.com", 443))
+    assert {lit.value for lit in flowstate.state(third).scrub} == scrubbed
 
 
 def test_marker_replaces_the_secret_once_the_response_arrives(chain: Chain) -> None:

@@ -123,3 +123,17 @@ def test_metadata_must_be_plain() -> None:
     assert flow.metadata["sluicegate"]["ok"] == {"a": [1, "x", None, 2.5, b"raw"]}
     with pytest.raises(TypeError, match=r"sluicegate.bad: set cannot be saved"):
         flowstate.record(flow, "bad", {1, 2})
+
+
+def test_recorded_facts_accumulate_and_replace_foreign_metadata() -> None:
+    flow = tflow.tflow()
+    flowstate.record(flow, "a", 1)
+    flowstate.record(flow, "b", {"x": [2]})
+    flowstate.record(flow, "a", 3)
+    assert flow.metadata["sluicegate"] == {"request_id": flow.id, "a": 3, "b": {"x": [2]}}
+    flow.metadata["sluicegate"] = {"foreign": object()}  # replaced by someone else
+    flowstate.record(flow, "c", "z")
+    assert flow.metadata["sluicegate"] == {"request_id": flow.id, "a": 3, "b": {"x": [2]}, "c": "z"}
+    with pytest.raises(TypeError):
+        flowstate.record(flow, "d", object())
+    assert "d" not in flowstate.state(flow).facts and "d" not in flow.metadata["sluicegate"]

@@ -217,6 +217,47 @@ def test_secrets_never_reach_any_file(env) -> None:
     assert saved.response.trailers["x-debug"] == "[credential:openai]"
 
 
+def test_flows_of_one_connection_record_its_current_state(env) -> None:
+    """Connection states are reused between flows only while the connection is unchanged."""
+    e, _ = env
+    first = authenticated_flow()
+    client, server = first.client_conn, first.server_conn
+    expected = []
+
+    def record(flow: http.HTTPFlow) -> None:
+        run(e.addon, flow)
+        expected.append((client.get_state(), server.get_state()))
+
+    record(first)
+    record(authenticated_flow(client_conn=client, server_conn=server))
+    client.alpn_offers.append(b"h2")  # a list changed in place counts too
+    record(authenticated_flow(client_conn=client, server_conn=server))
+    client.sni = "changed.example"
+    server.timestamp_end = server.timestamp_start + 5
+    record(authenticated_flow(client_conn=client, server_conn=server))
+    saved = e.flows()
+    assert len(saved) == 4
+    for (client_state, server_state), stored in zip(expected, saved, strict=True):
+        assert stored.client_conn.get_state() == client_state
+        assert stored.server_conn.get_state() == server_state
+    assert [f.client_conn.alpn_offers for f in saved] == [[], [], [b"h2"], [b"h2"]]
+    assert saved[2].client_conn.sni != "changed.example" == saved[3].client_conn.sni
+    assert saved[3].server_conn.timestamp_end == server.timestamp_end
+
+
+def test_a_secret_in_a_known_connection_state_is_still_scrubbed(env) -> None:
+    e, _ = env
+    first = authenticated_flow()
+    run(e.addon, first)
+    first.client_conn.sni = f"{KEY}.example"
+    second = authenticated_flow(client_conn=first.client_conn, server_conn=first.server_conn)
+    run(e.addon, second)
+    third = authenticated_flow(client_conn=first.client_conn, server_conn=first.server_conn)
+    run(e.addon, third)  # the connection's state (with the key) is a known encoding now
+    assert KEY.encode() not in e.all_bytes()
+    assert [f.client_conn.sni for f in e.flows()[1:]] == ["[credential:openai].example"] * 2
+
+
 def test_marker_restored_by_injection_is_kept(env) -> None:
     e, _ = env
     f = authenticated_flow()

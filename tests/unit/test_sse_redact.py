@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sluicegate.engine.sse import SseEventTooLarge, SseParser
-from sluicegate.engine.sse_redact import SseRedactor, error_event
+from sluicegate.engine.sse_redact import SseRedactor, WholeTextMemo, error_event
 from tests.support.sse_testing import (
     SECRETS,
     FakeRedactor,
@@ -359,3 +359,31 @@ def test_non_string_type_fields_do_not_crash(payload: object) -> None:
     redactor = SseRedactor(make_stream)
     out = redactor.feed(sse(payload)) + redactor.finish()
     assert out.startswith(b"data: ")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    documents=st.lists(
+        st.dictionaries(
+            st.sampled_from(["id", "model", SECRETS[1], "note", "object"]),
+            st.sampled_from(["chatcmpl-1", "gpt-x", SECRETS[0], SECRETS[2], "plain words"]),
+            max_size=4,
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    streams=st.integers(min_value=2, max_value=4),
+)
+def test_streams_sharing_a_memo_redact_and_count_as_alone(
+    documents: list[dict[str, str]], streams: int
+) -> None:
+    """A memo shared by the streams of one redactor changes neither output nor counts."""
+    body = b"".join(sse(d) for d in documents) + chat_stream([SECRETS[0], " ok"])
+    memo = WholeTextMemo()
+    for _ in range(streams):
+        alone, shared = SseRedactor(make_stream), SseRedactor(make_stream, memo=memo)
+        expected = alone.feed(body) + alone.finish()
+        assert shared.feed(body) + shared.finish() == expected
+        assert shared.counts == alone.counts
+        assert_no_secret(expected)
+    assert memo.results  # it was used

@@ -801,3 +801,112 @@ def test_plain_http_is_allowed_only_to_loopback_or_explicitly() -> None:
     JwksUrlSource("http://idp.internal/jwks", allow_insecure_http=True)
     with pytest.raises(KeySourceError):
         JwksUrlSource("http://10.0.0.1/jwks")
+
+
+# --- remembered signatures -----------------------------------------------------------------------
+
+
+def counting_signature_checks(v: TokenVerifier) -> list[str]:
+    """Every signature check `v` makes from now on appends the token checked."""
+    checked: list[str] = []
+    decode = v._jws.decode_complete
+
+    def counting(token: str, *args: Any, **kwargs: Any) -> Any:
+        checked.append(token)
+        return decode(token, *args, **kwargs)
+
+    v._jws.decode_complete = counting  # type: ignore[method-assign]
+    return checked
+
+
+def test_a_verified_signature_is_remembered_but_claims_are_checked_every_time(
+    jwks_path: Path,
+) -> None:
+    clock = FakeClock()
+    clock.now = NOW
+    v = verifier(JwksFileSource(jwks_path), clock=clock, leeway_seconds=30)
+    checked = counting_signature_checks(v)
+    token = sign(claims(exp=NOW + 300, nbf=NOW + 100), kid="rsa-1")
+    assert rejection(v.verify, token).reason == "not_yet_valid"
+    clock.now = NOW + 100
+    for _ in range(3):
+        assert v.verify(token).subject == "alice"
+        assert asyncio.run(v.averify(token)).subject == "alice"
+    assert checked == [token]  # one signature check, the not-yet-valid call included
+    clock.now = NOW + 300 + 30  # expiry (with leeway) reached while the signature is remembered
+    assert rejection(v.verify, token).reason == "expired"
+    assert rejection(lambda t: asyncio.run(v.averify(t)), token).reason == "expired"
+
+
+def test_a_remembered_token_with_another_signature_or_payload_is_verified_again(
+    jwks_path: Path,
+) -> None:
+    v = verifier(JwksFileSource(jwks_path))
+    checked = counting_signature_checks(v)
+    token = sign()
+    assert v.verify(token).subject == "alice"
+    head, payload, signature = token.split(".")
+    other_payload = b64(json.dumps(claims(sub="mallory")).encode())
+    forged_signature = b64(base64.urlsafe_b64decode(signature + "==")[::-1])
+    for forged in (f"{head}.{other_payload}.{signature}", f"{head}.{payload}.{forged_signature}"):
+        assert rejection(v.verify, forged).reason == "bad_signature"
+    assert len(checked) == 3
+
+
+def test_a_key_removed_from_the_jwks_refuses_remembered_tokens(server: JwksServer) -> None:
+    clock = FakeClock()
+    v = url_verifier(server.url, clock, min_refetch_interval=1, max_age=60)
+    averify = lambda t: asyncio.run(v.averify(t))  # noqa: E731
+    token = sign(kid="rsa-1")
+    assert averify(token).subject == "alice"
+    server.document = {"keys": [jwk(OTHER_RSA_KEY, "rsa-2")]}  # rsa-1 revoked
+    clock.now += 61
+    assert rejection(averify, token).reason == "unknown_kid"
+    assert rejection(v.verify, token).reason == "unknown_kid"
+
+
+def test_a_key_replaced_under_the_same_kid_verifies_remembered_tokens_again(
+    server: JwksServer,
+) -> None:
+    clock = FakeClock()
+    v = url_verifier(server.url, clock, min_refetch_interval=1, max_age=60)
+    checked = counting_signature_checks(v)
+    averify = lambda t: asyncio.run(v.averify(t))  # noqa: E731
+    token = sign(kid="rsa-1")
+    assert averify(token).subject == "alice"
+    clock.now += 61
+    assert averify(token).subject == "alice"  # same keys refetched: checked once more
+    assert len(checked) == 2
+    server.document = {"keys": [jwk(OTHER_RSA_KEY, "rsa-1")]}
+    clock.now += 61
+    assert rejection(averify, token).reason == "bad_signature"
+    assert rejection(v.verify, token).reason == "bad_signature"
+
+
+def test_a_stale_key_set_refuses_remembered_tokens(server: JwksServer) -> None:
+    clock = FakeClock()
+    v = url_verifier(server.url, clock, min_refetch_interval=1, max_age=60, max_stale=600)
+    token = sign(claims(exp=NOW + 10**6))
+    assert asyncio.run(v.averify(token)).subject == "alice"
+    server.status = 500
+    clock.now += 601
+    assert rejection(lambda t: asyncio.run(v.averify(t)), token).reason == "jwks_unavailable"
+    assert rejection(v.verify, token).reason == "jwks_unavailable"
+
+
+def test_remembered_signatures_are_bounded(
+    jwks_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sluicegate.engine.tokens as tokens_module
+
+    monkeypatch.setattr(tokens_module, "VERIFIED_TOKENS", 3)
+    v = verifier(JwksFileSource(jwks_path))
+    checked = counting_signature_checks(v)
+    minted = [sign(claims(jti=f"token-{i}")) for i in range(5)]
+    for token in minted:
+        v.verify(token)
+    assert len(v._verified) == 3
+    v.verify(minted[0])  # evicted: checked again
+    v.verify(minted[4])  # kept
+    assert checked == [*minted, minted[0]]
+    assert all(token.encode() not in repr(v._verified).encode() for token in minted)

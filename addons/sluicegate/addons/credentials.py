@@ -28,6 +28,7 @@ from sluicegate.schema import SecretUnavailable
 
 # flowstate private key: what was injected into the flow's request (never the secret itself).
 INJECTED_KEY: Final = "credentials.injected"
+MAX_REMEMBERED_SECRETS: Final = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,22 @@ def credential_marker(route: str) -> str:
 
 class CredentialInjection(GatewayAddon):
     """Seventh in the chain: inject last, conceal as soon as the request is gone."""
+
+    def __init__(self) -> None:
+        # (route, secret) -> its scrub literals: the same for every request until the secret
+        # rotates. Holds only values already in memory (the secret is read on every request).
+        self._literals: dict[tuple[str, str], tuple[flowstate.ScrubLiteral, ...]] = {}
+
+    def _scrub_literals(self, route: str, secret: str) -> tuple[flowstate.ScrubLiteral, ...]:
+        key = (route, secret)
+        literals = self._literals.get(key)
+        if literals is None:
+            rule_id = scrub_rule_id(route)
+            literals = tuple(flowstate.ScrubLiteral(rule_id, v) for v in secret_variants(secret))
+            if len(self._literals) >= MAX_REMEMBERED_SECRETS:
+                self._literals.clear()  # rotated secrets: keep only what is in use
+            self._literals[key] = literals
+        return literals
 
     @guard.fail_closed("gateway_error")
     def request(self, flow: http.HTTPFlow) -> None:
@@ -76,16 +93,15 @@ class CredentialInjection(GatewayAddon):
                 "credential_invalid",
                 f"The credential for route {route.name!r} is not a valid header value.",
             )
-        variants = secret_variants(secret)
-        if not variants:  # too short to be masked reliably wherever it is echoed
+        literals = self._scrub_literals(route.name, secret)
+        if not literals:  # too short to be masked reliably wherever it is echoed
             raise guard.GatewayRefusal(
                 500,
                 "credential_invalid",
                 f"The credential for route {route.name!r} is too short to be protected.",
             )
         st = flowstate.state(flow)
-        rule_id = scrub_rule_id(route.name)
-        st.scrub.extend(flowstate.ScrubLiteral(rule_id, v) for v in variants)
+        st.scrub.extend(literals)
         template = route.inject.template
         concealed = template.replace("{secret}", credential_marker(route.name))
         st.private[INJECTED_KEY] = Injected(route.inject.header, concealed)

@@ -29,7 +29,13 @@ from sluicegate.addons import guard
 from sluicegate.addons.base import GatewayAddon
 from sluicegate.engine import chain, sealing
 from sluicegate.recording.audit import AuditLog
-from sluicegate.recording.snapshot import SnapshotLeak, SnapshotPolicy, audit_entry, snapshot
+from sluicegate.recording.snapshot import (
+    ConnectionStates,
+    SnapshotLeak,
+    SnapshotPolicy,
+    audit_entry,
+    snapshot,
+)
 from sluicegate.recording.store import Limits, Receipt, RecordingUnavailable, SessionStore
 
 logger = logging.getLogger("sluicegate.recorder")
@@ -52,6 +58,7 @@ class Recorder(GatewayAddon):
         self.in_flight: weakref.WeakValueDictionary[str, http.HTTPFlow] = (
             weakref.WeakValueDictionary()
         )
+        self.connections = ConnectionStates()
         self._ticker: asyncio.Task[None] | None = None
         self._next_retention = 0.0
 
@@ -200,7 +207,7 @@ class Recorder(GatewayAddon):
             return None
         self.in_flight.pop(flow.id, None)
         try:
-            snap = snapshot(flow, policy, event=event)
+            snap = snapshot(flow, policy, event=event, connections=self.connections)
         except SnapshotLeak:
             return self._lost(flow, RecordingUnavailable("recording_scrub_failed", "not masked"))
         except (ValueError, TypeError) as e:

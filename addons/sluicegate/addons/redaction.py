@@ -32,7 +32,7 @@ from sluicegate.addons.base import GatewayAddon
 from sluicegate.config import Config
 from sluicegate.engine import decoding
 from sluicegate.engine.bodies import BodyPolicy, BodyRefused, media_type, redact_body
-from sluicegate.engine.redactor import Redactor
+from sluicegate.engine.memo import MemoRedactor
 from sluicegate.redaction_runtime import RedactionRuntime, build_redaction
 
 logger = logging.getLogger("sluicegate.redaction")
@@ -76,7 +76,7 @@ class Redaction(GatewayAddon):
         raw = request.raw_content or b""
         if len(raw) > runtime.max_body_bytes:
             raise _refusal("request", "body_too_large", runtime.max_body_bytes)
-        redactor = runtime.request
+        redactor = runtime.request_text_redactor(flowstate.state(flow).caller)
         if redactor is None:
             return
         counts = _redact_query(request, redactor)
@@ -109,7 +109,7 @@ class Redaction(GatewayAddon):
             raise _refusal("response", "response_too_large", runtime.max_body_bytes)
         if runtime.response is None and not st.scrub:
             return  # no rules and no injected credential: nothing to find
-        redactor = runtime.for_response(st.scrub)
+        redactor = runtime.response_text_redactor(st.caller, st.scrub)
         counts = await self._redact_message(flow, response, "response", redactor)
         _record(flow, "response", counts)
 
@@ -120,7 +120,7 @@ class Redaction(GatewayAddon):
         return self.runtime
 
     async def _redact_message(
-        self, flow: http.HTTPFlow, message: http.Message, part: Part, redactor: Redactor
+        self, flow: http.HTTPFlow, message: http.Message, part: Part, redactor: MemoRedactor
     ) -> dict[str, int]:
         """Decode, redact and put back `message`'s body (identity-encoded); the counts."""
         runtime = self._runtime()
@@ -157,7 +157,7 @@ class Redaction(GatewayAddon):
         return result.counts
 
 
-def _redact_query(request: http.Request, redactor: Redactor) -> dict[str, int]:
+def _redact_query(request: http.Request, redactor: MemoRedactor) -> dict[str, int]:
     """Redact the query string's decoded names and values; the path stays byte for byte."""
     path, sep, query = request.data.path.partition(b"?")
     if not sep or not query:

@@ -26,7 +26,6 @@ import logging
 import sys
 import traceback
 import weakref
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -45,7 +44,6 @@ from sluicegate.engine.policy import (
     ResponseScanner,
     sse_error_event,
 )
-from sluicegate.engine.redactor import Redactor
 from sluicegate.engine.sse import SseError
 from sluicegate.engine.sse_redact import SseRedactor, error_event
 from sluicegate.redaction_runtime import RedactionRuntime, build_redaction
@@ -57,9 +55,6 @@ FAULT_POINT: Final = "StreamRedaction.stream"
 # One SSE event may be this large (the engine's default: `response.completed` repeats the whole
 # output); never more than the gateway inspects in a buffered body.
 MAX_EVENT_BYTES: Final = 8 << 20
-# Per-flow redactors by scrub literals: the same caller and route give the same literals on every
-# request, and compiling them costs about as much as the whole first event.
-REDACTOR_CACHE_SIZE: Final = 64
 STREAM_ERROR_CODE: Final = "stream_redaction_error"
 STREAM_ERROR_MESSAGE: Final = (
     "The gateway stopped this stream because the rest of it could not be redacted safely."
@@ -211,24 +206,9 @@ class StreamRedaction(GatewayAddon):
 
     def __init__(self) -> None:
         self.runtime: RedactionRuntime | None = None
-        self._redactors: OrderedDict[tuple[flowstate.ScrubLiteral, ...], Redactor] = OrderedDict()
 
     def apply(self, config: Config) -> None:
         self.runtime = build_redaction(config)
-        self._redactors.clear()
-
-    def _redactor(
-        self, runtime: RedactionRuntime, scrub: Sequence[flowstate.ScrubLiteral]
-    ) -> Redactor:
-        key = tuple(scrub)
-        redactor = self._redactors.get(key)
-        if redactor is None:
-            redactor = self._redactors[key] = runtime.for_response(key)
-            if len(self._redactors) > REDACTOR_CACHE_SIZE:
-                self._redactors.popitem(last=False)
-        else:
-            self._redactors.move_to_end(key)
-        return redactor
 
     @guard.fail_closed(STREAM_ERROR_CODE)
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -257,9 +237,13 @@ class StreamRedaction(GatewayAddon):
                 "cannot be redacted; nothing was forwarded.",
             ) from None
         st = flowstate.state(flow)
-        redactor = self._redactor(runtime, st.scrub)
+        redactor = runtime.for_response(st.scrub)
         max_hold = runtime.max_hold
-        sse = SseRedactor(lambda: redactor.stream(max_hold), max_event_bytes=max_event)
+        sse = SseRedactor(
+            lambda: redactor.stream(max_hold),
+            max_event_bytes=max_event,
+            memo=runtime.stream_memo(redactor, st.caller),
+        )
         response_policy: ResponsePolicy | None = st.private.get(RESPONSE_POLICY_KEY)
         # Two scanners: the released events as sent, and the text their deltas carry.
         scanners = [response_policy.stream(), response_policy.stream()] if response_policy else []

@@ -20,7 +20,8 @@ from typing import Literal
 from urllib.parse import quote_plus, unquote_plus
 
 from .json_redact import JsonRedactionError, redact_json_text
-from .redactor import TAG_PATTERN, Redactor
+from .memo import TextRedactor, key_rule_for
+from .redactor import TAG_PATTERN
 
 Kind = Literal["empty", "json", "jsonl", "text", "form", "multipart", "binary", "unknown"]
 
@@ -105,13 +106,13 @@ def classify(content_type: str | None) -> Kind:
 
 
 def redact_body(
-    body: bytes, content_type: str | None, redactor: Redactor, policy: BodyPolicy
+    body: bytes, content_type: str | None, redactor: TextRedactor, policy: BodyPolicy
 ) -> BodyResult:
     return _redact(body, content_type, redactor, policy, depth=0)
 
 
 def _redact(
-    body: bytes, content_type: str | None, redactor: Redactor, policy: BodyPolicy, depth: int
+    body: bytes, content_type: str | None, redactor: TextRedactor, policy: BodyPolicy, depth: int
 ) -> BodyResult:
     if not body:
         return BodyResult(body, False, {}, "empty")
@@ -142,7 +143,7 @@ def _redact(
 
 
 def _redact_text(
-    text: str, kind: Kind, codec: str, redactor: Redactor
+    text: str, kind: Kind, codec: str, redactor: TextRedactor
 ) -> tuple[str, dict[str, int], Kind]:
     """Redacted text, counts, and the kind found (JSON that does not parse is text)."""
     if kind == "form":
@@ -196,7 +197,7 @@ def _decode(body: bytes, charset: str | None) -> tuple[str, str]:
 
 
 def _redact_json_or_text(
-    text: str, redactor: Redactor, *, try_json: bool
+    text: str, redactor: TextRedactor, *, try_json: bool
 ) -> tuple[str, dict[str, int], bool]:
     if try_json:
         bom = "\ufeff" if text.startswith("\ufeff") else ""
@@ -209,7 +210,7 @@ def _redact_json_or_text(
     return result.text, result.counts, False
 
 
-def _redact_lines(text: str, redactor: Redactor) -> tuple[str, dict[str, int]]:
+def _redact_lines(text: str, redactor: TextRedactor) -> tuple[str, dict[str, int]]:
     """JSON lines: each line on its own (a line that is not JSON is redacted as text)."""
     counts: dict[str, int] = {}
     lines = text.splitlines(keepends=True)
@@ -222,16 +223,15 @@ def _redact_lines(text: str, redactor: Redactor) -> tuple[str, dict[str, int]]:
     return "".join(lines), counts
 
 
-def _redact_form(text: str, codec: str, redactor: Redactor) -> tuple[str, dict[str, int]]:
+def _redact_form(text: str, codec: str, redactor: TextRedactor) -> tuple[str, dict[str, int]]:
     """application/x-www-form-urlencoded: decode each pair, redact, re-encode changed ones."""
     counts: dict[str, int] = {}
     pairs = text.split("&")
-    key_rules = redactor.key_rules
     for index, pair in enumerate(pairs):
         raw_name, sep, raw_value = pair.partition("=")
         name = unquote_plus(raw_name, encoding=codec, errors="surrogateescape")
         value = unquote_plus(raw_value, encoding=codec, errors="surrogateescape")
-        rule = next((r for r in key_rules if r.matches(name)), None)
+        rule = key_rule_for(redactor, name)
         if rule is not None and value and not TAG_PATTERN.fullmatch(value):
             new_name, new_value = name, redactor.tag(rule.id, value)
             _merge(counts, {rule.id: 1})
@@ -255,7 +255,7 @@ _DISPOSITION_PARAM = re.compile(r';\s*([\w*-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^
 
 
 def _redact_multipart(
-    body: bytes, params: dict[str, str], redactor: Redactor, policy: BodyPolicy, depth: int
+    body: bytes, params: dict[str, str], redactor: TextRedactor, policy: BodyPolicy, depth: int
 ) -> BodyResult:
     """multipart/form-data: each part redacted by its own type; boundaries kept byte for byte.
 
@@ -277,7 +277,7 @@ def _redact_multipart(
         part = body[body_start:body_end]
         disposition = headers.get("content-disposition", "")
         name = _disposition_param(disposition, "name")
-        rule = next((r for r in redactor.key_rules if name and r.matches(name)), None)
+        rule = key_rule_for(redactor, name) if name else None
         if rule is not None and part:
             new_part = redactor.tag(rule.id, part.decode("latin-1")).encode("ascii")
             _merge(counts, {rule.id: 1})

@@ -15,7 +15,8 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from .redactor import TAG_PATTERN, Redactor
+from .memo import TextRedactor, key_rule_for
+from .redactor import TAG_PATTERN
 from .rules import KeyRule
 
 MAX_DEPTH = 200  # nesting of arrays/objects, counted across nested documents
@@ -54,7 +55,7 @@ class JsonRedactionResult:
         return bool(self.counts)
 
 
-def redact_json_text(text: str, redactor: Redactor) -> JsonRedactionResult:
+def redact_json_text(text: str, redactor: TextRedactor) -> JsonRedactionResult:
     """Redact a JSON document (or plain text, if `text` is not JSON)."""
     document = _parse(text)
     if document is _NOT_JSON:
@@ -84,9 +85,8 @@ def _parse(text: str) -> object:
 
 
 class _Walker:
-    def __init__(self, redactor: Redactor) -> None:
+    def __init__(self, redactor: TextRedactor) -> None:
         self.redactor = redactor
-        self.key_rules: tuple[KeyRule, ...] = redactor.key_rules
         self.counts: dict[str, int] = {}
 
     def count(self, counts: dict[str, int]) -> None:
@@ -113,7 +113,7 @@ class _Walker:
         out, changed = _Pairs(), False
         for key, value in pairs:
             new_key, key_changed = self.string(key, depth, nesting)
-            rule = next((r for r in self.key_rules if r.matches(key)), None)
+            rule = key_rule_for(self.redactor, key)
             if rule is not None:
                 new_value, value_changed = self.mask(rule, value)
             else:

@@ -386,39 +386,61 @@ class Channels:
         return events
 
 
+class WholeTextMemo:
+    """Redacted short standalone strings, shareable by the streams of one text redactor.
+
+    Ids, model names, roles and object keys repeat in every event of a stream and in every
+    stream, so a memo kept across the streams of the same redactor (and sensitive keys) makes
+    a stream's first event as cheap as the others. Bounded: strings up to `MAX_CACHED`
+    characters, cleared when `CACHE_SIZE` are held.
+    """
+
+    MAX_CACHED = 256
+    CACHE_SIZE = 4096
+
+    def __init__(self) -> None:
+        self.results: dict[tuple[bool, str], tuple[str, Mapping[str, int]]] = {}
+        self.clean: set[str] = set()  # plain strings known to need nothing
+
+    def remember(self, json_text: bool, text: str, result: tuple[str, Mapping[str, int]]) -> None:
+        if len(text) > self.MAX_CACHED:
+            return
+        if len(self.results) >= self.CACHE_SIZE:
+            self.results.clear()
+            self.clean.clear()
+        self.results[(json_text, text)] = result
+        if not json_text and result == (text, {}):
+            self.clean.add(text)
+
+
 class WholeText:
     """Redacts standalone strings: a fresh stream per string, memoised for short ones.
 
-    Ids, model names and the like repeat in every event, so the cache pays for itself; redaction
-    is deterministic, and counts are replayed on every hit.
+    Redaction is deterministic, and counts are replayed on every hit (see `WholeTextMemo`).
     """
 
-    _MAX_CACHED = 256
-    _CACHE_SIZE = 4096
-
-    def __init__(self, make_text_stream: TextStreamFactory, sensitive_keys: Collection[str]):
+    def __init__(
+        self,
+        make_text_stream: TextStreamFactory,
+        sensitive_keys: Collection[str],
+        memo: WholeTextMemo | None = None,
+    ):
         self._make = make_text_stream
         self._sensitive = sensitive_keys
-        self._cache: dict[tuple[bool, str], tuple[str, Mapping[str, int]]] = {}
-        self._clean: set[str] = set()  # short plain strings known to need nothing
+        self.memo = memo if memo is not None else WholeTextMemo()
         self.counts: Counter[str] = Counter()
 
     def redact(self, text: str, *, json_text: bool = False, count: bool = True) -> str:
-        if not text or (text in self._clean and not json_text):
+        memo = self.memo
+        if not text or (text in memo.clean and not json_text):
             return text
-        cached = self._cache.get((json_text, text))
+        cached = memo.results.get((json_text, text))
         if cached is None:
             stream: TextStream = (
                 JsonTextStream(self._make, self._sensitive) if json_text else self._make()
             )
             cached = (stream.feed(text) + stream.flush(), dict(stream_counts(stream)))
-            if len(text) <= self._MAX_CACHED:
-                if len(self._cache) >= self._CACHE_SIZE:
-                    self._cache.clear()
-                    self._clean.clear()
-                self._cache[(json_text, text)] = cached
-                if not json_text and cached == (text, {}):
-                    self._clean.add(text)
+            memo.remember(json_text, text, cached)
         if count and cached[1]:
             self.counts.update(cached[1])
         return cached[0]
@@ -763,11 +785,12 @@ class EventRewriter:
         *,
         max_channels: int = 1024,
         sensitive_keys: Collection[str] = DEFAULT_SENSITIVE_KEYS,
+        memo: WholeTextMemo | None = None,
     ) -> None:
         self._channels = Channels(
             make_text_stream, max_channels=max_channels, sensitive_keys=sensitive_keys
         )
-        self._whole = WholeText(make_text_stream, sensitive_keys)
+        self._whole = WholeText(make_text_stream, sensitive_keys, memo)
         self._shapes = (
             ChatCompletions(self._channels),
             Responses(self._channels),
@@ -860,6 +883,8 @@ class EventRewriter:
 
     def _rename_keys(self, node: dict[str, Any], edit: Edit) -> None:
         """Keys can hold data too (a tool's input object); rename in place, keeping order."""
+        if self._whole.memo.clean.issuperset(node):
+            return  # the usual case, checked in one pass: every key is known to need nothing
         renamed: dict[str, str] = {}
         for name in node:
             new = self._whole.redact(name, count=not edit.repeat)

@@ -15,9 +15,22 @@ import json
 from collections.abc import Collection
 
 from .sse import SseError, SseEvent, SseParser, format_event
-from .sse_adapters import DEFAULT_SENSITIVE_KEYS, EventRewriter, TextStream, TextStreamFactory
+from .sse_adapters import (
+    DEFAULT_SENSITIVE_KEYS,
+    EventRewriter,
+    TextStream,
+    TextStreamFactory,
+    WholeTextMemo,
+)
 
-__all__ = ["SseError", "SseRedactor", "TextStream", "TextStreamFactory", "error_event"]
+__all__ = [
+    "SseError",
+    "SseRedactor",
+    "TextStream",
+    "TextStreamFactory",
+    "WholeTextMemo",
+    "error_event",
+]
 
 
 class SseRedactor:
@@ -25,7 +38,8 @@ class SseRedactor:
 
     `make_text_stream` is called once per text channel (and per standalone string), e.g.
     `lambda: redactor.stream(max_hold)`. `sensitive_keys` names JSON keys whose string values in
-    tool-call arguments are masked whole; pass `()` to turn that off.
+    tool-call arguments are masked whole; pass `()` to turn that off. `memo` may be shared by the
+    streams whose `make_text_stream` redacts the same way (same redactor, same sensitive keys).
     """
 
     def __init__(
@@ -35,10 +49,11 @@ class SseRedactor:
         max_event_bytes: int = 8 << 20,
         max_channels: int = 1024,
         sensitive_keys: Collection[str] = DEFAULT_SENSITIVE_KEYS,
+        memo: WholeTextMemo | None = None,
     ) -> None:
         self._parser = SseParser(max_event_bytes=max_event_bytes)
         self._rewriter = EventRewriter(
-            make_text_stream, max_channels=max_channels, sensitive_keys=sensitive_keys
+            make_text_stream, max_channels=max_channels, sensitive_keys=sensitive_keys, memo=memo
         )
         self._last: SseEvent | None = None
         self._error: SseError | None = None

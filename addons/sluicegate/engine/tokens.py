@@ -37,6 +37,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from http.client import HTTPException
 from pathlib import Path
@@ -200,6 +201,10 @@ class KeySource(abc.ABC):
 
     async def arefresh(self, *, force: bool = False) -> None:  # noqa: B027 - static sources
         """Reload if due; `force` means a token named an unknown `kid`. Static sources: no-op."""
+
+    def refresh_due(self) -> bool:
+        """Whether `arefresh()` would fetch now (static sources: never)."""
+        return False
 
 
 class StaticKeySource(KeySource):
@@ -417,6 +422,9 @@ class JwksUrlSource(KeySource):
     def available(self) -> bool:
         return bool(self.usable_keys())
 
+    def refresh_due(self) -> bool:
+        return self._due(False)
+
     def _due(self, force: bool) -> bool:
         now = self._clock()
         if self._last_attempt is not None and now - self._last_attempt < self._min_interval:
@@ -543,7 +551,18 @@ class _Header:
     kid: str | None
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Verified:
+    """A token whose signature `key` verified: its header and claims (read, never changed)."""
+
+    key: VerificationKey
+    header: _Header
+    claims: dict[str, Any]
+
+
 _MISSING: Final = object()
+# Tokens whose signature was verified, by SHA-256 of the token (the token itself is not kept).
+VERIFIED_TOKENS: Final = 1024
 
 
 class TokenVerifier:
@@ -564,16 +583,22 @@ class TokenVerifier:
         self._algorithms = frozenset().union(*(source.algorithms for source in self._sources))
         # pyjwt itself only knows the allowed algorithms: `none` does not exist for it.
         self._jws = jwt.PyJWS(algorithms=sorted(self._algorithms))
+        self._verified: OrderedDict[bytes, _Verified] = OrderedDict()
 
     def verify(self, token: str) -> Identity:
         """Verify with the keys cached now (no I/O); an unknown `kid` is `unknown_kid`."""
-        header = self._parse_header(token)
-        return self._verify_with(token, header, self._select_key(header))
+        digest, known = self._known(token)
+        header = known.header if known is not None else self._parse_header(token)
+        return self._verify_with(token, header, self._select_key(header), digest, known)
 
     async def averify(self, token: str) -> Identity:
         """Verify, refreshing remote key sets when stale or on an unknown `kid` (off the loop)."""
-        header = self._parse_header(token)  # garbage never triggers a fetch
-        await asyncio.gather(*(source.arefresh() for source in self._sources))
+        digest, known = self._known(token)
+        header = known.header if known is not None else self._parse_header(token)
+        # Garbage never triggers a fetch (the header parsed); most calls have nothing due.
+        due = [source for source in self._sources if source.refresh_due()]
+        if due:
+            await asyncio.gather(*(source.arefresh() for source in due))
         try:
             key = self._select_key(header)
         except TokenRejected as exc:
@@ -581,7 +606,7 @@ class TokenVerifier:
                 raise
             await asyncio.gather(*(source.arefresh(force=True) for source in self._sources))
             key = self._select_key(header)
-        return self._verify_with(token, header, key)
+        return self._verify_with(token, header, key, digest, known)
 
     async def arefresh(self) -> None:
         """Load remote key sets now (e.g. at startup) so the first `verify` has keys."""
@@ -636,7 +661,41 @@ class TokenVerifier:
             raise TokenRejected(Reason.ALG_NOT_ALLOWED)
         return key
 
-    def _verify_with(self, token: str, header: _Header, key: VerificationKey) -> Identity:
+    def _known(self, token: str) -> tuple[bytes | None, _Verified | None]:
+        """The token's digest and, if its signature was verified before, what was verified.
+
+        Only the signature check is remembered: the key is selected again for every call (a key
+        that left the key set, or a key set gone stale, refuses at once) and must be the very key
+        object that verified it (a reloaded key set verifies again); the claims are checked again
+        for every call (expiry, not-before and age against the clock).
+        """
+        if not isinstance(token, str) or len(token) > self._policy.max_token_bytes:
+            return None, None  # refused by _parse_header, before any hashing
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        known = self._verified.get(digest)
+        if known is not None:
+            self._verified.move_to_end(digest)
+        return digest, known
+
+    def _verify_with(
+        self,
+        token: str,
+        header: _Header,
+        key: VerificationKey,
+        digest: bytes | None = None,
+        known: _Verified | None = None,
+    ) -> Identity:
+        if known is not None and known.key is key:
+            return self._check_claims(known.claims, token)
+        claims = self._verified_claims(token, header, key)
+        if digest is not None:
+            self._verified[digest] = _Verified(key, header, claims)
+            if len(self._verified) > VERIFIED_TOKENS:
+                self._verified.popitem(last=False)
+        return self._check_claims(claims, token)
+
+    def _verified_claims(self, token: str, header: _Header, key: VerificationKey) -> dict[str, Any]:
+        """The claims of a token whose signature `key` verifies (claims not checked yet)."""
         try:
             decoded = self._jws.decode_complete(token, key=key.material, algorithms=[header.alg])
         except jwt_errors.InvalidSignatureError:
@@ -648,10 +707,9 @@ class TokenVerifier:
         except jwt_errors.PyJWTError:
             raise TokenRejected(Reason.MALFORMED) from None
         try:
-            claims = _strict_json_object(decoded["payload"])
+            return _strict_json_object(decoded["payload"])
         except ValueError:
             raise TokenRejected(Reason.MALFORMED) from None
-        return self._check_claims(claims, token)
 
     def _check_claims(self, claims: dict[str, Any], token: str) -> Identity:
         policy = self._policy

@@ -19,17 +19,18 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import time
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
 from mitmproxy import http
 from mitmproxy import version as mitmproxy_version
-from mitmproxy.io import tnetstring
 from mitmproxy.net import encoding
 
 import sluicegate
 from sluicegate import flowstate
 from sluicegate.engine.sealing import ALGORITHM, Sealer
+from sluicegate.recording import tnetstring
 
 ANONYMOUS = "anonymous"
 MASKED = "[masked]"
@@ -131,22 +132,70 @@ def _holds_literal(record: bytes, pairs: list[tuple[str, str]]) -> bool:
     return any(old.encode() in record for old, _ in pairs)
 
 
-def _state(flow: http.HTTPFlow) -> dict[str, Any]:
+class ConnectionStates:
+    """Connection states (and their encoding) by connection, reused while it is unchanged.
+
+    Every flow of a keep-alive connection records the same client and server connection state,
+    and taking it (`get_state`) and encoding it is a third of what recording a small flow costs.
+    A cached state is used only while every field of the connection has the value (the same
+    object, lists compared by content) it had when the state was taken.
+    """
+
+    def __init__(self) -> None:
+        self._known: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], dict[str, Any], bytes]]
+        self._known = weakref.WeakKeyDictionary()
+
+    def state(self, conn: Any) -> tuple[dict[str, Any], bytes]:
+        """The connection's state (never change it: it is shared) and its encoding."""
+        fields = tuple(
+            tuple(value) if type(value) is list else value for value in vars(conn).values()
+        )
+        known = self._known.get(conn)
+        if known is not None and known[0] == fields:
+            return known[1], known[2]
+        state = conn.get_state()
+        encoded = tnetstring.dumps(state)
+        self._known[conn] = (fields, state, encoded)
+        return state, encoded
+
+
+class _KnownState:
+    """Stands in for a connection while the flow's state is taken: its state is known."""
+
+    __slots__ = ("_state",)
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self._state = state
+
+    def get_state(self) -> dict[str, Any]:
+        return self._state
+
+
+def _state(
+    flow: http.HTTPFlow, connections: ConnectionStates | None
+) -> tuple[dict[str, Any], dict[int, bytes]]:
     """The flow's state without its metadata: a copy (`get_state` copies every part we change),
-    taken without deep-copying metadata, which may hold objects that cannot be copied.
+    taken without deep-copying metadata, which may hold objects that cannot be copied; and the
+    encodings already known of parts of it (by `id`).
 
     Working on the state instead of `flow.copy()` avoids `from_state`, most of the cost per flow.
     """
-    metadata = flow.metadata
+    known: dict[int, bytes] = {}
+    metadata, client, server = flow.metadata, flow.client_conn, flow.server_conn
     flow.metadata = {}
     try:
+        if connections is not None:  # nothing else runs on the event loop meanwhile
+            for name, conn in (("client_conn", client), ("server_conn", server)):
+                conn_state, encoded = connections.state(conn)
+                known[id(conn_state)] = encoded
+                setattr(flow, name, _KnownState(conn_state))
         state = flow.get_state()
     finally:
-        flow.metadata = metadata
+        flow.metadata, flow.client_conn, flow.server_conn = metadata, client, server
     # A backup is an earlier state of the flow (mitmproxy keeps one when a flow is edited or
     # replayed): it may predate redaction, so it is never recorded.
     state["backup"] = None
-    return state
+    return state, known
 
 
 Fields = list[tuple[bytes, bytes]]
@@ -305,14 +354,19 @@ def _metadata(
 
 
 def snapshot(
-    flow: http.HTTPFlow, policy: SnapshotPolicy, *, event: str, now: float | None = None
+    flow: http.HTTPFlow,
+    policy: SnapshotPolicy,
+    *,
+    event: str,
+    now: float | None = None,
+    connections: ConnectionStates | None = None,
 ) -> Snapshot:
     """Build the record for a finished flow (`event`: the hook that finished it)."""
     st = flowstate.state(flow)
     pairs = replacements_for(st.scrub)
     notes: list[str] = []
     errors: list[str] = []
-    state = _state(flow)
+    state, known = _state(flow, connections)
     _fill_bodies(state, st, notes)
     for part in ("request", "response"):
         if state.get(part) is not None:
@@ -322,10 +376,11 @@ def snapshot(
     sg["recording"] = {"event": event, "recorded_at": recorded_at, "notes": notes, "errors": errors}
     state["metadata"] = meta
 
-    record = tnetstring.dumps(state)
+    record = tnetstring.dumps(state, known)
     if _holds_literal(record, pairs):
         # Somewhere the targeted passes do not look (URL, websocket messages, metadata,
-        # comment...): sweep every string of the state, then check again.
+        # comment, connections...): sweep every string of the state (into new containers, so
+        # no known encoding applies), then check again.
         state = scrub_value(state, pairs)
         record = tnetstring.dumps(state)
         if _holds_literal(record, pairs):
