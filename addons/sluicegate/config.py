@@ -696,6 +696,21 @@ class RecordingSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class WebSocketsSection:
+    routes: tuple[str, ...] = setting(
+        (),
+        doc="Routes on which WebSocket upgrades are allowed; their messages are redacted both "
+        "ways. Everywhere else an upgrade request is answered 403 `websocket_blocked` before it "
+        "reaches the upstream.",
+    )
+    binary: Literal["block", "pass"] = setting(
+        "block",
+        doc="Binary messages on allowed routes cannot be redacted: `block` drops the message and "
+        "closes the connection (1008, policy violation); `pass` forwards them unredacted.",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole gateway configuration."""
 
@@ -725,6 +740,10 @@ class Config:
         doc="Session recording to `.mitm` files, signed hash chains and an audit log. Without "
         "this section nothing is recorded (the gateway warns at start-up): enable it.",
     )
+    websockets: WebSocketsSection = setting(
+        doc="WebSocket upgrades: blocked unless a route allows them (a side channel otherwise).",
+        factory=WebSocketsSection,
+    )
     source: Path = dataclasses.field(default=Path(), init=False, compare=False)
 
     def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
@@ -746,6 +765,9 @@ class Config:
             for j, route in enumerate(entry.match.routes):
                 if route not in names:
                     yield f"policy.{where}.match.routes[{j}]", f"no route named {route!r}"
+        for j, route in enumerate(self.websockets.routes):
+            if route not in names:
+                yield f"websockets.routes[{j}]", f"no route named {route!r}"
         if self.policy.uses_hold and self.approvals is None:
             yield "approvals", "required: the policy holds flows for approval"
 

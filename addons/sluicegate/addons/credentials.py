@@ -48,7 +48,7 @@ def credential_marker(route: str) -> str:
 
 
 class CredentialInjection(GatewayAddon):
-    """Seventh in the chain: inject last, conceal as soon as the request is gone."""
+    """Eighth in the chain: inject last, conceal as soon as the request is gone."""
 
     @guard.fail_closed("gateway_error")
     def request(self, flow: http.HTTPFlow) -> None:
