@@ -8,17 +8,19 @@ print headers and bodies to the log (`flow_detail` > 1) or tunnel hosts uninspec
 start-up mitmdump exits non-zero.
 
 It also makes mitmproxy connect upstream lazily, so no upstream connection is made for a caller
-that fails authentication.
+that fails authentication, and keeps the raw bytes mitmproxy quotes in protocol errors out of
+error pages, logs and recordings (`protocol_errors`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Set
+from typing import Any
 
 from mitmproxy import ctx, http
 
-from sluicegate.addons import guard
+from sluicegate.addons import guard, protocol_errors
 from sluicegate.addons.base import GatewayAddon, _report_once
 
 logger = logging.getLogger("sluicegate.hardening")
@@ -61,6 +63,10 @@ class ProxyHardening(GatewayAddon):
     """First addon of the chain: the proxy itself must be configured safely."""
 
     name = "sluicegate"
+
+    def load(self, loader: Any) -> None:
+        super().load(loader)
+        protocol_errors.install()
 
     def configure(self, updated: Set[str]) -> None:
         super().configure(updated)
