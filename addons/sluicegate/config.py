@@ -86,9 +86,23 @@ class GatewaySection:
         "Larger request bodies get 413, larger responses 502; nothing passes unredacted.",
     )
 
+    max_header_bytes: int = setting(
+        64 * 1024,
+        doc="Largest request head (request line and headers) accepted, and largest response head "
+        "read from an upstream. A client past it gets 431 `headers_too_large`, even while still "
+        "sending the head; an upstream's answer becomes 502.",
+    )
+    max_headers: int = setting(
+        256, doc="Most header fields a request may have (431 `headers_too_large` above)."
+    )
+
     def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
         if self.max_body_bytes <= 0:
             yield "max_body_bytes", "must be positive"
+        if self.max_header_bytes < 8192:
+            yield "max_header_bytes", "must be at least 8192 (tokens travel in headers)"
+        if self.max_headers < 16:
+            yield "max_headers", "must be at least 16"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,9 +46,13 @@ def test_installed_protocol_errors_and_log_lines_are_scrubbed(
 ) -> None:
     protocol_errors.install()
     protocol_errors.install()  # idempotent
-    error = _events.ResponseProtocolError(1, f"unexpected server response: {SECRET!r}")
+    # mitmproxy 12 requires an ErrorCode, mitmproxy 11 has an HTTP status default.
+    codes = getattr(_events, "ErrorCode", None)
+    extra = (codes.GENERIC_SERVER_ERROR,) if codes else ()
+    error = _events.ResponseProtocolError(1, f"unexpected server response: {SECRET!r}", *extra)
     assert "ghp_" not in error.message and WITHHELD in error.message
-    request_error = _events.RequestProtocolError(1, f"bad: {SECRET!r}")
+    extra = (codes.GENERIC_CLIENT_ERROR,) if codes else ()
+    request_error = _events.RequestProtocolError(1, f"bad: {SECRET!r}", *extra)
     assert "ghp_" not in request_error.message
     with caplog.at_level(logging.INFO):
         logging.getLogger(protocol_errors.CONNECTION_LOGGER).info(
