@@ -193,6 +193,44 @@ def test_bodies_are_redacted_or_refused_with_a_code(body: bytes, content_type: s
             assert not STANDALONE.search(view), view
 
 
+def test_a_form_field_name_with_a_secret_is_redacted_when_its_value_is_masked() -> None:
+    """Regression (found by scripts/fuzz_engines.py bodies): a field name matching a credential
+    key rule (`...pass`) had its value masked but kept the secret in its own name."""
+    body = f"note {SECRET} .pass=hunter2&other=1".encode()
+    result = redact_body(body, "application/x-www-form-urlencoded", REDACTOR, BodyPolicy())
+    assert SECRET.encode() not in result.body
+    assert result.counts == {"github-token": 1, "key-password": 1}
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["preamble", "epilogue", "filename", "part-header", "field-name", "masked-field-name"],
+)
+def test_secrets_outside_multipart_part_bodies_are_redacted(where: str) -> None:
+    """Regression: only part bodies were redacted; headers, preamble and epilogue passed."""
+    name = {"field-name": f"x {SECRET} ", "masked-field-name": f"{SECRET} password"}.get(where, "a")
+    filename = f'; filename="{SECRET} .txt"' if where == "filename" else ""
+    extra = f"X-Token: {SECRET}\r\n" if where == "part-header" else ""
+    body = (
+        (f"preamble {SECRET}\r\n" if where == "preamble" else "")
+        + f'--b\r\nContent-Disposition: form-data; name="{name}"{filename}\r\n'
+        + f"Content-Type: text/plain\r\n{extra}\r\nhello\r\n--b--\r\n"
+        + (f"epilogue {SECRET}\r\n" if where == "epilogue" else "")
+    ).encode()
+    result = redact_body(body, "multipart/form-data; boundary=b", REDACTOR, BodyPolicy())
+    assert SECRET.encode() not in result.body
+    assert result.body.count(b"--b") == 2  # the structure is intact
+    assert result.counts.get("github-token") == 1
+
+
+def test_a_boundary_a_tag_would_break_is_refused() -> None:
+    boundary = f"b {SECRET} b"  # RFC 2046 allows spaces inside a boundary
+    body = f"--{boundary}\r\n\r\nhello\r\n--{boundary}--\r\n".encode()
+    content_type = f'multipart/form-data; boundary="{boundary}"'
+    with pytest.raises(BodyRefused):
+        redact_body(body, content_type, REDACTOR, BodyPolicy())
+
+
 # -- content decoding ------------------------------------------------------------------------------
 
 ENCODINGS = st.sampled_from(
