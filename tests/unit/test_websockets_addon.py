@@ -17,6 +17,7 @@ from mitmproxy.websocket import WebSocketMessage
 from wsproto.frame_protocol import Opcode
 
 from sluicegate import flowstate
+from sluicegate.addons import guard
 from sluicegate.addons import websockets as ws_mod
 from sluicegate.addons.websockets import WebSockets, is_upgrade_request
 from tests.support.addon_harness import configured, run, write_config
@@ -125,6 +126,14 @@ def test_an_unannounced_upgrade_is_refused_at_the_response(websockets: WebSocket
     flow = upgrade_flow("other")
     websockets.response(flow)
     assert flow.websocket is None  # mitmproxy sends the refusal instead of switching protocols
+    assert flow.response.status_code == 403
+
+
+def test_a_101_another_addon_refused_is_an_ordinary_response(websockets: WebSockets) -> None:
+    flow = upgrade_flow("realtime")
+    guard.answer(flow, 403, "policy_blocked", "blocked", phase="response")
+    websockets.response(flow)
+    assert flow.websocket is None  # so the Recorder records it now, not at a websocket_end
     assert flow.response.status_code == 403
 
 

@@ -182,10 +182,18 @@ class WebSockets(GatewayAddon):
         if is_upgrade_request(flow.request) and not self.allowed(flow):
             raise _blocked()
 
-    @guard.fail_closed(ERROR_CODE)
+    @guard.fail_closed(ERROR_CODE, skip_refused=False)
     def response(self, flow: http.HTTPFlow) -> None:
-        """An upgrade the request did not announce is refused too (mitmproxy decides by the 101)."""
+        """An upgrade the request did not announce is refused too (mitmproxy decides by the 101).
+
+        Runs on refused flows as well: a 101 another addon replaced by an error upgrades nothing,
+        and the Recorder must record it as a response (it leaves WebSocket flows to their end).
+        """
         if flow.websocket is None:
+            return
+        refused = flowstate.state(flow).refusal is not None
+        if refused or flow.response is None or flow.response.status_code != 101:
+            flow.websocket = None
             return
         if not self.allowed(flow):
             flow.websocket = None  # no WebSocket layer: the refusal is an ordinary response
