@@ -10,8 +10,9 @@ The order is fixed and matters (mitmproxy calls each hook on addons in list orde
 4. Policy               block / hold for approval / redact / rate-limit, request and response side
 5. Redaction            redact buffered bodies (and the request query), both directions
 6. StreamRedaction      redact text/event-stream responses while they stream
-7. CredentialInjection  inject the hidden credential last; conceal it once the request has left
-8. Recorder             LAST: write every finished flow (as the agent saw it, secrets masked)
+7. WebSockets           refuse WebSocket upgrades unless the route allows them; redact messages
+8. CredentialInjection  inject the hidden credential last; conceal it once the request has left
+9. Recorder             LAST: write every finished flow (as the agent saw it, secrets masked)
 
 Each addon also works on its own: `mitmdump -s addons/<concern>.py`.
 """
@@ -24,6 +25,7 @@ from sluicegate.addons.recorder import Recorder
 from sluicegate.addons.redaction import Redaction
 from sluicegate.addons.routing import Routing
 from sluicegate.addons.streaming import StreamRedaction
+from sluicegate.addons.websockets import WebSockets
 
 addons = [
     ProxyHardening(),
@@ -32,6 +34,7 @@ addons = [
     Policy(),
     Redaction(),
     StreamRedaction(),
+    WebSockets(),
     CredentialInjection(),
     Recorder(),  # keep last
 ]

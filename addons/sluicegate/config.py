@@ -87,9 +87,23 @@ class GatewaySection:
         "Larger request bodies get 413, larger responses 502; nothing passes unredacted.",
     )
 
+    max_header_bytes: int = setting(
+        64 * 1024,
+        doc="Largest request head (request line and headers) accepted, and largest response head "
+        "read from an upstream. A client past it gets 431 `headers_too_large`, even while still "
+        "sending the head; an upstream's answer becomes 502.",
+    )
+    max_headers: int = setting(
+        256, doc="Most header fields a request may have (431 `headers_too_large` above)."
+    )
+
     def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
         if self.max_body_bytes <= 0:
             yield "max_body_bytes", "must be positive"
+        if self.max_header_bytes < 8192:
+            yield "max_header_bytes", "must be at least 8192 (tokens travel in headers)"
+        if self.max_headers < 16:
+            yield "max_headers", "must be at least 16"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -697,6 +711,21 @@ class RecordingSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class WebSocketsSection:
+    routes: tuple[str, ...] = setting(
+        (),
+        doc="Routes on which WebSocket upgrades are allowed; their messages are redacted both "
+        "ways. Everywhere else an upgrade request is answered 403 `websocket_blocked` before it "
+        "reaches the upstream.",
+    )
+    binary: Literal["block", "pass"] = setting(
+        "block",
+        doc="Binary messages on allowed routes cannot be redacted: `block` drops the message and "
+        "closes the connection (1008, policy violation); `pass` forwards them unredacted.",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole gateway configuration."""
 
@@ -726,6 +755,10 @@ class Config:
         doc="Session recording to `.mitm` files, signed hash chains and an audit log. Without "
         "this section nothing is recorded (the gateway warns at start-up): enable it.",
     )
+    websockets: WebSocketsSection = setting(
+        doc="WebSocket upgrades: blocked unless a route allows them (a side channel otherwise).",
+        factory=WebSocketsSection,
+    )
     source: Path = dataclasses.field(default=Path(), init=False, compare=False)
 
     def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
@@ -747,6 +780,9 @@ class Config:
             for j, route in enumerate(entry.match.routes):
                 if route not in names:
                     yield f"policy.{where}.match.routes[{j}]", f"no route named {route!r}"
+        for j, route in enumerate(self.websockets.routes):
+            if route not in names:
+                yield f"websockets.routes[{j}]", f"no route named {route!r}"
         if self.policy.uses_hold and self.approvals is None:
             yield "approvals", "required: the policy holds flows for approval"
 

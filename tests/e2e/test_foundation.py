@@ -182,6 +182,7 @@ REQUEST_PHASE_HOOKS = [
     "Redaction.requestheaders",
     "Redaction.request",
     "StreamRedaction.requestheaders",
+    "WebSockets.requestheaders",
     "CredentialInjection.request",
     "Recorder.requestheaders",
 ]
@@ -191,6 +192,7 @@ RESPONSE_PHASE_HOOKS = [
     "Redaction.response",
     "StreamRedaction.responseheaders",
     "StreamRedaction.response",
+    "WebSockets.response",
     "CredentialInjection.responseheaders",
     "CredentialInjection.response",
     "Recorder.response",
@@ -211,7 +213,12 @@ HOOK_CODES = {
     "StreamRedaction.requestheaders": "stream_redaction_error",
     "StreamRedaction.responseheaders": "stream_redaction_error",
     "StreamRedaction.response": "stream_redaction_error",
+    "WebSockets.requestheaders": "websocket_error",
+    "WebSockets.response": "websocket_error",
 }
+# `WebSockets.websocket_message` runs after the upgrade, where no HTTP answer is possible: its
+# fault case (the message is dropped, the connection closed with 1011) is
+# tests/e2e/test_websockets.py::test_a_fault_in_the_message_hook_drops_the_message_and_closes.
 
 
 @pytest.fixture

@@ -49,7 +49,7 @@ def credential_marker(route: str) -> str:
 
 
 class CredentialInjection(GatewayAddon):
-    """Seventh in the chain: inject last, conceal as soon as the request is gone."""
+    """Eighth in the chain: inject last, conceal as soon as the request is gone."""
 
     def __init__(self) -> None:
         # (route, secret) -> its scrub literals: the same for every request until the secret

@@ -8,17 +8,21 @@ print headers and bodies to the log (`flow_detail` > 1) or tunnel hosts uninspec
 start-up mitmdump exits non-zero.
 
 It also makes mitmproxy connect upstream lazily, so no upstream connection is made for a caller
-that fails authentication.
+that fails authentication, keeps the raw bytes mitmproxy quotes in protocol errors out of error
+pages, logs and recordings (`protocol_errors`), and caps request and response heads
+(`gateway.max_header_bytes`, `max_headers`: 431 `headers_too_large`), also while mitmproxy is
+still reading them (`head_limits`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Set
+from typing import Any
 
 from mitmproxy import ctx, http
 
-from sluicegate.addons import guard
+from sluicegate.addons import guard, head_limits, protocol_errors
 from sluicegate.addons.base import GatewayAddon, _report_once
 
 logger = logging.getLogger("sluicegate.hardening")
@@ -62,6 +66,11 @@ class ProxyHardening(GatewayAddon):
 
     name = "sluicegate"
 
+    def load(self, loader: Any) -> None:
+        super().load(loader)
+        protocol_errors.install()
+        head_limits.install()
+
     def configure(self, updated: Set[str]) -> None:
         super().configure(updated)
         if ctx.options.connection_strategy != "lazy":
@@ -77,6 +86,8 @@ class ProxyHardening(GatewayAddon):
             logger.info(
                 "sluicegate: set body_size_limit=%d (gateway.max_body_bytes + margin)", limit
             )
+        if self.config is not None:
+            head_limits.limit = self.config.gateway.max_header_bytes
         problems = unsafe_options()
         for problem in problems:
             _report_once("options", f"unsafe mitmproxy option: {problem}")
@@ -89,8 +100,20 @@ class ProxyHardening(GatewayAddon):
 
     @guard.fail_closed("gateway_error")
     def http_connect(self, flow: http.HTTPFlow) -> None:
-        """Nothing to do: the guard refuses while unconfigured."""
+        """Refuse heads over the limits (and everything while unconfigured: the guard)."""
+        self._check_head(flow)
 
     @guard.fail_closed("gateway_error")
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        """Nothing to do: the guard refuses while unconfigured."""
+        """Refuse heads over the limits before any addon parses them."""
+        self._check_head(flow)
+
+    def _check_head(self, flow: http.HTTPFlow) -> None:
+        assert self.config is not None  # the guard refuses while unconfigured
+        limits = self.config.gateway
+        request = flow.request
+        fields = request.headers.fields
+        size = len(request.method) + len(request.authority) + len(request.path) + 16
+        size += sum(len(name) + len(value) + 4 for name, value in fields)
+        if size > limits.max_header_bytes or len(fields) > limits.max_headers:
+            raise guard.GatewayRefusal(431, head_limits.CODE, head_limits.MESSAGE)

@@ -192,7 +192,8 @@ class Recorder(GatewayAddon):
                 503, "recording_unavailable", UNAVAILABLE_MESSAGE, {"retry-after": "5"}
             )
         logger.error(
-            "sluicegate: recording unavailable (%s); on_failure=continue forwards %s UNRECORDED",
+            "sluicegate: recording unavailable (%s); on_failure=continue forwards %s, "
+            "UNRECORDED unless writing works again by its end",
             failure.code,
             flow.id,
         )

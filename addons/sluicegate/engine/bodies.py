@@ -233,7 +233,9 @@ def _redact_form(text: str, codec: str, redactor: TextRedactor) -> tuple[str, di
         value = unquote_plus(raw_value, encoding=codec, errors="surrogateescape")
         rule = key_rule_for(redactor, name)
         if rule is not None and value and not TAG_PATTERN.fullmatch(value):
-            new_name, new_value = name, redactor.tag(rule.id, value)
+            name_result = redactor.redact_text(name)  # the name itself can carry a secret too
+            new_name, new_value = name_result.text, redactor.tag(rule.id, value)
+            _merge(counts, name_result.counts)
             _merge(counts, {rule.id: 1})
         else:
             name_result, value_result = redactor.redact_text(name), redactor.redact_text(value)
@@ -260,7 +262,8 @@ def _redact_multipart(
     """multipart/form-data: each part redacted by its own type; boundaries kept byte for byte.
 
     A part whose field name matches a key rule is masked whole; binary parts (file uploads)
-    follow the binary policy.
+    follow the binary policy. Everything between part bodies (preamble, part headers with their
+    field names and file names, epilogue) is redacted as text, delimiters kept.
     """
     boundary = params.get("boundary")
     if not boundary:
@@ -272,6 +275,19 @@ def _redact_multipart(
     counts: dict[str, int] = {}
     out: list[bytes] = []
     cursor = 0
+    boundary_line = delimiter.decode("latin-1")
+
+    def framing(segment: bytes) -> bytes:
+        """Redact text outside the part bodies; refuse if a tag would eat a delimiter."""
+        text = segment.decode("latin-1")
+        result = redactor.redact_text(text)
+        if not result.changed:
+            return segment
+        if result.text.count(boundary_line) != text.count(boundary_line):
+            raise BodyRefused("multipart_malformed", "a secret overlaps a multipart boundary")
+        _merge(counts, result.counts)
+        return result.text.encode("latin-1")
+
     for head_start, body_start, body_end in parts:
         headers = _part_headers(body[head_start:body_start])
         part = body[body_start:body_end]
@@ -288,15 +304,13 @@ def _redact_multipart(
                 has_file = _disposition_param(disposition, "filename") is not None
                 part_type = "application/octet-stream" if has_file else "text/plain"
             result = _redact(part, part_type, redactor, policy, depth + 1)
-            if not result.changed:
-                continue
             new_part = result.body
             _merge(counts, result.counts)
-        out += [body[cursor:body_start], new_part]
+        out += [framing(body[cursor:body_start]), new_part]
         cursor = body_end
+    out.append(framing(body[cursor:]))
     if not counts:
         return BodyResult(body, False, {}, "multipart")
-    out.append(body[cursor:])
     return BodyResult(b"".join(out), True, counts, "multipart")
 
 

@@ -29,10 +29,10 @@ import json
 import re
 from collections import Counter
 from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from .sse import SseError, SseEvent, format_event
+from .sse import SseError, SseEvent, SseLine, format_event
 
 
 class TextStream(Protocol):
@@ -802,6 +802,7 @@ class EventRewriter:
         return dict(self._channels.counts + self._whole.counts)
 
     def rewrite(self, event: SseEvent) -> bytes:
+        event = self._redacted_fields(event)
         comments = event.comments
         new_comments = [self._whole.redact(c) for c in comments]
         data = event.data
@@ -823,6 +824,23 @@ class EventRewriter:
     def finish(self) -> bytes:
         """End of stream: every open channel's held text, as synthesized events."""
         return b"".join(self._channels.flush_events(self._channels.open_keys()))
+
+    def _redacted_fields(self, event: SseEvent) -> SseEvent:
+        """Lines other than data and comments (event, id, retry, unknown fields) reach the client
+        too: each is redacted whole, field name included, before anything reads them."""
+        lines = list(event.lines)
+        changed = False
+        for i, line in enumerate(lines):
+            if line.field is None or line.field == "data":
+                continue
+            text = line.raw.decode("utf-8")  # the parser only yields valid UTF-8 lines
+            new = self._whole.redact(text)
+            if new != text:
+                name, _, value = new.partition(":")
+                value = value[1:] if value[:1] == " " else value
+                lines[i] = SseLine(name, value, new.encode(), line.eol)
+                changed = True
+        return replace(event, lines=tuple(lines)) if changed else event
 
     def _data(self, event: SseEvent, data: str) -> tuple[list[bytes], str]:
         # Only objects and arrays are JSON events: a text stream's "3" or "null" is text.

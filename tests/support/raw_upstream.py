@@ -1,0 +1,118 @@
+"""A raw HTTP/1.1 upstream (TLS when given a certificate): handlers write whatever bytes they like.
+
+`FakeUpstream` speaks correct HTTP; the faults an upstream can commit (closing mid-body, a wrong
+content-length, malformed chunking, truncated compression) need a server that does not. Each
+request's head (and a content-length body) is read, recorded, and the socket handed to the
+handler registered for its path; the connection is closed when the handler returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+
+from tests.support.pki import ServerCert
+
+
+@dataclasses.dataclass
+class RawRequest:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+Handler = Callable[[socket.socket, RawRequest], None]
+
+
+class RawUpstream:
+    def __init__(self, cert: ServerCert | None = None) -> None:
+        self.received: list[RawRequest] = []
+        self._handlers: dict[str, Handler] = {}
+        self._lock = threading.Lock()
+        self._context: ssl.SSLContext | None = None
+        if cert is not None:
+            self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self._context.load_cert_chain(cert.cert_file, cert.key_file)
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=512)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"{'https' if self._context else 'http'}://127.0.0.1:{self.port}{path}"
+
+    def handle(self, path: str, handler: Handler) -> None:
+        self._handlers[path] = handler
+
+    def reset(self) -> None:
+        with self._lock:
+            self.received = []
+            self._handlers = {}
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, raw: socket.socket) -> None:
+        try:
+            context = self._context
+            with context.wrap_socket(raw, server_side=True) if context else raw as sock:
+                sock.settimeout(60)
+                request = _read_request(sock)
+                if request is None:
+                    return
+                with self._lock:
+                    self.received.append(request)
+                    handler = self._handlers.get(request.path.split("?", 1)[0])
+                if handler is None:
+                    sock.sendall(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                    return
+                handler(sock, request)
+        except (OSError, ssl.SSLError):
+            return
+
+
+def _read_request(sock: socket.socket) -> RawRequest | None:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    method, path, _ = lines[0].split(" ", 2)
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return RawRequest(method, path, headers, body)
+
+
+def head(status: int = 200, **headers: str) -> bytes:
+    """A response head; keyword names use `_` for `-` (`content_type="text/event-stream"`)."""
+    lines = [f"HTTP/1.1 {status} X"] + [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"

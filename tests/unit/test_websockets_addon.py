@@ -1,0 +1,245 @@
+"""WebSockets on mitmproxy test flows: which upgrades pass, what each message becomes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mitmproxy import http
+from mitmproxy.test import tflow
+from mitmproxy.websocket import WebSocketMessage
+from wsproto.frame_protocol import Opcode
+
+from sluicegate import flowstate
+from sluicegate.addons import guard
+from sluicegate.addons import websockets as ws_mod
+from sluicegate.addons.websockets import WebSockets, is_upgrade_request
+from tests.support.addon_harness import configured, run, write_config
+from tests.support.tokens import TestIdP as IdP
+
+SECRET = "ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
+TAG = "[REDACTED:github-token]"
+INJECTED = "sk-proj-INJECTEDKEY0123456789abcdef"
+ROUTES = [{"name": "realtime", "host": "example.com"}, {"name": "other", "host": "other.com"}]
+
+
+@pytest.fixture(scope="module")
+def idp(tmp_path_factory: pytest.TempPathFactory) -> IdP:
+    return IdP(tmp_path_factory.mktemp("idp"))
+
+
+@contextlib.contextmanager
+def addon(tmp_path: Path, idp: IdP, **sections: Any) -> Iterator[WebSockets]:
+    sections.setdefault("websockets", {"routes": ["realtime"]})
+    websockets = WebSockets()
+    with configured(websockets, config=write_config(tmp_path, idp, routes=ROUTES, **sections)):
+        yield websockets
+
+
+@pytest.fixture
+def websockets(tmp_path: Path, idp: IdP) -> Iterator[WebSockets]:
+    with addon(tmp_path, idp) as a:
+        yield a
+
+
+def upgrade_flow(route: str | None = "realtime") -> http.HTTPFlow:
+    """An accepted WebSocket flow on `route`, with no message yet."""
+    flow = tflow.twebsocketflow(messages=False)
+    flowstate.state(flow).route = route
+    return flow
+
+
+def accepted(websockets: WebSockets, route: str = "realtime") -> http.HTTPFlow:
+    flow = upgrade_flow(route)
+    websockets.response(flow)
+    assert flow.response.status_code == 101
+    return flow
+
+
+def relay(
+    websockets: WebSockets, flow: http.HTTPFlow, content: str | bytes, *, from_client: bool = True
+) -> WebSocketMessage:
+    """One message through the hook, as mitmproxy's WebsocketLayer calls it."""
+    assert flow.websocket is not None
+    kind = Opcode.TEXT if isinstance(content, str) else Opcode.BINARY
+    data = content.encode() if isinstance(content, str) else content
+    message = WebSocketMessage(kind, from_client, data)
+    flow.websocket.messages.append(message)
+    run(websockets.websocket_message(flow))
+    return message
+
+
+def facts(flow: http.HTTPFlow) -> dict[str, Any]:
+    return flow.metadata["sluicegate"]["websocket"]
+
+
+# -- the upgrade ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "upgrade"),
+    [
+        ({"upgrade": "websocket", "connection": "Upgrade"}, True),
+        ({"upgrade": "h2c, WebSocket"}, True),
+        ({"sec-websocket-version": "13"}, True),  # what mitmproxy upgrades on
+        ({"sec-websocket-key": "x"}, True),
+        ({"upgrade": "h2c"}, False),
+        ({}, False),
+    ],
+)
+def test_upgrade_requests_are_recognised_by_any_handshake_header(
+    headers: dict[str, str], upgrade: bool
+) -> None:
+    flow = tflow.tflow()
+    flow.request.headers.update(headers)
+    assert is_upgrade_request(flow.request) is upgrade
+
+
+@pytest.mark.parametrize("route", ["other", None])
+def test_an_upgrade_off_the_allowed_routes_is_refused(
+    websockets: WebSockets, route: str | None
+) -> None:
+    flow = upgrade_flow(route)
+    flow.response = None
+    websockets.requestheaders(flow)
+    assert flow.response is not None and flow.response.status_code == 403
+    assert flowstate.state(flow).refusal.code == "websocket_blocked"
+
+
+def test_an_upgrade_on_an_allowed_route_and_plain_requests_pass(websockets: WebSockets) -> None:
+    flow = upgrade_flow("realtime")
+    flow.response = None
+    websockets.requestheaders(flow)
+    plain = tflow.tflow()
+    flowstate.state(plain).route = "other"
+    websockets.requestheaders(plain)
+    assert flow.response is None and plain.response is None
+
+
+def test_an_unannounced_upgrade_is_refused_at_the_response(websockets: WebSockets) -> None:
+    flow = upgrade_flow("other")
+    websockets.response(flow)
+    assert flow.websocket is None  # mitmproxy sends the refusal instead of switching protocols
+    assert flow.response.status_code == 403
+
+
+def test_a_101_another_addon_refused_is_an_ordinary_response(websockets: WebSockets) -> None:
+    flow = upgrade_flow("realtime")
+    guard.answer(flow, 403, "policy_blocked", "blocked", phase="response")
+    websockets.response(flow)
+    assert flow.websocket is None  # so the Recorder records it now, not at a websocket_end
+    assert flow.response.status_code == 403
+
+
+# -- messages ------------------------------------------------------------------------------------
+
+
+def test_text_is_redacted_both_ways_and_counted(websockets: WebSockets) -> None:
+    flow = accepted(websockets)
+    flowstate.state(flow).scrub.append(flowstate.ScrubLiteral("injected-credential:r", INJECTED))
+    up = relay(websockets, flow, f'{{"q": "{SECRET}"}}')
+    down = relay(websockets, flow, f"echo {INJECTED} and {SECRET}", from_client=False)
+    assert up.text == f'{{"q":"{TAG}"}}' and not up.dropped
+    assert down.text == f"echo [REDACTED:injected-credential:r] and {TAG}"
+    assert facts(flow)["redaction"] == {
+        "client": {"github-token": 1},
+        "server": {"github-token": 1, "injected-credential:r": 1},
+    }
+    assert facts(flow)["messages"] == 2
+
+
+def test_client_messages_are_not_scrubbed_of_server_literals_only(websockets: WebSockets) -> None:
+    flow = accepted(websockets)
+    clean = relay(websockets, flow, "nothing to see")
+    assert clean.text == "nothing to see" and not clean.dropped
+
+
+def test_binary_is_blocked_and_everything_after_it_dropped(websockets: WebSockets) -> None:
+    flow = accepted(websockets)
+    binary = relay(websockets, flow, b"\x00" + SECRET.encode())
+    later = relay(websockets, flow, "later", from_client=False)
+    assert binary.dropped and later.dropped
+    assert SECRET.encode() not in binary.content  # the recording keeps a marker, not the data
+    assert binary.content == b"[sluicegate:dropped:websocket_binary_blocked]"
+    assert facts(flow)["closed_by_gateway"] == "websocket_binary_blocked"
+    assert facts(flow)["dropped"] == 2
+
+
+def test_binary_passes_when_configured(tmp_path: Path, idp: IdP) -> None:
+    with addon(tmp_path, idp, websockets={"routes": ["realtime"], "binary": "pass"}) as a:
+        flow = accepted(a)
+        message = relay(a, flow, b"\x00\x01\x02")
+    assert not message.dropped and message.content == b"\x00\x01\x02"
+
+
+def test_a_message_over_the_body_limit_is_dropped(tmp_path: Path, idp: IdP) -> None:
+    with addon(tmp_path, idp, gateway={"max_body_bytes": 64}) as a:
+        flow = accepted(a)
+        small = relay(a, flow, "x" * 64)
+        large = relay(a, flow, "x" * 65)
+    assert not small.dropped and large.dropped
+    assert facts(flow)["closed_by_gateway"] == "websocket_message_too_large"
+
+
+def test_json_too_deep_to_redact_is_dropped(websockets: WebSockets) -> None:
+    flow = accepted(websockets)
+    message = relay(websockets, flow, "[" * 500 + "]" * 500)
+    assert message.dropped
+    assert facts(flow)["closed_by_gateway"] == "json_too_deep"
+
+
+def test_request_redaction_off_leaves_client_text_alone(tmp_path: Path, idp: IdP) -> None:
+    with addon(tmp_path, idp, redaction={"requests": False}) as a:
+        flow = accepted(a)
+        up = relay(a, flow, SECRET)
+        down = relay(a, flow, SECRET, from_client=False)
+    assert up.text == SECRET and down.text == TAG
+
+
+def test_any_exception_drops_the_message_and_closes(
+    websockets: WebSockets, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def explode(*args: Any) -> Any:
+        raise RuntimeError(f"leaky {SECRET}")
+
+    monkeypatch.setattr(ws_mod, "redact_body", explode)
+    flow = accepted(websockets)
+    message = relay(websockets, flow, f"hello {SECRET}")
+    assert message.dropped and SECRET.encode() not in message.content
+    assert facts(flow)["closed_by_gateway"] == "websocket_error"
+    assert "RuntimeError" in caplog.text and SECRET not in caplog.text
+
+
+def test_an_unconfigured_addon_drops_every_message(websockets: WebSockets) -> None:
+    flow = accepted(websockets)
+    websockets.config = None
+    message = relay(websockets, flow, "hello")
+    assert message.dropped
+    assert facts(flow)["closed_by_gateway"] == "gateway_not_configured"
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    before=st.text(max_size=40),
+    after=st.text(max_size=40),
+    from_client=st.booleans(),
+    as_json=st.booleans(),
+)
+def test_a_secret_in_any_text_message_never_passes(
+    websockets: WebSockets, before: str, after: str, from_client: bool, as_json: bool
+) -> None:
+    flow = accepted(websockets)
+    text = f"{before} {SECRET} {after}"  # rules match tokens standing on their own
+    content = json.dumps({"t": text}) if as_json else text
+    message = relay(websockets, flow, content, from_client=from_client)
+    passed = message.content.decode("utf-8", "replace")
+    assert SECRET not in passed and SECRET not in json.dumps(passed)
+    assert message.dropped or TAG in passed
