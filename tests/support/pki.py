@@ -26,6 +26,8 @@ class ServerCert:
 class TestCA:
     """A CA that issues leaf certificates for 127.0.0.1 / localhost (and any extra names)."""
 
+    __test__ = False  # a helper, not a test class
+
     def __init__(self, directory: Path, name: str = "sluicegate test upstream CA") -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)

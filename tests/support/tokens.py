@@ -21,6 +21,8 @@ AUDIENCE = "sluicegate"
 
 
 class TestIdP:
+    __test__ = False  # a helper, not a test class
+
     def __init__(self, directory: Path, kid: str = "test-key-1") -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.kid = kid
