@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
-from tests.support.gateway import REPO, Gateway
+from tests.support.gateway import REPO, Gateway, left_running
 from tests.support.pki import TestCA
 from tests.support.tokens import TestIdP
 from tests.support.upstream import FakeUpstream
@@ -25,6 +25,14 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 # The hidden upstream credential the gateway injects. Distinctive, so tests can grep for it.
 UPSTREAM_KEY = "sk-proj-UPSTREAMSECRET" + secrets.token_hex(12)
 UPSTREAM_KEY_ENV = "SLUICEGATE_TEST_UPSTREAM_KEY"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_gateway_left_running() -> Iterator[None]:
+    """A test that starts a gateway and never stops it is a bug (a stray proxy on the machine)."""
+    yield
+    stray = left_running()
+    assert not stray, f"{len(stray)} gateway process(es) left running: {stray}"
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,20 @@ class GatewayFailed(Exception):
     pass
 
 
+# Every process started, so the session can stop (and report) any a test forgot.
+STARTED: list[subprocess.Popen[bytes]] = []
+
+
+def left_running() -> list[str]:
+    """Command lines of gateway processes still running; each is killed first."""
+    running = [proc for proc in STARTED if proc.poll() is None]
+    for proc in running:
+        proc.kill()
+        proc.wait(timeout=15)
+    STARTED.clear()
+    return [" ".join(map(str, proc.args)) for proc in running]  # type: ignore[arg-type]
+
+
 class Gateway:
     """mitmdump with the sluicegate chain. `logs` holds everything it printed."""
 
@@ -91,6 +105,7 @@ class Gateway:
             env=self.env,
             cwd=self.workdir,
         )
+        STARTED.append(self.proc)
         threading.Thread(target=self._pump, daemon=True).start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -145,6 +160,9 @@ class Gateway:
             return self.proc.wait(timeout=timeout)
 
     def __enter__(self) -> Gateway:
+        # `with Gateway(...).start() as gw:` must not start a second, never-stopped process.
+        if self.proc is not None and self.proc.poll() is None:
+            return self
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
