@@ -24,6 +24,7 @@ import inspect
 import io
 import json
 import pstats
+import runpy
 import sys
 import tempfile
 import time
@@ -36,14 +37,6 @@ sys.path[:0] = [str(ROOT / "addons"), str(ROOT)]
 from mitmproxy import http  # noqa: E402
 from mitmproxy.test import taddons, tutils  # noqa: E402
 
-from sluicegate.addons.auth import CallerAuth  # noqa: E402
-from sluicegate.addons.credentials import CredentialInjection  # noqa: E402
-from sluicegate.addons.hardening import ProxyHardening  # noqa: E402
-from sluicegate.addons.policy import Policy  # noqa: E402
-from sluicegate.addons.recorder import Recorder  # noqa: E402
-from sluicegate.addons.redaction import Redaction  # noqa: E402
-from sluicegate.addons.routing import Routing  # noqa: E402
-from sluicegate.addons.streaming import StreamRedaction  # noqa: E402
 from sluicegate.engine.chain import Signer  # noqa: E402
 from tests.support.addon_harness import connect_flow, flow_to  # noqa: E402
 from tests.support.tokens import TestIdP  # noqa: E402
@@ -56,16 +49,8 @@ PROSE = "The build runs the unit tests first, then the integration suite; retrie
 
 
 def chain() -> list[Any]:
-    return [
-        ProxyHardening(),
-        CallerAuth(),
-        Routing(),
-        Policy(),
-        Redaction(),
-        StreamRedaction(),
-        CredentialInjection(),
-        Recorder(),
-    ]
+    """A fresh instance of each addon of addons/gateway.py, in its order (the one definition)."""
+    return list(runpy.run_path(str(ROOT / "addons" / "gateway.py"))["addons"])
 
 
 def write_config(work: Path, idp: TestIdP) -> Path:

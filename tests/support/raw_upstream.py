@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 
 from tests.support.pki import ServerCert
+from tests.support.wire import read_message
 
 
 @dataclasses.dataclass
@@ -83,25 +84,11 @@ class RawUpstream:
 
 
 def _read_request(sock: socket.socket) -> RawRequest | None:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return None
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    method, path, _ = lines[0].split(" ", 2)
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    length = int(headers.get("content-length", "0"))
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
+    message = read_message(sock)
+    if message is None:
+        return None
+    request_line, headers, body = message
+    method, path, _ = request_line.split(" ", 2)
     return RawRequest(method, path, headers, body)
 
 

@@ -28,19 +28,19 @@ def basic(token: str, user: str = "agent") -> str:
     return "Basic " + base64.b64encode(f"{user}:{token}".encode()).decode()
 
 
-def read_response(sock: socket.socket | ssl.SSLSocket) -> RawResponse:
-    """One HTTP/1.1 response with a content-length body (what the gateway's refusals carry)."""
+def read_message(sock: socket.socket | ssl.SSLSocket) -> tuple[str, dict[str, str], bytes] | None:
+    """One HTTP/1.1 message with a content-length body: (start line, lower-cased headers, body),
+    or None when the peer closed before a whole head arrived."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
         if not chunk:
-            break
+            return None
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
+    start_line, *lines = head.decode("latin-1").split("\r\n")
     headers = {}
-    for line in lines[1:]:
+    for line in lines:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     length = int(headers.get("content-length", "0"))
@@ -49,7 +49,16 @@ def read_response(sock: socket.socket | ssl.SSLSocket) -> RawResponse:
         if not chunk:
             break
         body += chunk
-    return RawResponse(status, headers, body)
+    return start_line, headers, body
+
+
+def read_response(sock: socket.socket | ssl.SSLSocket) -> RawResponse:
+    """One HTTP/1.1 response with a content-length body (what the gateway's refusals carry)."""
+    message = read_message(sock)
+    if message is None:
+        raise ConnectionError("the connection closed before a response head")
+    status_line, headers, body = message
+    return RawResponse(int(status_line.split()[1]), headers, body)
 
 
 def open_tunnel(
