@@ -30,9 +30,8 @@ import jwt
 import pytest
 from mitmproxy import io
 
-from sluicegate.engine.chain import Signer
 from tests.conftest import UPSTREAM_KEY, UPSTREAM_KEY_ENV
-from tests.support.gateway import REPO, Gateway
+from tests.support.gateway import REPO, Gateway, recording_section
 from tests.support.pki import TestCA as CA
 from tests.support.raw_upstream import LAST_CHUNK, RawRequest, RawUpstream, chunk, head
 from tests.support.state_probe import PATH as STATE_PATH
@@ -71,13 +70,6 @@ def _reset(raw: RawUpstream, raw_plain: RawUpstream) -> None:
     raw_plain.reset()
 
 
-def recording(directory: Path, **settings: Any) -> dict[str, Any]:
-    directory.mkdir(parents=True, exist_ok=True)
-    signing = directory.parent / f"{directory.name}-signing.pem"
-    signing.write_bytes(Signer.generate().private_pem())
-    return {"directory": str(directory), "signing_key": {"file": str(signing)}, **settings}
-
-
 def add_raw_routes(config: dict[str, Any], raw: RawUpstream, raw_plain: RawUpstream) -> None:
     config["routes"] += [
         {
@@ -101,7 +93,7 @@ def gateway(
     workdir = tmp_path_factory.mktemp("faults-gateway")
     config = copy.deepcopy(base_config)
     add_raw_routes(config, raw, raw_plain)
-    config["recording"] = recording(workdir / "recordings")
+    config["recording"] = recording_section(workdir / "recordings")
     gw = Gateway(
         config,
         workdir,
@@ -684,7 +676,7 @@ def recording_gateway(
 ) -> Gateway:
     def edit(config: dict[str, Any]) -> None:
         add_raw_routes(config, raw, raw_plain)
-        config["recording"] = recording(directory, **settings)
+        config["recording"] = recording_section(directory, **settings)
 
     return start_gateway(edit)
 

@@ -22,11 +22,10 @@ import openai
 import pytest
 from mitmproxy import io
 
-from sluicegate.engine.chain import Signer
 from sluicegate.engine.redactor import Redactor
 from sluicegate.engine.rules import Direction, Rule, load_rule_pack
 from tests.conftest import UPSTREAM_KEY, UPSTREAM_KEY_ENV
-from tests.support.gateway import REPO, Gateway
+from tests.support.gateway import REPO, Gateway, recording_section
 from tests.support.pki import TestCA as CA
 from tests.support.upstream import FakeUpstream, Received, Responder
 
@@ -46,8 +45,6 @@ def gateway(
     tmp_path_factory: pytest.TempPathFactory, pki: CA, base_config: dict
 ) -> Iterator[Gateway]:
     workdir = tmp_path_factory.mktemp("streaming-gateway")
-    signing = workdir / "signing.pem"
-    signing.write_bytes(Signer.generate().private_pem())
     config = copy.deepcopy(base_config)
     config["policy"] = {
         "rules": [
@@ -60,10 +57,7 @@ def gateway(
             }
         ]
     }
-    config["recording"] = {
-        "directory": str(workdir / "recordings"),
-        "signing_key": {"file": str(signing)},
-    }
+    config["recording"] = recording_section(workdir / "recordings")
     gw = Gateway(
         config,
         workdir,

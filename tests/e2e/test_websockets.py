@@ -17,9 +17,8 @@ import pytest
 import wsproto.events as ev
 from mitmproxy import io
 
-from sluicegate.engine.chain import Signer
 from tests.conftest import UPSTREAM_KEY, UPSTREAM_KEY_ENV
-from tests.support.gateway import REPO, Gateway
+from tests.support.gateway import REPO, Gateway, recording_section
 from tests.support.pki import TestCA as CA
 from tests.support.websocket import Rejected, WsClient, WsUpstream, ws_connect
 
@@ -67,15 +66,10 @@ def gateway(
     closed: WsUpstream,
 ) -> Iterator[Gateway]:
     workdir = tmp_path_factory.mktemp("websocket-gateway")
-    signing = workdir / "signing.pem"
-    signing.write_bytes(Signer.generate().private_pem())
     config = copy.deepcopy(base_config)
     config["routes"] += [ws_route("realtime", realtime), ws_route("closed", closed)]
     config["websockets"] = {"routes": ["realtime"], "binary": "block"}
-    config["recording"] = {
-        "directory": str(workdir / "recordings"),
-        "signing_key": {"file": str(signing)},
-    }
+    config["recording"] = recording_section(workdir / "recordings")
     gw = Gateway(
         config,
         workdir,

@@ -17,10 +17,20 @@ from typing import Any
 import httpx
 import yaml
 
+from sluicegate.engine.chain import Signer
+
 REPO = Path(__file__).resolve().parents[2]
 GATEWAY_SCRIPT = REPO / "addons" / "gateway.py"
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
 _LISTENING = re.compile(r"proxy listening at (?:\*|[\d.]+|\[[^\]]*\]):(\d+)")
+
+
+def recording_section(directory: Path, **settings: Any) -> dict[str, Any]:
+    """A `recording:` config section writing to `directory`, with a fresh signing key beside it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    signing = directory.parent / f"{directory.name}-signing.pem"
+    signing.write_bytes(Signer.generate().private_pem())
+    return {"directory": str(directory), "signing_key": {"file": str(signing)}, **settings}
 
 
 class GatewayFailed(Exception):
