@@ -26,7 +26,6 @@ import contextlib
 import cProfile
 import http.server
 import io
-import json
 import os
 import pstats
 import re
@@ -48,6 +47,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "addons"), str(ROOT)]
 
+from fast_upstream import chunk_event as chat_event  # noqa: E402
+
 from tests.support.tokens import TestIdP  # noqa: E402
 
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
@@ -56,20 +57,6 @@ WORDS = "The quick brown fox jumps over the lazy dog while the build runs and th
 
 
 # -- the upstream ---------------------------------------------------------------------------------
-
-
-def chat_event(content: str | None, *, role: bool = False, finish: str | None = None) -> bytes:
-    delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
-    if content is not None:
-        delta["content"] = content
-    chunk = {
-        "id": "chatcmpl-bench",
-        "object": "chat.completion.chunk",
-        "created": 0,
-        "model": "bench",
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-    }
-    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
 
 def token_events(count: int, pace: float = 0.0) -> Iterator[bytes]:
