@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 
 from tests.support.pki import ServerCert
+from tests.support.socket_server import SocketServer
 from tests.support.wire import read_message
 
 
@@ -29,18 +30,12 @@ class RawRequest:
 Handler = Callable[[socket.socket, RawRequest], None]
 
 
-class RawUpstream:
+class RawUpstream(SocketServer):
     def __init__(self, cert: ServerCert | None = None) -> None:
         self.received: list[RawRequest] = []
         self._handlers: dict[str, Handler] = {}
         self._lock = threading.Lock()
-        self._context: ssl.SSLContext | None = None
-        if cert is not None:
-            self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            self._context.load_cert_chain(cert.cert_file, cert.key_file)
-        self._listener = socket.create_server(("127.0.0.1", 0), backlog=512)
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(cert)
 
     def url(self, path: str) -> str:
         return f"{'https' if self._context else 'http'}://127.0.0.1:{self.port}{path}"
@@ -52,17 +47,6 @@ class RawUpstream:
         with self._lock:
             self.received = []
             self._handlers = {}
-
-    def close(self) -> None:
-        self._listener.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
 
     def _serve(self, raw: socket.socket) -> None:
         try:

@@ -23,6 +23,7 @@ import wsproto.events as ev
 from wsproto import ConnectionType, WSConnection
 
 from tests.support.pki import ServerCert
+from tests.support.socket_server import SocketServer
 from tests.support.wire import basic, open_tunnel
 
 
@@ -34,7 +35,7 @@ class Upgrade:
     headers: dict[str, str]
 
 
-class WsUpstream:
+class WsUpstream(SocketServer):
     """A threaded WebSocket server on 127.0.0.1 (TLS when given a certificate)."""
 
     def __init__(self, cert: ServerCert | None = None) -> None:
@@ -42,13 +43,7 @@ class WsUpstream:
         self.received: list[str | bytes] = []
         self.closes: list[int | None] = []
         self._lock = threading.Lock()
-        self._context: ssl.SSLContext | None = None
-        if cert is not None:
-            self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            self._context.load_cert_chain(cert.cert_file, cert.key_file)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(cert)
 
     def url(self, path: str = "/v1/realtime") -> str:
         return f"{'wss' if self._context else 'ws'}://127.0.0.1:{self.port}{path}"
@@ -56,17 +51,6 @@ class WsUpstream:
     def reset(self) -> None:
         with self._lock:
             self.upgrades, self.received, self.closes = [], [], []
-
-    def close(self) -> None:
-        self._listener.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
 
     def _serve(self, raw: socket.socket) -> None:
         sock: socket.socket = raw
