@@ -14,18 +14,19 @@ The order is fixed and matters (mitmproxy calls each hook on addons in list orde
 8. CredentialInjection  inject the hidden credential last; conceal it once the request has left
 9. Recorder             LAST: write every finished flow (as the agent saw it, secrets masked)
 
-Each addon also works on its own: `mitmdump -s addons/<concern>.py`.
+The addons are thin adapters (addons/sluicegate/mitm/) over engines that import no mitmproxy;
+they depend on each other's per-flow state, so they run as this chain, not one by one.
 """
 
-from sluicegate.addons.auth import CallerAuth
-from sluicegate.addons.credentials import CredentialInjection
-from sluicegate.addons.hardening import ProxyHardening
-from sluicegate.addons.policy import Policy
-from sluicegate.addons.recorder import Recorder
-from sluicegate.addons.redaction import Redaction
-from sluicegate.addons.routing import Routing
-from sluicegate.addons.streaming import StreamRedaction
-from sluicegate.addons.websockets import WebSockets
+from sluicegate.mitm.auth import CallerAuth
+from sluicegate.mitm.credentials import CredentialInjection
+from sluicegate.mitm.hardening import ProxyHardening
+from sluicegate.mitm.policy import Policy
+from sluicegate.mitm.recorder import Recorder
+from sluicegate.mitm.redaction import Redaction
+from sluicegate.mitm.routing import Routing
+from sluicegate.mitm.streaming import StreamRedaction
+from sluicegate.mitm.websockets import WebSockets
 
 addons = [
     ProxyHardening(),

@@ -19,8 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "addons"))
 
-from sluicegate.engine.redactor import Redactor  # noqa: E402
-from sluicegate.engine.rules import Direction, load_rule_pack  # noqa: E402
+from sluicegate.redaction.redactor import Redactor  # noqa: E402
+from sluicegate.redaction.rules import Direction, load_rule_pack  # noqa: E402
 
 CORPUS = ROOT / "tests" / "data" / "secrets-corpus"
 

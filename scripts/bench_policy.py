@@ -10,17 +10,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "addons"))
 
-from sluicegate.engine.policy import (
-    BUILTIN_PATTERNS,
-    Action,
-    BodyViews,
-    Conditions,
-    FlowContext,
-    HostPattern,
-    Phase,
-    Policy,
-    Rule,
-)
+from sluicegate.policy.conditions import Conditions, FlowContext, HostPattern
+from sluicegate.policy.decisions import Action, Phase
+from sluicegate.policy.engine import Policy
+from sluicegate.policy.patterns import BUILTIN_PATTERNS
+from sluicegate.policy.rules import Rule
+from sluicegate.policy.views import BodyViews
 
 CTX = FlowContext("alice", "idp", frozenset({"agents"}), "openai", "api.openai.com", 443, "POST",
                   "/v1/chat/completions")  # fmt: skip

@@ -25,7 +25,7 @@ sys.path[:0] = [str(REPO / "addons"), str(REPO)]
 
 import httpx  # noqa: E402
 
-from sluicegate.engine.chain import Signer  # noqa: E402
+from sluicegate.recording.chain import Signer  # noqa: E402
 from tests.conftest import UPSTREAM_KEY, UPSTREAM_KEY_ENV, make_config  # noqa: E402
 from tests.support.gateway import Gateway  # noqa: E402
 from tests.support.pki import TestCA  # noqa: E402

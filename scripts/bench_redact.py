@@ -31,8 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "addons"))
 
-from sluicegate.engine.redactor import Redactor  # noqa: E402
-from sluicegate.engine.rules import Direction, RulePack, load_rule_pack, load_rule_set  # noqa: E402
+from sluicegate.redaction.redactor import Redactor  # noqa: E402
+from sluicegate.redaction.rules import Direction, RulePack, load_rule_pack, load_rule_set  # noqa: E402
 
 WORDS = """
     the of and to in is it that for you was with on as have be at not this are but from or by

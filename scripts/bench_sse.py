@@ -248,7 +248,7 @@ def profile_in_process(events: int) -> None:
     from mitmproxy import http
     from mitmproxy.test import taddons, tflow, tutils
 
-    from sluicegate.addons.streaming import StreamRedaction
+    from sluicegate.mitm.streaming import StreamRedaction
 
     with tempfile.TemporaryDirectory() as tmp:
         idp = TestIdP(Path(tmp) / "idp")

@@ -27,9 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "addons"), str(ROOT)]
 
-from sluicegate.engine.sse import SseParser  # noqa: E402
-from sluicegate.engine.sse_adapters import TextStreamFactory  # noqa: E402
-from sluicegate.engine.sse_redact import SseRedactor  # noqa: E402
+from sluicegate.redaction.sse import SseRedactor  # noqa: E402
+from sluicegate.redaction.sse_adapters import TextStreamFactory  # noqa: E402
+from sluicegate.shapes.sse import SseParser  # noqa: E402
 
 WORDS = (
     "The quick brown fox jumps over the lazy dog while the build runs; "
@@ -55,8 +55,8 @@ def factory(kind: str) -> TextStreamFactory:
 
         redactor = FakeRedactor()
         return lambda: redactor.stream(max_hold=4096)
-    from sluicegate.engine.redactor import Direction, Redactor  # not on every branch yet
-    from sluicegate.engine.rules import load_rule_pack
+    from sluicegate.redaction.redactor import Direction, Redactor  # not on every branch yet
+    from sluicegate.redaction.rules import load_rule_pack
 
     pack = load_rule_pack(sorted((ROOT / "rules").glob("*.yaml")))
     redactor = Redactor(pack, Direction.RESPONSE)

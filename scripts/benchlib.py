@@ -30,7 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "addons"), str(ROOT)]
 
-from sluicegate.engine.chain import Signer  # noqa: E402
+from sluicegate.recording.chain import Signer  # noqa: E402
 from tests.support.pki import TestCA  # noqa: E402
 from tests.support.tokens import TestIdP  # noqa: E402
 

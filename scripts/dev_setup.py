@@ -19,9 +19,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "addons"))
 
+from sluicegate.auth.devtokens import generate_signing_key  # noqa: E402
 from sluicegate.cli import ca  # noqa: E402
-from sluicegate.engine.chain import Signer  # noqa: E402
-from sluicegate.engine.devtokens import generate_signing_key  # noqa: E402
+from sluicegate.recording.chain import Signer  # noqa: E402
 
 CERTS = REPO / "certs"
 SECRETS = {

@@ -28,21 +28,16 @@ sys.path.insert(0, str(ROOT / "addons"))
 import atheris  # noqa: E402
 
 with atheris.instrument_imports():
-    from sluicegate.engine import decoding
-    from sluicegate.engine.bodies import BodyPolicy, BodyRefused, redact_body
-    from sluicegate.engine.json_redact import JsonRedactionError, redact_json_text
-    from sluicegate.engine.redactor import Redactor
-    from sluicegate.engine.rules import Direction, load_rule_pack
-    from sluicegate.engine.sse import SseError
-    from sluicegate.engine.sse_redact import SseRedactor
-    from sluicegate.engine.tokens import (
-        SharedSecretSource,
-        TokenPolicy,
-        TokenRejected,
-        TokenVerifier,
-        token_from_inner_headers,
-        token_from_proxy_authorization,
-    )
+    from sluicegate.auth.extract import token_from_inner_headers, token_from_proxy_authorization
+    from sluicegate.auth.keys import SharedSecretSource
+    from sluicegate.auth.verifier import TokenPolicy, TokenRejected, TokenVerifier
+    from sluicegate.redaction.bodies import BodyPolicy, BodyRefused, redact_body
+    from sluicegate.redaction.json_redact import JsonRedactionError, redact_json_text
+    from sluicegate.redaction.redactor import Redactor
+    from sluicegate.redaction.rules import Direction, load_rule_pack
+    from sluicegate.redaction.sse import SseRedactor
+    from sluicegate.shapes import decoding
+    from sluicegate.shapes.sse import SseError
 
 REDACTOR = Redactor(load_rule_pack([ROOT / "rules"]), Direction.RESPONSE)
 SECRET = "ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"

@@ -37,7 +37,7 @@ sys.path[:0] = [str(ROOT / "addons"), str(ROOT)]
 from mitmproxy import http  # noqa: E402
 from mitmproxy.test import taddons, tutils  # noqa: E402
 
-from sluicegate.engine.chain import Signer  # noqa: E402
+from sluicegate.recording.chain import Signer  # noqa: E402
 from tests.support.addon_harness import connect_flow, flow_to  # noqa: E402
 from tests.support.tokens import TestIdP  # noqa: E402
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sluicegate.engine import devtokens
+from sluicegate.auth import devtokens
 from tests.conftest import UPSTREAM_KEY
 from tests.support import wire
 from tests.support.attacks import ATTACKS

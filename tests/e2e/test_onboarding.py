@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sluicegate.engine import devtokens
+from sluicegate.auth import devtokens
 from tests.conftest import UPSTREAM_KEY, UPSTREAM_KEY_ENV, make_config
 from tests.support.gateway import REPO, Gateway
 from tests.support.pki import TestCA as UpstreamCA

@@ -27,7 +27,7 @@ import httpx
 import pytest
 from mitmproxy import io
 
-from sluicegate.engine import chain, sealing
+from sluicegate.recording import chain, sealing
 from tests.conftest import UPSTREAM_KEY, UPSTREAM_KEY_ENV
 from tests.support.gateway import MITMDUMP, REPO, Gateway
 from tests.support.pki import TestCA

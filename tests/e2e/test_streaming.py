@@ -22,8 +22,8 @@ import openai
 import pytest
 from mitmproxy import io
 
-from sluicegate.engine.redactor import Redactor
-from sluicegate.engine.rules import Direction, Rule, load_rule_pack
+from sluicegate.redaction.redactor import Redactor
+from sluicegate.redaction.rules import Direction, Rule, load_rule_pack
 from tests.conftest import UPSTREAM_KEY, UPSTREAM_KEY_ENV
 from tests.support.gateway import REPO, Gateway, recording_section
 from tests.support.pki import TestCA as CA

@@ -13,7 +13,7 @@ import yaml
 from mitmproxy import connection, http
 from mitmproxy.test import taddons, tflow, tutils
 
-from sluicegate.addons.base import GatewayAddon
+from sluicegate.mitm.base import GatewayAddon
 from tests.support.gateway import REPO
 from tests.support.tokens import TestIdP
 

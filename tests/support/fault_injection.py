@@ -10,7 +10,7 @@ import base64
 import binascii
 from typing import Any
 
-from sluicegate.addons import guard
+from sluicegate.mitm import guard
 
 
 class InjectedFault(RuntimeError):

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import yaml
 
-from sluicegate.engine.chain import Signer
+from sluicegate.recording.chain import Signer
 
 REPO = Path(__file__).resolve().parents[2]
 GATEWAY_SCRIPT = REPO / "addons" / "gateway.py"

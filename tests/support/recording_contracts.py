@@ -29,8 +29,7 @@ from typing import Any
 import jwt
 from mitmproxy import http
 
-from sluicegate import flowstate
-from sluicegate.addons import guard
+from sluicegate.mitm import flowstate, guard
 
 KEY = os.environ.get("SLUICEGATE_TEST_UPSTREAM_KEY", "")
 _tokens: dict[str, str] = {}

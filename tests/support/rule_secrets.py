@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from sluicegate.engine.redactor import Redactor
-from sluicegate.engine.rules import Direction, RulePack, load_rule_pack
+from sluicegate.redaction.redactor import Redactor
+from sluicegate.redaction.rules import Direction, RulePack, load_rule_pack
 from tests.support.gateway import REPO
 
 

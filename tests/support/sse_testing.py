@@ -13,7 +13,7 @@ from typing import Any
 
 import regex
 
-from sluicegate.engine.sse import SseEvent, SseParser
+from sluicegate.shapes.sse import SseEvent, SseParser
 
 RULES = {
     "openai-key": r"sk-[A-Za-z0-9_-]{20,}",

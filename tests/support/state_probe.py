@@ -16,8 +16,8 @@ from typing import Any
 
 from mitmproxy import ctx, http
 
-from sluicegate import flowstate
-from sluicegate.addons.streaming import StreamSession
+from sluicegate.mitm import flowstate
+from sluicegate.mitm.streaming import StreamSession
 
 PATH = "/__sluicegate_state__"
 

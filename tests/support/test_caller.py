@@ -11,7 +11,7 @@ Policy addon's `request` hook, so the order of `-s` scripts does not matter here
 
 from mitmproxy import http
 
-from sluicegate import flowstate
+from sluicegate.mitm import flowstate
 
 
 class TestCaller:

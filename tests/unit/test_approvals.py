@@ -16,15 +16,11 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from sluicegate.addons.approvals import (
-    ApprovalRegistry,
-    ApprovalRequest,
-    ControlServer,
-    UnknownApproval,
-    WebhookNotifier,
-)
+from sluicegate.approvals.registry import ApprovalRegistry, ApprovalRequest, UnknownApproval
+from sluicegate.approvals.server import ControlServer
+from sluicegate.approvals.webhook import WebhookNotifier
 from sluicegate.cli import approvals as cli
-from sluicegate.schema import SecretRef
+from sluicegate.config.schema import SecretRef
 
 TOKEN = "t" * 32
 TOKEN_ENV = "SLUICEGATE_TEST_APPROVALS_TOKEN"

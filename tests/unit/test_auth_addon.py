@@ -14,10 +14,10 @@ import jwt as pyjwt
 import pytest
 from mitmproxy import http
 
-from sluicegate import flowstate
-from sluicegate.addons.auth import TUNNELS, CallerAuth
+from sluicegate.auth import keys, verifier
 from sluicegate.config import ConfigError, build_verifier, load_config
-from sluicegate.engine import tokens
+from sluicegate.mitm import flowstate
+from sluicegate.mitm.auth import TUNNELS, CallerAuth
 from tests.support import attacks
 from tests.support.addon_harness import client, configured, connect_flow, flow_to, run, write_config
 
@@ -80,7 +80,7 @@ def test_inner_token_attaches_the_caller_and_is_stripped(
     caller = flowstate.state(flow).caller
     assert caller is not None
     assert (caller.subject, caller.groups) == ("agent-bob", ("agents", "ops"))
-    assert caller.fingerprint == tokens.token_fingerprint(token)
+    assert caller.fingerprint == verifier.token_fingerprint(token)
     recorded = flow.metadata["sluicegate"]["caller"]
     assert (
         recorded["subject"] == "agent-bob" and recorded["issuer"] == idp.auth_config()["issuers"][0]
@@ -89,7 +89,7 @@ def test_inner_token_attaches_the_caller_and_is_stripped(
     assert_stripped(flow)
     assert flow.request.headers["content-type"] == "application/json"
     # An echo of the token anywhere is masked by response redaction and the recorder.
-    fingerprint = tokens.token_fingerprint(token)
+    fingerprint = verifier.token_fingerprint(token)
     assert flowstate.state(flow).scrub == [
         flowstate.ScrubLiteral(f"caller-token:{fingerprint}", token)
     ]
@@ -111,7 +111,7 @@ def test_rejected_inner_token_gets_401_with_reason_and_no_trace(
     assert_stripped(flow)
     everything = flow.response.text + json.dumps(flow.metadata["sluicegate"]) + caplog.text
     assert token not in everything
-    assert tokens.token_fingerprint(token) in caplog.text  # correlatable without the token
+    assert verifier.token_fingerprint(token) in caplog.text  # correlatable without the token
     assert token in [literal.value for literal in flowstate.state(flow).scrub]
 
 
@@ -230,9 +230,9 @@ def test_tunnel_token_is_verified_again_for_each_request(auth: CallerAuth, idp: 
         )
     )
     assert inner(auth, {}, client_conn=conn).response is None
-    later = tokens.TokenVerifier(
-        [tokens.JwksFileSource(idp.jwks_file, algorithms=["RS256"])],
-        tokens.TokenPolicy(issuers=("https://idp.test.local",), audiences=("sluicegate",)),
+    later = verifier.TokenVerifier(
+        [keys.JwksFileSource(idp.jwks_file, algorithms=["RS256"])],
+        verifier.TokenPolicy(issuers=("https://idp.test.local",), audiences=("sluicegate",)),
         clock=lambda: 10**10,
     )
     auth._verifier = later
@@ -246,9 +246,9 @@ def test_tunnel_token_expiring_mid_tunnel_is_refused_at_expiry(
 ) -> None:
     """The verifier remembers the token's signature; expiry is still checked on every request."""
     now = [1_000_000.0]
-    auth._verifier = tokens.TokenVerifier(
-        [tokens.JwksFileSource(idp.jwks_file, algorithms=["RS256"])],
-        tokens.TokenPolicy(
+    auth._verifier = verifier.TokenVerifier(
+        [keys.JwksFileSource(idp.jwks_file, algorithms=["RS256"])],
+        verifier.TokenPolicy(
             issuers=("https://idp.test.local",), audiences=("sluicegate",), leeway_seconds=0
         ),
         clock=lambda: now[0],
@@ -351,7 +351,7 @@ def one_key(**key: Any) -> dict[str, Any]:
 
 def test_defaults_match_the_engine_policy(tmp_path: Path, idp: TestIdP) -> None:
     auth = load_config(write_config(tmp_path, idp)).auth
-    policy = tokens.TokenPolicy(issuers=("i",), audiences=("a",))
+    policy = verifier.TokenPolicy(issuers=("i",), audiences=("a",))
     assert auth.max_token_bytes == policy.max_token_bytes
     assert auth.leeway_seconds == policy.leeway_seconds
     assert auth.required_claims == policy.required_claims

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sluicegate.engine.bodies import BodyPolicy, BodyRefused, classify, media_type, redact_body
-from sluicegate.engine.redactor import Redactor
-from sluicegate.engine.rules import Direction, load_rule_pack
+from sluicegate.redaction.bodies import BodyPolicy, BodyRefused, classify, media_type, redact_body
+from sluicegate.redaction.redactor import Redactor
+from sluicegate.redaction.rules import Direction, load_rule_pack
 
 RULES = Path(__file__).resolve().parents[2] / "rules"
 REDACTOR = Redactor(load_rule_pack([RULES]), Direction.REQUEST)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluicegate.engine import chain
+from sluicegate.recording import chain
 
 SIGNER = chain.Signer.generate()
 

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from sluicegate.config import DEFAULT_RULES_DIR as REPO_RULES
 from sluicegate.config import ConfigError, load_config
-from sluicegate.schema import SecretRef, SecretUnavailable
+from sluicegate.config.schema import SecretRef, SecretUnavailable
 
 
 def _jwks() -> str:

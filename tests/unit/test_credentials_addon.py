@@ -15,11 +15,10 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import tflow, tutils
 
-from sluicegate import flowstate
-from sluicegate.addons import guard
-from sluicegate.addons.credentials import CredentialInjection
-from sluicegate.addons.routing import Routing
-from sluicegate.engine.echo import secret_variants
+from sluicegate.mitm import flowstate, guard
+from sluicegate.mitm.credentials import CredentialInjection
+from sluicegate.mitm.routing import Routing
+from sluicegate.redaction.echo import secret_variants
 from tests.support.addon_harness import configured, flow_to, write_config
 
 if TYPE_CHECKING:

@@ -10,7 +10,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluicegate.engine.decoding import (
+from sluicegate.shapes.decoding import (
     BodyTooLarge,
     DecodeFailed,
     DecodingError,

@@ -17,7 +17,7 @@ import yaml
 from sluicegate.__main__ import COMMANDS
 from sluicegate.cli import agent_env, ca, doctor
 from sluicegate.config import load_config
-from sluicegate.engine.chain import Signer
+from sluicegate.recording.chain import Signer
 from tests.support.gateway import REPO
 
 K8S = REPO / "deploy" / "k8s"

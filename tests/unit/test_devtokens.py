@@ -12,13 +12,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from sluicegate.engine.devtokens import generate_signing_key, mint_token, public_jwks
-from sluicegate.engine.tokens import (
-    JwksFileSource,
-    TokenPolicy,
-    TokenRejected,
-    TokenVerifier,
-)
+from sluicegate.auth.devtokens import generate_signing_key, mint_token, public_jwks
+from sluicegate.auth.keys import JwksFileSource
+from sluicegate.auth.verifier import TokenPolicy, TokenRejected, TokenVerifier
 
 ISSUER = "https://sluicegate.dev.invalid"
 AUDIENCE = "sluicegate"

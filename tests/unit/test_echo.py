@@ -11,9 +11,9 @@ from urllib.parse import quote, quote_plus
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluicegate.engine.echo import MIN_VARIANT_LENGTH, echo_literals, secret_variants
-from sluicegate.engine.redactor import Redactor
-from sluicegate.engine.rules import Direction, load_rule_pack
+from sluicegate.redaction.echo import MIN_VARIANT_LENGTH, echo_literals, secret_variants
+from sluicegate.redaction.redactor import Redactor
+from sluicegate.redaction.rules import Direction, load_rule_pack
 
 RULES = Path(__file__).resolve().parents[2] / "rules"
 SECRET = 'sk-upstream/9f8e+7d6c"5b4a'

@@ -24,21 +24,16 @@ import zstandard
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from sluicegate.engine import decoding
-from sluicegate.engine.bodies import BodyPolicy, BodyRefused, redact_body
-from sluicegate.engine.json_redact import JsonRedactionError, redact_json_text
-from sluicegate.engine.redactor import Redactor
-from sluicegate.engine.rules import Direction, load_rule_pack
-from sluicegate.engine.sse import SseError, SseParser
-from sluicegate.engine.sse_redact import SseRedactor
-from sluicegate.engine.tokens import (
-    SharedSecretSource,
-    TokenPolicy,
-    TokenRejected,
-    TokenVerifier,
-    token_from_inner_headers,
-    token_from_proxy_authorization,
-)
+from sluicegate.auth.extract import token_from_inner_headers, token_from_proxy_authorization
+from sluicegate.auth.keys import SharedSecretSource
+from sluicegate.auth.verifier import TokenPolicy, TokenRejected, TokenVerifier
+from sluicegate.redaction.bodies import BodyPolicy, BodyRefused, redact_body
+from sluicegate.redaction.json_redact import JsonRedactionError, redact_json_text
+from sluicegate.redaction.redactor import Redactor
+from sluicegate.redaction.rules import Direction, load_rule_pack
+from sluicegate.redaction.sse import SseRedactor
+from sluicegate.shapes import decoding
+from sluicegate.shapes.sse import SseError, SseParser
 from tests.support.gateway import REPO
 
 PACK = load_rule_pack([REPO / "rules"])

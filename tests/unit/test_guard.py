@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 from mitmproxy.test import taddons, tflow
 
-from sluicegate import flowstate
-from sluicegate.addons import guard
+from sluicegate.mitm import flowstate, guard
 
 
 class Boom(Exception):

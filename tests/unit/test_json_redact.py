@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluicegate.engine.json_redact import MAX_DEPTH, JsonRedactionError, redact_json_text
-from sluicegate.engine.redactor import Redactor
-from sluicegate.engine.rules import Direction, load_rule_pack
+from sluicegate.redaction.json_redact import MAX_DEPTH, JsonRedactionError, redact_json_text
+from sluicegate.redaction.redactor import Redactor
+from sluicegate.redaction.rules import Direction, load_rule_pack
 
 RULES = Path(__file__).resolve().parents[2] / "rules"
 REDACTOR = Redactor(load_rule_pack([RULES]), Direction.REQUEST)

@@ -8,8 +8,8 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluicegate.engine.keywords import Key, KeywordIndex
-from sluicegate.engine.rules import load_rule_set
+from sluicegate.redaction.keywords import Key, KeywordIndex
+from sluicegate.redaction.rules import load_rule_set
 
 RULES = Path(__file__).resolve().parents[2] / "rules"
 PACK_KEYS: list[Key] = sorted(

@@ -9,13 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluicegate import redaction_runtime
-from sluicegate.engine.bodies import BodyPolicy, redact_body
-from sluicegate.engine.memo import CleanTexts, MemoRedactor, key_rule_for
-from sluicegate.engine.redactor import LiteralSecret, Redactor
-from sluicegate.engine.rules import Direction, load_rule_pack
-from sluicegate.flowstate import Caller, ScrubLiteral
-from sluicegate.redaction_runtime import RedactionRuntime
+from sluicegate.auth.caller import Caller
+from sluicegate.redaction import runtime as redaction_runtime
+from sluicegate.redaction.bodies import BodyPolicy, redact_body
+from sluicegate.redaction.memo import CleanTexts, MemoRedactor, key_rule_for
+from sluicegate.redaction.redactor import LiteralSecret, Redactor
+from sluicegate.redaction.redactor import LiteralSecret as ScrubLiteral
+from sluicegate.redaction.rules import Direction, load_rule_pack
+from sluicegate.redaction.runtime import RedactionRuntime
 
 RULES = Path(__file__).resolve().parents[2] / "rules"
 PACK = load_rule_pack([RULES])

@@ -12,26 +12,15 @@ import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluicegate.engine.policy import (
-    BUILTIN_PATTERNS,
-    DEFAULT_RULE_ID,
-    Action,
-    BodyViews,
-    Conditions,
-    FlowContext,
-    HostPattern,
-    Pattern,
-    Phase,
-    Policy,
-    PolicyError,
-    RateLimitRule,
-    Rule,
-    ScanTimeout,
-    normalize_path,
-    redact_body,
-    sse_error_event,
-)
-from sluicegate.engine.ratelimit import Limit
+from sluicegate.policy.conditions import Conditions, FlowContext, HostPattern, normalize_path
+from sluicegate.policy.decisions import DEFAULT_RULE_ID, Action, Phase, PolicyError, ScanTimeout
+from sluicegate.policy.engine import Policy
+from sluicegate.policy.patterns import BUILTIN_PATTERNS, Pattern
+from sluicegate.policy.ratelimit import Limit
+from sluicegate.policy.redact_only import redact_body
+from sluicegate.policy.rules import RateLimitRule, Rule
+from sluicegate.policy.stream import sse_error_event
+from sluicegate.policy.views import BodyViews
 
 CORPUS = Path("/work/shared/corpus/secrets")
 PEM = (

@@ -14,10 +14,11 @@ import yaml
 from mitmproxy import http
 from mitmproxy.test import tflow, tutils
 
-from sluicegate import flowstate
-from sluicegate.addons.policy import Policy, Runtime
 from sluicegate.config import load_config
-from sluicegate.engine.policy import RESPONSE_POLICY_KEY, ResponsePolicy, sse_error_event
+from sluicegate.mitm import flowstate
+from sluicegate.mitm.policy import Policy, Runtime
+from sluicegate.policy.decisions import RESPONSE_POLICY_KEY
+from sluicegate.policy.stream import ResponsePolicy, sse_error_event
 
 TOKEN_ENV = "SLUICEGATE_TEST_ADDON_ADMIN"
 HS_ENV = "SLUICEGATE_TEST_ADDON_HS"

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from sluicegate.config import ConfigError, load_config
-from sluicegate.engine.policy import Action, Phase, build_policy
+from sluicegate.policy.decisions import Action, Phase
+from sluicegate.runtime import build_policy
 
 TOKEN_ENV = "SLUICEGATE_TEST_POLICY_ADMIN"
 HS_ENV = "SLUICEGATE_TEST_POLICY_HS"

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mitmproxy.proxy.layers.http import _events
 
-from sluicegate.addons import protocol_errors
-from sluicegate.addons.protocol_errors import WITHHELD, scrub
+from sluicegate.mitmcompat import protocol_errors
+from sluicegate.mitmcompat.protocol_errors import WITHHELD, scrub
 
 SECRET = b"ghp_A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluicegate.engine.ratelimit import Denied, Limit, RateLimiter
+from sluicegate.policy.ratelimit import Denied, Limit, RateLimiter
 
 
 class FakeClock:

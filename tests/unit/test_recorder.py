@@ -16,11 +16,11 @@ import yaml
 from mitmproxy import http, io
 from mitmproxy.test import taddons, tflow
 
-from sluicegate import flowstate
-from sluicegate.addons.recorder import Recorder
-from sluicegate.engine import chain, sealing
+from sluicegate.mitm import flowstate
+from sluicegate.mitm.recorder import Recorder
+from sluicegate.mitm.snapshot import seal_context
+from sluicegate.recording import chain, sealing
 from sluicegate.recording import store as store_mod
-from sluicegate.recording.snapshot import seal_context
 from tests.support.tokens import TestIdP
 
 KEY = "sk-proj-INJECTEDsecret0123456789abcdef"
@@ -302,7 +302,7 @@ def test_anonymous_refused_flow_is_recorded(env) -> None:
     e, _ = env
     f = tflow.tflow()
     flowstate.state(f)
-    from sluicegate.addons import guard
+    from sluicegate.mitm import guard
 
     guard.answer(f, 407, "missing_token", "Authenticate with a token.")
     run(e.addon, f)
@@ -492,7 +492,7 @@ def test_low_disk_refuses_before_forwarding(env) -> None:
 
 def test_scrub_failure_refuses_instead_of_writing(env, monkeypatch) -> None:
     e, _ = env
-    from sluicegate.recording import snapshot as snapshot_mod
+    from sluicegate.mitm import snapshot as snapshot_mod
 
     monkeypatch.setattr(snapshot_mod, "scrub_value", lambda value, pairs: value)
     f = authenticated_flow()
@@ -598,7 +598,7 @@ def test_recording_config_defaults(tmp_path: Path, idp: TestIdP) -> None:
 def test_policy_facts_become_decision_and_rules(
     policy: dict[str, Any], expected: str, rules: dict[str, int]
 ) -> None:
-    from sluicegate.recording.snapshot import decision, rules_fired
+    from sluicegate.mitm.snapshot import decision, rules_fired
 
     sg = {"policy": policy, "redaction": {"request": {"email": 2}}}
     assert decision(sg, errored=False) == expected

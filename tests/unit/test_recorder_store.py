@@ -12,7 +12,7 @@ from mitmproxy import io
 from mitmproxy.io import tnetstring
 from mitmproxy.test import tflow
 
-from sluicegate.engine import chain
+from sluicegate.recording import chain
 from sluicegate.recording import store as store_mod
 from sluicegate.recording.audit import AuditLog
 from sluicegate.recording.store import Limits, RecordingUnavailable, SessionStore

@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.test import tflow, tutils
 
-from sluicegate import flowstate
-from sluicegate.addons import redaction as redaction_mod
-from sluicegate.addons.redaction import Redaction
-from sluicegate.engine.bodies import redact_body
-from sluicegate.engine.echo import secret_variants
+from sluicegate.mitm import flowstate
+from sluicegate.mitm import redaction as redaction_mod
+from sluicegate.mitm.redaction import Redaction
+from sluicegate.redaction.bodies import redact_body
+from sluicegate.redaction.echo import secret_variants
 from tests.support.addon_harness import configured, write_config
 from tests.support.gateway import REPO
 from tests.support.rule_secrets import example

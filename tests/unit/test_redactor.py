@@ -10,14 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluicegate.engine.redactor import (
+from sluicegate.redaction.redactor import (
     KeyedTagger,
     LiteralSecret,
     Redactor,
     check_rule_examples,
     plain_tag,
 )
-from sluicegate.engine.rules import Direction, load_rule_pack, load_rule_set
+from sluicegate.redaction.rules import Direction, load_rule_pack, load_rule_set
 
 RULES = Path(__file__).resolve().parents[2] / "rules"
 PACK = load_rule_pack([RULES], "strict-pii")

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluicegate.engine.echo import echo_literals
-from sluicegate.engine.redactor import OVERFLOW_RULE_ID, LiteralSecret, Redactor
-from sluicegate.engine.rules import Direction, load_rule_pack, load_rule_set
+from sluicegate.redaction.echo import echo_literals
+from sluicegate.redaction.redactor import OVERFLOW_RULE_ID, LiteralSecret, Redactor
+from sluicegate.redaction.rules import Direction, load_rule_pack, load_rule_set
 
 RULES = Path(__file__).resolve().parents[2] / "rules"
 EXAMPLES = [p.text for rule in load_rule_set([RULES]).rules for p in rule.positives]

@@ -13,8 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mitmproxy import http
 
-from sluicegate import flowstate
-from sluicegate.addons.routing import (
+from sluicegate.config import ConfigError, Route, load_config
+from sluicegate.mitm import flowstate
+from sluicegate.mitm.routing import (
     Destination,
     RouteTable,
     Routing,
@@ -23,7 +24,6 @@ from sluicegate.addons.routing import (
     host_matches,
     path_matches,
 )
-from sluicegate.config import ConfigError, Route, load_config
 from tests.support.addon_harness import configured, connect_flow, flow_to, write_config
 
 if TYPE_CHECKING:

@@ -10,7 +10,7 @@ import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluicegate.engine.rules import (
+from sluicegate.redaction.rules import (
     Direction,
     RuleFileError,
     RuleSelectionError,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sluicegate.engine.redactor import Redactor
-from sluicegate.engine.rules import Direction, load_rule_pack
+from sluicegate.redaction.redactor import Redactor
+from sluicegate.redaction.rules import Direction, load_rule_pack
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "tests" / "data" / "secrets-corpus"

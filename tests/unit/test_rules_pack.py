@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from sluicegate.engine.redactor import (
+from sluicegate.redaction.redactor import (
     OVERFLOW_RULE_ID,
     Redactor,
     check_key_rule_examples,
     check_rule_examples,
 )
-from sluicegate.engine.rules import Direction, RulePack, load_rule_pack, load_rule_set
+from sluicegate.redaction.rules import Direction, RulePack, load_rule_pack, load_rule_set
 
 RULES = Path(__file__).resolve().parents[2] / "rules"
 RULE_SET = load_rule_set([RULES])

@@ -8,7 +8,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluicegate.engine import sealing
+from sluicegate.recording import sealing
 
 PRIVATE_PEM, PUBLIC_PEM = sealing.generate_keypair()
 PRIVATE = sealing.load_private_key(PRIVATE_PEM)

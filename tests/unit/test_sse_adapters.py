@@ -6,8 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluicegate.engine.sse import SseParser
-from sluicegate.engine.sse_adapters import (
+from sluicegate.redaction.sse_adapters import (
     SENSITIVE_KEY_TAG,
     EventRewriter,
     JsonTextStream,
@@ -15,6 +14,7 @@ from sluicegate.engine.sse_adapters import (
     SseUnsupportedEvent,
     encode_json_chars,
 )
+from sluicegate.shapes.sse import SseParser
 from tests.support.sse_testing import (
     SECRETS,
     FakeRedactor,

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluicegate.engine.sse import (
+from sluicegate.shapes.sse import (
     BOM,
     SseEvent,
     SseEventTooLarge,

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluicegate.engine.sse import SseEventTooLarge, SseParser
-from sluicegate.engine.sse_redact import SseRedactor, WholeTextMemo, error_event
+from sluicegate.redaction.sse import SseRedactor, WholeTextMemo, error_event
+from sluicegate.shapes.sse import SseEventTooLarge, SseParser
 from tests.support.sse_testing import (
     SECRETS,
     FakeRedactor,

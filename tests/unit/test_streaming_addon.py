@@ -15,11 +15,10 @@ from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.test import tflow, tutils
 
-from sluicegate import flowstate
-from sluicegate.addons import guard
-from sluicegate.addons.policy import Policy, Runtime
-from sluicegate.addons.streaming import FAULT_POINT, StreamRedaction, StreamSession
-from sluicegate.engine.policy import RESPONSE_POLICY_KEY
+from sluicegate.mitm import flowstate, guard
+from sluicegate.mitm.policy import Policy, Runtime
+from sluicegate.mitm.streaming import FAULT_POINT, StreamRedaction, StreamSession
+from sluicegate.policy.decisions import RESPONSE_POLICY_KEY
 from tests.support.addon_harness import configured, run, write_config
 from tests.support.sse_testing import payloads
 from tests.support.tokens import TestIdP as IdP

@@ -26,19 +26,15 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sluicegate.engine.tokens import (
-    Identity,
+from sluicegate.auth.extract import token_from_inner_headers, token_from_proxy_authorization
+from sluicegate.auth.keys import (
     JwksFileSource,
     JwksUrlSource,
     KeySourceError,
     PemKeySource,
     SharedSecretSource,
-    TokenPolicy,
-    TokenRejected,
-    TokenVerifier,
-    token_from_inner_headers,
-    token_from_proxy_authorization,
 )
+from sluicegate.auth.verifier import Identity, TokenPolicy, TokenRejected, TokenVerifier
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 OTHER_RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -897,7 +893,7 @@ def test_a_stale_key_set_refuses_remembered_tokens(server: JwksServer) -> None:
 def test_remembered_signatures_are_bounded(
     jwks_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sluicegate.engine.tokens as tokens_module
+    import sluicegate.auth.verifier as tokens_module
 
     monkeypatch.setattr(tokens_module, "VERIFIED_TOKENS", 3)
     v = verifier(JwksFileSource(jwks_path))

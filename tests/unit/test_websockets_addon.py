@@ -16,10 +16,9 @@ from mitmproxy.test import tflow
 from mitmproxy.websocket import WebSocketMessage
 from wsproto.frame_protocol import Opcode
 
-from sluicegate import flowstate
-from sluicegate.addons import guard
-from sluicegate.addons import websockets as ws_mod
-from sluicegate.addons.websockets import WebSockets, is_upgrade_request
+from sluicegate.mitm import flowstate, guard
+from sluicegate.mitm import websockets as ws_mod
+from sluicegate.mitm.websockets import WebSockets, is_upgrade_request
 from tests.support.addon_harness import configured, run, write_config
 from tests.support.tokens import TestIdP as IdP
 

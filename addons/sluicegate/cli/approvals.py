@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sluicegate.config import ApprovalsSection
-from sluicegate.schema import ConfigError, Parser, SecretRef, SecretUnavailable, read_yaml
+from sluicegate.config.schema import ConfigError, Parser, SecretRef, SecretUnavailable, read_yaml
 
 T = TypeVar("T")
 

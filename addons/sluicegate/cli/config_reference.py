@@ -13,8 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sluicegate import schema
-from sluicegate.config import REPO_DIR, Config
+from sluicegate.config import REPO_DIR, Config, schema
 
 BEGIN = "<!-- BEGIN config-reference (generated: python -m sluicegate config-reference) -->"
 END = "<!-- END config-reference -->"

@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 from sluicegate import config as config_mod
-from sluicegate.engine import devtokens, tokens
-from sluicegate.schema import ConfigError, Parser, Problem, read_yaml
+from sluicegate.auth import devtokens
+from sluicegate.auth.verifier import TokenRejected
+from sluicegate.config.schema import ConfigError, Parser, Problem, read_yaml
 
 DEFAULT_KEY = config_mod.REPO_DIR / "certs" / "dev-signing-key" / "dev.private.pem"
 PRIVATE_KEY_SUFFIX = ".private.pem"
@@ -97,7 +98,7 @@ def main(argv: list[str]) -> int:
         return 1
     try:
         asyncio.run(config_mod.build_verifier(auth).averify(token))
-    except tokens.TokenRejected as e:
+    except TokenRejected as e:
         print(
             f"error: the gateway would reject this token ({e.reason}): is {args.key} "
             f"(kid {kid!r}) one of the config's auth.keys?",

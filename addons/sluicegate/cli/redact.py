@@ -13,9 +13,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sluicegate.engine.bodies import BodyPolicy, BodyRefused, redact_body
-from sluicegate.engine.redactor import Redactor
-from sluicegate.engine.rules import Direction, RuleError, load_rule_pack
+from sluicegate.redaction.bodies import BodyPolicy, BodyRefused, redact_body
+from sluicegate.redaction.redactor import Redactor
+from sluicegate.redaction.rules import Direction, RuleError, load_rule_pack
 
 # addons/sluicegate/cli/redact.py -> repository root -> rules/
 DEFAULT_RULES = Path(__file__).resolve().parents[3] / "rules"

@@ -13,8 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sluicegate.engine.redactor import check_key_rule_examples, check_rule_examples
-from sluicegate.engine.rules import RuleError, load_rule_set
+from sluicegate.redaction.redactor import check_key_rule_examples, check_rule_examples
+from sluicegate.redaction.rules import RuleError, load_rule_set
 
 # addons/sluicegate/cli/rules.py -> repository root -> rules/
 DEFAULT_RULES = Path(__file__).resolve().parents[3] / "rules"

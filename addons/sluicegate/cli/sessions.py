@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sluicegate.engine import chain, sealing
+from sluicegate.recording import chain, sealing
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNSEALED = 0, 1, 2, 3
 
@@ -116,7 +116,7 @@ def _identity(sg: dict[str, Any]) -> str:
 
 
 def _summary(flow: Any, session: str, index: int) -> dict[str, Any]:
-    from sluicegate.recording.snapshot import decision, rules_fired
+    from sluicegate.mitm.snapshot import decision, rules_fired
 
     sg = _sg(flow)
     req, resp = flow.request, flow.response
@@ -349,7 +349,7 @@ def _record_id(record: bytes) -> str | None:
 
 
 def cmd_unseal(args: argparse.Namespace) -> int:
-    from sluicegate.recording.snapshot import seal_context
+    from sluicegate.mitm.snapshot import seal_context
 
     _, _, flow = _find_flow(_directory(args), args.flow_id)
     sealed = _sg(flow).get("sealed")

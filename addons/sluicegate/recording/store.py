@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sluicegate.engine import chain
+from sluicegate.recording import chain
 
 logger = logging.getLogger("sluicegate.recorder")
 

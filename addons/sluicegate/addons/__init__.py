@@ -1,1 +1,0 @@
-"""Thin mitmproxy adapters over the pure engines, one concern per module."""

@@ -1,0 +1,856 @@
+"""The gateway's one YAML config file: its schema and its loader.
+
+Loaded once at start-up (and again only when `sluicegate_config` changes or the file's mtime does),
+validated strictly: an unknown key, a wrong type, a regex that does not compile or a secret whose
+source is missing stops the gateway with a message naming the file and the key path.
+Secrets are never inlined: they are `{env: NAME}` or `{file: PATH}` references (see `SecretRef`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import ipaddress
+import re
+import threading
+import urllib.parse
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Literal
+
+import regex
+
+from sluicegate.auth import keys as auth_keys
+from sluicegate.auth import verifier
+from sluicegate.config.schema import (
+    ConfigError,
+    Parser,
+    Problem,
+    Regex,
+    SecretRef,
+    SecretUnavailable,
+    read_yaml,
+    setting,
+)
+from sluicegate.policy.conditions import HostPattern
+from sluicegate.policy.patterns import BUILTIN_PATTERNS
+from sluicegate.recording import chain, sealing
+from sluicegate.redaction.rules import RuleFileError, RulePack, RuleSelectionError, load_rule_pack
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Problem",
+    "SecretRef",
+    "build_key_source",
+    "build_verifier",
+    "load_cached",
+    "load_config",
+]
+
+REPO_DIR = Path(__file__).resolve().parents[3]
+DEFAULT_RULES_DIR = REPO_DIR / "rules"
+
+TokenSource = Literal["proxy_authorization", "authorization", "x_api_key", "api_key"]
+
+ASYMMETRIC_ALGORITHMS = auth_keys.ASYMMETRIC_ALGORITHMS
+HMAC_ALGORITHMS = auth_keys.HMAC_ALGORITHMS
+# A JWKS is never trusted for longer than this when refetches keep failing (fail closed).
+JWKS_MAX_STALE_SECONDS = 24 * 3600
+# RFC 9110 token characters: what a header name may consist of.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# Headers the gateway or the HTTP framing owns; a credential must not be injected into them.
+_RESERVED_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-connection",
+    }
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class GatewaySection:
+    name: str = setting("sluicegate", doc="Name of this deployment, recorded with every flow.")
+    environment: Literal["development", "production"] = setting(
+        "production",
+        doc="`development` allows dev conveniences such as minting tokens with the local dev key; "
+        "anything facing real agents is `production`.",
+    )
+    max_body_bytes: int = setting(
+        10 * 1024 * 1024,
+        doc="Largest request or response body (after content decoding) the gateway will inspect. "
+        "Larger request bodies get 413, larger responses 502; nothing passes unredacted.",
+    )
+
+    max_header_bytes: int = setting(
+        64 * 1024,
+        doc="Largest request head (request line and headers) accepted, and largest response head "
+        "read from an upstream. A client past it gets 431 `headers_too_large`, even while still "
+        "sending the head; an upstream's answer becomes 502.",
+    )
+    max_headers: int = setting(
+        256, doc="Most header fields a request may have (431 `headers_too_large` above)."
+    )
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        if self.max_body_bytes <= 0:
+            yield "max_body_bytes", "must be positive"
+        if self.max_header_bytes < 8192:
+            yield "max_header_bytes", "must be at least 8192 (tokens travel in headers)"
+        if self.max_headers < 16:
+            yield "max_headers", "must be at least 16"
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyConfig:
+    id: str = setting(doc="A label for this key source, used in logs.")
+    algorithms: tuple[str, ...] = setting(
+        doc="Algorithms accepted with this key. Never `none`; HS* only with `hmac_secret`."
+    )
+    jwks_file: Path | None = setting(None, doc="A JWKS file of public keys.")
+    jwks_url: str | None = setting(
+        None,
+        doc="An https URL serving a JWKS (plain http only to loopback); cached, refetched "
+        "when `auth.jwks_cache_seconds` have passed or a token names an unknown `kid`.",
+    )
+    public_key_file: Path | None = setting(
+        None, doc="A PEM public key (RSA, EC or Ed25519) or certificate. Never a private key."
+    )
+    hmac_secret: SecretRef | None = setting(
+        None,
+        doc="A shared secret for HS256/384/512 (at least as long as the hash). "
+        "Only when explicitly configured.",
+    )
+    kid: str | None = setting(
+        None,
+        doc="The `kid` tokens signed with `public_key_file` or `hmac_secret` carry. Needed "
+        "when several keys are configured; a JWKS names its own keys.",
+    )
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        sources = [
+            name
+            for name in ("jwks_file", "jwks_url", "public_key_file", "hmac_secret")
+            if getattr(self, name) is not None
+        ]
+        if len(sources) != 1:
+            yield "", "needs exactly one of jwks_file, jwks_url, public_key_file, hmac_secret"
+        if not self.algorithms:
+            yield "algorithms", "must list at least one algorithm"
+        allowed = HMAC_ALGORITHMS if self.hmac_secret is not None else ASYMMETRIC_ALGORITHMS
+        for i, alg in enumerate(self.algorithms):
+            if alg not in allowed:
+                kind = "an hmac_secret" if self.hmac_secret is not None else "a public key"
+                yield f"algorithms[{i}]", f"{alg!r} cannot be used with {kind}"
+        if self.kid is not None and (self.jwks_file is not None or self.jwks_url is not None):
+            yield "kid", "a JWKS names its own keys; kid is for public_key_file or hmac_secret"
+        if self.kid == "":
+            yield "kid", "must not be empty"
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthSection:
+    keys: tuple[KeyConfig, ...] = setting(doc="Where token-signing keys come from.")
+    issuers: tuple[str, ...] = setting(doc="Accepted `iss` values.")
+    audiences: tuple[str, ...] = setting(doc="Accepted `aud` values.")
+    token_sources: tuple[TokenSource, ...] = setting(
+        ("proxy_authorization", "authorization", "x_api_key", "api_key"),
+        doc="Where a caller's token may come from: the proxy password (`Proxy-Authorization`, "
+        "Basic or Bearer, covering the whole CONNECT tunnel) and/or the inner request's "
+        "`Authorization: Bearer`, `x-api-key` or `api-key` header. Sources not listed are "
+        "ignored; every one of these headers is stripped before a request goes upstream.",
+    )
+    leeway_seconds: int = setting(
+        verifier.TokenPolicy.leeway_seconds, doc="Clock skew allowed for `exp`, `nbf` and `iat`."
+    )
+    required_claims: tuple[str, ...] = setting(
+        verifier.TokenPolicy.required_claims,
+        doc="Claims every token must carry on top of `iss`, `aud`, `sub` and `exp` "
+        "(dotted paths allowed).",
+    )
+    groups_claim: str = setting(
+        verifier.TokenPolicy.groups_claim,
+        doc="Claim holding the caller's groups (a dotted path such as `realm_access.roles`).",
+    )
+    max_token_bytes: int = setting(
+        verifier.TokenPolicy.max_token_bytes, doc="Longer tokens are rejected before parsing."
+    )
+    max_token_age_seconds: int | None = setting(
+        None, doc="Reject tokens issued (`iat`) longer ago than this."
+    )
+    jwks_refetch_min_seconds: int = setting(
+        30,
+        doc="At most one JWKS refetch per this many seconds, however many unknown `kid`s arrive.",
+    )
+    jwks_cache_seconds: int = setting(3600, doc="Refetch a JWKS URL after this long.")
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        if not self.keys:
+            yield "keys", "must list at least one key source"
+        if not self.issuers:
+            yield "issuers", "must list at least one issuer"
+        if not self.audiences:
+            yield "audiences", "must list at least one audience"
+        if not self.token_sources:
+            yield "token_sources", "must list at least one token source"
+        for name in ("issuers", "audiences", "required_claims"):
+            for i, value in enumerate(getattr(self, name)):
+                if not value:
+                    yield f"{name}[{i}]", "must not be empty"
+        if not self.groups_claim:
+            yield "groups_claim", "must not be empty"
+        if self.leeway_seconds < 0:
+            yield "leeway_seconds", "must not be negative"
+        if self.max_token_bytes <= 0:
+            yield "max_token_bytes", "must be positive"
+        if self.max_token_age_seconds is not None and self.max_token_age_seconds <= 0:
+            yield "max_token_age_seconds", "must be positive"
+        if self.jwks_refetch_min_seconds < 0:
+            yield "jwks_refetch_min_seconds", "must not be negative"
+        if not 0 < self.jwks_cache_seconds <= JWKS_MAX_STALE_SECONDS:
+            yield "jwks_cache_seconds", f"must be between 1 and {JWKS_MAX_STALE_SECONDS}"
+        ids = [k.id for k in self.keys]
+        for i, key_id in enumerate(ids):
+            if ids.index(key_id) != i:
+                yield f"keys[{i}].id", f"duplicate key id {key_id!r}"
+        # Build the key sources exactly as the gateway will, so a key file that does not load
+        # (no usable key, a private key, a weak key) is reported here, by key path.
+        for i, key in enumerate(self.keys):
+            try:
+                build_key_source(key, self)
+            except (auth_keys.KeySourceError, SecretUnavailable) as e:
+                yield f"keys[{i}]", str(e)
+
+
+def build_key_source(key: KeyConfig, auth: AuthSection) -> auth_keys.KeySource:
+    """The verification key source a `KeyConfig` describes. No network I/O.
+
+    Raises KeySourceError (or SecretUnavailable for `hmac_secret`) when it cannot be used.
+    """
+    if key.jwks_file is not None:
+        return auth_keys.JwksFileSource(key.jwks_file, algorithms=key.algorithms)
+    if key.jwks_url is not None:
+        return auth_keys.JwksUrlSource(
+            key.jwks_url,
+            algorithms=key.algorithms,
+            min_refetch_interval=auth.jwks_refetch_min_seconds,
+            max_age=auth.jwks_cache_seconds,
+            max_stale=JWKS_MAX_STALE_SECONDS,
+        )
+    if key.public_key_file is not None:
+        return auth_keys.PemKeySource(key.public_key_file, kid=key.kid, algorithms=key.algorithms)
+    if key.hmac_secret is not None:
+        return auth_keys.SharedSecretSource(
+            key.hmac_secret.read().encode("utf-8"),
+            kid=key.kid,
+            algorithms=key.algorithms,
+            origin=f"hmac_secret {key.hmac_secret.describe()}",
+        )
+    raise auth_keys.KeySourceError(f"key {key.id!r}: no key source configured")
+
+
+def build_verifier(auth: AuthSection) -> verifier.TokenVerifier:
+    """The token verifier for a validated `auth` section (what CallerAuth and mint-token use)."""
+    policy = verifier.TokenPolicy(
+        issuers=auth.issuers,
+        audiences=auth.audiences,
+        leeway_seconds=auth.leeway_seconds,
+        required_claims=auth.required_claims,
+        max_token_bytes=auth.max_token_bytes,
+        groups_claim=auth.groups_claim,
+        max_token_age_seconds=auth.max_token_age_seconds,
+    )
+    return verifier.TokenVerifier([build_key_source(key, auth) for key in auth.keys], policy)
+
+
+@dataclasses.dataclass(frozen=True)
+class InjectConfig:
+    header: str = setting("authorization", doc="Header that carries the credential upstream.")
+    template: str = setting(
+        "Bearer {secret}", doc="Header value; `{secret}` is replaced by the credential."
+    )
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        if self.template.count("{secret}") != 1:
+            yield "template", "must contain `{secret}` exactly once"
+        if not self.template.isprintable() or not self.template.isascii():
+            yield "template", "must be printable ASCII"
+        if not _HEADER_NAME.fullmatch(self.header):
+            yield "header", "must be a valid header name"
+        elif self.header.lower() in _RESERVED_HEADERS:
+            yield "header", f"{self.header!r} cannot carry a credential"
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    name: str = setting(doc="Route name, recorded with each flow and used in credential markers.")
+    host: str = setting(
+        doc="Verified upstream host (server address / SNI), e.g. `api.openai.com`; "
+        "`*.openai.azure.com` matches any subdomain. Never matched against the Host header."
+    )
+    port: int = setting(443, doc="Upstream port.")
+    scheme: Literal["https", "http"] = setting(
+        "https", doc="`http` is only for internal services and never carries a credential."
+    )
+    path_prefix: str = setting("/", doc="Only requests whose path starts with this use the route.")
+    groups: tuple[str, ...] = setting(
+        (), doc="Groups allowed to use the route; empty means any authenticated caller."
+    )
+    credential: SecretRef | None = setting(
+        None, doc="The hidden upstream credential injected for this route."
+    )
+    inject: InjectConfig = setting(doc="How the credential is injected.", factory=InjectConfig)
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        if not self.name or not self.name.isprintable() or any(c in self.name for c in "[] "):
+            yield "name", "must be a non-empty name without spaces or brackets"
+        if not _valid_route_host(self.host):
+            yield "host", "must be a host name, `*.<domain>` or an IP address (port in `port`)"
+        if not 0 < self.port < 65536:
+            yield "port", "must be between 1 and 65535"
+        if not self.path_prefix.startswith("/"):
+            yield "path_prefix", "must start with /"
+        if self.scheme == "http" and self.credential is not None:
+            yield "credential", "credentials are only injected over https"
+
+
+@dataclasses.dataclass(frozen=True)
+class RedactionSection:
+    rules: tuple[Path, ...] = setting(
+        (DEFAULT_RULES_DIR,), doc="Rule files or directories of `*.yaml` rule files."
+    )
+    profile: str = setting("default", doc="Rule profile to enable (rules list their profiles).")
+    enable: tuple[str, ...] = setting((), doc="Rule ids to enable on top of the profile.")
+    disable: tuple[str, ...] = setting((), doc="Rule ids to disable.")
+    requests: bool = setting(True, doc="Redact request bodies before they leave the gateway.")
+    responses: bool = setting(True, doc="Redact response bodies before the agent sees them.")
+    tag: Literal["plain", "keyed"] = setting(
+        "plain",
+        doc="`plain`: `[REDACTED:<rule-id>]`; `keyed`: `[REDACTED:<rule-id>:<8 hex>]` (HMAC), so "
+        "the same secret maps to the same tag without revealing it.",
+    )
+    tag_key: SecretRef | None = setting(None, doc="HMAC key for keyed tags.")
+    max_hold_chars: int = setting(
+        4096,
+        doc="Streams: most characters held back per channel while they could still become a "
+        "secret; past this the held text is redacted, never released raw. Keep it above the "
+        "longest secret you expect (JWTs, PEM bodies are matched from their head).",
+    )
+    binary_bodies: Literal["pass", "block"] = setting(
+        "block", doc="What to do with bodies that cannot be redacted as text (images, archives)."
+    )
+    unknown_content_types: Literal["text", "pass", "block"] = setting(
+        "text", doc="Bodies with a content type that is neither JSON, text nor form data."
+    )
+
+    # The compiled rule pack, built once while the config is validated (not a config key).
+    pack: RulePack | None = dataclasses.field(default=None, init=False, compare=False, repr=False)
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str] | Problem]:
+        if self.tag == "keyed" and self.tag_key is None:
+            yield "tag_key", "required when tag is `keyed`"
+        if self.max_hold_chars < 256:
+            yield "max_hold_chars", "must be at least 256"
+        missing = False
+        for i, path in enumerate(self.rules):
+            if not path.exists():
+                missing = True
+                yield f"rules[{i}]", f"no such file or directory: {path}"
+        if missing:
+            return
+        try:
+            pack = load_rule_pack(
+                list(self.rules), self.profile, enable=self.enable, disable=self.disable
+            )
+        except RuleFileError as e:  # names the rule file and the key inside it
+            yield Problem(str(e.file), e.key_path, e.message)
+            return
+        except RuleSelectionError as e:
+            yield "", str(e)
+            return
+        object.__setattr__(self, "pack", pack)
+
+
+_POLICY_ID = regex.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+_METHOD = regex.compile(r"[A-Z]{1,20}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PatternConfig:
+    regex: Regex = setting(
+        doc="Regular expression (Python `regex` module syntax; `(?i)` for case-insensitive)."
+    )
+    min_count: int = setting(
+        1, doc="The pattern is found when it matches at least this many times in one body."
+    )
+    description: str = setting("", doc="What the pattern is for (shown in docs and logs).")
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        if self.min_count < 1:
+            yield "min_count", "must be at least 1"
+
+
+@dataclasses.dataclass(frozen=True)
+class MatchConfig:
+    """Conditions of a policy rule or rate limit: all given conditions must hold."""
+
+    hosts: tuple[str, ...] = setting(
+        (),
+        doc="Destination hosts (verified upstream host, never the Host header): `example.com`, "
+        "`*.example.com` (subdomains), optionally with `:port`.",
+    )
+    routes: tuple[str, ...] = setting((), doc="Route names (see `routes`).")
+    methods: tuple[str, ...] = setting((), doc="HTTP methods, e.g. `POST`.")
+    paths: tuple[Regex, ...] = setting(
+        (), doc="Regular expressions matched against the WHOLE path (without the query string)."
+    )
+    groups: tuple[str, ...] = setting((), doc="The caller is in any of these groups.")
+    subjects: tuple[str, ...] = setting((), doc="The caller's subject is one of these.")
+    body_patterns: tuple[str, ...] = setting(
+        (),
+        doc="Names of body patterns (built-in or from `policy.patterns`); any one found matches.",
+    )
+    body_larger_than: int | None = setting(
+        None, doc="The body (after content decoding) is larger than this many bytes."
+    )
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        for i, host in enumerate(self.hosts):
+            try:
+                HostPattern.parse(host)
+            except ValueError as e:
+                yield f"hosts[{i}]", str(e)
+        for i, method in enumerate(self.methods):
+            if not _METHOD.fullmatch(method):
+                yield f"methods[{i}]", "must be an upper-case HTTP method such as POST"
+        if self.body_larger_than is not None and self.body_larger_than < 0:
+            yield "body_larger_than", "must not be negative"
+
+    @property
+    def needs_body(self) -> bool:
+        return bool(self.body_patterns) or self.body_larger_than is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyRuleConfig:
+    id: str = setting(doc="Stable rule id, shown to the agent and recorded with the flow.")
+    action: Literal["allow", "block", "hold", "redact_only"] = setting(
+        doc="`allow`; `block` (403); `hold` for an approver; `redact_only`: replace what the "
+        "rule's `body_patterns` matched by `[REDACTED:policy:<id>]` and let it pass."
+    )
+    phase: Literal["request", "response"] = setting(
+        "request", doc="Evaluate on the request, or on the upstream's response."
+    )
+    message: str = setting("", doc="Human explanation, shown to the agent and the approver.")
+    match: MatchConfig = setting(
+        doc="When the rule applies (no conditions: always).", factory=MatchConfig
+    )
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        if not _POLICY_ID.fullmatch(self.id):
+            yield "id", "must be 1-64 letters, digits, `_`, `.`, `:` or `-`"
+        if self.action == "redact_only" and not self.match.body_patterns:
+            yield "match.body_patterns", "a redact_only rule needs body_patterns to redact"
+
+
+@dataclasses.dataclass(frozen=True)
+class RateLimitConfig:
+    id: str = setting(doc="Stable id, named in 429 answers and recorded with the flow.")
+    requests: int = setting(doc="Requests admitted per window.")
+    window_seconds: float = setting(doc="Length of the sliding window.")
+    per: Literal["caller", "caller_and_route", "route"] = setting(
+        "caller_and_route",
+        doc="What is counted separately: each caller, each caller on each route (unrouted: "
+        "host:port), or each route for everyone together.",
+    )
+    message: str = setting("", doc="Human explanation added to the 429 answer.")
+    match: MatchConfig = setting(
+        doc="Which requests count (no body conditions).", factory=MatchConfig
+    )
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        if not _POLICY_ID.fullmatch(self.id):
+            yield "id", "must be 1-64 letters, digits, `_`, `.`, `:` or `-`"
+        if self.requests < 1:
+            yield "requests", "must be at least 1"
+        if not self.window_seconds > 0:
+            yield "window_seconds", "must be positive"
+        if self.match.needs_body:
+            yield "match", "rate limits cannot use body_patterns or body_larger_than"
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySection:
+    rules: tuple[PolicyRuleConfig, ...] = setting(
+        (),
+        doc="Evaluated in order per phase; the FIRST rule whose conditions all hold decides. "
+        "Put narrow exceptions before the general rule.",
+    )
+    default_action: Literal["allow", "block", "hold"] = setting(
+        "allow", doc="Requests no rule matches. (Responses no rule matches are allowed.)"
+    )
+    default_message: str = setting(
+        "", doc="Message for requests decided by `default_action` (block or hold)."
+    )
+    rate_limits: tuple[RateLimitConfig, ...] = setting(
+        (),
+        doc="Checked after the rules for every request that is not blocked; all matching "
+        "limits must admit it (429 with Retry-After otherwise).",
+    )
+    patterns: Mapping[str, PatternConfig] = setting(
+        doc="Named body patterns for `body_patterns`, in addition to the built-in ones.",
+        factory=dict,
+    )
+    scan_timeout_seconds: float = setting(
+        2.0,
+        doc="Most time one pattern may take on one body; past it the body is refused "
+        "as uninspectable.",
+    )
+    stream_window_chars: int = setting(
+        8192,
+        doc="Streamed responses: matches up to this long are found across chunk boundaries.",
+    )
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        known = {**BUILTIN_PATTERNS, **self.patterns}
+        for name in self.patterns:
+            if name in BUILTIN_PATTERNS:
+                yield f"patterns.{name}", "is a built-in pattern name; choose another name"
+            elif not _POLICY_ID.fullmatch(name):
+                yield f"patterns.{name}", "names are 1-64 letters, digits, `_`, `.`, `:` or `-`"
+        ids: dict[str, str] = {}
+        for where, entry in self.entries():
+            if entry.id in ids:
+                yield f"{where}.id", f"duplicate id {entry.id!r} (also {ids[entry.id]})"
+            ids.setdefault(entry.id, where)
+            for j, name in enumerate(entry.match.body_patterns):
+                if name not in known:
+                    names = ", ".join(sorted(known))
+                    yield (
+                        f"{where}.match.body_patterns[{j}]",
+                        f"unknown pattern {name!r}; known: {names}",
+                    )
+        if self.scan_timeout_seconds <= 0:
+            yield "scan_timeout_seconds", "must be positive"
+        if self.stream_window_chars < 256:
+            yield "stream_window_chars", "must be at least 256"
+
+    def entries(self) -> Iterable[tuple[str, PolicyRuleConfig | RateLimitConfig]]:
+        """Rules and rate limits with their key paths inside the section."""
+        yield from ((f"rules[{i}]", r) for i, r in enumerate(self.rules))
+        yield from ((f"rate_limits[{i}]", r) for i, r in enumerate(self.rate_limits))
+
+    @property
+    def uses_hold(self) -> bool:
+        return self.default_action == "hold" or any(r.action == "hold" for r in self.rules)
+
+
+_LOOPBACK_NAMES = ("localhost",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ApprovalsSection:
+    admin_token: SecretRef = setting(
+        doc="Bearer token of the approvals control API (at least 24 characters)."
+    )
+    listen_host: str = setting(
+        "127.0.0.1", doc="Loopback address of the control API (it is never exposed)."
+    )
+    listen_port: int = setting(
+        8790, doc="Port of the control API; 0 picks a free port (logged at start-up)."
+    )
+    timeout_seconds: float = setting(
+        300.0,
+        doc="A held flow no approver decided on within this time is denied (403). Agents' "
+        "HTTP timeouts must be longer, or they give up first.",
+    )
+    max_grant_minutes: float = setting(
+        480.0, doc="Longest allowance an approval may grant (`--grant-minutes`)."
+    )
+    webhook_url: SecretRef | None = setting(
+        None,
+        doc="URL notified (POST JSON) of every new pending approval. A secret reference, since "
+        "chat webhook URLs carry their own credential. Failures are logged, never blocking.",
+    )
+    webhook_timeout_seconds: float = setting(5.0, doc="Timeout of one webhook POST.")
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        if not _is_loopback(self.listen_host):
+            yield "listen_host", "must be a loopback address (127.0.0.1, ::1 or localhost)"
+        if not 0 <= self.listen_port < 65536:
+            yield "listen_port", "must be between 0 and 65535"
+        if not self.timeout_seconds > 0:
+            yield "timeout_seconds", "must be positive"
+        if not self.max_grant_minutes > 0:
+            yield "max_grant_minutes", "must be positive"
+        if not self.webhook_timeout_seconds > 0:
+            yield "webhook_timeout_seconds", "must be positive"
+        try:
+            if len(self.admin_token.read()) < 24:
+                yield "admin_token", "must be at least 24 characters long"
+        except SecretUnavailable:
+            pass  # already reported by the parser
+        if self.webhook_url is not None:
+            try:
+                url = urllib.parse.urlsplit(self.webhook_url.read())
+            except (SecretUnavailable, ValueError):
+                url = None
+            if url is not None and not (
+                url.scheme == "https" or (url.scheme == "http" and _is_loopback(url.hostname or ""))
+            ):
+                yield "webhook_url", "must be an https:// URL (http only for loopback)"
+
+
+def _is_loopback(host: str) -> bool:
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+DEFAULT_MASKED_HEADERS = (
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "api-key",
+    "cookie",
+    "set-cookie",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordingSection:
+    directory: Path = setting(
+        doc="Where session files go: `<identity>/<start>-<pid>-<rand>.mitm` plus a `.chain` "
+        "sidecar each. Created (mode 0700) if missing. One gateway process per directory."
+    )
+    signing_key: SecretRef = setting(
+        doc="Ed25519 private key (PEM) that signs the hash chain of every session. Generate one "
+        "with `python -m sluicegate sessions keygen --signing certs/recording-signing.pem`."
+    )
+    enabled: bool = setting(
+        True, doc="Record every flow. Set `false` to silence the start-up warning on purpose."
+    )
+    audit_log: Path | None = setting(
+        None, doc="JSON-lines audit log, one line per flow. Default: `<directory>/audit.jsonl`."
+    )
+    rotate_bytes: int = setting(64 * 1024 * 1024, doc="Start a new session file past this size.")
+    rotate_seconds: int = setting(3600, doc="Start a new session file after this many seconds.")
+    idle_seconds: int = setting(
+        300, doc="Close (and sign) a session with no new flow for this long."
+    )
+    retention_days: float | None = setting(
+        30, doc="Delete closed sessions last written longer ago than this. Empty: keep."
+    )
+    retention_bytes: int | None = setting(
+        10 * 1024**3,
+        doc="Delete the oldest closed sessions while all sessions together exceed this. Empty: "
+        "no size limit.",
+    )
+    min_free_bytes: int = setting(
+        64 * 1024 * 1024,
+        doc="Treat the disk as full (recording unavailable) below this much free space.",
+    )
+    fsync: bool = setting(
+        False,
+        doc="fsync every flow: survives power loss, not just a process crash; costs throughput.",
+    )
+    on_failure: Literal["refuse", "continue"] = setting(
+        "refuse",
+        doc="When a flow cannot be recorded: `refuse` answers new requests with 503 "
+        "`recording_unavailable` until writes work again; `continue` forwards them and logs an "
+        "error per unrecorded flow.",
+    )
+    mask_headers: tuple[str, ...] = setting(
+        DEFAULT_MASKED_HEADERS,
+        doc="Headers whose values are recorded as `[masked]` unless they hold a "
+        "`[credential:<route>]` marker. Proxy-Authorization is always dropped.",
+    )
+    seal_to: Path | None = setting(
+        None,
+        doc="Auditor's X25519 public key (PEM). When set, pre-redaction bodies are stored "
+        "encrypted to it with each flow (`sessions unseal` reveals them with the private key).",
+    )
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        for name in ("rotate_bytes", "rotate_seconds", "idle_seconds"):
+            if getattr(self, name) <= 0:
+                yield name, "must be positive"
+        if self.min_free_bytes < 0:
+            yield "min_free_bytes", "must not be negative"
+        if self.retention_days is not None and self.retention_days <= 0:
+            yield "retention_days", "must be positive (leave it empty to keep sessions)"
+        if self.retention_bytes is not None and self.retention_bytes <= 0:
+            yield "retention_bytes", "must be positive (leave it empty for no size limit)"
+        if self.directory.exists() and not self.directory.is_dir():
+            yield "directory", f"not a directory: {self.directory}"
+        try:
+            chain.Signer.from_pem(self.signing_key.read())
+        except chain.ChainKeyError as e:
+            yield "signing_key", str(e)
+        except SecretUnavailable:
+            pass  # already reported by the parser
+        if self.seal_to is not None:
+            try:
+                sealing.load_public_key(self.seal_to.read_bytes())
+            except OSError as e:
+                yield "seal_to", f"cannot read {self.seal_to} ({e.strerror})"
+            except sealing.SealError as e:
+                yield "seal_to", str(e)
+
+    @property
+    def audit_log_path(self) -> Path:
+        return self.audit_log if self.audit_log is not None else self.directory / "audit.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class WebSocketsSection:
+    routes: tuple[str, ...] = setting(
+        (),
+        doc="Routes on which WebSocket upgrades are allowed; their messages are redacted both "
+        "ways. Everywhere else an upgrade request is answered 403 `websocket_blocked` before it "
+        "reaches the upstream.",
+    )
+    binary: Literal["block", "pass"] = setting(
+        "block",
+        doc="Binary messages on allowed routes cannot be redacted: `block` drops the message and "
+        "closes the connection (1008, policy violation); `pass` forwards them unredacted.",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole gateway configuration."""
+
+    version: Literal[1] = setting(doc="Config format version.")
+    auth: AuthSection = setting(doc="Caller authentication by JWT.")
+    gateway: GatewaySection = setting(doc="Deployment-wide settings.", factory=GatewaySection)
+    routes: tuple[Route, ...] = setting(
+        (), doc="Upstreams agents may reach, and their credentials."
+    )
+    unrouted: Literal["deny", "passthrough"] = setting(
+        "deny",
+        doc="Destinations with no route: `deny` (egress allowlist) or `passthrough` "
+        "(forwarded without any credential, still authenticated and redacted).",
+    )
+    redaction: RedactionSection = setting(
+        doc="Secret and PII redaction in both directions.", factory=RedactionSection
+    )
+    policy: PolicySection = setting(
+        doc="Block, hold for approval, redact or rate-limit requests and responses.",
+        factory=PolicySection,
+    )
+    approvals: ApprovalsSection | None = setting(
+        None, doc="Just-in-time approval of held flows (required by `hold` rules)."
+    )
+    recording: RecordingSection | None = setting(
+        None,
+        doc="Session recording to `.mitm` files, signed hash chains and an audit log. Without "
+        "this section nothing is recorded (the gateway warns at start-up): enable it.",
+    )
+    websockets: WebSocketsSection = setting(
+        doc="WebSocket upgrades: blocked unless a route allows them (a side channel otherwise).",
+        factory=WebSocketsSection,
+    )
+    source: Path = dataclasses.field(default=Path(), init=False, compare=False)
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        names = [r.name for r in self.routes]
+        for i, name in enumerate(names):
+            if names.index(name) != i:
+                yield f"routes[{i}].name", f"duplicate route name {name!r}"
+        # Two routes for the same destination and prefix would make the choice arbitrary.
+        targets = [
+            (normalize_host(r.host), r.port, r.scheme, r.path_prefix.rstrip("/"))
+            for r in self.routes
+        ]
+        for i, target in enumerate(targets):
+            first = targets.index(target)
+            if first != i:
+                same = f"same host, port, scheme and path_prefix as routes[{first}]"
+                yield f"routes[{i}]", f"{same} ({names[first]!r})"
+        for where, entry in self.policy.entries():
+            for j, route in enumerate(entry.match.routes):
+                if route not in names:
+                    yield f"policy.{where}.match.routes[{j}]", f"no route named {route!r}"
+        for j, route in enumerate(self.websockets.routes):
+            if route not in names:
+                yield f"websockets.routes[{j}]", f"no route named {route!r}"
+        if self.policy.uses_hold and self.approvals is None:
+            yield "approvals", "required: the policy holds flows for approval"
+
+
+@functools.lru_cache(maxsize=4096)
+def normalize_host(host: str) -> str:
+    """Canonical spelling of a host for comparisons: lower case, no trailing dot, IPs compressed.
+
+    Cached: every request compares its host (and SNI) with every route's host."""
+    host = host.strip().lower().rstrip(".")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
+
+
+def _valid_route_host(host: str) -> bool:
+    wildcard = host.startswith("*.")
+    name = host[2:] if wildcard else host
+    if not name or not name.isascii() or not name.isprintable():
+        return False
+    if any(c in name for c in "*/@ []\\?#%"):
+        return False
+    if ":" in name:  # only an IPv6 address may contain colons, and it takes no wildcard
+        try:
+            ipaddress.IPv6Address(name)
+        except ValueError:
+            return False
+        return not wildcard
+    return all(name.split("."))
+
+
+def load_config(file: str | Path) -> Config:
+    """Read and validate a config file. Raises ConfigError listing every problem."""
+    path = Path(file).expanduser().resolve()
+    data = read_yaml(path)
+    parser = Parser(path)
+    if data is None:
+        raise ConfigError([Problem(str(path), "", "file is empty")])
+    config = parser.parse(Config, data, "")
+    if parser.problems or config is None:
+        raise ConfigError(parser.problems)
+    object.__setattr__(config, "source", path)
+    return config
+
+
+_cache_lock = threading.Lock()
+_cache: tuple[Path, tuple[int, int], Config] | None = None
+
+
+def load_cached(file: str | Path) -> Config:
+    """load_config, shared by every addon of the chain: parsed once per file version."""
+    global _cache
+    path = Path(file).expanduser().resolve()
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise ConfigError([Problem(str(path), "", f"cannot read file ({e.strerror})")]) from None
+    stamp = (st.st_mtime_ns, st.st_size)
+    with _cache_lock:
+        if _cache is not None and _cache[0] == path and _cache[1] == stamp:
+            return _cache[2]
+    config = load_config(path)
+    with _cache_lock:
+        _cache = (path, stamp, config)
+    return config

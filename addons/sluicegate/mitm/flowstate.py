@@ -1,0 +1,142 @@
+"""Per-flow state shared by the addons of the chain, kept beside the flow and never saved.
+
+`flow.metadata` is written to recordings, so it must hold only plain, non-secret values.
+Everything else an addon learns about a flow (the verified identity, the route, the injected
+credential to scrub from responses, a refusal) lives here, in a side table keyed weakly by the
+flow object. `publish()` projects the recordable part into `flow.metadata["sluicegate"]`.
+
+This module is part of the package, not of the `-s` script, so a hot reload of the script keeps
+the state of flows in flight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Any
+
+from sluicegate.auth.caller import Caller
+from sluicegate.redaction.redactor import LiteralSecret as ScrubLiteral
+
+METADATA_KEY = "sluicegate"
+
+
+@dataclasses.dataclass
+class Refusal:
+    """Why the gateway answered a flow itself instead of forwarding it."""
+
+    status: int
+    code: str
+    message: str
+    phase: str
+
+
+@dataclasses.dataclass
+class FlowState:
+    request_id: str
+    refusal: Refusal | None = None
+    # Set by the auth addon once the caller's token is verified.
+    caller: Caller | None = None
+    # Name of the route the flow matched (None: unrouted).
+    route: str | None = None
+    # Injected credentials (all their encoded variants) to scrub from responses and recordings.
+    scrub: list[ScrubLiteral] = dataclasses.field(default_factory=list)
+    # The response body bytes the client actually received when the response was streamed.
+    streamed_body: bytearray | None = None
+    # Pre-redaction bodies ("request" / "response", content-decoded), kept only while the
+    # recorder seals originals (see `keep_original`); sealed to the auditor's key, never stored.
+    originals: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    # Recordable facts, grouped by the addon that produced them (plain types only).
+    facts: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Non-recordable working data (identity objects, secrets to scrub...), by addon.
+    private: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The dict `publish` last put into flow.metadata (`record` updates it in place).
+    published: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
+
+
+_states: weakref.WeakKeyDictionary[Any, FlowState] = weakref.WeakKeyDictionary()
+
+
+def state(flow: Any) -> FlowState:
+    """The state of `flow`, created on first use."""
+    st = _states.get(flow)
+    if st is None:
+        st = FlowState(request_id=flow.id)
+        _states[flow] = st
+    return st
+
+
+def peek(flow: Any) -> FlowState | None:
+    """The state of `flow` if any addon created it."""
+    return _states.get(flow)
+
+
+# Set by the recorder while it seals pre-redaction originals, so redaction keeps them only then.
+keep_originals: bool = False
+
+
+def keep_original(flow: Any, part: str, body: bytes) -> None:
+    """Hand the recorder the body of `part` ("request" / "response") before redacting it.
+
+    Redaction addons call this with the content-decoded body they are about to redact; it costs
+    nothing unless sealed originals are configured.
+    """
+    if keep_originals:
+        if part not in ("request", "response"):
+            raise ValueError(f"unknown body part {part!r}")
+        state(flow).originals[part] = bytes(body)
+
+
+def record(flow: Any, section: str, value: Any) -> None:
+    """Set a recordable fact and publish it to `flow.metadata` at once.
+
+    Only the new value is checked (the rest was checked when it was recorded), and the published
+    metadata is updated in place while it is still the one `publish` put there.
+    """
+    ensure_plain(value, f"{METADATA_KEY}.{section}")
+    st = state(flow)
+    st.facts[section] = value
+    meta = flow.metadata.get(METADATA_KEY)
+    if meta is not None and meta is st.published:
+        meta[section] = value
+    else:  # every fact was checked when it was recorded; a refusal has plain fields
+        flow.metadata[METADATA_KEY] = st.published = _projection(st)
+
+
+def _projection(st: FlowState) -> dict[str, Any]:
+    meta: dict[str, Any] = {"request_id": st.request_id, **st.facts}
+    if st.refusal is not None:
+        meta["refusal"] = dataclasses.asdict(st.refusal)
+    return meta
+
+
+def publish(flow: Any) -> None:
+    """Copy the recordable facts into `flow.metadata`, checking they are plain values.
+
+    mitmproxy silently drops a flow from a recording when its metadata holds anything it cannot
+    serialize; a programming error here must fail loudly (and the guard fails the flow closed).
+    """
+    st = state(flow)
+    meta = _projection(st)
+    ensure_plain(meta, METADATA_KEY)
+    flow.metadata[METADATA_KEY] = st.published = meta
+
+
+_PLAIN_SCALARS = (str, int, float, bool, bytes, type(None))
+
+
+def ensure_plain(value: Any, path: str) -> None:
+    """Raise TypeError if `value` holds anything but str/int/float/bool/bytes/None/list/dict."""
+    if isinstance(value, _PLAIN_SCALARS):
+        return
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            ensure_plain(item, f"{path}[{i}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{path}: metadata keys must be strings")
+            ensure_plain(item, f"{path}.{key}")
+        return
+    raise TypeError(f"{path}: {type(value).__name__} cannot be saved in flow metadata")

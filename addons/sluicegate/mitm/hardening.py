@@ -1,0 +1,120 @@
+"""Refuse mitmproxy settings that would let traffic bypass the gateway.
+
+A gateway is only as strong as the proxy it runs in. Some mitmproxy options route bodies around
+the addon hooks (`stream_large_bodies`), skip upstream verification (`ssl_insecure`), write
+unredacted flows (`save_stream_file`, mitmproxy's own `-w`, which saves before our redaction runs),
+print headers and bodies to the log (`flow_detail` > 1) or tunnel hosts uninspected
+(`ignore_hosts`...). With any of them set, the gateway refuses all traffic and says why; at
+start-up mitmdump exits non-zero.
+
+It also makes mitmproxy connect upstream lazily, so no upstream connection is made for a caller
+that fails authentication, keeps the raw bytes mitmproxy quotes in protocol errors out of error
+pages, logs and recordings (`protocol_errors`), and caps request and response heads
+(`gateway.max_header_bytes`, `max_headers`: 431 `headers_too_large`), also while mitmproxy is
+still reading them (`head_limits`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Set
+from typing import Any
+
+from mitmproxy import ctx, http
+
+from sluicegate.mitm import guard
+from sluicegate.mitm.base import GatewayAddon, _report_once
+from sluicegate.mitmcompat import head_limits, protocol_errors
+
+logger = logging.getLogger("sluicegate.hardening")
+
+BODY_LIMIT_MARGIN = 64 * 1024
+
+
+def unsafe_options() -> list[str]:
+    """Why the current mitmproxy options are unsafe for a gateway (empty when they are fine)."""
+    o = ctx.options
+    problems = []
+    if o.stream_large_bodies:
+        problems.append(
+            "stream_large_bodies streams bodies past redaction; remove it "
+            "(sluicegate streams text/event-stream itself, redacted)"
+        )
+    if o.ssl_insecure:
+        problems.append(
+            "ssl_insecure disables upstream certificate verification, so credentials could reach "
+            "an impostor; trust a private CA with ssl_verify_upstream_trusted_ca instead"
+        )
+    if o.save_stream_file:
+        problems.append(
+            "save_stream_file (-w) saves flows before redaction; use sluicegate's recorder"
+        )
+    if o.flow_detail > 1:
+        problems.append("flow_detail above 1 prints headers and bodies to the log; use 0 or 1")
+    for name in ("ignore_hosts", "allow_hosts", "tcp_hosts", "udp_hosts"):
+        if getattr(o, name, None):
+            problems.append(f"{name} passes traffic through uninspected; remove it")
+    if o.proxyauth:
+        problems.append("proxyauth conflicts with sluicegate's token authentication; remove it")
+    unknown = sorted(k for k in o.deferred if k.startswith("sluicegate"))
+    for name in unknown:
+        problems.append(f"unknown option {name!r} (did you mean 'sluicegate_config'?)")
+    return problems
+
+
+class ProxyHardening(GatewayAddon):
+    """First addon of the chain: the proxy itself must be configured safely."""
+
+    name = "sluicegate"
+
+    def load(self, loader: Any) -> None:
+        super().load(loader)
+        protocol_errors.install()
+        head_limits.install()
+
+    def configure(self, updated: Set[str]) -> None:
+        super().configure(updated)
+        if ctx.options.connection_strategy != "lazy":
+            # Eager connects upstream on CONNECT, before an inner token could be checked.
+            ctx.options.update(connection_strategy="lazy")
+            logger.info("sluicegate: set connection_strategy=lazy (connect upstream on demand)")
+        if self.config is not None and not ctx.options.body_size_limit:
+            # Without it mitmproxy reads a whole oversized body before any refusal is sent, so an
+            # unauthenticated client could make the gateway buffer gigabytes. Slightly above our own
+            # cap (which applies to decoded bodies and answers with JSON) so ours decides first.
+            limit = self.config.gateway.max_body_bytes + BODY_LIMIT_MARGIN
+            ctx.options.update(body_size_limit=str(limit))
+            logger.info(
+                "sluicegate: set body_size_limit=%d (gateway.max_body_bytes + margin)", limit
+            )
+        if self.config is not None:
+            head_limits.limit = self.config.gateway.max_header_bytes
+        problems = unsafe_options()
+        for problem in problems:
+            _report_once("options", f"unsafe mitmproxy option: {problem}")
+        if problems:
+            self.config = None
+
+    def running(self) -> None:
+        # Unknown --set names are only known once every addon has declared its options.
+        self.configure(set())
+
+    @guard.fail_closed("gateway_error")
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        """Refuse heads over the limits (and everything while unconfigured: the guard)."""
+        self._check_head(flow)
+
+    @guard.fail_closed("gateway_error")
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Refuse heads over the limits before any addon parses them."""
+        self._check_head(flow)
+
+    def _check_head(self, flow: http.HTTPFlow) -> None:
+        assert self.config is not None  # the guard refuses while unconfigured
+        limits = self.config.gateway
+        request = flow.request
+        fields = request.headers.fields
+        size = len(request.method) + len(request.authority) + len(request.path) + 16
+        size += sum(len(name) + len(value) + 4 for name, value in fields)
+        if size > limits.max_header_bytes or len(fields) > limits.max_headers:
+            raise guard.GatewayRefusal(431, head_limits.CODE, head_limits.MESSAGE)

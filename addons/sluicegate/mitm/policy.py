@@ -1,0 +1,463 @@
+"""Policy: block, hold for approval, redact or rate-limit flows (chain position 4).
+
+Runs after CallerAuth and Routing (so the caller and route are known) and before Redaction and
+CredentialInjection (so a blocked or held request has not been rewritten or given a credential;
+with `connection_strategy=lazy`, nothing has been sent upstream either).
+
+Request side (`request` hook): the first matching rule decides (engine/policy.py); a block is a
+403 naming the rule; anything not blocked counts against the matching rate limits (429 with
+Retry-After); a hold waits for an approver while other flows keep flowing; redact_only rewrites
+what the rule's patterns matched.
+
+Response side (`response` hook): buffered responses are checked whole and blocked with 403 (not
+502: SDKs retry 5xx, which would re-run the request upstream), held, or redacted, before the agent
+sees a byte. Streamed responses (text/event-stream) are released incrementally by the streaming
+addon, which checks released text with the flow's `ResponsePolicy` (left in
+`flowstate.state(flow).private[RESPONSE_POLICY_KEY]`) and cuts the stream with a final SSE error
+event when a rule matches; `hold` and `redact_only` act as block on streams. This hook records
+that decision.
+
+Decisions go into `flow.metadata["sluicegate"]["policy"]` (recordings) and the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from mitmproxy import connection, http
+
+from sluicegate import runtime as builders
+from sluicegate.approvals.registry import ApprovalRegistry, ApprovalRequest
+from sluicegate.approvals.server import ControlServer
+from sluicegate.approvals.webhook import WebhookNotifier
+from sluicegate.config import ApprovalsSection, Config
+from sluicegate.mitm import flowstate, guard
+from sluicegate.mitm.base import GatewayAddon
+from sluicegate.policy import engine
+from sluicegate.policy.conditions import FlowContext, normalize_path
+from sluicegate.policy.decisions import (
+    RESPONSE_POLICY_KEY,
+    Action,
+    Decision,
+    Phase,
+    PolicyError,
+    ScanTimeout,
+)
+from sluicegate.policy.ratelimit import RateLimiter
+from sluicegate.policy.redact_only import redact_body
+from sluicegate.policy.stream import ResponsePolicy
+from sluicegate.policy.views import BodyViews
+from sluicegate.shapes import decoding
+
+logger = logging.getLogger("sluicegate.policy")
+
+RULE_HEADER = "x-sluicegate-policy-rule"
+# Bodies larger than this are scanned on a worker thread (the `regex` module releases the GIL),
+# so one large upload does not stall every other flow on the event loop.
+THREAD_SCAN_BYTES = 256 * 1024
+
+T = TypeVar("T")
+
+
+class Runtime:
+    """State that outlives an addon instance: held flows, grants and rate-limit budgets.
+
+    Package modules survive hot reloads of the `-s` script, so a reload (or a config change)
+    neither forgets held flows nor resets anyone's rate limit.
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry = ApprovalRegistry(clock)
+        self.limiter = RateLimiter(monotonic)
+
+
+SHARED = Runtime()
+
+
+def flow_context(flow: http.HTTPFlow) -> FlowContext:
+    st = flowstate.state(flow)
+    caller = st.caller
+    return FlowContext(
+        subject=caller.subject if caller else None,
+        issuer=caller.issuer if caller else None,
+        groups=frozenset(caller.groups) if caller else frozenset(),
+        route=st.route,
+        host=flow.request.host,
+        port=flow.request.port,
+        method=flow.request.method.upper(),
+        path=normalize_path(flow.request.path),
+    )
+
+
+class Policy(GatewayAddon):
+    def __init__(self, runtime: Runtime | None = None) -> None:
+        self.runtime = runtime or SHARED
+        self.engine: engine.Policy | None = None
+        self.approvals: ApprovalsSection | None = None
+        self.server: ControlServer | None = None
+        self.webhook: WebhookNotifier | None = None
+        self.max_body_bytes = 0
+        self._running = False
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def apply(self, config: Config) -> None:
+        self.engine = builders.build_policy(config.policy)
+        self.max_body_bytes = config.gateway.max_body_bytes
+        previous, approvals = self.approvals, config.approvals
+        self.approvals = approvals
+        self.webhook = None
+        if approvals is not None and approvals.webhook_url is not None:
+            self.webhook = WebhookNotifier(approvals.webhook_url, approvals.webhook_timeout_seconds)
+        if self._running and _listen_settings(previous) != _listen_settings(approvals):
+            self._start_server()
+
+    def running(self) -> None:
+        self._running = True
+        self._start_server()
+
+    def done(self) -> None:
+        self._running = False
+        self._stop_server()
+        super().done()
+
+    def _start_server(self) -> None:
+        self._stop_server()
+        settings = self.approvals
+        if settings is None:
+            return
+        server = ControlServer(
+            self.runtime.registry,
+            host=settings.listen_host,
+            port=settings.listen_port,
+            admin_token=settings.admin_token,
+            max_grant_minutes=settings.max_grant_minutes,
+        )
+        try:
+            port = server.start()
+        except OSError as e:
+            # At start-up an error log makes mitmdump exit; later, held flows get 503.
+            logger.error(
+                "sluicegate: approvals API cannot listen on %s:%s (%s); held flows are refused",
+                settings.listen_host,
+                settings.listen_port,
+                e.strerror or type(e).__name__,
+            )
+            return
+        self.server = server
+        logger.info("sluicegate: approvals API listening at http://%s:%s", server.host, port)
+
+    def _stop_server(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        """A client that went away while held: cancel its approvals (mitmproxy fires this even
+        while our request hook is still waiting; the flow's `error` hook only comes after)."""
+        cancelled = self.runtime.registry.cancel_client(client.id)
+        if cancelled:
+            logger.info("sluicegate: client gone, %d held flow(s) cancelled", cancelled)
+
+    # -- request side -------------------------------------------------------------------------
+
+    @guard.fail_closed("policy_error")
+    async def request(self, flow: http.HTTPFlow) -> None:
+        policy = self.engine
+        assert policy is not None
+        ctx = flow_context(flow)
+        content = b""
+        if policy.request_needs_body(ctx):
+            content = self._content(flow.request, Phase.REQUEST)
+        ctype = flow.request.headers.get("content-type")
+        decision = await _scan(
+            len(content), policy.decide_request, ctx, lambda: BodyViews.of(content, ctype)
+        )
+        facts = _facts(flow)
+        decision = self._decided(flow, ctx, decision, facts)
+        if decision.action is Action.BLOCK:
+            raise guard.GatewayRefusal(
+                403,
+                "policy_blocked",
+                f"Blocked by {decision.describe()}",
+                {RULE_HEADER: decision.rule_id},
+            )
+        denied = self.runtime.limiter.acquire(policy.rate_limit_hits(ctx))
+        if denied is not None:
+            limit = policy.rate_limit(denied.limit_id)
+            facts["rate_limit"] = {
+                "id": denied.limit_id,
+                "retry_after": int(denied.retry_after_header),
+            }
+            _publish(flow, facts)
+            logger.info(
+                "sluicegate: rate limit %s exceeded by %s [request %s]",
+                denied.limit_id,
+                ctx.identity,
+                flow.id,
+            )
+            message = (
+                f"Rate limit {denied.limit_id!r} exceeded "
+                f"({limit.limit.requests} requests per {limit.limit.window_seconds:g} s). "
+                f"Retry after {denied.retry_after_header} s."
+            )
+            raise guard.GatewayRefusal(
+                429,
+                "rate_limited",
+                f"{message} {limit.message}".strip(),
+                {"retry-after": denied.retry_after_header, RULE_HEADER: denied.limit_id},
+            )
+        if decision.action is Action.HOLD:
+            await self._hold(flow, ctx, decision, facts)
+        elif decision.action is Action.REDACT_ONLY:
+            facts["request"]["redacted"] = await self._redact(flow.request, decision)
+            _publish(flow, facts)
+
+        registry = self.runtime.registry
+        exempt = registry.granted_rules(ctx.identity, ctx.destination)
+        response_policy = policy.response_policy(ctx, exempt)
+        if response_policy is not None:
+            flowstate.state(flow).private[RESPONSE_POLICY_KEY] = response_policy
+
+    # -- response side --------------------------------------------------------------------------
+
+    @guard.fail_closed("policy_error")
+    async def response(self, flow: http.HTTPFlow) -> None:
+        st = flowstate.state(flow)
+        response_policy: ResponsePolicy | None = st.private.get(RESPONSE_POLICY_KEY)
+        if response_policy is None or flow.response is None:
+            return
+        facts = _facts(flow)
+        if flow.response.stream:
+            # Released piece by piece by the streaming addon, which asked response_policy.
+            if response_policy.stream_decisions:
+                first = response_policy.stream_decisions[0]
+                facts["response"] = {**first.as_metadata(), "streamed": True}
+                _publish(flow, facts)
+            elif response_policy.streams_started == 0:
+                # Too late to stop anything; make the gap visible in the log and the recording.
+                logger.error(
+                    "sluicegate: response rules did not see streamed response [request %s]",
+                    flow.id,
+                )
+                facts["response"] = {"unchecked_stream": True}
+                _publish(flow, facts)
+            return
+        content = self._content(flow.response, Phase.RESPONSE)
+        views = BodyViews.of(content, flow.response.headers.get("content-type"))
+        decision = await _scan(len(content), response_policy.decide, views)
+        if decision is None or decision.action is Action.ALLOW:
+            return
+        ctx = flow_context(flow)
+        decision = self._decided(flow, ctx, decision, facts)
+        if decision.action is Action.BLOCK:
+            raise guard.GatewayRefusal(
+                403,
+                "policy_blocked",
+                f"The response was blocked by {decision.describe()}",
+                {RULE_HEADER: decision.rule_id},
+            )
+        if decision.action is Action.HOLD:
+            await self._hold(flow, ctx, decision, facts)
+        elif decision.action is Action.REDACT_ONLY:
+            facts["response"]["redacted"] = await self._redact(flow.response, decision)
+            _publish(flow, facts)
+
+    # -- shared steps -----------------------------------------------------------------------------
+
+    def _decided(
+        self, flow: http.HTTPFlow, ctx: FlowContext, decision: Decision, facts: dict[str, Any]
+    ) -> Decision:
+        """Record a decision (a hold covered by a grant becomes allow) and log the notable."""
+        phase_facts = decision.as_metadata()
+        if decision.action is Action.HOLD:
+            grant = self.runtime.registry.grant_for(_grant_key(ctx, decision))
+            if grant is not None:
+                phase_facts.update(action=str(Action.ALLOW), grant=grant.as_metadata())
+                decision = Decision(
+                    Action.ALLOW, decision.rule_id, decision.message, decision.phase
+                )
+        facts[str(decision.phase)] = phase_facts
+        _publish(flow, facts)
+        if decision.action is not Action.ALLOW or "grant" in phase_facts:
+            logger.info(
+                "sluicegate: policy %s %s by %s%s [request %s, caller %s, %s %s%s]",
+                decision.phase,
+                phase_facts["action"],
+                decision.rule_id,
+                " (grant)" if "grant" in phase_facts else "",
+                flow.id,
+                ctx.identity,
+                ctx.method,
+                ctx.destination,
+                ctx.path,
+            )
+        return decision
+
+    async def _hold(
+        self, flow: http.HTTPFlow, ctx: FlowContext, decision: Decision, facts: dict[str, Any]
+    ) -> None:
+        """Wait for an approver. Returns when approved; raises a 403 refusal otherwise."""
+        phase_facts = facts[str(decision.phase)]
+        settings = self.approvals
+        if settings is None or self.server is None or not self.server.listening:
+            raise guard.GatewayRefusal(
+                503,
+                "approvals_unavailable",
+                f"Held by {decision.describe()}, but the approvals service is not running.",
+                {RULE_HEADER: decision.rule_id},
+            )
+        registry = self.runtime.registry
+        pending = registry.open(
+            ApprovalRequest(
+                request_id=flowstate.state(flow).request_id,
+                rule_id=decision.rule_id,
+                message=decision.message,
+                phase=str(decision.phase),
+                subject=ctx.subject,
+                issuer=ctx.issuer,
+                groups=tuple(sorted(ctx.groups)),
+                route=ctx.route,
+                host=ctx.host,
+                port=ctx.port,
+                method=ctx.method,
+                path=ctx.path,
+                patterns=decision.patterns,
+                grant_key=_grant_key(ctx, decision),
+                client_id=flow.client_conn.id,
+            ),
+            settings.timeout_seconds,
+        )
+        logger.info(
+            "sluicegate: approval %s pending (rule %s) [request %s]",
+            pending.id,
+            decision.rule_id,
+            flow.id,
+        )
+        if self.webhook is not None:
+            self.webhook.notify(pending)
+        resolution = await registry.wait(pending)
+        phase_facts["approval"] = resolution.as_metadata()
+        _publish(flow, facts)
+        if resolution.approved:
+            return
+        held = f"It was held by {decision.describe()}"
+        if resolution.outcome == "denied":
+            code, message = "approval_denied", f"An approver denied this ({resolution.reason})."
+        elif resolution.outcome == "timeout":
+            code = "approval_timeout"
+            message = f"No approver decided within {settings.timeout_seconds:g} seconds."
+        else:
+            code, message = (
+                "approval_cancelled",
+                f"The approval was cancelled ({resolution.reason}).",
+            )
+        raise guard.GatewayRefusal(403, code, f"{message} {held}", {RULE_HEADER: decision.rule_id})
+
+    async def _redact(self, message: http.Message, decision: Decision) -> int:
+        """redact_only: replace what the rule's patterns found; block what stays findable."""
+        assert self.engine is not None
+        rule = self.engine.rule(decision.rule_id)
+        phase = decision.phase
+        content = self._content(message, phase)
+        ctype = message.headers.get("content-type")
+        tag = f"[REDACTED:policy:{rule.id}]"
+        timeout = self.engine.scan_timeout
+        try:
+            new, count = await _scan(
+                len(content),
+                redact_body,
+                content,
+                ctype,
+                rule.when.body_patterns,
+                tag,
+                timeout,
+            )
+            still = await _scan(len(new), rule.when.body_matches, BodyViews.of(new, ctype), timeout)
+        except PolicyError as e:
+            raise guard.GatewayRefusal(
+                403,
+                "policy_blocked",
+                f"Blocked by {decision.describe()} (the content could not be redacted: {e})",
+                {RULE_HEADER: rule.id},
+            ) from None
+        if still is not None:
+            raise guard.GatewayRefusal(
+                403,
+                "policy_blocked",
+                f"Blocked by {decision.describe()} (the content could not be fully redacted)",
+                {RULE_HEADER: rule.id},
+            )
+        message.content = new
+        return count
+
+    def _content(self, message: http.Message, phase: Phase) -> bytes:
+        """The decoded body, or a refusal: too large (checked while decoding, so a compression
+        bomb never expands past the limit), or an encoding we cannot undo."""
+        too_large = guard.GatewayRefusal(
+            413 if phase is Phase.REQUEST else 502,
+            "body_too_large",
+            "The body is too large for the gateway to inspect.",
+        )
+        raw = message.raw_content or b""
+        if len(raw) > self.max_body_bytes:
+            raise too_large
+        try:
+            return decoding.decode_body(
+                raw, message.headers.get("content-encoding"), self.max_body_bytes
+            )
+        except decoding.BodyTooLarge:
+            raise too_large from None
+        except decoding.DecodingError:
+            raise guard.GatewayRefusal(
+                400 if phase is Phase.REQUEST else 502,
+                "policy_undecodable_body",
+                "The body's content encoding could not be decoded for inspection.",
+            ) from None
+
+
+def _grant_key(ctx: FlowContext, decision: Decision) -> tuple[str, str, str]:
+    return (ctx.identity, ctx.destination, decision.rule_id)
+
+
+def _listen_settings(settings: ApprovalsSection | None) -> tuple[Any, ...] | None:
+    if settings is None:
+        return None
+    return (
+        settings.listen_host,
+        settings.listen_port,
+        settings.admin_token,
+        settings.max_grant_minutes,
+    )
+
+
+def _facts(flow: http.HTTPFlow) -> dict[str, Any]:
+    """This flow's policy facts so far (the request phase's), to add the response phase to."""
+    return flowstate.state(flow).facts.setdefault("policy", {})
+
+
+def _publish(flow: http.HTTPFlow, facts: dict[str, Any]) -> None:
+    flowstate.record(flow, "policy", facts)
+
+
+async def _scan(size: int, fn: Callable[..., T], *args: Any) -> T:
+    """Run a body scan, off the event loop when the body is large. Scan timeouts refuse."""
+    try:
+        if size > THREAD_SCAN_BYTES:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
+    except ScanTimeout:
+        raise guard.GatewayRefusal(
+            422,
+            "policy_uninspectable_body",
+            "The gateway could not inspect this body within its time budget; nothing was "
+            "forwarded.",
+        ) from None

@@ -1,0 +1,227 @@
+"""Redaction: buffered request and response bodies, both directions (chain position 5).
+
+Runs after Policy (which judges the original body) and before CredentialInjection, so rules never
+see the injected credential and the request leaves with secrets replaced by tags. Request bodies
+are always buffered (anything that turned on request streaming is overruled); responses are
+buffered unless they are `text/event-stream`, which StreamRedaction (position 6) redacts as they
+stream.
+
+A body is decoded first (every content-encoding we know, with the size cap applied to the decoded
+bytes, so a compression bomb stops at the cap), redacted by its content type (engine/bodies.py),
+and sent on identity-encoded: the receiver parses exactly the bytes that were redacted. Anything
+that cannot be decoded or redacted is refused, never passed: 413/415/400 for requests, 502 for
+responses. Secrets in the request URL's query string are redacted too (prompts travel there).
+
+Responses are redacted with the flow's scrub literals (every encoding of the injected credential),
+so an upstream that echoes the key never hands it to the agent, even with response redaction off.
+Counts per rule go to `flow.metadata["sluicegate"]["redaction"]`; matched values go nowhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Literal, TypeVar
+
+from mitmproxy import http
+
+from sluicegate.config import Config
+from sluicegate.mitm import flowstate, guard
+from sluicegate.mitm.base import GatewayAddon
+from sluicegate.redaction.bodies import BodyPolicy, BodyRefused, media_type, redact_body
+from sluicegate.redaction.memo import MemoRedactor
+from sluicegate.redaction.runtime import RedactionRuntime
+from sluicegate.runtime import build_redaction
+from sluicegate.shapes import decoding
+
+logger = logging.getLogger("sluicegate.redaction")
+
+Part = Literal["request", "response"]
+
+# Bodies larger than this are decoded and redacted on a worker thread (the `regex` module
+# releases the GIL), so one large body does not stall every other flow on the event loop.
+THREAD_BYTES = 256 * 1024
+EVENT_STREAM = "text/event-stream"
+_FORM = "application/x-www-form-urlencoded"
+_QUERY_POLICY = BodyPolicy()  # a query string is always form-encoded text
+
+T = TypeVar("T")
+
+
+class Redaction(GatewayAddon):
+    """Fifth in the chain: nothing leaves in either direction before its body was redacted."""
+
+    def __init__(self) -> None:
+        self.runtime: RedactionRuntime | None = None
+
+    def apply(self, config: Config) -> None:
+        self.runtime = build_redaction(config)
+
+    # -- request side -----------------------------------------------------------------------------
+
+    @guard.fail_closed("redaction_error")
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        runtime = self._runtime()
+        if flow.request.stream:
+            flow.request.stream = False  # a streamed request body would bypass redaction
+        declared = _declared_length(flow.request.headers)
+        if declared is not None and declared > runtime.max_body_bytes:
+            raise _refusal("request", "body_too_large", runtime.max_body_bytes)
+
+    @guard.fail_closed("redaction_error")
+    async def request(self, flow: http.HTTPFlow) -> None:
+        runtime = self._runtime()
+        request = flow.request
+        raw = request.raw_content or b""
+        if len(raw) > runtime.max_body_bytes:
+            raise _refusal("request", "body_too_large", runtime.max_body_bytes)
+        redactor = runtime.request_text_redactor(flowstate.state(flow).caller)
+        if redactor is None:
+            return
+        counts = _redact_query(request, redactor)
+        body_counts = await self._redact_message(flow, request, "request", redactor)
+        _record(flow, "request", _merged(counts, body_counts))
+
+    # -- response side ----------------------------------------------------------------------------
+
+    @guard.fail_closed("redaction_error")
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        runtime = self._runtime()
+        response = flow.response
+        if response is None or _is_event_stream(response):
+            return  # StreamRedaction's
+        if response.stream:
+            response.stream = False  # a streamed body would bypass redaction
+        declared = _declared_length(response.headers)
+        if declared is not None and declared > runtime.max_body_bytes:
+            raise _refusal("response", "response_too_large", runtime.max_body_bytes)
+
+    @guard.fail_closed("redaction_error")
+    async def response(self, flow: http.HTTPFlow) -> None:
+        runtime = self._runtime()
+        response = flow.response
+        st = flowstate.state(flow)
+        if response is None or response.stream or st.streamed_body is not None:
+            return  # streamed: redacted (or refused) by StreamRedaction as it went
+        raw = response.raw_content or b""
+        if len(raw) > runtime.max_body_bytes:
+            raise _refusal("response", "response_too_large", runtime.max_body_bytes)
+        if runtime.response is None and not st.scrub:
+            return  # no rules and no injected credential: nothing to find
+        redactor = runtime.response_text_redactor(st.caller, st.scrub)
+        counts = await self._redact_message(flow, response, "response", redactor)
+        _record(flow, "response", counts)
+
+    # -- shared -----------------------------------------------------------------------------------
+
+    def _runtime(self) -> RedactionRuntime:
+        assert self.runtime is not None  # the guard refuses flows while unconfigured
+        return self.runtime
+
+    async def _redact_message(
+        self, flow: http.HTTPFlow, message: http.Message, part: Part, redactor: MemoRedactor
+    ) -> dict[str, int]:
+        """Decode, redact and put back `message`'s body (identity-encoded); the counts."""
+        runtime = self._runtime()
+        raw = message.raw_content or b""
+        if not raw:
+            return {}  # also keeps HEAD and 304 headers as they are
+        limit = runtime.max_body_bytes
+        encoding = message.headers.get("content-encoding")
+        try:
+            body = await _off_loop(len(raw), decoding.decode_body, raw, encoding, limit)
+        except decoding.BodyTooLarge:
+            raise _refusal(part, _too_large_code(part), limit) from None
+        except decoding.DecodingError as e:
+            raise _refusal(part, e.code, limit) from None
+        flowstate.keep_original(flow, part, body)
+        content_type = message.headers.get("content-type")
+        try:
+            result = await _off_loop(
+                len(body), redact_body, body, content_type, redactor, runtime.body_policy
+            )
+        except BodyRefused as e:
+            raise _refusal(part, e.code, limit, e.message) from None
+        if result.changed or "content-encoding" in message.headers:
+            if "content-encoding" in message.headers:
+                del message.headers["content-encoding"]
+            message.content = result.body  # also fixes content-length
+        if result.counts:
+            logger.info(
+                "sluicegate: redacted %s body: %s [request %s]",
+                part,
+                ", ".join(f"{rule} x{n}" for rule, n in sorted(result.counts.items())),
+                flow.id,
+            )
+        return result.counts
+
+
+def _redact_query(request: http.Request, redactor: MemoRedactor) -> dict[str, int]:
+    """Redact the query string's decoded names and values; the path stays byte for byte."""
+    path, sep, query = request.data.path.partition(b"?")
+    if not sep or not query:
+        return {}
+    result = redact_body(query, _FORM, redactor, _QUERY_POLICY)  # forms are never refused
+    if result.changed:
+        request.data.path = path + b"?" + result.body
+    return result.counts
+
+
+def _is_event_stream(response: http.Response) -> bool:
+    return media_type(response.headers.get("content-type"))[0] == EVENT_STREAM
+
+
+def _declared_length(headers: http.Headers) -> int | None:
+    """The Content-Length as declared (None: absent or malformed, which mitmproxy refuses)."""
+    value = headers.get("content-length")
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value)
+
+
+def _too_large_code(part: Part) -> str:
+    return "body_too_large" if part == "request" else "response_too_large"
+
+
+_REQUEST_STATUS = {
+    "body_too_large": 413,
+    "content_decode_failed": 400,
+    "unsupported_content_encoding": 415,
+}
+
+
+def _refusal(part: Part, code: str, limit: int, detail: str | None = None) -> guard.GatewayRefusal:
+    """The refusal for `code`: requests 413/400/415, responses always 502 (nothing passes)."""
+    status = _REQUEST_STATUS.get(code, 415) if part == "request" else 502
+    if code in ("body_too_large", "response_too_large"):
+        message = f"The {part} body is larger than the gateway's limit of {limit} bytes"
+    elif code == "unsupported_content_encoding":
+        message = f"The {part} body's content-encoding is not one of gzip, deflate, br, zstd"
+    elif code == "content_decode_failed":
+        message = f"The {part} body's content-encoding is corrupt or truncated"
+    else:
+        message = f"The {part} body cannot be redacted ({detail or code})"
+    outcome = "it was not forwarded" if part == "request" else "it was withheld"
+    return guard.GatewayRefusal(status, code, f"{message}; {outcome}.")
+
+
+def _merged(*parts: dict[str, int]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for counts in parts:
+        for rule, n in counts.items():
+            total[rule] = total.get(rule, 0) + n
+    return total
+
+
+def _record(flow: http.HTTPFlow, part: Part, counts: dict[str, int]) -> None:
+    """Counts per rule for `part`, beside what other addons recorded for the other part."""
+    section = dict(flowstate.state(flow).facts.get("redaction") or {})
+    section[part] = counts
+    flowstate.record(flow, "redaction", section)
+
+
+async def _off_loop(size: int, fn: Callable[..., T], *args: object) -> T:
+    if size > THREAD_BYTES:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)

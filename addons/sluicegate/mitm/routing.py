@@ -1,0 +1,176 @@
+"""Routing: match a flow's verified upstream to a route; the egress allowlist; the group check.
+
+A route is chosen by where the request really goes, never by the Host header (the agent controls
+it): the host and port mitmproxy connects to (`flow.request.host`/`port`: the CONNECT target in a
+tunnel, the absolute URL of a plain proxy request) and, for https, every name the upstream
+certificate may be verified against (the TLS server name sent upstream is the client's SNI or the
+host; mitmproxy never runs with `ssl_insecure` here). All of them must fit the route's host.
+
+Unrouted destinations are refused with 403 `egress_denied` (already at CONNECT, before any TLS)
+unless `unrouted: passthrough`, which forwards them without any credential. A caller outside the
+route's `groups` gets 403 `group_not_allowed`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import urllib.parse
+from collections.abc import Iterable, Sequence
+from typing import Final
+
+from mitmproxy import http
+
+from sluicegate import config as config_mod
+from sluicegate.config import Route, normalize_host
+from sluicegate.mitm import flowstate, guard
+from sluicegate.mitm.base import GatewayAddon
+
+# flowstate private key: the Route object chosen for the flow (None: unrouted passthrough).
+ROUTE_KEY: Final = "routing.route"
+_SEGMENT_SEPARATORS: Final = re.compile(r"[/\\]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Destination:
+    """Where a request goes, as the proxy will connect to and verify it (normalized names)."""
+
+    scheme: str
+    host: str
+    port: int
+    tls_names: tuple[str, ...]  # names the upstream certificate may be verified against
+
+    @classmethod
+    def of(cls, flow: http.HTTPFlow) -> Destination:
+        request = flow.request
+        host = normalize_host(request.host)
+        names: set[str] = set()
+        if request.scheme == "https":
+            # mitmproxy verifies the upstream against the server's SNI, else the client's SNI,
+            # else the host; requiring all of them to fit the route covers every case.
+            sni = (flow.server_conn.sni, flow.client_conn.sni)
+            names = {host, *(normalize_host(name) for name in sni if name)}
+        return cls(request.scheme, host, request.port, tuple(sorted(names)))
+
+    def names(self) -> Iterable[str]:
+        yield self.host
+        yield from self.tls_names
+
+
+def host_matches(pattern: str, host: str) -> bool:
+    """`host` (normalized) fits a route host: equal, or a subdomain for `*.suffix`."""
+    pattern = pattern.lower()
+    if pattern.startswith("*."):
+        return host.endswith(pattern[1:]) and len(host) > len(pattern) - 1
+    return normalize_host(pattern) == host
+
+
+def path_matches(prefix: str, path: str) -> bool:
+    """Segment-wise prefix match: `/v1` covers `/v1` and `/v1/...`, not `/v1beta`."""
+    if prefix.endswith("/"):
+        return path.startswith(prefix)
+    return path == prefix or path.startswith(prefix + "/")
+
+
+def has_dot_segment(path: str) -> bool:
+    """Whether `path` has `.`/`..` segments (also %-encoded or with `\\`): upstreams normalize
+    those away, so `/v1/../admin` would leave a route's path prefix after the match."""
+    decoded = urllib.parse.unquote(path)
+    return any(segment in (".", "..") for segment in _SEGMENT_SEPARATORS.split(decoded))
+
+
+def serves(route: Route, destination: Destination) -> bool:
+    """Whether `route` is for this scheme, port and (every name of the) host."""
+    return (
+        route.scheme == destination.scheme
+        and route.port == destination.port
+        and all(host_matches(route.host, name) for name in destination.names())
+    )
+
+
+def admits(route: Route, caller: flowstate.Caller) -> bool:
+    """A route without groups admits any authenticated caller, else one sharing a group."""
+    return not route.groups or not set(route.groups).isdisjoint(caller.groups)
+
+
+class RouteTable:
+    """The configured routes, most specific first: exact host, longer host, longer prefix."""
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        def specificity(route: Route) -> tuple[bool, int, int]:
+            return (not route.host.startswith("*."), len(route.host), len(route.path_prefix))
+
+        self._routes = sorted(routes, key=specificity, reverse=True)
+
+    def match(self, destination: Destination, path: str) -> Route | None:
+        """The most specific route serving `destination` whose prefix covers `path`."""
+        for route in self._routes:
+            if serves(route, destination) and path_matches(route.path_prefix, path):
+                return route
+        return None
+
+    def for_endpoint(self, host: str, port: int) -> list[Route]:
+        """Routes that could serve a tunnel to `host:port` (any scheme, path or SNI)."""
+        host = normalize_host(host)
+        return [r for r in self._routes if r.port == port and host_matches(r.host, host)]
+
+
+def chosen_route(flow: http.HTTPFlow) -> Route | None:
+    """The route Routing chose for `flow` (None: unrouted passthrough, or not routed)."""
+    route = flowstate.state(flow).private.get(ROUTE_KEY)
+    return route if isinstance(route, Route) else None
+
+
+class Routing(GatewayAddon):
+    """Third in the chain, after CallerAuth: which route, if any, a flow may use."""
+
+    def __init__(self) -> None:
+        self._table = RouteTable(())
+        self._passthrough = False
+
+    def apply(self, config: config_mod.Config) -> None:
+        self._table = RouteTable(config.routes)
+        self._passthrough = config.unrouted == "passthrough"
+
+    @guard.fail_closed("gateway_error")
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        """Deny tunnels to destinations no route serves before any TLS is set up."""
+        if self._passthrough:
+            return
+        routes = self._table.for_endpoint(flow.request.host, flow.request.port)
+        if not routes:
+            raise _egress_denied(flow.request.host, flow.request.port)
+        caller = flowstate.state(flow).caller  # known when the tunnel is proxy-authenticated
+        if caller is not None and not any(admits(route, caller) for route in routes):
+            raise _group_not_allowed(routes[0].name)
+
+    @guard.fail_closed("gateway_error")
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        st = flowstate.state(flow)
+        if st.caller is None:  # CallerAuth runs first and refuses; never route a stranger
+            raise LookupError("flow reached Routing without a verified caller")
+        path = flow.request.path.split("?", 1)[0]
+        if has_dot_segment(path):
+            raise guard.GatewayRefusal(
+                400, "invalid_path", "Paths with `.` or `..` segments are not forwarded."
+            )
+        route = self._table.match(Destination.of(flow), path)
+        if route is None and not self._passthrough:
+            raise _egress_denied(flow.request.host, flow.request.port)
+        st.route = route.name if route is not None else None
+        flowstate.record(flow, "route", st.route)
+        if route is not None and not admits(route, st.caller):
+            raise _group_not_allowed(route.name)
+        st.private[ROUTE_KEY] = route
+
+
+def _egress_denied(host: str, port: int) -> guard.GatewayRefusal:
+    return guard.GatewayRefusal(
+        403, "egress_denied", f"{host}:{port} is not an allowed destination of this gateway."
+    )
+
+
+def _group_not_allowed(route: str) -> guard.GatewayRefusal:
+    return guard.GatewayRefusal(
+        403, "group_not_allowed", f"Route {route!r} is not open to the caller's groups."
+    )

@@ -1,0 +1,276 @@
+"""WebSockets: an upgraded connection is no unredacted side channel (chain position 7).
+
+mitmproxy relays WebSocket upgrades by default, and once the 101 is through no HTTP hook sees the
+messages: without this addon they would pass unredacted. So an upgrade is refused (403
+`websocket_blocked`) before anything reaches the upstream unless its route is listed in
+`websockets.routes`. The upgrade request itself went through auth, routing, policy and credential
+injection like any request (this addon sits before CredentialInjection).
+
+On an allowed route every message is redacted with the same engine as bodies, one message at a
+time: text messages as JSON (or text) in both directions, server messages also with the flow's
+scrub literals (every encoding of the injected credential, the caller's token). Binary messages
+cannot be redacted: `binary: block` drops them and closes the connection with 1008 (policy
+violation); `pass` forwards them. A message the gateway cannot handle (a redaction error, a
+message over `gateway.max_body_bytes`, any exception) is dropped and the connection closed
+(1011 / 1009 / 1008); nothing is forwarded after that. Dropped messages keep a marker instead of
+their content, so the recording (written at `websocket_end` by the Recorder) holds the redacted
+messages and no original.
+
+mitmproxy has no API to close a WebSocket from an addon (mitmproxy#4773). `close_websocket`
+queues a close on the flow's WebsocketLayer and wakes it with an injected, dropped message; when
+that is impossible (no live layer) the flow stays marked closed and every later message is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import logging
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+from mitmproxy import http
+from mitmproxy.websocket import WebSocketMessage
+from wsproto.frame_protocol import CloseReason
+
+from sluicegate.config import Config, WebSocketsSection
+from sluicegate.mitm import flowstate, guard
+from sluicegate.mitm.base import GatewayAddon
+from sluicegate.mitmcompat.websocket_close import close_websocket
+from sluicegate.redaction.bodies import BodyPolicy, BodyRefused, redact_body
+from sluicegate.redaction.redactor import Redactor
+from sluicegate.redaction.runtime import RedactionRuntime
+from sluicegate.runtime import build_redaction
+
+logger = logging.getLogger("sluicegate.websockets")
+
+ERROR_CODE: Final = "websocket_error"
+BLOCKED_CODE: Final = "websocket_blocked"
+BINARY_BLOCKED: Final = "websocket_binary_blocked"
+TOO_LARGE: Final = "websocket_message_too_large"
+FAULT_POINT: Final = "WebSockets.websocket_message"
+# flowstate private key: the per-connection `Channel`.
+CHANNEL_KEY: Final = "websockets.channel"
+# Text messages are JSON or text whatever the upgrade's content type said.
+TEXT_POLICY: Final = BodyPolicy(binary="block", unknown="text")
+# Larger messages are redacted on a worker thread (the regex module releases the GIL).
+THREAD_BYTES: Final = 256 * 1024
+CLOSE_CODES: Final = {
+    BINARY_BLOCKED: CloseReason.POLICY_VIOLATION,
+    TOO_LARGE: CloseReason.MESSAGE_TOO_BIG,
+    ERROR_CODE: CloseReason.INTERNAL_ERROR,
+}
+# Request headers only a WebSocket handshake sends (mitmproxy upgrades on Sec-WebSocket-Version).
+_HANDSHAKE_HEADERS: Final = ("sec-websocket-key", "sec-websocket-version")
+
+
+@dataclasses.dataclass
+class Channel:
+    """What the gateway did on one WebSocket connection (counts are recorded, never content)."""
+
+    route: str | None
+    response_redactor: Redactor | None = None
+    messages: int = 0
+    dropped: int = 0
+    counts: dict[str, dict[str, int]] = dataclasses.field(
+        default_factory=lambda: {"client": {}, "server": {}}
+    )
+    closed: str | None = None  # the code the gateway closed the connection with
+
+    def facts(self) -> dict[str, Any]:
+        facts: dict[str, Any] = {
+            "route": self.route,
+            "messages": self.messages,
+            "dropped": self.dropped,
+            "redaction": {side: dict(counts) for side, counts in self.counts.items()},
+        }
+        if self.closed is not None:
+            facts["closed_by_gateway"] = self.closed
+        return facts
+
+
+def is_upgrade_request(request: http.Request) -> bool:
+    """Whether the request asks for a WebSocket, by any of the headers an upgrade needs."""
+    upgrade = request.headers.get_all("upgrade")
+    if any("websocket" in value.lower() for value in upgrade):
+        return True
+    return any(name in request.headers for name in _HANDSHAKE_HEADERS)
+
+
+class MessageFailed(Exception):
+    """The current message must not pass: drop it and close the connection with `code`."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+MessageHook = Callable[["WebSockets", http.HTTPFlow, WebSocketMessage, Channel], Awaitable[None]]
+
+
+def message_fail_closed(fn: MessageHook) -> Callable[[WebSockets, http.HTTPFlow], Awaitable[None]]:
+    """The guard of `websocket_message`: an exception drops the message and closes the connection.
+
+    `guard.fail_closed` answers with an HTTP error, which means nothing once the connection is
+    upgraded; here the message is dropped instead (its content replaced by a marker) and the
+    connection closed. Once closed, every further message is dropped.
+    """
+
+    @functools.wraps(fn)
+    async def wrapper(self: WebSockets, flow: http.HTTPFlow) -> None:
+        assert flow.websocket is not None
+        message = flow.websocket.messages[-1]
+        channel = _channel(flow)
+        if channel.closed is not None:
+            _drop(message, channel, channel.closed)
+            flowstate.record(flow, "websocket", channel.facts())
+            return
+        channel.messages += 1
+        try:
+            if self.config is None:
+                raise MessageFailed("gateway_not_configured")
+            if guard.fault_injector is not None:
+                guard.fault_injector(FAULT_POINT, flow)
+            await fn(self, flow, message, channel)
+        except MessageFailed as exc:
+            logger.warning(
+                "sluicegate: %s: dropped a %s message and closed the WebSocket [request %s]",
+                exc.code,
+                "client" if message.from_client else "server",
+                flow.id,
+            )
+            _fail(flow, message, channel, exc.code)
+        except Exception as exc:
+            # Never the exception text: it may carry message data.
+            where = "; ".join(
+                f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} in {frame.name}"
+                for frame in traceback.extract_tb(exc.__traceback__)[-4:]
+            )
+            logger.error(
+                "sluicegate: %s: hook raised %s in WebSockets.websocket_message [request %s] at %s",
+                ERROR_CODE,
+                type(exc).__name__,
+                flow.id,
+                where,
+            )
+            _fail(flow, message, channel, ERROR_CODE)
+        flowstate.record(flow, "websocket", channel.facts())
+
+    return wrapper
+
+
+class WebSockets(GatewayAddon):
+    """Seventh in the chain: after StreamRedaction, before CredentialInjection."""
+
+    def __init__(self) -> None:
+        self.settings = WebSocketsSection()
+        self.runtime: RedactionRuntime | None = None
+
+    def apply(self, config: Config) -> None:
+        self.runtime = build_redaction(config)
+        self.settings = config.websockets
+
+    def allowed(self, flow: http.HTTPFlow) -> bool:
+        route = flowstate.state(flow).route
+        return route is not None and route in self.settings.routes
+
+    @guard.fail_closed(ERROR_CODE)
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if is_upgrade_request(flow.request) and not self.allowed(flow):
+            raise _blocked()
+
+    @guard.fail_closed(ERROR_CODE, skip_refused=False)
+    def response(self, flow: http.HTTPFlow) -> None:
+        """An upgrade the request did not announce is refused too (mitmproxy decides by the 101).
+
+        Runs on refused flows as well: a 101 another addon replaced by an error upgrades nothing,
+        and the Recorder must record it as a response (it leaves WebSocket flows to their end).
+        """
+        if flow.websocket is None:
+            return
+        refused = flowstate.state(flow).refusal is not None
+        if refused or flow.response is None or flow.response.status_code != 101:
+            flow.websocket = None
+            return
+        if not self.allowed(flow):
+            flow.websocket = None  # no WebSocket layer: the refusal is an ordinary response
+            raise _blocked()
+        st = flowstate.state(flow)
+        st.private[CHANNEL_KEY] = Channel(st.route)
+        flowstate.record(flow, "websocket", st.private[CHANNEL_KEY].facts())
+
+    @message_fail_closed
+    async def websocket_message(
+        self, flow: http.HTTPFlow, message: WebSocketMessage, channel: Channel
+    ) -> None:
+        runtime = self.runtime
+        assert runtime is not None
+        if len(message.content) > runtime.max_body_bytes:
+            raise MessageFailed(TOO_LARGE)
+        if not message.is_text:
+            if self.settings.binary == "block":
+                raise MessageFailed(BINARY_BLOCKED)
+            return
+        side = "client" if message.from_client else "server"
+        if message.from_client:
+            redactor = runtime.request
+        else:
+            if channel.response_redactor is None:
+                channel.response_redactor = runtime.for_response(flowstate.state(flow).scrub)
+            redactor = channel.response_redactor
+        if redactor is None:  # redaction.requests: false
+            return
+        try:
+            result = await _off_loop(
+                len(message.content), redact_body, message.content, None, redactor, TEXT_POLICY
+            )
+        except BodyRefused as exc:
+            raise MessageFailed(exc.code) from None
+        if result.changed:
+            message.content = result.body
+        counts = channel.counts[side]
+        for rule, n in result.counts.items():
+            counts[rule] = counts.get(rule, 0) + n
+
+
+def _blocked() -> guard.GatewayRefusal:
+    return guard.GatewayRefusal(
+        403,
+        BLOCKED_CODE,
+        "WebSocket connections are not allowed on this route (their messages would bypass "
+        "redaction); nothing was forwarded.",
+    )
+
+
+def _channel(flow: http.HTTPFlow) -> Channel:
+    st = flowstate.state(flow)
+    channel = st.private.get(CHANNEL_KEY)
+    if not isinstance(channel, Channel):  # the upgrade bypassed `response`: treat as unknown
+        channel = st.private[CHANNEL_KEY] = Channel(st.route)
+    return channel
+
+
+def _drop(message: WebSocketMessage, channel: Channel, code: str) -> None:
+    """Drop `message` and keep a marker instead of its content (recordings never hold it)."""
+    message.drop()
+    message.content = f"[sluicegate:dropped:{code}]".encode()
+    channel.dropped += 1
+
+
+def _fail(flow: http.HTTPFlow, message: WebSocketMessage, channel: Channel, code: str) -> None:
+    _drop(message, channel, code)
+    channel.closed = code
+    close_code = CLOSE_CODES.get(code, CloseReason.POLICY_VIOLATION)
+    if not close_websocket(flow, close_code, code):
+        logger.error(
+            "sluicegate: cannot close the WebSocket; every further message is dropped [request %s]",
+            flow.id,
+        )
+
+
+async def _off_loop(size: int, fn: Callable[..., Any], *args: object) -> Any:
+    if size > THREAD_BYTES:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)

@@ -1,0 +1,107 @@
+"""What the policy reads of a body (`BodyViews`): the raw text and the texts it carries."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import urllib.parse
+from collections.abc import Iterator
+from typing import Any
+
+import regex
+
+# -- what the policy sees of a flow ------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BodyViews:
+    """The texts of a body that patterns run over.
+
+    The raw text, plus the decoded string values of a JSON body (so `\\n` escapes are newlines
+    again), the decoded values of a form body, or the generated text of a buffered SSE body (the
+    deltas of OpenAI / Anthropic events, joined, so a command split over many events is whole
+    again). A pattern is found when it matches often enough in any one view, so re-encoding a
+    secret inside JSON does not hide it.
+    """
+
+    size: int
+    views: tuple[str, ...]
+
+    @classmethod
+    def of(cls, content: bytes, content_type: str | None = None) -> BodyViews:
+        raw = content.decode("utf-8", "replace")
+        views = [raw]
+        ctype = (content_type or "").lower()
+        if "json" in ctype or _looks_like_json(raw):
+            with contextlib.suppress(ValueError, RecursionError):
+                views.append("\n".join(_json_strings(json.loads(raw))))
+        elif "application/x-www-form-urlencoded" in ctype:
+            pairs = urllib.parse.parse_qsl(raw, keep_blank_values=True)
+            views.append("\n".join(f"{k}={v}" for k, v in pairs))
+        elif "text/event-stream" in ctype:
+            views.append(_sse_text(raw))
+        return cls(size=len(content), views=tuple(views))
+
+    @classmethod
+    def of_text(cls, text: str) -> BodyViews:
+        return cls(size=len(text.encode("utf-8", "replace")), views=(text,))
+
+    def lowered(self, index: int) -> str:
+        """Lower-cased view `index`, computed once for all patterns' anchor checks."""
+        return self._lowered[index]
+
+    @functools.cached_property
+    def _lowered(self) -> tuple[str, ...]:
+        return tuple(v.lower() for v in self.views)
+
+
+# Keys under which OpenAI (chat, Responses) and Anthropic stream events carry generated text.
+_SSE_TEXT_KEYS = frozenset({"content", "text", "delta", "arguments", "partial_json", "thinking"})
+
+
+def _sse_text(raw: str) -> str:
+    """The generated text of an SSE body: text-bearing strings of each `data:` event, in order."""
+    pieces: list[str] = []
+    for line in raw.splitlines():
+        if not line.startswith("data:"):
+            continue
+        try:
+            event = json.loads(line[5:])
+        except (ValueError, RecursionError):
+            continue
+        stack: list[Any] = [event]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, dict):
+                for key, value in item.items():
+                    if isinstance(value, str) and key in _SSE_TEXT_KEYS:
+                        pieces.append(value)
+                    elif isinstance(value, (dict, list)):
+                        stack.append(value)
+            elif isinstance(item, list):
+                stack.extend(reversed(item))
+    return "".join(pieces)
+
+
+def _looks_like_json(text: str) -> bool:
+    m = _FIRST_CHAR.match(text)
+    return m is not None and m.group(1) in "{["
+
+
+_FIRST_CHAR = regex.compile(r"\s*(\S)")
+
+
+def _json_strings(value: Any) -> Iterator[str]:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                yield k
+                stack.append(v)
+        elif isinstance(item, list):
+            stack.extend(reversed(item))

@@ -1,0 +1,182 @@
+"""JSON-aware redaction.
+
+Rules see *decoded* string values, so JSON escapes (`\\u002d`, `\\/`) cannot hide a secret
+from them. Every key/value pair is kept, duplicates included: a downstream parser may take
+the first or the last occurrence, so each one is scanned. Values of credential-named keys
+(key rules) are masked whatever they hold. JSON nested inside string values (tool-call
+`arguments`, embedded payloads) is parsed and redacted the same way, to a bounded depth.
+The document is serialized again only if something changed; numbers keep their original
+text and key order is preserved. Text that is not JSON is redacted as plain text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from sluicegate.redaction.memo import TextRedactor, key_rule_for
+from sluicegate.redaction.redactor import TAG_PATTERN
+from sluicegate.redaction.rules import KeyRule
+
+MAX_DEPTH = 200  # nesting of arrays/objects, counted across nested documents
+MAX_NESTED_DOCUMENTS = 4  # JSON inside a string inside JSON...
+# Code points json.loads leaves for lone `\udXXX` escapes (pairs become one character).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class JsonRedactionError(Exception):
+    """A JSON document that cannot be redacted safely; `code` is stable."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Pairs(list):
+    """A JSON object as its (key, value) pairs, in order, duplicates kept."""
+
+
+@dataclass(frozen=True)
+class _Number:
+    """A JSON number kept as written (no float rounding, no 1e400 -> Infinity)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class JsonRedactionResult:
+    text: str
+    counts: dict[str, int] = field(default_factory=dict)
+    parsed: bool = True  # False: not JSON, redacted as plain text
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.counts)
+
+
+def redact_json_text(text: str, redactor: TextRedactor) -> JsonRedactionResult:
+    """Redact a JSON document (or plain text, if `text` is not JSON)."""
+    document = _parse(text)
+    if document is _NOT_JSON:
+        result = redactor.redact_text(text)
+        return JsonRedactionResult(result.text, result.counts, parsed=False)
+    walker = _Walker(redactor)
+    value, changed = walker.value(document, depth=0, nesting=0)
+    if not changed:
+        return JsonRedactionResult(text, {})
+    return JsonRedactionResult(serialize(value), walker.counts)
+
+
+_NOT_JSON = object()
+
+
+def _parse(text: str) -> object:
+    """The parsed document, or `_NOT_JSON`."""
+    stripped = text.strip()
+    if not stripped or stripped[0] not in '{["-0123456789tfn':
+        return _NOT_JSON
+    try:
+        return json.loads(text, object_pairs_hook=_Pairs, parse_float=_Number, parse_int=_Number)
+    except RecursionError:
+        raise JsonRedactionError("json_too_deep", "JSON nesting too deep to redact") from None
+    except ValueError:
+        return _NOT_JSON
+
+
+class _Walker:
+    def __init__(self, redactor: TextRedactor) -> None:
+        self.redactor = redactor
+        self.counts: dict[str, int] = {}
+
+    def count(self, counts: dict[str, int]) -> None:
+        for rule_id, n in counts.items():
+            self.counts[rule_id] = self.counts.get(rule_id, 0) + n
+
+    def value(self, value: object, depth: int, nesting: int) -> tuple[object, bool]:
+        if depth > MAX_DEPTH:
+            raise JsonRedactionError("json_too_deep", "JSON nesting too deep to redact")
+        if isinstance(value, _Pairs):
+            return self.object(value, depth, nesting)
+        if isinstance(value, list):
+            items, changed = [], False
+            for item in value:
+                new, item_changed = self.value(item, depth + 1, nesting)
+                items.append(new)
+                changed |= item_changed
+            return (items if changed else value), changed
+        if isinstance(value, str):
+            return self.string(value, depth, nesting)
+        return value, False
+
+    def object(self, pairs: _Pairs, depth: int, nesting: int) -> tuple[object, bool]:
+        out, changed = _Pairs(), False
+        for key, value in pairs:
+            new_key, key_changed = self.string(key, depth, nesting)
+            rule = key_rule_for(self.redactor, key)
+            if rule is not None:
+                new_value, value_changed = self.mask(rule, value)
+            else:
+                new_value, value_changed = self.value(value, depth + 1, nesting)
+            out.append((new_key, new_value))
+            changed |= key_changed or value_changed
+        return (out if changed else pairs), changed
+
+    def mask(self, rule: KeyRule, value: object) -> tuple[object, bool]:
+        """Replace a credential field's value, whatever its type, by a tag."""
+        if value is None or (isinstance(value, str) and TAG_PATTERN.fullmatch(value)):
+            return value, False
+        secret = value if isinstance(value, str) else serialize(value)
+        self.count({rule.id: 1})
+        return self.redactor.tag(rule.id, secret), True
+
+    def string(self, text: str, depth: int, nesting: int) -> tuple[str, bool]:
+        if nesting < MAX_NESTED_DOCUMENTS and text.lstrip()[:1] in ("{", "["):
+            document = _parse(text)
+            if isinstance(document, list):  # objects are _Pairs, a list subclass
+                value, changed = self.value(document, depth + 1, nesting + 1)
+                return (serialize(value) if changed else text), changed
+        result = self.redactor.redact_text(text)
+        if not result.changed:
+            return text, False
+        self.count(result.counts)
+        return result.text, True
+
+
+def serialize(value: object) -> str:
+    """Compact JSON of a parsed value: pairs in order (duplicates too), numbers as written."""
+    parts: list[str] = []
+    _emit(value, parts)
+    return "".join(parts)
+
+
+def _emit(value: object, parts: list[str]) -> None:
+    if isinstance(value, _Pairs):
+        parts.append("{")
+        for index, (key, item) in enumerate(value):
+            if index:
+                parts.append(",")
+            parts.append(_string(key))
+            parts.append(":")
+            _emit(item, parts)
+        parts.append("}")
+    elif isinstance(value, list):
+        parts.append("[")
+        for index, item in enumerate(value):
+            if index:
+                parts.append(",")
+            _emit(item, parts)
+        parts.append("]")
+    elif isinstance(value, _Number):
+        parts.append(value.text)
+    elif isinstance(value, str):
+        parts.append(_string(value))
+    else:  # bool, None, and floats json.loads produced for NaN/Infinity
+        parts.append(json.dumps(value))
+
+
+def _string(text: str) -> str:
+    """A JSON string literal; lone surrogates stay escapes, so the result encodes as UTF-8."""
+    return _SURROGATE.sub(
+        lambda m: f"\\u{ord(m.group()):04x}", json.dumps(text, ensure_ascii=False)
+    )

@@ -1,0 +1,710 @@
+"""Whole-text and incremental redaction with a compiled `RulePack`.
+
+Findings: every rule is run on its own (separate regexes are faster than one alternation and
+keep rule semantics independent). A rule reports the span of its `group` (default: the whole
+match) when its validators accept it. Existing redaction tags are blanked out before rules
+run and findings overlapping them are dropped, so redacting redacted output is a no-op.
+Overlapping findings are merged into one span; its tag is that of the first finding in
+(start, longest, pack order) order, literal secrets coming before every rule. Adjacent
+(touching) findings are not merged. Counts are per emitted tag.
+
+Whole text: a few passes find all keyword occurrences (`keywords.KeywordIndex`), and for
+rules with `followed_by`, where that pattern's match after each occurrence ends. A rule with
+keywords is only tried near those anchors (its `window`), by anchored matches at the
+characters its matches can start with. Rules without keywords start with a literal the
+regex engine searches fast.
+
+Streaming: `StreamRedactor.feed()` releases every character that can no longer be part of a
+match and holds back the rest, using partial matching of the `regex` module. A complete match
+is only trusted once no alternative path of its regex reaches the end of the buffer (checked
+with the rule's sentinel pattern, `(?:pattern)(?!)`); before that it is held like a partial
+one. Per-feed cost stays small because only the rules that can start a match with one of the
+new characters are run (see `rules.FirstChars`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import regex
+
+from sluicegate.redaction.keywords import Key, KeywordIndex
+from sluicegate.redaction.rules import (
+    CONTEXT_CHARS,
+    Direction,
+    FirstChars,
+    KeyRule,
+    Rule,
+    RulePack,
+)
+
+OVERFLOW_RULE_ID = "stream-hold-overflow"
+TAG_PATTERN = regex.compile(r"\[REDACTED:[a-z0-9]+(?:-[a-z0-9]+)*(?::[0-9a-f]{8})?\]")
+_TAG_START = "[REDACTED:"  # `in` finds it faster than the pattern's search
+# After a hold overflow, this much of the held text is kept so the rule can keep matching.
+_OVERFLOW_SEED = 256
+
+
+@dataclass(frozen=True)
+class LiteralSecret:
+    """An exact string to mask, e.g. a credential the gateway injected upstream."""
+
+    rule_id: str
+    value: str
+
+
+class Tagger(Protocol):
+    def __call__(self, rule_id: str, secret: str) -> str: ...
+
+
+def plain_tag(rule_id: str, secret: str) -> str:
+    """`[REDACTED:<rule-id>]`: says what was removed, nothing about the value."""
+    return f"[REDACTED:{rule_id}]"
+
+
+class KeyedTagger:
+    """`[REDACTED:<rule-id>:<8 hex>]`: HMAC-SHA256 of the secret under a deployment key.
+
+    The same secret always maps to the same tag (so a reader can tell two redacted values
+    apart or see one value reused) without the tag revealing or confirming the value to
+    anyone lacking the key.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) < 16:
+            raise ValueError("the tag key needs at least 16 bytes")
+        self._key = key
+
+    def __call__(self, rule_id: str, secret: str) -> str:
+        data = secret.encode("utf-8", "surrogatepass")
+        digest = hmac.new(self._key, data, hashlib.sha256).hexdigest()[:8]
+        return f"[REDACTED:{rule_id}:{digest}]"
+
+
+@dataclass(frozen=True)
+class RedactionResult:
+    text: str
+    counts: dict[str, int]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.counts)
+
+
+@dataclass(frozen=True, order=True)
+class _Finding:
+    start: int
+    neg_end: int  # sorts longer spans first at equal start
+    order: int  # pack order; literals are -1
+    rule_id: str = field(compare=False)
+
+    @property
+    def end(self) -> int:
+        return -self.neg_end
+
+
+@dataclass(frozen=True, eq=False)
+class _Scanner:
+    """One thing the stream scans for: a rule, the literal secrets, or existing tags."""
+
+    pattern: regex.Pattern[str]
+    sentinel: regex.Pattern[str]
+    first: FirstChars
+    order: int
+    rule: Rule | None = None
+    literals: dict[str, str] | None = None  # value -> rule id
+
+    def finding(self, match: regex.Match[str]) -> _Finding | None:
+        if self.rule is None:
+            if self.literals is None:  # the tag scanner reports protected spans elsewhere
+                return None
+            start, end = match.span()
+            return _Finding(start, -end, self.order, self.literals[match.group()])
+        return _rule_finding(self.rule, self.order, match)
+
+
+def _rule_finding(rule: Rule, order: int, match: regex.Match[str]) -> _Finding | None:
+    start, end = match.span(rule.group)
+    if start < 0:  # the group is in an alternative that did not take part: whole match
+        start, end = match.span()
+    # Groups must lie inside the match; a group in a lookbehind could be released text.
+    start, end = max(start, match.start()), min(end, match.end())
+    if start >= end or not rule.accepts(match.string[start:end]):
+        return None
+    return _Finding(start, -end, order, rule.id)
+
+
+def _literal_pattern(literals: dict[str, str]) -> regex.Pattern[str]:
+    values = sorted(literals, key=len, reverse=True)
+    return regex.compile("|".join(regex.escape(v) for v in values))
+
+
+def _sentinel(pattern: regex.Pattern[str]) -> regex.Pattern[str]:
+    return regex.compile(f"(?:{pattern.pattern})(?!)", pattern.flags)
+
+
+@dataclass(eq=False)
+class _Compiled:
+    """Per (pack, direction): the rules, their stream scanners and the keyword index."""
+
+    rules: tuple[Rule, ...]
+    scanners: tuple[_Scanner, ...]
+    keywords: KeywordIndex
+    # (keyword, followed_by) -> orders of the rules using it; rules without keywords always
+    # run.
+    by_key: dict[Key, tuple[int, ...]]
+    unkeyed: tuple[int, ...]
+    # per rule: its only possible first character (found with `str.find`), if it has one
+    first_char: tuple[str | None, ...]
+
+    @classmethod
+    def build(cls, pack: RulePack, direction: Direction) -> _Compiled:
+        rules = pack.rules_for(direction)
+        tag_first = FirstChars(frozenset("["), False)
+        tag_scanner = _Scanner(TAG_PATTERN, _sentinel(TAG_PATTERN), tag_first, order=-2)
+        scanners = (
+            tag_scanner,
+            *(
+                _Scanner(r.pattern, r.sentinel, r.first, order=i, rule=r)
+                for i, r in enumerate(rules)
+            ),
+        )
+        by_key: dict[Key, list[int]] = {}
+        for order, rule in enumerate(rules):
+            for keyword in rule.keywords:
+                by_key.setdefault((keyword, rule.followed_by), []).append(order)
+        unkeyed = tuple(order for order, rule in enumerate(rules) if not rule.keywords)
+        first_char = tuple(
+            next(iter(rule.first.ascii))
+            if len(rule.first.ascii) == 1 and not rule.first.non_ascii
+            else None
+            for rule in rules
+        )
+        return cls(
+            rules,
+            scanners,
+            KeywordIndex(by_key),
+            {key: tuple(orders) for key, orders in by_key.items()},
+            unkeyed,
+            first_char,
+        )
+
+    @classmethod
+    def of(cls, pack: RulePack, direction: Direction) -> _Compiled:
+        key = ("redactor", direction)
+        compiled = pack.cache.get(key)
+        if compiled is None:
+            compiled = pack.cache[key] = cls.build(pack, direction)
+        return compiled
+
+
+class Redactor:
+    """Redacts text with the rules of one pack and direction, plus literal secrets."""
+
+    def __init__(
+        self,
+        pack: RulePack,
+        direction: Direction,
+        *,
+        tagger: Tagger | None = None,
+        literals: Sequence[LiteralSecret] = (),
+    ) -> None:
+        self.pack = pack
+        self.direction = Direction(direction)
+        self.tagger: Tagger = tagger or plain_tag
+        self._compiled = _Compiled.of(pack, self.direction)
+        self._literals: dict[str, str] = {}
+        for literal in literals:
+            if literal.value:
+                self._literals.setdefault(literal.value, literal.rule_id)
+        self._stream_index: _StreamIndex | None = None
+        self._literal_scanner: _Scanner | None = None
+        if self._literals:
+            pattern = _literal_pattern(self._literals)
+            first = FirstChars(
+                frozenset(v[0] for v in self._literals if v[0] < "\x80"),
+                any(v[0] >= "\x80" for v in self._literals),
+            )
+            self._literal_scanner = _Scanner(
+                pattern, _sentinel(pattern), first, order=-1, literals=self._literals
+            )
+
+    @property
+    def key_rules(self) -> tuple[KeyRule, ...]:
+        return self.pack.key_rules_for(self.direction)
+
+    def with_literals(self, literals: Sequence[LiteralSecret]) -> Redactor:
+        """A redactor sharing this one's compiled rules, masking these literals too."""
+        return Redactor(
+            self.pack,
+            self.direction,
+            tagger=self.tagger,
+            literals=[*(LiteralSecret(r, v) for v, r in self._literals.items()), *literals],
+        )
+
+    def tag(self, rule_id: str, secret: str) -> str:
+        return self.tagger(rule_id, secret)
+
+    def redact_text(self, text: str) -> RedactionResult:
+        if not text:
+            return RedactionResult(text, {})
+        protected = [m.span() for m in TAG_PATTERN.finditer(text)] if _TAG_START in text else []
+        findings = self._findings(_neutralize(text, protected) if protected else text)
+        counts: dict[str, int] = {}
+        out = _render(text, 0, len(text), findings, protected, self.tagger, counts)
+        return RedactionResult(out, counts)
+
+    def stream(self, max_hold: int) -> StreamRedactor:
+        if self._stream_index is None:
+            self._stream_index = _StreamIndex.build(self._compiled, self._literal_scanner)
+        return StreamRedactor(self._stream_index, self.tagger, max_hold)
+
+    # --- whole-text search --------------------------------------------------------------
+
+    def _findings(self, text: str, *, prefilter: bool = True) -> list[_Finding]:
+        findings: list[_Finding] = []
+        if self._literals:
+            findings += _literal_findings(text, self._literals)
+        compiled = self._compiled
+        hits: dict[Key, list[int]] | None = None
+        if prefilter:
+            folded = text.lower() if compiled.keywords.needs_folding else None
+            if folded is None or len(folded) == len(text):  # a few characters lowercase to two
+                hits = compiled.keywords.hits(text, folded)
+        if hits is None:
+            orders: Iterable[int] = range(len(compiled.rules))
+        else:
+            selected = set(compiled.unkeyed)
+            for key in hits:
+                selected.update(compiled.by_key[key])
+            orders = sorted(selected)
+        for order in orders:
+            rule = compiled.rules[order]
+            if rule.keywords and hits is not None:
+                matches: Iterable[regex.Match[str]] = _windowed_matches(
+                    rule, compiled.first_char[order], text, _anchors(rule, hits)
+                )
+            else:
+                matches = rule.plain.finditer(text)
+            for match in matches:
+                finding = _rule_finding(rule, order, match)
+                if finding is not None:
+                    findings.append(finding)
+        return findings
+
+
+def _anchors(rule: Rule, hits: dict[Key, list[int]]) -> list[int]:
+    """Where the rule's windows are measured from (sorted): its keyword occurrences, or with
+    `followed_by`, where that pattern's matches after them end."""
+    found = [hits[key] for key in ((k, rule.followed_by) for k in rule.keywords) if key in hits]
+    if len(found) == 1:
+        return found[0]
+    return sorted(p for positions in found for p in positions)
+
+
+def _windowed_matches(
+    rule: Rule, first_char: str | None, text: str, anchors: list[int]
+) -> list[regex.Match[str]]:
+    """The matches `finditer` would yield, searching only in the windows around `anchors`
+    (sorted; see `_anchors`).
+
+    Windows around consecutive anchors are merged into runs; in a run, the rule is tried
+    (anchored, on the full text) only where one of its first characters occurs, found with
+    `str.find` when there is just one, else with the rule's `finder`.
+    """
+    before, after = rule.window
+    match_at = rule.plain.match
+    finder = rule.finder
+    find = text.find
+    matches: list[regex.Match[str]] = []
+    position = 0
+    count, index = len(anchors), 0
+    while index < count:
+        low, high = anchors[index] - before, anchors[index] + after
+        index += 1
+        while index < count and anchors[index] - before <= high:
+            high = anchors[index] + after
+            index += 1
+        if position < low:
+            position = low if low > 0 else 0
+        while position <= high:
+            if first_char is not None:
+                start = find(first_char, position, high + 1)
+                if start < 0:
+                    break
+                match = match_at(text, start)
+            elif finder is not None:
+                candidate = finder.search(text, position, high + 1)
+                if candidate is None:
+                    break
+                start = candidate.start()
+                match = match_at(text, start)
+            else:
+                match = _bounded_search(rule, text, position, high)
+                if match is None:
+                    break
+                start = match.start()
+            if match is None:
+                position = start + 1
+                continue
+            matches.append(match)
+            end = match.end()
+            position = end if end > start else start + 1
+    return matches
+
+
+def _bounded_search(rule: Rule, text: str, pos: int, limit: int) -> regex.Match[str] | None:
+    """The first full-text match starting in [pos, limit], scanning no further than `limit`.
+
+    On the text truncated after `limit`, the leftmost complete match is a candidate; a match
+    attempt that runs into the cut (found with the rule's sentinel) may start earlier or make
+    that candidate longer, so it is decided by an anchored match on the full text.
+    """
+    endpos = limit + 1
+    if endpos >= len(text):
+        match = rule.plain.search(text, pos)
+        return match if match is not None and match.start() <= limit else None
+    while pos <= limit:
+        match = rule.plain.search(text, pos, endpos)
+        pending = rule.sentinel.search(text, pos, endpos, partial=True)
+        cut = pending.start() if pending is not None and pending.start() <= limit else None
+        if match is not None and match.end() >= endpos and cut is None:
+            cut = match.start()
+        if cut is not None and (match is None or cut <= match.start()):
+            full = rule.plain.match(text, cut)
+            if full is not None:
+                return full
+            pos = cut + 1
+            continue
+        return match if match is not None and match.start() <= limit else None
+    return None
+
+
+def _literal_findings(text: str, literals: dict[str, str]) -> list[_Finding]:
+    """Leftmost-longest, non-overlapping: what the literal alternation would find."""
+    hits: list[tuple[int, int, str]] = []
+    for value, rule_id in literals.items():
+        index = text.find(value)
+        while index >= 0:
+            hits.append((index, -len(value), rule_id))
+            index = text.find(value, index + 1)
+    hits.sort()
+    findings: list[_Finding] = []
+    end = 0
+    for start, neg_length, rule_id in hits:
+        if start >= end:
+            end = start - neg_length
+            findings.append(_Finding(start, -end, -1, rule_id))
+    return findings
+
+
+def _render(
+    text: str,
+    start: int,
+    end: int,
+    findings: list[_Finding],
+    protected: list[tuple[int, int]],
+    tagger: Tagger,
+    counts: dict[str, int],
+) -> str:
+    """text[start:end] with merged findings replaced by tags (findings clipped to the range)."""
+    if not findings:
+        return text[start:end]
+    findings = sorted(findings)
+    if protected:
+        findings = [f for f in findings if not _overlaps_any(f, protected)]
+    pieces: list[str] = []
+    cursor = start
+    index = 0
+    while index < len(findings):
+        first = findings[index]
+        group_end = first.end
+        index += 1
+        while index < len(findings) and findings[index].start < group_end:
+            group_end = max(group_end, findings[index].end)
+            index += 1
+        group_start = max(first.start, cursor)
+        group_end = min(group_end, end)
+        if group_start >= group_end:
+            continue
+        pieces.append(text[cursor:group_start])
+        pieces.append(tagger(first.rule_id, text[first.start : group_end]))
+        counts[first.rule_id] = counts.get(first.rule_id, 0) + 1
+        cursor = group_end
+    pieces.append(text[cursor:end])
+    return "".join(pieces)
+
+
+_FILLER = "_"  # a word character, like most of the secret it replaced
+
+
+def _neutralize(text: str, spans: list[tuple[int, int]]) -> str:
+    """`text` with existing tags blanked out (same length), so that no rule uses a tag's
+    words as context: `[REDACTED:generic-password]: x` must not read as `password: x`."""
+    pieces, cursor = [], 0
+    for start, end in spans:
+        pieces += [text[cursor:start], _FILLER * (end - start)]
+        cursor = end
+    pieces.append(text[cursor:])
+    return "".join(pieces)
+
+
+def _overlaps_any(finding: _Finding, spans: list[tuple[int, int]]) -> bool:
+    return any(s < finding.end and finding.start < e for s, e in spans)
+
+
+@dataclass(frozen=True)
+class _StreamIndex:
+    """The scanners a stream runs and, per ASCII character, which of them can start a match there
+    (the rest for non-ASCII). Built once per redactor, shared by all its channels."""
+
+    scanners: tuple[_Scanner, ...]
+    by_char: dict[str, frozenset[int]]
+    non_ascii: frozenset[int]
+
+    @classmethod
+    def build(cls, compiled: _Compiled, literal_scanner: _Scanner | None) -> _StreamIndex:
+        scanners = (
+            compiled.scanners
+            if literal_scanner is None
+            else (
+                *compiled.scanners,
+                literal_scanner,
+            )
+        )
+        by_char: dict[str, list[int]] = {}
+        non_ascii: list[int] = []
+        for index, scanner in enumerate(scanners):
+            for char in scanner.first.ascii:
+                by_char.setdefault(char, []).append(index)
+            if scanner.first.non_ascii:
+                non_ascii.append(index)
+        return cls(
+            scanners,
+            {char: frozenset(indexes) for char, indexes in by_char.items()},
+            frozenset(non_ascii),
+        )
+
+
+class StreamRedactor:
+    """Incremental redaction of one text channel (see the module docstring)."""
+
+    def __init__(self, index: _StreamIndex, tagger: Tagger, max_hold: int) -> None:
+        if max_hold < 1:
+            raise ValueError("max_hold must be positive")
+        self.counts: dict[str, int] = {}
+        self._scanners = index.scanners
+        self._by_char = index.by_char
+        self._non_ascii = index.non_ascii
+        self._tagger = tagger
+        self._max_hold = max_hold
+        self._buf = ""
+        # The buffer as rules see it: existing tags blanked out (see `_neutralize`).
+        self._scan_buf = ""
+        self._emit = 0  # everything before this index has been released
+        # Scanners that may still match from a position before the end: index -> position.
+        # Every other scanner cannot start a match anywhere before the end of the buffer.
+        self._holding: dict[int, int] = {}
+        self._findings: list[_Finding] = []
+        self._protected: list[tuple[int, int]] = []
+        self._closed = False
+
+    @property
+    def held(self) -> int:
+        """Characters received but not released yet."""
+        return len(self._buf) - self._emit
+
+    def feed(self, text: str) -> str:
+        if self._closed:
+            raise RuntimeError("feed() after flush()")
+        if not text:
+            return ""
+        start = len(self._buf)
+        self._buf += text
+        self._scan_buf += text
+        scans: set[int] = set()
+        for char in set(text):
+            found = self._by_char.get(char) if char < "\x80" else self._non_ascii
+            if found:
+                scans.update(found)
+        holding = self._holding
+        # Scanner 0 finds tags: it runs first so later scanners see them blanked out.
+        for index in sorted(scans | holding.keys()):
+            self._scan(index, holding.pop(index, start), final=False)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        if self._closed:
+            return ""
+        self._closed = True
+        holding = self._holding
+        for index in sorted(holding):
+            self._scan(index, holding.pop(index), final=True)
+        return self._release(final=True)
+
+    def _scan(self, index: int, pos: int, *, final: bool) -> None:
+        """Record the scanner's decided matches from `pos`; remember where it must hold.
+
+        A complete match is decided once it ends before the end of the buffer and no match
+        attempt at or before its start runs into the end (more text could change those).
+        The leftmost such attempt is found with the sentinel: `search(partial=True)` itself
+        prefers a later complete match to an earlier partial one.
+        """
+        scanner = self._scanners[index]
+        buf = self._scan_buf
+        size = len(buf)
+        while pos <= size:
+            match = scanner.pattern.search(buf, pos)
+            if not final:
+                pending = scanner.sentinel.search(buf, pos, partial=True)
+                hold = pending.start() if pending is not None and pending.start() < size else None
+                if match is not None and (
+                    match.end() >= size or (hold is not None and hold <= match.start())
+                ):
+                    hold = match.start() if hold is None else min(hold, match.start())
+                elif match is not None:
+                    hold = None  # the match is decided; holds after it are found next round
+                if hold is not None:
+                    self._holding[index] = hold
+                    return
+            if match is None:
+                return
+            start, end = match.span()
+            if scanner.rule is None and scanner.literals is None:
+                self._protected.append((start, end))
+                self._scan_buf = buf = buf[:start] + _FILLER * (end - start) + buf[end:]
+            else:
+                found = scanner.finding(match)
+                if found is not None and found.end > self._emit:
+                    if found.start < self._emit:  # only after an overflow: the head is out
+                        found = _Finding(self._emit, found.neg_end, found.order, found.rule_id)
+                    self._findings.append(found)
+            pos = end if end > start else start + 1
+
+    def _release(self, *, final: bool) -> str:
+        size = len(self._buf)
+        point = size if final else min(self._holding.values(), default=size)
+        spans = [(f.start, f.end) for f in self._findings] + self._protected
+        moved = True
+        while moved:  # a span crossing the release point waits, with everything it touches
+            moved = False
+            for start, end in spans:
+                if start < point < end:
+                    point, moved = start, True
+        point = max(point, self._emit)
+        released = [f for f in self._findings if f.start < point]
+        out = ""
+        if point > self._emit or released:
+            out = _render(
+                self._buf, self._emit, point, released, self._protected, self._tagger,
+                self.counts,
+            )  # fmt: skip
+            self._findings = [f for f in self._findings if f.start >= point]
+            self._protected = [p for p in self._protected if p[1] > point]
+            self._emit = point
+        if not final and size - point > self._max_hold:
+            out += self._overflow(point, min(self._holding.values(), default=point))
+        self._trim()
+        return out
+
+    def _overflow(self, point: int, restart: int) -> str:
+        """Held text grew past max_hold: replace it by a tag, never release it raw.
+
+        The head of the held match (from `restart`, where it started) stays in the buffer,
+        counted as released, and the rest is dropped: rules then see that head followed by
+        whatever comes next, so the rule that held the text keeps matching its continuation
+        (e.g. the rest of a long private key) and the buffer stays bounded.
+        """
+        tag = self._tagger(OVERFLOW_RULE_ID, self._buf[point:])
+        self.counts[OVERFLOW_RULE_ID] = self.counts.get(OVERFLOW_RULE_ID, 0) + 1
+        end = max(point, restart + min(_OVERFLOW_SEED, self._max_hold // 2))
+        self._buf = self._buf[:end]
+        self._scan_buf = self._scan_buf[:end]
+        self._emit = end
+        self._findings = []
+        self._protected = [p for p in self._protected if p[1] <= point]
+        self._holding = dict.fromkeys(range(len(self._scanners)), restart)
+        return tag
+
+    def _trim(self) -> None:
+        anchors = [self._emit, *self._holding.values(), *(f.start for f in self._findings)]
+        cut = min(anchors) - CONTEXT_CHARS
+        if cut <= 0:
+            return
+        self._buf = self._buf[cut:]
+        self._scan_buf = self._scan_buf[cut:]
+        self._emit -= cut
+        self._holding = {i: p - cut for i, p in self._holding.items()}
+        self._findings = [
+            _Finding(f.start - cut, f.neg_end + cut, f.order, f.rule_id) for f in self._findings
+        ]
+        self._protected = [(s - cut, e - cut) for s, e in self._protected if e - cut > 0]
+
+
+# --- rule self-tests (`python -m sluicegate rules test`) ---------------------------------
+
+
+@dataclass(frozen=True)
+class ExampleFailure:
+    """A rule that does not behave as its own examples say. Examples are fake data."""
+
+    rule_id: str
+    source: str
+    example: str  # key path, e.g. "examples.positive[1]"
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.rule_id}: {self.example}: {self.problem}"
+
+
+def check_rule_examples(rule: Rule) -> list[ExampleFailure]:
+    """Run a rule alone on its examples: positives redacted, negatives untouched.
+
+    Also checks the keyword contract (the prefiltered search finds what a full scan finds)
+    and that streaming the positive one character at a time gives the whole-text result.
+    """
+    failures: list[ExampleFailure] = []
+
+    def fail(example: str, problem: str) -> None:
+        failures.append(ExampleFailure(rule.id, str(rule.source), example, problem))
+
+    pack = RulePack(rules=(rule,), key_rules=(), profile="rule-test")
+    redactor = Redactor(pack, min(rule.directions))
+    for index, example in enumerate(rule.positives):
+        where = f"examples.positive[{index}]"
+        result = redactor.redact_text(example.text)
+        if example.secret is not None and example.secret in result.text:
+            fail(where, "the secret survives redaction")
+        elif not result.changed:
+            fail(where, "nothing was redacted")
+        full = sorted(redactor._findings(example.text, prefilter=False))
+        if sorted(redactor._findings(example.text)) != full:
+            fail(where, "a match starts outside the windows of its keyword occurrences")
+        for match in rule.pattern.finditer(example.text):
+            if match.end() > match.start() and not rule.first.accepts(match.group()[0]):
+                fail(where, "a match starts with a character outside the computed first set")
+        stream = redactor.stream(max_hold=len(example.text) + 1)
+        streamed = "".join(stream.feed(c) for c in example.text) + stream.flush()
+        if streamed != result.text:
+            fail(where, "streaming one character at a time differs from whole-text redaction")
+    for index, text in enumerate(rule.negatives):
+        if redactor.redact_text(text).changed:
+            fail(f"examples.negative[{index}]", "a negative example was redacted")
+    return failures
+
+
+def check_key_rule_examples(rule: KeyRule) -> list[ExampleFailure]:
+    failures: list[ExampleFailure] = []
+    for index, name in enumerate(rule.positives):
+        if not rule.matches(name):
+            where = f"examples.positive[{index}]"
+            failures.append(ExampleFailure(rule.id, str(rule.source), where, "key not matched"))
+    for index, name in enumerate(rule.negatives):
+        if rule.matches(name):
+            where = f"examples.negative[{index}]"
+            failures.append(ExampleFailure(rule.id, str(rule.source), where, "key matched"))
+    return failures

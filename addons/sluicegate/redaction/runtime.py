@@ -1,0 +1,117 @@
+"""The redaction objects a config asks for, shared by the buffered and the streaming addons.
+
+Built once per config version from `config.redaction` (whose rule pack was compiled while the config
+was validated). Per flow, the response redactor gains the flow's scrub literals (the injected
+credential in all its encodings, the caller's token) so upstream echoes of them never reach the
+agent. Redactors with literals cost a regex compilation each; the same caller on the same route
+has the same literals on every request, so they are kept (a few, least recently used out).
+Buffered bodies are redacted through `engine.memo.MemoRedactor`, which skips texts the rules
+already found clean for the same caller (see there why that is exact); SSE streams of the same
+caller and redactor share their memo of short strings (`stream_memo`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from sluicegate.auth.caller import Caller
+from sluicegate.redaction.bodies import BodyPolicy
+from sluicegate.redaction.memo import CleanTexts, MemoRedactor
+from sluicegate.redaction.redactor import LiteralSecret, Redactor
+from sluicegate.redaction.redactor import LiteralSecret as ScrubLiteral
+from sluicegate.redaction.rules import Direction
+from sluicegate.redaction.sse_adapters import WholeTextMemo
+
+LITERAL_REDACTORS = 64
+STREAM_MEMOS = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class RedactionRuntime:
+    request: Redactor | None  # None: request redaction switched off
+    response: Redactor | None  # None: response redaction switched off (scrub literals still apply)
+    response_scrub_only: Redactor  # no rules, only a flow's scrub literals
+    body_policy: BodyPolicy
+    max_hold: int
+    max_body_bytes: int
+    # Texts the rules left unchanged, per caller (request and response rules differ).
+    clean: dict[Direction, CleanTexts] = dataclasses.field(
+        default_factory=lambda: {d: CleanTexts() for d in Direction}, compare=False
+    )
+    _with_literals: OrderedDict[tuple[ScrubLiteral, ...], Redactor] = dataclasses.field(
+        default_factory=OrderedDict, compare=False, repr=False
+    )
+    _lock: threading.Lock = dataclasses.field(
+        default_factory=threading.Lock, compare=False, repr=False
+    )
+    _stream_memos: OrderedDict[tuple[Redactor, str], WholeTextMemo] = dataclasses.field(
+        default_factory=OrderedDict, compare=False, repr=False
+    )
+
+    def stream_memo(self, redactor: Redactor, caller: Caller | None) -> WholeTextMemo:
+        """What the SSE streams of `redactor` and `caller` share: their redacted short strings
+        (ids, model names, keys), so a stream's first event costs what the others cost.
+        Streams run on the event loop only."""
+        key = (redactor, _scope(caller))
+        memo = self._stream_memos.get(key)
+        if memo is None:
+            memo = self._stream_memos[key] = WholeTextMemo()
+            while len(self._stream_memos) > STREAM_MEMOS:
+                self._stream_memos.popitem(last=False)
+        else:
+            self._stream_memos.move_to_end(key)
+        return memo
+
+    def for_response(self, scrub: Iterable[ScrubLiteral]) -> Redactor:
+        """The response redactor for one flow: rules plus that flow's scrub literals."""
+        key = tuple(scrub)
+        base = self.response if self.response is not None else self.response_scrub_only
+        if not key:
+            return base
+        with self._lock:
+            redactor = self._with_literals.get(key)
+            if redactor is not None:
+                self._with_literals.move_to_end(key)
+                return redactor
+        redactor = base.with_literals([LiteralSecret(s.rule_id, s.value) for s in key])
+        with self._lock:
+            self._with_literals[key] = redactor
+            while len(self._with_literals) > LITERAL_REDACTORS:
+                self._with_literals.popitem(last=False)
+        return redactor
+
+    def request_text_redactor(self, caller: Caller | None) -> MemoRedactor | None:
+        """Request bodies and queries of `caller`'s flow (None: request redaction is off)."""
+        if self.request is None:
+            return None
+        return MemoRedactor(
+            self.request,
+            self.request.pack,
+            Direction.REQUEST,
+            self.clean[Direction.REQUEST],
+            _scope(caller),
+        )
+
+    def response_text_redactor(
+        self, caller: Caller | None, scrub: Iterable[ScrubLiteral]
+    ) -> MemoRedactor:
+        """Buffered response bodies of one flow: rules (if on) plus the flow's scrub literals."""
+        literals = tuple(scrub)
+        base = self.response if self.response is not None else self.response_scrub_only
+        return MemoRedactor(
+            lambda: self.for_response(literals),
+            base.pack,
+            Direction.RESPONSE,
+            # Without response rules only literals are looked for, on every text: no memo.
+            self.clean[Direction.RESPONSE] if self.response is not None else None,
+            _scope(caller),
+            literals=[s.value for s in literals],
+        )
+
+
+def _scope(caller: Caller | None) -> str:
+    """Whose remembered texts: one caller never benefits from another's (no timing oracle)."""
+    return "" if caller is None else f"{caller.issuer}\0{caller.subject}"

@@ -1,0 +1,79 @@
+"""Builders: a validated `Config` into the engine objects the addons run on.
+
+Engines never read config types; everything that turns a config section into an engine object
+lives here, so the engines stay importable (and testable, benchmarkable) without the config.
+"""
+
+from __future__ import annotations
+
+from sluicegate.config import Config, MatchConfig, PolicySection
+from sluicegate.policy.conditions import Conditions, HostPattern
+from sluicegate.policy.decisions import Action, Phase
+from sluicegate.policy.engine import Policy
+from sluicegate.policy.patterns import BUILTIN_PATTERNS, Pattern, _compile
+from sluicegate.policy.ratelimit import Limit
+from sluicegate.policy.rules import RateLimitRule, Rule
+from sluicegate.redaction.bodies import BodyPolicy
+from sluicegate.redaction.redactor import KeyedTagger, Redactor, Tagger
+from sluicegate.redaction.rules import Direction, RulePack, load_rule_pack
+from sluicegate.redaction.runtime import RedactionRuntime
+
+
+def build_policy(section: PolicySection) -> Policy:
+    """Compile a validated `policy:` config section."""
+    patterns = dict(BUILTIN_PATTERNS)
+    for name, spec in section.patterns.items():
+        patterns[name] = Pattern(name, _compile(spec.regex), spec.min_count, spec.description)
+
+    def conditions(match: MatchConfig) -> Conditions:
+        return Conditions(
+            hosts=tuple(HostPattern.parse(h) for h in match.hosts),
+            routes=frozenset(match.routes),
+            methods=frozenset(match.methods),
+            paths=tuple(_compile(p) for p in match.paths),
+            groups=frozenset(match.groups),
+            subjects=frozenset(match.subjects),
+            body_patterns=tuple(patterns[n] for n in match.body_patterns),
+            body_larger_than=match.body_larger_than,
+        )
+
+    rules = [
+        Rule(r.id, Action(r.action), conditions(r.match), Phase(r.phase), r.message)
+        for r in section.rules
+    ]
+    limits = [
+        RateLimitRule(
+            Limit(r.id, r.requests, r.window_seconds), conditions(r.match), r.per, r.message
+        )
+        for r in section.rate_limits
+    ]
+    return Policy(
+        rules,
+        default_action=Action(section.default_action),
+        default_message=section.default_message,
+        rate_limits=limits,
+        scan_timeout=section.scan_timeout_seconds,
+        stream_window=section.stream_window_chars,
+    )
+
+
+def build_redaction(config: Config) -> RedactionRuntime:
+    section = config.redaction
+    pack = section.pack
+    if pack is None:  # a config built without validation (tests)
+        pack = load_rule_pack(
+            list(section.rules), section.profile, enable=section.enable, disable=section.disable
+        )
+    tagger: Tagger | None = None
+    if section.tag == "keyed":
+        assert section.tag_key is not None
+        tagger = KeyedTagger(section.tag_key.read().encode())
+    no_rules = RulePack(rules=(), key_rules=(), profile="none")
+    return RedactionRuntime(
+        request=Redactor(pack, Direction.REQUEST, tagger=tagger) if section.requests else None,
+        response=Redactor(pack, Direction.RESPONSE, tagger=tagger) if section.responses else None,
+        response_scrub_only=Redactor(no_rules, Direction.RESPONSE, tagger=tagger),
+        body_policy=BodyPolicy(binary=section.binary_bodies, unknown=section.unknown_content_types),
+        max_hold=section.max_hold_chars,
+        max_body_bytes=config.gateway.max_body_bytes,
+    )
