@@ -6,7 +6,7 @@ lives here, so the engines stay importable (and testable, benchmarkable) without
 
 from __future__ import annotations
 
-from sluicegate.config import Config, MatchConfig, PolicySection
+from sluicegate.config import Config, MatchConfig, PolicySection, StateSection
 from sluicegate.policy.conditions import Conditions, HostPattern
 from sluicegate.policy.decisions import Action, Phase
 from sluicegate.policy.engine import Policy
@@ -17,6 +17,7 @@ from sluicegate.redaction.bodies import BodyPolicy
 from sluicegate.redaction.redactor import KeyedTagger, Redactor, Tagger
 from sluicegate.redaction.rules import Direction, RulePack, load_rule_pack
 from sluicegate.redaction.runtime import RedactionRuntime
+from sluicegate.state import LocalFallback, MemoryState, RedisSettings, RedisState, SharedState
 
 
 def build_policy(section: PolicySection) -> Policy:
@@ -77,3 +78,31 @@ def build_redaction(config: Config) -> RedactionRuntime:
         max_hold=section.max_hold_chars,
         max_body_bytes=config.gateway.max_body_bytes,
     )
+
+
+def build_state(section: StateSection, replica: str) -> SharedState:
+    """The `state:` backend (not started: `await state.start()` on the event loop that uses it).
+
+    The URL is read now; the password on every new connection (so it rotates without a restart).
+    """
+    if section.backend == "memory":
+        return MemoryState(replica, history_size=section.history_size)
+    assert section.url is not None  # validated
+    password = section.password
+    tls = section.tls
+    settings = RedisSettings(
+        url=section.url.read(),
+        password=password.read if password is not None else None,
+        username=section.username,
+        tls=tls is not None,
+        ca_file=tls.ca_file if tls else None,
+        cert_file=tls.cert_file if tls else None,
+        key_file=tls.key_file if tls else None,
+        key_prefix=section.key_prefix,
+        timeout_seconds=section.timeout_seconds,
+        history_size=section.history_size,
+    )
+    shared = RedisState(settings, replica)
+    if section.on_unavailable == "local":
+        return LocalFallback(shared, MemoryState(replica, history_size=section.history_size))
+    return shared

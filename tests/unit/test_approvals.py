@@ -1,9 +1,11 @@
-"""Approvals: the pending registry, grants, the control API (dispatch and real socket), the
-webhook notifier, and the `approvals` CLI against a live control API."""
+"""Approvals: the control API (dispatch and real socket) over the approvals service and a
+memory state, the webhook notifier, and the `approvals` CLI against a live control API.
+(The state itself: test_state.py; the service: test_approvals_service.py.)"""
 
 from __future__ import annotations
 
 import asyncio
+import getpass
 import http.server
 import json
 import logging
@@ -16,11 +18,13 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from sluicegate.approvals.registry import ApprovalRegistry, ApprovalRequest, UnknownApproval
+from sluicegate.approvals.payloads import Notice
 from sluicegate.approvals.server import ControlServer
+from sluicegate.approvals.service import Approvals
 from sluicegate.approvals.webhook import WebhookNotifier
 from sluicegate.cli import approvals as cli
 from sluicegate.config.schema import SecretRef
+from sluicegate.state import ApprovalRequest, Hold, MemoryState
 
 TOKEN = "t" * 32
 TOKEN_ENV = "SLUICEGATE_TEST_APPROVALS_TOKEN"
@@ -49,7 +53,6 @@ def request(**kw: Any) -> ApprovalRequest:
         "method": "DELETE",
         "path": "/v1/files/x",
         "grant_key": ("https://idp|alice", "route:openai", "deletes"),
-        "client_id": "client-1",
     }
     base.update(kw)
     return ApprovalRequest(**base)
@@ -63,99 +66,35 @@ class FakeClock:
         return self.now
 
 
-# -- registry -----------------------------------------------------------------------------------
+async def open_hold(approvals: Approvals, **kw: Any) -> Hold:
+    """A held request (as the Policy addon's would be), waiting."""
+    return await approvals.state.hold(
+        request(**kw), dedupe=json.dumps(sorted(kw.items()), default=str), timeout=30
+    )
 
 
-def test_approval_releases_the_waiter_and_leaves_the_registry_clean() -> None:
+def test_a_cancelled_hold_on_memory_is_cancelled_for_good() -> None:
     async def scenario() -> None:
-        registry = ApprovalRegistry()
-        pending = registry.open(request(), timeout=30)
-        waiter = asyncio.ensure_future(registry.wait(pending))
-        await asyncio.sleep(0)
-        assert [p.id for p in registry.pending()] == [pending.id]
-        registry.decide(pending.id, approve=True, by="sam", reason="ok")
-        resolution = await waiter
-        assert (resolution.outcome, resolution.by, resolution.reason) == ("approved", "sam", "ok")
-        assert registry.pending() == []
-        with pytest.raises(UnknownApproval):
-            registry.decide(pending.id, approve=False, by="sam", reason="late")
-
-    asyncio.run(scenario())
-
-
-def test_timeout_denies_and_cleans_up() -> None:
-    async def scenario() -> None:
-        registry = ApprovalRegistry()
-        pending = registry.open(request(), timeout=0.05)
-        resolution = await registry.wait(pending)
-        assert resolution.outcome == "timeout"
-        assert "0.05 seconds" in resolution.reason
-        assert registry.pending() == []
-
-    asyncio.run(scenario())
-
-
-def test_client_disconnect_cancels_only_that_clients_approvals() -> None:
-    async def scenario() -> None:
-        registry = ApprovalRegistry()
-        mine = registry.open(request(client_id="c1"), timeout=30)
-        other = registry.open(request(client_id="c2"), timeout=30)
-        waiter = asyncio.ensure_future(registry.wait(mine))
-        assert registry.cancel_client("c1") == 1
-        resolution = await waiter
-        assert (resolution.outcome, resolution.reason) == ("cancelled", "client disconnected")
-        assert [p.id for p in registry.pending()] == [other.id]
-
-    asyncio.run(scenario())
-
-
-def test_a_cancelled_waiter_leaves_no_pending_entry() -> None:
-    async def scenario() -> None:
-        registry = ApprovalRegistry()
-        pending = registry.open(request(), timeout=30)
-        waiter = asyncio.ensure_future(registry.wait(pending))
-        await asyncio.sleep(0)
-        waiter.cancel()
+        state = MemoryState()
+        approvals = Approvals(state)
+        held = asyncio.ensure_future(approvals.hold(request(), dedupe="d", timeout=30))
+        await asyncio.sleep(0.01)
+        held.cancel()
         with pytest.raises(asyncio.CancelledError):
-            await waiter
-        assert registry.pending() == []
-        assert pending.future.result().outcome == "cancelled"
+            await held
+        await asyncio.sleep(0.01)
+        assert await state.pending() == []
+        [entry] = await state.history()
+        assert (entry.outcome, entry.reason) == ("cancelled", "shutdown")
 
     asyncio.run(scenario())
 
 
-def test_grant_covers_same_identity_destination_and_rule_until_it_expires() -> None:
+def test_pending_json_shows_no_grant_key() -> None:
     async def scenario() -> None:
-        clock = FakeClock()
-        registry = ApprovalRegistry(clock)
-        first = registry.open(request(), timeout=30)
-        twin = registry.open(request(request_id="req-2", client_id="c9"), timeout=30)
-        other_rule = registry.open(
-            request(rule_id="x", grant_key=("https://idp|alice", "route:openai", "x")),
-            timeout=30,
-        )
-        registry.decide(first.id, approve=True, by="sam", reason="batch", grant_minutes=10)
-        key = request().grant_key
-        grant = registry.grant_for(key)
-        assert grant is not None and grant.approval_id == first.id
-        assert grant.expires_at == clock.now + 600
-        # A held twin covered by the new grant is released with it; another rule is not.
-        assert twin.future.result().outcome == "approved"
-        assert "covered by the grant" in twin.future.result().reason
-        assert [p.id for p in registry.pending()] == [other_rule.id]
-        assert registry.granted_rules("https://idp|alice", "route:openai") == ["deletes"]
-        assert registry.grant_for(("https://idp|bob", "route:openai", "deletes")) is None
-        clock.now += 601
-        assert registry.grant_for(key) is None
-        assert registry.granted_rules("https://idp|alice", "route:openai") == []
-
-    asyncio.run(scenario())
-
-
-def test_pending_json_shows_no_grant_key_or_client() -> None:
-    async def scenario() -> None:
-        registry = ApprovalRegistry()
-        listed = registry.open(request(), timeout=30).as_json()
+        approvals = Approvals(MemoryState())
+        hold = await open_hold(approvals)
+        listed = hold.approval.as_json()
         assert set(listed) >= {"id", "rule", "subject", "method", "path", "expires_at"}
         assert "grant_key" not in listed and "client_id" not in listed
 
@@ -165,14 +104,19 @@ def test_pending_json_shows_no_grant_key_or_client() -> None:
 # -- control API: dispatch -----------------------------------------------------------------------
 
 
-def server(registry: ApprovalRegistry, port: int = 0) -> ControlServer:
+def server(approvals: Approvals, port: int = 0, require_reason: bool = True) -> ControlServer:
     return ControlServer(
-        registry,
+        approvals,
         host="127.0.0.1",
         port=port,
         admin_token=SecretRef(env=TOKEN_ENV),
         max_grant_minutes=60,
+        require_reason=require_reason,
     )
+
+
+def dispatch(api: ControlServer, *args: Any) -> tuple[int, dict[str, Any]]:
+    return asyncio.run(api.dispatch(*args))
 
 
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -190,16 +134,23 @@ AUTH = {"authorization": f"Bearer {TOKEN}"}
     ],
 )
 def test_every_endpoint_needs_the_admin_token(headers: dict[str, str]) -> None:
-    api = server(ApprovalRegistry())
-    for method, path in (("GET", "/v1/approvals"), ("POST", "/v1/approvals/abcd1234/approve")):
-        status, payload = api.dispatch(method, path, headers, b"{}")
+    api = server(Approvals(MemoryState()))
+    for method, path in (
+        ("GET", "/v1/approvals"),
+        ("POST", "/v1/approvals/abcd1234/approve"),
+        ("GET", "/v1/grants"),
+        ("POST", "/v1/grants/0123456789abcdef/revoke"),
+        ("GET", "/v1/history"),
+        ("GET", "/v1/state"),
+    ):
+        status, payload = dispatch(api, method, path, headers, b"{}")
         assert (status, payload["error"]) == (401, "unauthorized")
 
 
 def test_unavailable_admin_token_refuses_everything(monkeypatch: pytest.MonkeyPatch) -> None:
-    api = server(ApprovalRegistry())
+    api = server(Approvals(MemoryState()))
     monkeypatch.delenv(TOKEN_ENV)
-    assert api.dispatch("GET", "/v1/approvals", AUTH, b"")[0] == 401
+    assert dispatch(api, "GET", "/v1/approvals", AUTH, b"")[0] == 401
 
 
 def decide_body(**kw: Any) -> bytes:
@@ -212,6 +163,7 @@ def decide_body(**kw: Any) -> bytes:
         ("approve", b"not json", "body must be JSON"),
         ("approve", b"[]", "body must be a JSON object"),
         ("approve", json.dumps({"approver": "sam"}).encode(), "approver and reason are required"),
+        ("approve", json.dumps({"reason": "ok"}).encode(), "approver is required"),
         ("approve", decide_body(reason=" \n "), "approver and reason are required"),
         ("approve", decide_body(grant_minutes=0), "grant_minutes must be a number above 0"),
         ("approve", decide_body(grant_minutes=61), "at most 60"),
@@ -223,26 +175,27 @@ def decide_body(**kw: Any) -> bytes:
 )
 def test_bad_decisions_are_400(action: str, body: bytes, message: str) -> None:
     async def scenario() -> None:
-        registry = ApprovalRegistry()
-        pending = registry.open(request(), timeout=30)
-        status, payload = server(registry).dispatch(
+        approvals = Approvals(MemoryState())
+        pending = await open_hold(approvals)
+        status, payload = await server(approvals).dispatch(
             "POST", f"/v1/approvals/{pending.id}/{action}", AUTH, body
         )
         assert status == 400 and message in payload["message"]
-        assert registry.pending() != []  # nothing was decided
+        assert await approvals.state.pending() != []  # nothing was decided
 
     asyncio.run(scenario())
 
 
-def test_list_approve_deny_and_unknown_ids() -> None:
+def test_list_show_approve_deny_grants_revoke_history_and_unknown_ids() -> None:
     async def scenario() -> None:
-        registry = ApprovalRegistry()
-        api = server(registry)
-        a = registry.open(request(), timeout=30)
-        b = registry.open(request(request_id="req-2", grant_key=("b", "b", "b")), timeout=30)
-        status, payload = api.dispatch("GET", "/v1/approvals", AUTH, b"")
+        approvals = Approvals(MemoryState("replica-1"))
+        api = server(approvals)
+        a = await open_hold(approvals)
+        b = await open_hold(approvals, request_id="req-2", grant_key=("b", "b", "b"))
+        status, payload = await api.dispatch("GET", "/v1/approvals", AUTH, b"")
         assert status == 200 and [x["id"] for x in payload["approvals"]] == [a.id, b.id]
-        status, payload = api.dispatch(
+        assert payload["approvals"][0]["replica"] == "replica-1"
+        status, payload = await api.dispatch(
             "POST", f"/v1/approvals/{a.id}/approve", AUTH, decide_body(grant_minutes=1.5)
         )
         assert status == 200
@@ -251,16 +204,54 @@ def test_list_approve_deny_and_unknown_ids() -> None:
             "sam",
             1.5,
         )
-        status, payload = api.dispatch(
+        status, payload = await api.dispatch("GET", f"/v1/approvals/{a.id}", AUTH, b"")
+        assert status == 200 and payload["approval"]["status"] == "approved"
+        status, payload = await api.dispatch(
             "POST", f"/v1/approvals/{b.id}/deny", AUTH, decide_body(reason="no\x1b[31m way")
         )
         assert status == 200 and payload["reason"] == "no [31m way"  # control chars removed
-        for path in (f"/v1/approvals/{a.id}/approve", "/v1/approvals/../../x/deny"):
-            status, payload = api.dispatch("POST", path, AUTH, decide_body())
+        status, payload = await api.dispatch(
+            "POST", f"/v1/approvals/{a.id}/deny", AUTH, decide_body()
+        )
+        assert status == 409 and payload["resolution"]["outcome"] == "approved"
+        for path in ("/v1/approvals/ffffffff/approve", "/v1/approvals/../../x/deny"):
+            status, payload = await api.dispatch("POST", path, AUTH, decide_body())
             assert status == 404
-        assert api.dispatch("DELETE", "/v1/approvals", AUTH, b"")[0] == 405
-        assert api.dispatch("GET", f"/v1/approvals/{a.id}/approve", AUTH, b"")[0] == 405
-        assert api.dispatch("GET", "/admin", AUTH, b"")[0] == 404
+        status, payload = await api.dispatch("GET", "/v1/grants", AUTH, b"")
+        [grant] = payload["grants"]
+        assert grant["approval_id"] == a.id and grant["rule"] == "deletes"
+        path = f"/v1/grants/{grant['id']}/revoke"
+        status, payload = await api.dispatch("POST", path, AUTH, decide_body(reason="over"))
+        assert status == 200 and payload["revoked"]["id"] == grant["id"]
+        assert (await api.dispatch("POST", path, AUTH, decide_body()))[0] == 404
+        status, payload = await api.dispatch("GET", "/v1/history?limit=2", AUTH, b"")
+        assert [h["outcome"] for h in payload["history"]] == ["revoked", "denied"]
+        assert (await api.dispatch("GET", "/v1/history?limit=0", AUTH, b""))[0] == 400
+        status, payload = await api.dispatch("GET", "/v1/state", AUTH, b"")
+        assert payload == {
+            "backend": "memory",
+            "replica": "replica-1",
+            "available": True,
+            "durable": False,
+        }
+        assert (await api.dispatch("DELETE", "/v1/approvals", AUTH, b""))[0] == 405
+        assert (await api.dispatch("GET", f"/v1/approvals/{a.id}/approve", AUTH, b""))[0] == 405
+        assert (await api.dispatch("GET", "/admin", AUTH, b""))[0] == 404
+
+    asyncio.run(scenario())
+
+
+def test_require_reason_off_accepts_decisions_without_one() -> None:
+    async def scenario() -> None:
+        approvals = Approvals(MemoryState())
+        hold = await open_hold(approvals)
+        body = json.dumps({"approver": "sam"}).encode()
+        path = f"/v1/approvals/{hold.id}/approve"
+        assert (await server(approvals).dispatch("POST", path, AUTH, body))[0] == 400
+        status, payload = await server(approvals, require_reason=False).dispatch(
+            "POST", path, AUTH, body
+        )
+        assert status == 200 and payload["reason"] == ""
 
     asyncio.run(scenario())
 
@@ -284,8 +275,8 @@ def get(path: str, token: str = TOKEN) -> bytes:
 
 def test_server_serves_stops_at_once_and_the_port_can_be_bound_again() -> None:
     async def scenario() -> None:
-        registry = ApprovalRegistry()
-        first = server(registry)
+        approvals = Approvals(MemoryState())
+        first = server(approvals)
         port = first.start()
         status, payload = await raw_http(port, get("/v1/approvals"))
         assert (status, payload) == (200, {"approvals": []})
@@ -297,7 +288,7 @@ def test_server_serves_stops_at_once_and_the_port_can_be_bound_again() -> None:
         assert not first.listening
         with pytest.raises(OSError):
             await raw_http(port, get("/v1/approvals"))
-        second = server(registry, port)  # as after a script reload: same port, at once
+        second = server(approvals, port)  # as after a script reload: same port, at once
         assert second.start() == port
         assert (await raw_http(port, get("/v1/approvals")))[0] == 200
         second.stop()
@@ -310,7 +301,7 @@ def test_server_start_reports_a_taken_port() -> None:
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", 0))
             taken.listen()
-            api = server(ApprovalRegistry(), taken.getsockname()[1])
+            api = server(Approvals(MemoryState()), taken.getsockname()[1])
             with pytest.raises(OSError):
                 api.start()
             assert not api.listening
@@ -346,8 +337,9 @@ class HookServer:
         self.server.server_close()
 
 
-async def notify_and_wait(notifier: WebhookNotifier, registry: ApprovalRegistry) -> None:
-    notifier.notify(registry.open(request(), timeout=30))
+async def notify_and_wait(notifier: WebhookNotifier) -> None:
+    hold = await open_hold(Approvals(MemoryState()))
+    notifier.notify(Notice(hold.approval))
     for _ in range(200):
         await asyncio.sleep(0.01)
         if not notifier._tasks:
@@ -358,9 +350,8 @@ def test_webhook_posts_the_pending_approval(monkeypatch: pytest.MonkeyPatch) -> 
     hook = HookServer()
     monkeypatch.setenv("SLUICEGATE_TEST_HOOK", hook.url)
     try:
-        registry = ApprovalRegistry()
         notifier = WebhookNotifier(SecretRef(env="SLUICEGATE_TEST_HOOK"), timeout=5)
-        asyncio.run(notify_and_wait(notifier, registry))
+        asyncio.run(notify_and_wait(notifier))
     finally:
         hook.close()
     (event,) = hook.bodies
@@ -381,11 +372,11 @@ def test_webhook_failures_are_logged_without_the_url(
     caplog.set_level(logging.WARNING, "sluicegate.approvals")
     try:
         notifier = WebhookNotifier(SecretRef(env="SLUICEGATE_TEST_HOOK"), timeout=2)
-        asyncio.run(notify_and_wait(notifier, ApprovalRegistry()))
+        asyncio.run(notify_and_wait(notifier))
     finally:
         if status is not None:
             hook.close()
-    assert "approvals webhook for" in caplog.text
+    assert "approvals webhook (approval_pending) for" in caplog.text
     assert "SECRET-IN-URL" not in caplog.text
 
 
@@ -409,16 +400,16 @@ class LoopThread:
 
 
 @pytest.fixture
-def live() -> Iterator[tuple[LoopThread, ApprovalRegistry, int]]:
+def live() -> Iterator[tuple[LoopThread, Approvals, int]]:
     loop = LoopThread()
-    registry = ApprovalRegistry()
-    api = server(registry)
+    approvals = Approvals(MemoryState())
+    api = server(approvals)
 
     async def start() -> int:
         return api.start()
 
     port = loop.run(start())
-    yield loop, registry, port
+    yield loop, approvals, port
 
     async def stop() -> None:
         api.stop()
@@ -427,17 +418,17 @@ def live() -> Iterator[tuple[LoopThread, ApprovalRegistry, int]]:
     loop.close()
 
 
-def hold(loop: LoopThread, registry: ApprovalRegistry, **kw: Any) -> Any:
+def hold(loop: LoopThread, approvals: Approvals, **kw: Any) -> Any:
     async def open_and_wait() -> Any:
-        pending = registry.open(request(**kw), timeout=30)
-        pending.waiter = asyncio.ensure_future(registry.wait(pending))  # type: ignore[attr-defined]
+        pending = await open_hold(approvals, **kw)
+        pending.waiter = asyncio.ensure_future(approvals.state.wait(pending, 30))  # type: ignore[attr-defined]
         return pending
 
     return loop.run(open_and_wait())
 
 
 def test_cli_lists_approves_and_denies(
-    live: tuple[LoopThread, ApprovalRegistry, int],
+    live: tuple[LoopThread, Approvals, int],
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -471,7 +462,22 @@ def test_cli_lists_approves_and_denies(
     assert loop.run(_result(a.waiter)).outcome == "approved"
     assert loop.run(_result(b.waiter)).outcome == "denied"
     assert cli.main(["deny", b.id, "--reason", "again", *url]) == 1
-    assert "404" in capsys.readouterr().err
+    assert "409" in capsys.readouterr().err
+    assert cli.main(["grants", *url]) == 0
+    out = capsys.readouterr().out
+    grant = out.split()[0]
+    assert "rule=deletes" in out and a.id in out
+    assert cli.main(["revoke", grant, "--reason", "over", *url]) == 0
+    assert capsys.readouterr().out.strip() == f"grant {grant}: revoked by {getpass.getuser()}"
+    assert cli.main(["grants", *url]) == 0
+    assert capsys.readouterr().out.strip() == "no active grants"
+    assert cli.main(["history", *url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "revoked" in lines[0] and "denied" in lines[1] and "approved by sam (ok)" in lines[2]
+    assert cli.main(["show", a.id, *url]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "approved"
+    assert cli.main(["approve", "ffffffff", *url]) == 1  # no reason: refused by the gateway
+    assert "400" in capsys.readouterr().err
 
 
 async def _result(waiter: Any) -> Any:
@@ -479,7 +485,7 @@ async def _result(waiter: Any) -> Any:
 
 
 def test_cli_reads_url_and_token_from_the_approvals_section_only(
-    live: tuple[LoopThread, ApprovalRegistry, int],
+    live: tuple[LoopThread, Approvals, int],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -503,7 +509,7 @@ def test_cli_reads_url_and_token_from_the_approvals_section_only(
 
 
 def test_cli_token_file_and_errors(
-    live: tuple[LoopThread, ApprovalRegistry, int],
+    live: tuple[LoopThread, Approvals, int],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:

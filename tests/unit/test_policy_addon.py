@@ -97,7 +97,10 @@ class Harness:
         self.config = load_config(config_file)
         self.addon.apply(self.config)
         self.addon.config = self.config
-        self.registry = self.addon.runtime.registry
+        assert self.addon.runtime.state is not None
+        assert self.addon.runtime.approvals is not None
+        self.state = self.addon.runtime.state
+        self.approvals = self.addon.runtime.approvals
 
     def flow(self, method: str = "POST", path: str = "/v1/chat", body: bytes = b"", **kw: Any):
         flow = tflow.tflow(
@@ -159,11 +162,11 @@ def test_path_encoding_does_not_dodge_a_path_rule(h: Harness) -> None:
             task = asyncio.ensure_future(h.addon.request(flow))
             for _ in range(100):
                 await asyncio.sleep(0.01)
-                if h.registry.pending():
+                if await h.state.pending():
                     break
-            (pending,) = h.registry.pending()
+            (pending,) = await h.state.pending()
             assert pending.request.path == "/echo"
-            h.registry.decide(pending.id, approve=False, by="sam", reason="no")
+            await h.approvals.decide(pending.id, approve=False, by="sam", reason="no")
             await task
             assert flow.response is not None and flow.response.status_code == 403
         finally:
@@ -176,7 +179,7 @@ async def held(h: Harness, flow: http.HTTPFlow, hook: str = "request") -> asynci
     task = asyncio.ensure_future(getattr(h.addon, hook)(flow))
     for _ in range(200):
         await asyncio.sleep(0.01)
-        if h.registry.pending():
+        if await h.state.pending():
             return task
     raise AssertionError("flow was not held")
 
@@ -188,9 +191,9 @@ def test_approved_hold_passes_and_records_who_when_why(h: Harness) -> None:
             flow = h.flow("PUT", "/echo")
             task = await held(h, flow)
             assert h.addon.server is not None and h.addon.server.listening
-            (pending,) = h.registry.pending()
+            (pending,) = await h.state.pending()
             assert h.policy(flow)["request"]["action"] == "hold"
-            h.registry.decide(pending.id, approve=True, by="sam", reason="ok", grant_minutes=5)
+            await h.approvals.decide(pending.id, approve=True, by="sam", reason="ok", grant_minutes=5)
             await task
             assert flow.response is None  # forwarded
             approval = h.policy(flow)["request"]["approval"]
@@ -199,7 +202,7 @@ def test_approved_hold_passes_and_records_who_when_why(h: Harness) -> None:
 
             granted = h.flow("PUT", "/echo")
             await h.addon.request(granted)
-            assert granted.response is None and h.registry.pending() == []
+            assert granted.response is None and await h.state.pending() == []
             record = h.policy(granted)["request"]
             assert record["action"] == "allow" and record["rule"] == "puts-held"
             assert record["grant"]["approval_id"] == pending.id
@@ -217,7 +220,10 @@ def test_client_disconnect_cancels_the_hold(h: Harness) -> None:
             task = await held(h, flow)
             h.addon.client_disconnected(flow.client_conn)
             await task
-            assert h.registry.pending() == []
+            # The approval stays pending for a retry (approvals.retry_grace_seconds).
+            await asyncio.sleep(0.05)
+            (pending,) = await h.state.pending()
+            assert pending.waiting == 0
             assert error(flow)["code"] == "approval_cancelled"
             assert h.policy(flow)["request"]["approval"]["reason"] == "client disconnected"
         finally:
@@ -300,9 +306,9 @@ def test_held_response_can_be_denied(h: Harness) -> None:
         try:
             flow = await respond(h, "requests.get(u, verify=False)")
             task = await held(h, flow, "response")
-            (pending,) = h.registry.pending()
+            (pending,) = await h.state.pending()
             assert pending.request.phase == "response"
-            h.registry.decide(pending.id, approve=False, by="sam", reason="unsafe")
+            await h.approvals.decide(pending.id, approve=False, by="sam", reason="unsafe")
             await task
             assert flow.response is not None and flow.response.status_code == 403
             assert "verify=False" not in flow.response.text

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from sluicegate.engine.ratelimit import Limit
+from sluicegate.policy.ratelimit import Limit
 from sluicegate.state import (
     AlreadyResolved,
     ApprovalRequest,

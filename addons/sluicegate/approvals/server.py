@@ -1,19 +1,21 @@
 """The approvals control API: a small loopback HTTP server inside the mitmdump process.
 
-A flow held by policy waits on a future in `ApprovalRegistry` (its own hook awaits it; other
-flows keep flowing) until an approver approves or denies it through the control API, the
-timeout denies it, or its client goes away. The registry is module-level state of the package,
-which survives hot reloads of the `-s` script, so flows held across a reload can still be decided.
+A deliberately small HTTP/1.1 server on a loopback port (asyncio, no dependencies), protected by
+an admin token compared in constant time. It answers from the shared state, so with
+`state.backend: redis` every replica's API lists and decides every replica's approvals:
 
-The control API is a deliberately small HTTP/1.1 server on a loopback port inside the mitmdump
-process (asyncio, no dependencies), protected by an admin token compared in constant time:
-
-    GET  /v1/approvals                   pending approvals, oldest first
+    GET  /v1/approvals                   pending approvals, oldest first (with details)
+    GET  /v1/approvals/<id>              one approval, pending or recently decided
     POST /v1/approvals/<id>/approve      {"approver", "reason", "grant_minutes"?}
     POST /v1/approvals/<id>/deny         {"approver", "reason"}
+    GET  /v1/grants                      active grants
+    POST /v1/grants/<id>/revoke          {"approver", "reason"}
+    GET  /v1/history?limit=N             decisions and revocations, newest first
+    GET  /v1/state                       backend, replica, whether the store is reachable
 
 The approver name is what the approver says it is: the admin token is the only authentication.
-No module here imports mitmproxy; the Policy addon wires it to flows.
+A reason is required unless `approvals.require_reason` is off. When the shared state is
+unreachable, answers are 503 `state_unavailable`. No module here imports mitmproxy.
 """
 
 from __future__ import annotations
@@ -26,13 +28,12 @@ import logging
 import math
 import re
 import socket
+import urllib.parse
 from typing import Any
 
-from sluicegate.approvals.registry import (
-    ApprovalRegistry,
-    UnknownApproval,
-)
+from sluicegate.approvals.service import Approvals
 from sluicegate.secrets import SecretRef, SecretUnavailable
+from sluicegate.state import AlreadyResolved, StateUnavailable, UnknownApproval, UnknownGrant
 
 logger = logging.getLogger("sluicegate.approvals")
 
@@ -54,14 +55,16 @@ class ControlServer:
 
     def __init__(
         self,
-        registry: ApprovalRegistry,
+        approvals: Approvals,
         *,
         host: str,
         port: int,
         admin_token: SecretRef,
         max_grant_minutes: float,
+        require_reason: bool = True,
     ) -> None:
-        self.registry = registry
+        self.approvals = approvals
+        self.require_reason = require_reason
         self.host = host
         self.requested_port = port
         self.admin_token = admin_token
@@ -155,41 +158,91 @@ class ControlServer:
             return 413, {"error": "too_large", "message": "request body too large"}
         body = await reader.readexactly(int(length)) if int(length) else b""
         peer = writer.get_extra_info("peername")
-        return self.dispatch(method, target, headers, body, peer=str(peer))
+        return await self.dispatch(method, target, headers, body, peer=str(peer))
 
-    def dispatch(
+    async def dispatch(
         self, method: str, target: str, headers: dict[str, str], body: bytes, peer: str = ""
     ) -> tuple[int, dict[str, Any]]:
         """Answer one request: (status, JSON payload). Authentication comes first, always."""
         if not self._authorized(headers.get("authorization", "")):
             logger.warning("sluicegate: approvals API: rejected unauthenticated request (%s)", peer)
             return 401, {"error": "unauthorized", "message": "a valid admin token is required"}
-        path = target.split("?", 1)[0].rstrip("/")
-        if path == "/v1/approvals":
+        split = urllib.parse.urlsplit(target)
+        path = split.path.rstrip("/")
+        try:
+            return await self._route(method, path, split.query, body)
+        except StateUnavailable as e:
+            return 503, {"error": "state_unavailable", "message": str(e)}
+
+    async def _route(
+        self, method: str, path: str, query: str, body: bytes
+    ) -> tuple[int, dict[str, Any]]:
+        state = self.approvals.state
+        if path in ("/v1/approvals", "/v1/grants", "/v1/history", "/v1/state"):
             if method != "GET":
                 return 405, {"error": "method_not_allowed", "message": "use GET"}
-            return 200, {"approvals": [p.as_json() for p in self.registry.pending()]}
+            if path == "/v1/approvals":
+                return 200, {"approvals": [a.as_json() for a in await state.pending()]}
+            if path == "/v1/grants":
+                return 200, {"grants": [g.as_json() for g in await state.grants()]}
+            if path == "/v1/state":
+                return 200, {
+                    "backend": state.kind,
+                    "replica": state.replica,
+                    "available": state.available,
+                    "durable": state.durable,
+                }
+            limit = _limit(query)
+            if limit is None:
+                return 400, {"error": "bad_request", "message": "limit must be 1-1000"}
+            return 200, {"history": [h.as_json() for h in await state.history(limit)]}
+        m = re.fullmatch(r"/v1/approvals/([^/]+)", path)
+        if m is not None:
+            if method != "GET":
+                return 405, {"error": "method_not_allowed", "message": "use GET"}
+            approval = await state.approval(m.group(1)) if _ID.fullmatch(m.group(1)) else None
+            if approval is None:
+                return 404, {"error": "unknown_approval", "message": "no such approval"}
+            return 200, {"approval": approval.as_json()}
         m = re.fullmatch(r"/v1/approvals/([^/]+)/(approve|deny)", path)
-        if m is None:
-            return 404, {"error": "not_found", "message": "no such endpoint"}
-        if method != "POST":
-            return 405, {"error": "method_not_allowed", "message": "use POST"}
-        return self._decide(m.group(1), m.group(2) == "approve", body)
+        if m is not None:
+            if method != "POST":
+                return 405, {"error": "method_not_allowed", "message": "use POST"}
+            return await self._decide(m.group(1), m.group(2) == "approve", body)
+        m = re.fullmatch(r"/v1/grants/([^/]+)/revoke", path)
+        if m is not None:
+            if method != "POST":
+                return 405, {"error": "method_not_allowed", "message": "use POST"}
+            return await self._revoke(m.group(1), body)
+        return 404, {"error": "not_found", "message": "no such endpoint"}
 
-    def _decide(self, approval_id: str, approve: bool, body: bytes) -> tuple[int, dict[str, Any]]:
+    def _decision_body(
+        self, body: bytes, allowed: set[str]
+    ) -> tuple[dict[str, Any], str, str] | tuple[int, dict[str, Any]]:
         try:
             data = json.loads(body or b"{}")
         except ValueError:
             return 400, {"error": "bad_request", "message": "body must be JSON"}
         if not isinstance(data, dict):
             return 400, {"error": "bad_request", "message": "body must be a JSON object"}
-        unknown = sorted(set(data) - {"approver", "reason", "grant_minutes"})
+        unknown = sorted(set(data) - allowed)
         if unknown:
             return 400, {"error": "bad_request", "message": f"unknown fields: {unknown}"}
         approver = _clean(data.get("approver"))
         reason = _clean(data.get("reason"))
-        if not approver or not reason:
+        if not approver:
+            return 400, {"error": "bad_request", "message": "approver is required"}
+        if self.require_reason and not reason:
             return 400, {"error": "bad_request", "message": "approver and reason are required"}
+        return data, approver, reason
+
+    async def _decide(
+        self, approval_id: str, approve: bool, body: bytes
+    ) -> tuple[int, dict[str, Any]]:
+        parsed = self._decision_body(body, {"approver", "reason", "grant_minutes"})
+        if len(parsed) == 2:
+            return parsed
+        data, approver, reason = parsed
         grant = data.get("grant_minutes")
         if grant is not None:
             if not approve:
@@ -206,7 +259,7 @@ class ControlServer:
         if not _ID.fullmatch(approval_id):
             return 404, {"error": "unknown_approval", "message": "no such pending approval"}
         try:
-            resolution = self.registry.decide(
+            resolution = await self.approvals.decide(
                 approval_id,
                 approve=approve,
                 by=approver,
@@ -214,11 +267,27 @@ class ControlServer:
                 grant_minutes=float(grant) if grant is not None else None,
             )
         except UnknownApproval:
-            return 404, {
-                "error": "unknown_approval",
-                "message": "no such pending approval (decided, timed out or cancelled)",
+            return 404, {"error": "unknown_approval", "message": "no such pending approval"}
+        except AlreadyResolved as e:
+            return 409, {
+                "error": "already_decided",
+                "message": f"the approval was already {e.resolution.outcome}",
+                "resolution": e.resolution.as_metadata(),
             }
         return 200, resolution.as_metadata()
+
+    async def _revoke(self, grant_id: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        parsed = self._decision_body(body, {"approver", "reason"})
+        if len(parsed) == 2:
+            return parsed
+        _data, approver, reason = parsed
+        if not re.fullmatch(r"[0-9a-f]{16}", grant_id):
+            return 404, {"error": "unknown_grant", "message": "no such active grant"}
+        try:
+            grant = await self.approvals.revoke(grant_id, by=approver, reason=reason)
+        except UnknownGrant:
+            return 404, {"error": "unknown_grant", "message": "no such active grant"}
+        return 200, {"revoked": grant.as_json(), "by": approver, "reason": reason}
 
     def _authorized(self, header: str) -> bool:
         scheme, _, given = header.partition(" ")
@@ -238,7 +307,9 @@ _REASONS = {
     401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
+    409: "Conflict",
     413: "Content Too Large",
+    503: "Service Unavailable",
 }
 
 
@@ -258,3 +329,12 @@ def _is_v6(host: str) -> bool:
 
 
 # -- webhook notification ---------------------------------------------------------------------
+
+
+def _limit(query: str) -> int | None:
+    values = urllib.parse.parse_qs(query).get("limit", ["100"])
+    try:
+        limit = int(values[-1])
+    except ValueError:
+        return None
+    return limit if 1 <= limit <= 1000 else None

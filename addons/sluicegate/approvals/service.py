@@ -100,7 +100,7 @@ class Approvals:
         if client_id is not None:
             self._by_client.setdefault(client_id, set()).add(hold)
         try:
-            resolution = await self.state.wait(hold, approval.expires_at - self._clock())
+            resolution = await hold.owner.wait(hold, approval.expires_at - self._clock())
             if resolution is None:
                 resolution = await self._expire(hold, timeout)
             return resolution
@@ -120,7 +120,7 @@ class Approvals:
     async def _expire(self, hold: Hold, timeout: float) -> Resolution:
         reason = f"no approver decided within {timeout:g} seconds"
         try:
-            resolution = await self.state.resolve(hold.id, "timeout", reason=reason)
+            resolution = await hold.owner.resolve(hold.id, "timeout", reason=reason)
         except AlreadyResolved as e:
             return e.resolution  # decided (or expired by another replica) just in time
         except (UnknownApproval, StateUnavailable):
@@ -143,7 +143,7 @@ class Approvals:
 
     async def _withdraw(self, hold: Hold) -> None:
         try:
-            abandoned = await self.state.withdraw(hold)
+            abandoned = await hold.owner.withdraw(hold)
         except StateUnavailable:
             return  # it expires by itself
         if abandoned:
@@ -153,18 +153,19 @@ class Approvals:
             def fire() -> None:
                 if handle is not None:
                     self._timers.discard(handle)
-                self._spawn(self._abandon(hold.approval))
+                self._spawn(self._abandon(hold))
 
             handle = loop.call_later(self.retry_grace_seconds, fire)
             self._timers.add(handle)
 
-    async def _abandon(self, approval: Approval) -> None:
+    async def _abandon(self, hold: Hold) -> None:
+        approval = hold.approval
         reason = (
             "the request was withdrawn (its client disconnected) and not retried within "
             f"{self.retry_grace_seconds:g} seconds"
         )
         try:
-            resolution = await self.state.resolve(
+            resolution = await hold.owner.resolve(
                 approval.id, "cancelled", reason=reason, only_if_abandoned=True
             )
         except (StillWaiting, AlreadyResolved, UnknownApproval, StateUnavailable):
@@ -174,10 +175,10 @@ class Approvals:
 
     async def _stopped(self, hold: Hold) -> None:
         with contextlib.suppress(StateUnavailable):
-            await self.state.withdraw(hold)
+            await hold.owner.withdraw(hold)
             if not hold.owner.durable:
                 with contextlib.suppress(AlreadyResolved, UnknownApproval, StillWaiting):
-                    await self.state.resolve(hold.id, "cancelled", reason="shutdown")
+                    await hold.owner.resolve(hold.id, "cancelled", reason="shutdown")
 
     # -- decisions ----------------------------------------------------------------------------
 

@@ -1,6 +1,8 @@
-"""`python -m sluicegate approvals list|approve|deny`: decide on flows held by policy.
+"""`python -m sluicegate approvals list|show|approve|deny|grants|revoke|history`: decide on flows
+held by policy, and manage the grants approvals made.
 
-Talks to the gateway's approvals control API. Where it is and the admin token come from, first
+Talks to the gateway's approvals control API (with `state.backend: redis`, any replica's API
+sees and decides every replica's approvals). Where it is and the admin token come from, first
 match wins:
   URL:   --url, $SLUICEGATE_APPROVALS_URL, the config's `approvals.listen_host/listen_port`
   token: --token-file, $SLUICEGATE_ADMIN_TOKEN, the config's `approvals.admin_token`
@@ -46,7 +48,24 @@ def main(argv: list[str]) -> int:
         url, token = _endpoint(args)
         if args.action == "list":
             return _list(url, token, as_json=args.json)
-        body: dict[str, Any] = {"approver": args.approver, "reason": args.reason}
+        if args.action == "show":
+            approval = urllib.parse.quote(args.id, safe="")
+            shown = _call(url, token, "GET", f"/v1/approvals/{approval}")["approval"]
+            print(json.dumps(shown, indent=2))
+            return 0
+        if args.action == "grants":
+            return _grants(url, token, as_json=args.json)
+        if args.action == "history":
+            return _history(url, token, args.limit, as_json=args.json)
+        body: dict[str, Any] = {"approver": args.approver, "reason": args.reason or ""}
+        if args.action == "revoke":
+            grant = urllib.parse.quote(args.id, safe="")
+            result = _call(url, token, "POST", f"/v1/grants/{grant}/revoke", body)
+            if args.json:
+                print(json.dumps(result, indent=2))
+            else:
+                print(f"grant {result['revoked']['id']}: revoked by {result['by']}")
+            return 0
         if args.action == "approve" and args.grant_minutes is not None:
             body["grant_minutes"] = args.grant_minutes
         approval = urllib.parse.quote(args.id, safe="")
@@ -79,10 +98,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="action", required=True)
     sub.add_parser("list", parents=[common], help="pending approvals, oldest first")
-    for action, text in (("approve", "let a held flow pass"), ("deny", "refuse a held flow")):
+    show = sub.add_parser("show", parents=[common], help="one approval, pending or decided")
+    show.add_argument("id", help="approval id")
+    sub.add_parser("grants", parents=[common], help="active grants")
+    history = sub.add_parser("history", parents=[common], help="decisions, newest first")
+    history.add_argument("--limit", type=int, default=20, help="how many (1-1000)")
+    for action, text in (
+        ("approve", "let a held flow pass"),
+        ("deny", "refuse a held flow"),
+        ("revoke", "end a grant now (on every replica)"),
+    ):
         p = sub.add_parser(action, parents=[common], help=text)
-        p.add_argument("id", help="approval id (see `list`)")
-        p.add_argument("--reason", required=True, help="why (recorded with the flow)")
+        p.add_argument(
+            "id",
+            help="grant id (see `grants`)" if action == "revoke" else "approval id (see `list`)",
+        )
+        p.add_argument(
+            "--reason",
+            help="why (recorded; required unless the gateway's approvals.require_reason is off)",
+        )
         p.add_argument(
             "--approver",
             default=_default_approver(),
@@ -184,6 +218,41 @@ def _call(url: str, token: str, method: str, path: str, body: Any = None) -> dic
         raise CliError(f"cannot reach the approvals API at {url}: {reason}", 4) from None
 
 
+def _grants(url: str, token: str, *, as_json: bool) -> int:
+    grants = _call(url, token, "GET", "/v1/grants")["grants"]
+    if as_json:
+        print(json.dumps(grants, indent=2))
+        return 0
+    if not grants:
+        print("no active grants")
+        return 0
+    for g in grants:
+        who = g["identity"].split("|", 1)[-1]
+        print(
+            f"{g['id']}  {who}  rule={g['rule']}  {g['destination']}  until {g['expires_at']}  "
+            f"(approval {g['approval_id']} by {g['by']})"
+        )
+    return 0
+
+
+def _history(url: str, token: str, limit: int, *, as_json: bool) -> int:
+    entries = _call(url, token, "GET", f"/v1/history?limit={limit}")["history"]
+    if as_json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    if not entries:
+        print("no decisions yet")
+        return 0
+    for e in entries:
+        what = e["approval_id"] if e["kind"] == "decision" else f"grant {e['grant_id']}"
+        request = e.get("request") or {}
+        where = f"  {request.get('method', '')} {request.get('path', '')}" if request else ""
+        by = f" by {e['by']}" if e["by"] else ""
+        reason = f" ({e['reason']})" if e["reason"] else ""
+        print(f"{e['at']}  {what}  {e['outcome']}{by}{reason}{where}")
+    return 0
+
+
 def _list(url: str, token: str, *, as_json: bool) -> int:
     approvals = _call(url, token, "GET", "/v1/approvals")["approvals"]
     if as_json:
@@ -198,9 +267,10 @@ def _list(url: str, token: str, *, as_json: bool) -> int:
         left = max(0, int((expires - now).total_seconds()))
         who = a["subject"] or "anonymous"
         where = a["route"] or f"{a['host']}:{a['port']}"
+        attempts = f", {a['attempts']} attempts" if a.get("attempts", 1) > 1 else ""
         print(
             f"{a['id']}  {a['phase']:<8}  rule={a['rule']}  {who}  "
-            f"{a['method']} {where}{a['path']}  ({left}s left)"
+            f"{a['method']} {where}{a['path']}  ({left}s left{attempts})"
         )
         if a["message"]:
             print(f"          {a['message']}")

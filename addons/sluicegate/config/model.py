@@ -581,8 +581,37 @@ class ApprovalsSection:
         "chat webhook URLs carry their own credential. Failures are logged, never blocking.",
     )
     webhook_timeout_seconds: float = setting(5.0, doc="Timeout of one webhook POST.")
+    webhook_format: Literal["json", "slack", "teams"] = setting(
+        "json",
+        doc="Payload of webhook POSTs: `json` (generic), `slack` (Block Kit, for an incoming "
+        "webhook) or `teams` (an Adaptive Card, for a Teams incoming webhook or Workflow). "
+        "Sent for a new approval (once, however often the agent retries) and when it is "
+        "approved, denied, expires or is cancelled.",
+    )
+    approval_url: str | None = setting(
+        None,
+        doc="Link to an approval in your console, `{id}` replaced by the approval id; webhook "
+        "messages carry it (Slack: a button, Teams: an Open URL action).",
+    )
+    require_reason: bool = setting(
+        True, doc="Approvers must give a reason to approve or deny (recorded with the flow)."
+    )
+    retry_grace_seconds: float = setting(
+        30.0,
+        doc="A held request whose client goes away (an SDK timing out to retry) leaves its "
+        "approval pending this long, so the retry joins it instead of opening another; with "
+        "no retry by then it is cancelled (and the webhook told).",
+    )
 
     def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        if self.retry_grace_seconds < 0:
+            yield "retry_grace_seconds", "must not be negative"
+        if self.approval_url is not None:
+            link = urllib.parse.urlsplit(self.approval_url)
+            if link.scheme not in ("https", "http") or not link.hostname:
+                yield "approval_url", "must be an http(s) URL"
+            elif "{id}" not in self.approval_url:
+                yield "approval_url", "must contain `{id}` (the approval id)"
         if not _is_loopback(self.listen_host):
             yield "listen_host", "must be a loopback address (127.0.0.1, ::1 or localhost)"
         if not 0 <= self.listen_port < 65536:
@@ -607,6 +636,78 @@ class ApprovalsSection:
                 url.scheme == "https" or (url.scheme == "http" and _is_loopback(url.hostname or ""))
             ):
                 yield "webhook_url", "must be an https:// URL (http only for loopback)"
+
+
+_KEY_PREFIX = re.compile(r"[A-Za-z0-9_.:{}\-]{1,64}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StateTlsConfig:
+    ca_file: Path | None = setting(
+        None, doc="CA that signed Redis' certificate (default: the system's CAs). Always verified."
+    )
+    cert_file: Path | None = setting(None, doc="Client certificate (mutual TLS).")
+    key_file: Path | None = setting(None, doc="Key of the client certificate.")
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        if (self.cert_file is None) != (self.key_file is None):
+            yield "cert_file", "cert_file and key_file go together"
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSection:
+    backend: Literal["memory", "redis"] = setting(
+        "memory",
+        doc="Where approvals, grants, rate-limit windows and decision history live: `memory` "
+        "(this process: one replica) or `redis` (shared by every replica; see "
+        "docs/DEPLOYMENT.md).",
+    )
+    url: SecretRef | None = setting(
+        None,
+        doc="redis: `redis://host:port/db` or `rediss://` (TLS). A secret reference: a URL may "
+        "embed credentials.",
+    )
+    password: SecretRef | None = setting(
+        None, doc="redis: password (AUTH), read again for every new connection (rotation)."
+    )
+    username: str | None = setting(None, doc="redis: ACL user name.")
+    tls: StateTlsConfig | None = setting(
+        None, doc="redis: TLS settings (TLS is also on for a `rediss://` URL)."
+    )
+    key_prefix: str = setting(
+        "sluicegate:",
+        doc="redis: prefix of every key and channel; one per deployment sharing a Redis.",
+    )
+    timeout_seconds: float = setting(
+        2.0, doc="redis: connect and command timeout; past it Redis counts as unavailable."
+    )
+    on_unavailable: Literal["refuse", "local"] = setting(
+        "refuse",
+        doc="redis unreachable: `refuse` answers 503 `state_unavailable` to flows that need "
+        "shared state (holds, grants, rate limits; other flows go on), `local` falls back to "
+        "this replica's memory with a warning once a minute. It reconnects by itself.",
+    )
+    history_size: int = setting(
+        10_000, doc="Decisions and revocations kept in the history (approximately, on Redis)."
+    )
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        if self.backend == "redis":
+            if self.url is None:
+                yield "url", "required for backend: redis"
+            else:
+                try:
+                    url = urllib.parse.urlsplit(self.url.read())
+                except (SecretUnavailable, ValueError):
+                    url = None
+                if url is not None and (url.scheme not in ("redis", "rediss") or not url.hostname):
+                    yield "url", "must be a redis:// or rediss:// URL"
+        if not _KEY_PREFIX.fullmatch(self.key_prefix):
+            yield "key_prefix", "1-64 letters, digits or `_ . : - { }`"
+        if not 0 < self.timeout_seconds <= 60:
+            yield "timeout_seconds", "must be above 0 and at most 60"
+        if self.history_size < 1:
+            yield "history_size", "must be at least 1"
 
 
 def _is_loopback(host: str) -> bool:
@@ -761,6 +862,11 @@ class Config:
     websockets: WebSocketsSection = setting(
         doc="WebSocket upgrades: blocked unless a route allows them (a side channel otherwise).",
         factory=WebSocketsSection,
+    )
+    state: StateSection = setting(
+        doc="Shared state of approvals, grants, rate limits and decision history: this process "
+        "(`memory`) or Redis for several replicas.",
+        factory=StateSection,
     )
     source: Path = dataclasses.field(default=Path(), init=False, compare=False)
 

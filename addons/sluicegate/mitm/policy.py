@@ -23,18 +23,20 @@ Decisions go into `flow.metadata["sluicegate"]["policy"]` (recordings) and the l
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-import time
+import os
+import socket
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from mitmproxy import connection, http
 
 from sluicegate import runtime as builders
-from sluicegate.approvals.registry import ApprovalRegistry, ApprovalRequest
 from sluicegate.approvals.server import ControlServer
+from sluicegate.approvals.service import Approvals
 from sluicegate.approvals.webhook import WebhookNotifier
-from sluicegate.config import ApprovalsSection, Config
+from sluicegate.config import ApprovalsSection, Config, StateSection
 from sluicegate.mitm import flowstate, guard
 from sluicegate.mitm.base import GatewayAddon
 from sluicegate.policy import engine
@@ -47,11 +49,11 @@ from sluicegate.policy.decisions import (
     PolicyError,
     ScanTimeout,
 )
-from sluicegate.policy.ratelimit import RateLimiter
 from sluicegate.policy.redact_only import redact_body
 from sluicegate.policy.stream import ResponsePolicy
 from sluicegate.policy.views import BodyViews
 from sluicegate.shapes import decoding
+from sluicegate.state import ApprovalRequest, SharedState, StateUnavailable, request_digest
 
 logger = logging.getLogger("sluicegate.policy")
 
@@ -64,19 +66,65 @@ T = TypeVar("T")
 
 
 class Runtime:
-    """State that outlives an addon instance: held flows, grants and rate-limit budgets.
+    """State that outlives an addon instance: the shared-state backend and the approvals service.
 
     Package modules survive hot reloads of the `-s` script, so a reload (or a config change)
-    neither forgets held flows nor resets anyone's rate limit.
+    neither forgets held flows nor resets anyone's rate limit. A changed `state:` section builds a
+    new backend; the old one is closed once no request waits on it any more.
     """
 
-    def __init__(
-        self,
-        clock: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.registry = ApprovalRegistry(clock)
-        self.limiter = RateLimiter(monotonic)
+    def __init__(self, replica: str | None = None) -> None:
+        self.replica = replica or f"{socket.gethostname()}:{os.getpid()}"
+        self.state: SharedState | None = None
+        self.section: StateSection | None = None
+        self.approvals: Approvals | None = None
+        self._started: asyncio.Future[None] | None = None
+
+    def configure(self, section: StateSection) -> SharedState:
+        if self.state is None or section != self.section:
+            old = self.state
+            self.state = builders.build_state(section, self.replica)
+            self.section = section
+            self._started = None
+            if self.approvals is None:
+                self.approvals = Approvals(self.state)
+            else:
+                self.approvals.state = self.state
+            if old is not None:
+                _spawn(_close_when_idle(old))
+            logger.info("sluicegate: state: %s backend (replica %s)", self.state.kind, self.replica)
+        return self.state
+
+    async def ready(self) -> SharedState:
+        """The backend, started once on the running loop (a store that is down is no error:
+        its users get StateUnavailable until it returns)."""
+        assert self.state is not None
+        loop = asyncio.get_running_loop()
+        if self._started is None or self._started.get_loop() is not loop:
+            self._started = loop.create_task(self.state.start())
+        await asyncio.shield(self._started)
+        return self.state
+
+
+async def _close_when_idle(state: SharedState) -> None:
+    while state.waiting_here:
+        await asyncio.sleep(1.0)
+    await state.close()
+
+
+def _spawn(coro: Any) -> None:
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        coro.close()
+        return
+    task = loop.create_task(coro)
+    _TASKS.add(task)
+    task.add_done_callback(_TASKS.discard)
+
+
+_TASKS: set[asyncio.Task[Any]] = set()
+STATE_RETRY_AFTER = "5"
 
 
 SHARED = Runtime()
@@ -114,14 +162,26 @@ class Policy(GatewayAddon):
         self.max_body_bytes = config.gateway.max_body_bytes
         previous, approvals = self.approvals, config.approvals
         self.approvals = approvals
+        self.runtime.configure(config.state)
+        service = self.runtime.approvals
+        assert service is not None
         self.webhook = None
         if approvals is not None and approvals.webhook_url is not None:
-            self.webhook = WebhookNotifier(approvals.webhook_url, approvals.webhook_timeout_seconds)
-        if self._running and _listen_settings(previous) != _listen_settings(approvals):
-            self._start_server()
+            self.webhook = WebhookNotifier(
+                approvals.webhook_url, approvals.webhook_timeout_seconds, approvals.webhook_format
+            )
+        service.notifier = self.webhook
+        if approvals is not None:
+            service.link_template = approvals.approval_url
+            service.retry_grace_seconds = approvals.retry_grace_seconds
+        if self._running:
+            _spawn(self.runtime.ready())
+            if _listen_settings(previous) != _listen_settings(approvals):
+                self._start_server()
 
     def running(self) -> None:
         self._running = True
+        _spawn(self.runtime.ready())
         self._start_server()
 
     def done(self) -> None:
@@ -134,12 +194,14 @@ class Policy(GatewayAddon):
         settings = self.approvals
         if settings is None:
             return
+        assert self.runtime.approvals is not None
         server = ControlServer(
-            self.runtime.registry,
+            self.runtime.approvals,
             host=settings.listen_host,
             port=settings.listen_port,
             admin_token=settings.admin_token,
             max_grant_minutes=settings.max_grant_minutes,
+            require_reason=settings.require_reason,
         )
         try:
             port = server.start()
@@ -163,7 +225,8 @@ class Policy(GatewayAddon):
     def client_disconnected(self, client: connection.Client) -> None:
         """A client that went away while held: cancel its approvals (mitmproxy fires this even
         while our request hook is still waiting; the flow's `error` hook only comes after)."""
-        cancelled = self.runtime.registry.cancel_client(client.id)
+        service = self.runtime.approvals
+        cancelled = service.cancel_client(client.id) if service is not None else 0
         if cancelled:
             logger.info("sluicegate: client gone, %d held flow(s) cancelled", cancelled)
 
@@ -182,7 +245,7 @@ class Policy(GatewayAddon):
             len(content), policy.decide_request, ctx, lambda: BodyViews.of(content, ctype)
         )
         facts = _facts(flow)
-        decision = self._decided(flow, ctx, decision, facts)
+        decision = await self._decided(flow, ctx, decision, facts)
         if decision.action is Action.BLOCK:
             raise guard.GatewayRefusal(
                 403,
@@ -190,7 +253,14 @@ class Policy(GatewayAddon):
                 f"Blocked by {decision.describe()}",
                 {RULE_HEADER: decision.rule_id},
             )
-        denied = self.runtime.limiter.acquire(policy.rate_limit_hits(ctx))
+        hits = policy.rate_limit_hits(ctx)
+        denied = None
+        if hits:
+            state = await self._state(decision)
+            try:
+                denied = await state.acquire(hits)
+            except StateUnavailable:
+                raise _state_refusal(decision, "its rate limits") from None
         if denied is not None:
             limit = policy.rate_limit(denied.limit_id)
             facts["rate_limit"] = {
@@ -221,8 +291,18 @@ class Policy(GatewayAddon):
             facts["request"]["redacted"] = await self._redact(flow.request, decision)
             _publish(flow, facts)
 
-        registry = self.runtime.registry
-        exempt = registry.granted_rules(ctx.identity, ctx.destination)
+        exempt: list[str] = []
+        holds = [
+            r.id
+            for r in policy.response_rules
+            if r.action is Action.HOLD and r.when.context_matches(ctx)
+        ]
+        if holds:  # only then can a grant change the response rules of this flow
+            state = await self._state(decision)
+            try:
+                exempt = await state.granted(ctx.identity, ctx.destination, holds)
+            except StateUnavailable:
+                raise _state_refusal(decision, "its grants") from None
         response_policy = policy.response_policy(ctx, exempt)
         if response_policy is not None:
             flowstate.state(flow).private[RESPONSE_POLICY_KEY] = response_policy
@@ -257,7 +337,7 @@ class Policy(GatewayAddon):
         if decision is None or decision.action is Action.ALLOW:
             return
         ctx = flow_context(flow)
-        decision = self._decided(flow, ctx, decision, facts)
+        decision = await self._decided(flow, ctx, decision, facts)
         if decision.action is Action.BLOCK:
             raise guard.GatewayRefusal(
                 403,
@@ -273,13 +353,23 @@ class Policy(GatewayAddon):
 
     # -- shared steps -----------------------------------------------------------------------------
 
-    def _decided(
+    async def _state(self, decision: Decision) -> SharedState:
+        try:
+            return await self.runtime.ready()
+        except StateUnavailable:
+            raise _state_refusal(decision, "shared state") from None
+
+    async def _decided(
         self, flow: http.HTTPFlow, ctx: FlowContext, decision: Decision, facts: dict[str, Any]
     ) -> Decision:
         """Record a decision (a hold covered by a grant becomes allow) and log the notable."""
         phase_facts = decision.as_metadata()
         if decision.action is Action.HOLD:
-            grant = self.runtime.registry.grant_for(_grant_key(ctx, decision))
+            state = await self._state(decision)
+            try:
+                grant = await state.grant(_grant_key(ctx, decision))
+            except StateUnavailable:
+                raise _state_refusal(decision, "its approval") from None
             if grant is not None:
                 phase_facts.update(action=str(Action.ALLOW), grant=grant.as_metadata())
                 decision = Decision(
@@ -315,36 +405,34 @@ class Policy(GatewayAddon):
                 f"Held by {decision.describe()}, but the approvals service is not running.",
                 {RULE_HEADER: decision.rule_id},
             )
-        registry = self.runtime.registry
-        pending = registry.open(
-            ApprovalRequest(
-                request_id=flowstate.state(flow).request_id,
-                rule_id=decision.rule_id,
-                message=decision.message,
-                phase=str(decision.phase),
-                subject=ctx.subject,
-                issuer=ctx.issuer,
-                groups=tuple(sorted(ctx.groups)),
-                route=ctx.route,
-                host=ctx.host,
-                port=ctx.port,
-                method=ctx.method,
-                path=ctx.path,
-                patterns=decision.patterns,
-                grant_key=_grant_key(ctx, decision),
+        service = self.runtime.approvals
+        assert service is not None
+        await self._state(decision)
+        request = ApprovalRequest(
+            request_id=flowstate.state(flow).request_id,
+            rule_id=decision.rule_id,
+            message=decision.message,
+            phase=str(decision.phase),
+            subject=ctx.subject,
+            issuer=ctx.issuer,
+            groups=tuple(sorted(ctx.groups)),
+            route=ctx.route,
+            host=ctx.host,
+            port=ctx.port,
+            method=ctx.method,
+            path=ctx.path,
+            patterns=decision.patterns,
+            grant_key=_grant_key(ctx, decision),
+        )
+        try:
+            resolution = await service.hold(
+                request,
+                dedupe=_same_request(flow, ctx, decision),
+                timeout=settings.timeout_seconds,
                 client_id=flow.client_conn.id,
-            ),
-            settings.timeout_seconds,
-        )
-        logger.info(
-            "sluicegate: approval %s pending (rule %s) [request %s]",
-            pending.id,
-            decision.rule_id,
-            flow.id,
-        )
-        if self.webhook is not None:
-            self.webhook.notify(pending)
-        resolution = await registry.wait(pending)
+            )
+        except StateUnavailable:
+            raise _state_refusal(decision, "its approval") from None
         phase_facts["approval"] = resolution.as_metadata()
         _publish(flow, facts)
         if resolution.approved:
@@ -354,7 +442,10 @@ class Policy(GatewayAddon):
             code, message = "approval_denied", f"An approver denied this ({resolution.reason})."
         elif resolution.outcome == "timeout":
             code = "approval_timeout"
-            message = f"No approver decided within {settings.timeout_seconds:g} seconds."
+            message = (
+                f"No approver decided within {settings.timeout_seconds:g} seconds, so the "
+                "request was not forwarded. Sending it again holds it for approval again."
+            )
         else:
             code, message = (
                 "approval_cancelled",
@@ -422,6 +513,32 @@ class Policy(GatewayAddon):
                 "policy_undecodable_body",
                 "The body's content encoding could not be decoded for inspection.",
             ) from None
+
+
+def _state_refusal(decision: Decision, what: str) -> guard.GatewayRefusal:
+    return guard.GatewayRefusal(
+        503,
+        "state_unavailable",
+        f"The gateway's shared state is unavailable, and this request needs {what} "
+        f"({decision.describe()}); nothing was forwarded. Retry later.",
+        {"retry-after": STATE_RETRY_AFTER},
+    )
+
+
+def _same_request(flow: http.HTTPFlow, ctx: FlowContext, decision: Decision) -> str:
+    """What makes a retry the same request: caller, route, method, path (with its query), body,
+    and which rule held it in which phase."""
+    body = hashlib.sha256(flow.request.raw_content or b"").hexdigest()
+    return request_digest(
+        ctx.identity,
+        ctx.destination,
+        ctx.method,
+        flow.request.path,
+        flow.request.headers.get("content-encoding", ""),
+        body,
+        str(decision.phase),
+        decision.rule_id,
+    )
 
 
 def _grant_key(ctx: FlowContext, decision: Decision) -> tuple[str, str, str]:

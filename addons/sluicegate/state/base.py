@@ -25,7 +25,7 @@ import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Protocol
 
-from sluicegate.engine.ratelimit import Denied
+from sluicegate.policy.ratelimit import Denied
 from sluicegate.state.model import (
     Approval,
     ApprovalRequest,

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TypeVar
 
-from sluicegate.engine.ratelimit import Denied
+from sluicegate.policy.ratelimit import Denied
 from sluicegate.state.base import (
     Hold,
     LimitLike,

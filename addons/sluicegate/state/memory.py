@@ -12,7 +12,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from sluicegate.engine.ratelimit import Denied, Limit, RateLimiter
+from sluicegate.policy.ratelimit import Denied, Limit, RateLimiter
 from sluicegate.state.base import (
     AlreadyResolved,
     Hold,

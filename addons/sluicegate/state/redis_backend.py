@@ -49,7 +49,7 @@ from redis.credentials import CredentialProvider
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from sluicegate.engine.ratelimit import Denied
+from sluicegate.policy.ratelimit import Denied
 from sluicegate.state.base import (
     AlreadyResolved,
     Hold,
@@ -108,7 +108,10 @@ class _Credentials(CredentialProvider):
         self.password = password
 
     def get_credentials(self) -> tuple[str] | tuple[str, str]:
-        password = self.password() or ""
+        try:
+            password = self.password() or ""
+        except Exception:  # an unreadable secret: the store is unavailable, nothing else
+            raise RedisConnectionError("the Redis password is unavailable") from None
         return (self.username, password) if self.username else (password,)
 
     async def get_credentials_async(self) -> tuple[str] | tuple[str, str]:
