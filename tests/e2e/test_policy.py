@@ -114,6 +114,8 @@ def policy_config(base: dict, other: FakeUpstream, port: int, **approvals: Any) 
         "admin_token": {"env": ADMIN_ENV},
         "listen_port": port,
         "timeout_seconds": 30,
+        # A withdrawn request's approval waits this long for a retry before it is cancelled.
+        "retry_grace_seconds": 1,
         **approvals,
     }
     return cfg
@@ -555,11 +557,18 @@ def test_timeout_denies_and_the_webhook_hears_of_the_pending_approval(
     assert error_of(response)["code"] == "approval_timeout"
     assert 0.9 < time.monotonic() - started < 10
     assert upstream.received == []
-    assert len(hooks) == 1
-    event = hooks[0].json()
+    deadline = time.monotonic() + 10
+    while len(hooks) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # Announced once when held, once when it expired (saying what the agent got).
+    event, expired = (h.json() for h in hooks)
     assert event["event"] == "approval_pending"
     assert event["approval"]["rule"] == "deletes-need-approval"
     assert event["approval"]["subject"] == "dave"
+    assert expired["event"] == "approval_expired"
+    assert expired["approval"]["id"] == event["approval"]["id"]
+    assert "403 approval_timeout" in expired["agent"]
+    assert "Sending it again holds it for approval again" in error_of(response)["message"]
     wait_for_log(gw, r"approvals API listening at http://127\.0\.0\.1:\d+")  # port 0: logged
 
 

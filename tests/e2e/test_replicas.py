@@ -190,6 +190,11 @@ def hooks(plain_upstream: FakeUpstream) -> Hooks:
     return Hooks(plain_upstream)
 
 
+@pytest.fixture(autouse=True)
+def _limited_path(upstream: FakeUpstream) -> None:
+    upstream.handle("GET", "/limited", lambda r, got: r.send_json({"ok": True}))
+
+
 StartReplica = Callable[..., Replica]
 
 
@@ -427,7 +432,7 @@ def test_a_withdrawn_request_not_retried_is_cancelled_and_the_webhook_told(
     assert cancelled["approval"]["id"] == approval["id"]
     assert "did not retry within 2 seconds" in cancelled["agent"]
     assert b.pending() == []
-    assert plain_upstream.received == []
+    assert [r.method for r in plain_upstream.received if r.path != "/hook"] == []
 
 
 def test_pending_approvals_and_grants_survive_a_gateway_restart(
