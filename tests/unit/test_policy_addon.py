@@ -193,7 +193,9 @@ def test_approved_hold_passes_and_records_who_when_why(h: Harness) -> None:
             assert h.addon.server is not None and h.addon.server.listening
             (pending,) = await h.state.pending()
             assert h.policy(flow)["request"]["action"] == "hold"
-            await h.approvals.decide(pending.id, approve=True, by="sam", reason="ok", grant_minutes=5)
+            await h.approvals.decide(
+                pending.id, approve=True, by="sam", reason="ok", grant_minutes=5
+            )
             await task
             assert flow.response is None  # forwarded
             approval = h.policy(flow)["request"]["approval"]

@@ -633,3 +633,46 @@ def test_local_fallback_keeps_a_replica_working_and_warns_once_a_minute(
 def test_request_digest_separates_its_parts() -> None:
     assert request_digest("a", "bc") != request_digest("ab", "c")
     assert request_digest("a", b"x") == request_digest("a", "x")
+
+
+def test_the_documented_acl_is_enough(tmp_path: Path) -> None:
+    """docs/DEPLOYMENT.md's ACL user (its prefix only) can do everything the gateway does."""
+    admin_password = secrets.token_hex(16)
+    with RedisServer(tmp_path / "redis", password=admin_password) as server:
+
+        async def main() -> None:
+            import redis.asyncio as aioredis
+
+            admin = aioredis.Redis.from_url(server.url, password=admin_password)
+            rules = "+@read +@write +@scripting +@pubsub +ping +time +select +client|setname"
+            await admin.execute_command(
+                "ACL", "SETUSER", "gateway", "on", ">gw-password", "resetchannels",
+                "~acl:*", "&acl:events", *rules.split(),
+            )  # fmt: skip
+            await admin.aclose()
+            config = RedisSettings(
+                url=server.url,
+                username="gateway",
+                password=lambda: "gw-password",
+                key_prefix="acl:",
+                timeout_seconds=1,
+            )
+            a, b = RedisState(config, "a"), RedisState(config, "b")
+            for state in (a, b):
+                await state.start()
+                assert await state.wait_subscribed(5)
+            try:
+                assert await a.acquire([(Limit("l", 1, 60), "k")]) is None
+                hold = await a.hold(request(), dedupe="d", timeout=30)
+                waiter = asyncio.ensure_future(a.wait(hold, 30))
+                await b.resolve(hold.id, "approved", by="bob", reason="r", grant_minutes=1)
+                assert (await asyncio.wait_for(waiter, 5)) is not None
+                assert [g.id for g in await b.grants()] == [grant_id(KEY)]
+                await b.revoke(grant_id(KEY), by="bob", reason="r")
+                assert len(await a.history()) == 2
+                assert await a.pending() == []
+            finally:
+                await a.close()
+                await b.close()
+
+        run(main())
