@@ -46,14 +46,16 @@ BIG_BUDGET = {"id": "bench-budget", "requests": 1_000_000_000, "window_seconds":
 # -- engine ------------------------------------------------------------------------------------
 
 
-async def engine_round(state: SharedState, calls: int) -> tuple[float, float]:
-    """(µs per sequential call, concurrent calls per second)."""
+async def engine_round(state: SharedState, calls: int) -> tuple[float, float, float]:
+    """(µs per sequential call, concurrent calls per second, µs of this process's CPU per
+    sequential call)."""
     limit = Limit("bench", 1_000_000_000, 60)
     hits = [(limit, "caller")]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(calls):
         assert await state.acquire(hits) is None
     sequential = (time.perf_counter() - start) / calls * 1e6
+    cpu_per_call = (time.process_time() - cpu) / calls * 1e6
 
     async def worker(n: int) -> None:
         for _ in range(n):
@@ -62,16 +64,16 @@ async def engine_round(state: SharedState, calls: int) -> tuple[float, float]:
     start = time.perf_counter()
     await asyncio.gather(*(worker(calls // 8) for _ in range(8)))
     concurrent = (calls // 8 * 8) / (time.perf_counter() - start)
-    return sequential, concurrent
+    return sequential, concurrent, cpu_per_call
 
 
 async def engine(
     server: RedisServer, rounds: int, calls: int
-) -> dict[str, list[tuple[float, float]]]:
+) -> dict[str, list[tuple[float, float, float]]]:
     memory = MemoryState("bench")
     redis = RedisState(RedisSettings(url=server.url, key_prefix="bench:engine:"), "bench")
     await redis.start()
-    results: dict[str, list[tuple[float, float]]] = {"memory": [], "redis": []}
+    results: dict[str, list[tuple[float, float, float]]] = {"memory": [], "redis": []}
     try:
         await engine_round(redis, 200)  # warm: connection pool, script cache
         for _ in range(rounds):
@@ -150,8 +152,8 @@ def main() -> None:
 
             for kind in ("memory", "redis"):
                 print(
-                    f"  {kind:<6} {med(kind, 0):8.1f} µs per call, "
-                    f"{med(kind, 1):9.0f} calls/s with 8 concurrent"
+                    f"  {kind:<6} {med(kind, 0):8.1f} µs per call ({med(kind, 2):.1f} µs client "
+                    f"CPU), {med(kind, 1):9.0f} calls/s with 8 concurrent"
                 )
             print(f"  redis adds {med('redis', 0) - med('memory', 0):.1f} µs per call")
 
@@ -184,14 +186,21 @@ def main() -> None:
             lat: dict[str, list[float]] = {n: [] for n in targets}
             thr: dict[str, list[float]] = {n: [] for n in targets}
             cpu: dict[str, float] = {n: 0.0 for n in targets}
+            redis_cpu = 0.0
             for _ in range(args.rounds):
                 for name, target in targets.items():
                     before = gateways[name].cpu()
+                    redis_before = benchlib.cpu_seconds(server.proc.pid)  # type: ignore[union-attr]
                     lat[name].append(asyncio.run(latency(target, args.requests)))
                     thr[name].append(
                         asyncio.run(throughput(target, args.requests * 2, args.clients))
                     )
                     cpu[name] += gateways[name].cpu() - before
+                    if name == "redis":
+                        redis_cpu += (
+                            benchlib.cpu_seconds(server.proc.pid)  # type: ignore[union-attr]
+                            - redis_before
+                        )
             print(
                 f"== gateway: full chain, one rate limit on every request "
                 f"({args.rounds} interleaved rounds, medians)"
@@ -205,7 +214,13 @@ def main() -> None:
                 )
             added = benchlib.median(lat["redis"]) - benchlib.median(lat["memory"])
             ratio = benchlib.median(thr["redis"]) / benchlib.median(thr["memory"])
-            print(f"  redis vs memory: +{added:.2f} ms p50, throughput ratio {ratio:.2f}")
+            print(f"  redis vs memory: {added:+.2f} ms p50, throughput ratio {ratio:.2f}")
+            extra_cpu = (cpu["redis"] - cpu["memory"]) / total * 1e3
+            print(
+                f"  redis vs memory: proxy CPU {extra_cpu:+.2f} ms/request "
+                f"(ratio {cpu['redis'] / cpu['memory']:.2f}); redis-server CPU "
+                f"{redis_cpu / total * 1e6:.0f} µs/request"
+            )
             limit_cost = benchlib.median(lat["memory"]) - benchlib.median(lat["no limit"])
             print(f"  memory rate limit vs none: {limit_cost:+.2f} ms p50")
         finally:
