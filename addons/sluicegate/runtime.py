@@ -7,7 +7,7 @@ lives here, so the engines stay importable (and testable, benchmarkable) without
 from __future__ import annotations
 
 from sluicegate.config import Config, MatchConfig, PolicySection, StateSection
-from sluicegate.policy.conditions import Conditions, HostPattern
+from sluicegate.policy.conditions import Conditions, HostPattern, compile_path_rule
 from sluicegate.policy.decisions import Action, Phase
 from sluicegate.policy.engine import Policy
 from sluicegate.policy.patterns import BUILTIN_PATTERNS, Pattern, _compile
@@ -31,7 +31,7 @@ def build_policy(section: PolicySection) -> Policy:
             hosts=tuple(HostPattern.parse(h) for h in match.hosts),
             routes=frozenset(match.routes),
             methods=frozenset(match.methods),
-            paths=tuple(_compile(p) for p in match.paths),
+            paths=tuple(compile_path_rule(p) for p in match.paths),
             groups=frozenset(match.groups),
             subjects=frozenset(match.subjects),
             body_patterns=tuple(patterns[n] for n in match.body_patterns),

@@ -12,7 +12,7 @@ import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluicegate.policy.conditions import Conditions, FlowContext, HostPattern, normalize_path
+from sluicegate.policy.conditions import Conditions, FlowContext, HostPattern
 from sluicegate.policy.decisions import DEFAULT_RULE_ID, Action, Phase, PolicyError, ScanTimeout
 from sluicegate.policy.engine import Policy
 from sluicegate.policy.patterns import BUILTIN_PATTERNS, Pattern
@@ -293,31 +293,6 @@ def test_host_patterns(spec: str, host: str, port: int, expected: bool) -> None:
 def test_bad_host_patterns_are_rejected(spec: str) -> None:
     with pytest.raises(ValueError):
         HostPattern.parse(spec)
-
-
-@pytest.mark.parametrize(
-    ("raw", "normal"),
-    [
-        ("/v1/files", "/v1/files"),
-        ("/v1/%66iles", "/v1/files"),
-        ("/v1/x/../files", "/v1/files"),
-        ("//v1///files/", "/v1/files/"),
-        ("/v1/./files?purpose=x", "/v1/files"),
-        ("/%2e%2e/admin", "/admin"),
-        ("", "/"),
-    ],
-)
-def test_paths_are_normalized_before_matching(raw: str, normal: str) -> None:
-    assert normalize_path(raw) == normal
-
-
-@given(st.text(alphabet="/.%2eEfa?", max_size=30))
-def test_normalized_paths_are_canonical(raw: str) -> None:
-    path = normalize_path(raw)
-    assert path.startswith("/")
-    assert "//" not in path
-    assert all(seg not in (".", "..") for seg in path.split("/"))
-    assert "?" not in path or "?" in raw.split("?", 1)[0]  # only a decoded %3F could remain
 
 
 def test_conditions_are_and_across_kinds_and_or_within() -> None:

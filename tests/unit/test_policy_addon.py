@@ -158,17 +158,21 @@ def test_path_encoding_does_not_dodge_a_path_rule(h: Harness) -> None:
     async def scenario() -> None:
         h.addon.running()
         try:
-            flow = h.flow("PUT", "/x/../ech%6f?q=1")
+            flow = h.flow("PUT", "/ECH%6f?q=1")
             task = asyncio.ensure_future(h.addon.request(flow))
             for _ in range(100):
                 await asyncio.sleep(0.01)
                 if await h.state.pending():
                     break
             (pending,) = await h.state.pending()
-            assert pending.request.path == "/echo"
+            assert pending.request.path == "/ECHo"  # decoded, case kept; matched ignoring case
             await h.approvals.decide(pending.id, approve=False, by="sam", reason="no")
             await task
             assert flow.response is not None and flow.response.status_code == 403
+            dotted = h.flow("PUT", "/x/../echo")
+            await h.addon.request(dotted)
+            assert dotted.response is not None and dotted.response.status_code == 400
+            assert not await h.state.pending()
         finally:
             h.addon.done()
 

@@ -14,15 +14,15 @@ from hypothesis import strategies as st
 from mitmproxy import http
 
 from sluicegate.config import ConfigError, Route, load_config
+from sluicegate.egress.paths import prefix_covers
 from sluicegate.mitm import flowstate
 from sluicegate.mitm.routing import (
     Destination,
     RouteTable,
     Routing,
     chosen_route,
-    has_dot_segment,
     host_matches,
-    path_matches,
+    judged_path,
 )
 from tests.support.addon_harness import configured, connect_flow, flow_to, write_config
 
@@ -106,24 +106,11 @@ def test_wildcard_covers_exactly_the_proper_subdomains(host: str) -> None:
 
 @given(st.from_regex(r"(/[a-z0-9.%]{0,6}){1,5}", fullmatch=True))
 def test_path_prefix_is_matched_segment_wise(path: str) -> None:
-    if path_matches("/v1", path):
+    if prefix_covers("/v1", path):
         assert path == "/v1" or path.startswith("/v1/")
-    assert path_matches("/", path)
-    assert path_matches("/v1", "/v1" + path)
-    assert not path_matches("/v1", "/v1x" + path)
-
-
-@pytest.mark.parametrize(
-    "path",
-    ["/v1/../admin", "/v1/%2e%2e/admin", "/v1/%2E%2e/x", "/v1/./x", "/v1\\..\\admin", "/.."],
-)
-def test_dot_segments_are_detected(path: str) -> None:
-    assert has_dot_segment(path)
-
-
-@pytest.mark.parametrize("path", ["/v1/chat", "/v1/files/a.b", "/v1/...", "/v1/.well-known"])
-def test_ordinary_paths_have_no_dot_segment(path: str) -> None:
-    assert not has_dot_segment(path)
+    assert prefix_covers("/", path)
+    assert prefix_covers("/v1", "/v1" + path)
+    assert not prefix_covers("/v1", "/v1x" + path)
 
 
 def test_most_specific_route_wins() -> None:
@@ -213,11 +200,36 @@ def test_caller_outside_the_route_groups_is_refused(routing: Routing) -> None:
     assert chosen_route(flow) is None
 
 
-def test_dot_segments_are_refused(routing: Routing) -> None:
-    flow = flow_to("eu.openai.azure.com", 443, path="/openai/%2e%2e/admin/keys")
+@pytest.mark.parametrize(
+    "path", ["/openai/%2e%2e/admin/keys", "/openai/..;/admin", "/openai\\x", "/openai/x%00"]
+)
+def test_ambiguous_paths_are_refused(routing: Routing, path: str) -> None:
+    flow = flow_to("eu.openai.azure.com", 443, path=path)
     route(flow, routing)
     assert flow.response.status_code == 400
     assert code_of(flow) == "invalid_path"
+    assert chosen_route(flow) is None
+
+
+def test_the_request_path_becomes_the_canonical_one(routing: Routing) -> None:
+    flow = flow_to("eu.openai.azure.com", 443, path="/%6fpenai/f%c3%a9?q=%2e")
+    route(flow, routing)
+    assert flow.response is None
+    assert chosen_route(flow).name == "azure"
+    assert flow.request.path == "/openai/f%C3%A9?q=%2e"
+    assert judged_path(flow) == "/openai/fé"
+
+
+def test_route_prefixes_are_matched_case_sensitively(routing: Routing) -> None:
+    flow = flow_to("eu.openai.azure.com", 443, path="/OpenAI/x")
+    route(flow, routing)
+    assert code_of(flow) == "egress_denied"
+
+
+def test_a_route_prefix_must_be_a_canonical_path(tmp_path: Path, idp: TestIdP) -> None:
+    routes = [{"name": "bad", "host": "api.openai.com", "path_prefix": "/v1/..;/admin"}]
+    with pytest.raises(ConfigError, match=r"routes\[0\]\.path_prefix"):
+        load_config(write_config(tmp_path, idp, routes=routes))
 
 
 def test_flow_without_a_verified_caller_fails_closed(routing: Routing) -> None:

@@ -32,6 +32,7 @@ from sluicegate.config.schema import (
     read_yaml,
     setting,
 )
+from sluicegate.egress.paths import AmbiguousPath, canonical_path
 from sluicegate.policy.conditions import HostPattern
 from sluicegate.policy.patterns import BUILTIN_PATTERNS
 from sluicegate.recording import chain, sealing
@@ -300,7 +301,12 @@ class Route:
     scheme: Literal["https", "http"] = setting(
         "https", doc="`http` is only for internal services and never carries a credential."
     )
-    path_prefix: str = setting("/", doc="Only requests whose path starts with this use the route.")
+    path_prefix: str = setting(
+        "/",
+        doc="Only requests whose path starts with this (segment-wise, case-sensitive, "
+        "percent-decoded) use the route. Paths upstreams could read differently (`;`, `\\`, "
+        "`%2F`, `.`/`..`, `//`, control characters) are refused with 400 `invalid_path`.",
+    )
     groups: tuple[str, ...] = setting(
         (), doc="Groups allowed to use the route; empty means any authenticated caller."
     )
@@ -318,6 +324,11 @@ class Route:
             yield "port", "must be between 1 and 65535"
         if not self.path_prefix.startswith("/"):
             yield "path_prefix", "must start with /"
+        else:
+            try:
+                canonical_path(self.path_prefix)
+            except AmbiguousPath as e:
+                yield "path_prefix", f"has {e.reason}; no request path could match it"
         if self.scheme == "http" and self.credential is not None:
             yield "credential", "credentials are only injected over https"
 
@@ -410,7 +421,9 @@ class MatchConfig:
     routes: tuple[str, ...] = setting((), doc="Route names (see `routes`).")
     methods: tuple[str, ...] = setting((), doc="HTTP methods, e.g. `POST`.")
     paths: tuple[Regex, ...] = setting(
-        (), doc="Regular expressions matched against the WHOLE path (without the query string)."
+        (),
+        doc="Regular expressions matched against the WHOLE path (without the query string), "
+        "percent-decoded and ignoring case; ambiguous paths never get here (see `path_prefix`).",
     )
     groups: tuple[str, ...] = setting((), doc="The caller is in any of these groups.")
     subjects: tuple[str, ...] = setting((), doc="The caller's subject is one of these.")

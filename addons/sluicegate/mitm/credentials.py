@@ -22,7 +22,7 @@ from mitmproxy import http
 from sluicegate.config.schema import SecretUnavailable
 from sluicegate.mitm import flowstate, guard
 from sluicegate.mitm.base import GatewayAddon
-from sluicegate.mitm.routing import Destination, chosen_route, serves
+from sluicegate.mitm.routing import Destination, chosen_route, path_still_judged, serves
 from sluicegate.redaction.echo import secret_variants
 
 # flowstate private key: what was injected into the flow's request (never the secret itself).
@@ -68,6 +68,13 @@ class CredentialInjection(GatewayAddon):
 
     @guard.fail_closed("gateway_error")
     def request(self, flow: http.HTTPFlow) -> None:
+        # Routing and policy judged the canonical path; nothing may leave on another one.
+        if not path_still_judged(flow):
+            raise guard.GatewayRefusal(
+                500,
+                "path_changed",
+                "The request's path changed after routing and policy; it was not forwarded.",
+            )
         route = chosen_route(flow)
         if route is None or route.credential is None:
             return

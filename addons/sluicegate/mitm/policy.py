@@ -39,8 +39,9 @@ from sluicegate.approvals.webhook import WebhookNotifier
 from sluicegate.config import ApprovalsSection, Config, StateSection
 from sluicegate.mitm import flowstate, guard
 from sluicegate.mitm.base import GatewayAddon
+from sluicegate.mitm.routing import judged_path
 from sluicegate.policy import engine
-from sluicegate.policy.conditions import FlowContext, normalize_path
+from sluicegate.policy.conditions import FlowContext
 from sluicegate.policy.decisions import (
     RESPONSE_POLICY_KEY,
     Action,
@@ -141,7 +142,7 @@ def flow_context(flow: http.HTTPFlow) -> FlowContext:
         host=flow.request.host,
         port=flow.request.port,
         method=flow.request.method.upper(),
-        path=normalize_path(flow.request.path),
+        path=judged_path(flow),
     )
 
 

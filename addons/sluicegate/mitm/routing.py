@@ -9,13 +9,15 @@ host; mitmproxy never runs with `ssl_insecure` here). All of them must fit the r
 Unrouted destinations are refused with 403 `egress_denied` (already at CONNECT, before any TLS)
 unless `unrouted: passthrough`, which forwards them without any credential. A caller outside the
 route's `groups` gets 403 `group_not_allowed`.
+
+The path is read once, by `egress.paths.canonical_path`: an ambiguous path is refused (400
+`invalid_path`), a canonical one replaces the request's path if it was spelled differently, and
+its decoded form is what route prefixes here and policy rules later match (`judged_path`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-import urllib.parse
 from collections.abc import Iterable, Sequence
 from typing import Final
 
@@ -23,12 +25,14 @@ from mitmproxy import http
 
 from sluicegate import config as config_mod
 from sluicegate.config import Route, normalize_host
+from sluicegate.egress.paths import AmbiguousPath, RequestPath, canonical_path, prefix_covers
 from sluicegate.mitm import flowstate, guard
 from sluicegate.mitm.base import GatewayAddon
 
 # flowstate private key: the Route object chosen for the flow (None: unrouted passthrough).
 ROUTE_KEY: Final = "routing.route"
-_SEGMENT_SEPARATORS: Final = re.compile(r"[/\\]")
+# flowstate private key: the flow's canonical `RequestPath`, as judged by routing and policy.
+PATH_KEY: Final = "routing.path"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,20 +69,6 @@ def host_matches(pattern: str, host: str) -> bool:
     return normalize_host(pattern) == host
 
 
-def path_matches(prefix: str, path: str) -> bool:
-    """Segment-wise prefix match: `/v1` covers `/v1` and `/v1/...`, not `/v1beta`."""
-    if prefix.endswith("/"):
-        return path.startswith(prefix)
-    return path == prefix or path.startswith(prefix + "/")
-
-
-def has_dot_segment(path: str) -> bool:
-    """Whether `path` has `.`/`..` segments (also %-encoded or with `\\`): upstreams normalize
-    those away, so `/v1/../admin` would leave a route's path prefix after the match."""
-    decoded = urllib.parse.unquote(path)
-    return any(segment in (".", "..") for segment in _SEGMENT_SEPARATORS.split(decoded))
-
-
 def serves(route: Route, destination: Destination) -> bool:
     """Whether `route` is for this scheme, port and (every name of the) host."""
     return (
@@ -101,11 +91,14 @@ class RouteTable:
             return (not route.host.startswith("*."), len(route.host), len(route.path_prefix))
 
         self._routes = sorted(routes, key=specificity, reverse=True)
+        # Prefixes in the form paths are matched in (config validation made them canonical).
+        self._prefixes = {id(r): canonical_path(r.path_prefix).decoded for r in self._routes}
 
     def match(self, destination: Destination, path: str) -> Route | None:
-        """The most specific route serving `destination` whose prefix covers `path`."""
+        """The most specific route serving `destination` whose prefix covers `path` (decoded,
+        as `canonical_path` reads it)."""
         for route in self._routes:
-            if serves(route, destination) and path_matches(route.path_prefix, path):
+            if serves(route, destination) and prefix_covers(self._prefixes[id(route)], path):
                 return route
         return None
 
@@ -113,6 +106,47 @@ class RouteTable:
         """Routes that could serve a tunnel to `host:port` (any scheme, path or SNI)."""
         host = normalize_host(host)
         return [r for r in self._routes if r.port == port and host_matches(r.host, host)]
+
+
+def read_path(flow: http.HTTPFlow) -> RequestPath:
+    """The flow's canonical path, read once and kept; the request's path is rewritten to it.
+    Raises `GatewayRefusal` (400 `invalid_path`) for a path upstreams may read differently."""
+    st = flowstate.state(flow)
+    kept = st.private.get(PATH_KEY)
+    if isinstance(kept, RequestPath):
+        return kept
+    try:
+        path = canonical_path(flow.request.path)
+    except AmbiguousPath as e:
+        raise guard.GatewayRefusal(400, e.code, e.message) from None
+    if path.target != flow.request.path:
+        flow.request.path = path.target
+    st.private[PATH_KEY] = path
+    return path
+
+
+def judged_path(flow: http.HTTPFlow) -> str:
+    """The decoded path routes and policy rules match (see `read_path`)."""
+    return read_path(flow).decoded
+
+
+def path_still_judged(flow: http.HTTPFlow) -> bool:
+    """Whether the path about to leave is the one that was judged (query aside), or a rewrite
+    of it (a redacted path segment) that is still canonical and inside the flow's route."""
+    kept = flowstate.state(flow).private.get(PATH_KEY)
+    if not isinstance(kept, RequestPath):
+        return False
+    leaving = flow.request.path.partition("?")[0]
+    if leaving == kept.wire:
+        return True
+    try:
+        again = canonical_path(leaving)
+    except AmbiguousPath:
+        return False
+    route = chosen_route(flow)
+    return again.wire == leaving and (
+        route is None or prefix_covers(canonical_path(route.path_prefix).decoded, again.decoded)
+    )
 
 
 def chosen_route(flow: http.HTTPFlow) -> Route | None:
@@ -149,11 +183,7 @@ class Routing(GatewayAddon):
         st = flowstate.state(flow)
         if st.caller is None:  # CallerAuth runs first and refuses; never route a stranger
             raise LookupError("flow reached Routing without a verified caller")
-        path = flow.request.path.split("?", 1)[0]
-        if has_dot_segment(path):
-            raise guard.GatewayRefusal(
-                400, "invalid_path", "Paths with `.` or `..` segments are not forwarded."
-            )
+        path = read_path(flow).decoded
         route = self._table.match(Destination.of(flow), path)
         if route is None and not self._passthrough:
             raise _egress_denied(flow.request.host, flow.request.port)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import urllib.parse
 
 import regex
 
@@ -23,7 +22,7 @@ class FlowContext:
     host: str
     port: int
     method: str
-    path: str  # see normalize_path
+    path: str  # decoded canonical path, no query (egress.paths.canonical_path)
 
     @property
     def identity(self) -> str:
@@ -38,27 +37,10 @@ class FlowContext:
         return f"route:{self.route}" if self.route else f"host:{self.host}:{self.port}"
 
 
-def normalize_path(path: str) -> str:
-    """The path rules match against: query dropped, percent-decoded, dot segments resolved,
-    repeated slashes collapsed. `/v1/%66iles/../files//x` is `/v1/files/x`, as upstreams see it,
-    so encoding tricks cannot step around a path rule.
-    """
-    path = urllib.parse.unquote(path.split("?", 1)[0].split("#", 1)[0], errors="replace")
-    segments: list[str] = []
-    parts = path.split("/")
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if part == "..":
-            if segments:
-                segments.pop()
-            if last:
-                segments.append("")
-        elif part == ".":
-            if last:
-                segments.append("")
-        elif part or last:
-            segments.append(part)
-    return "/" + "/".join(segments)
+def compile_path_rule(source: str) -> regex.Pattern[str]:
+    """A `paths` entry: matched against the whole decoded path, case-insensitively (see
+    `egress.paths`: upstreams that ignore case read `/v1/Admin` as `/v1/admin`)."""
+    return regex.compile(source, regex.IGNORECASE)
 
 
 # -- conditions and rules --------------------------------------------------------------------------
@@ -119,8 +101,8 @@ class Conditions:
     """What a rule matches. Empty conditions are ignored; all non-empty ones must hold.
 
     Within one condition any listed value may match (a caller in ANY of `groups`, a body with
-    ANY of `body_patterns`). `paths` are regular expressions matched against the WHOLE path
-    (without the query string).
+    ANY of `body_patterns`). `paths` are regular expressions (`compile_path_rule`) matched against
+    the WHOLE decoded path (without the query string), ignoring case.
     """
 
     hosts: tuple[HostPattern, ...] = ()

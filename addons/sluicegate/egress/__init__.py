@@ -1,0 +1,1 @@
+"""Where a request may go: the canonical request path, and the addresses egress may reach."""
