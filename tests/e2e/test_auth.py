@@ -239,7 +239,9 @@ def test_host_header_naming_a_routed_host_does_not_open_another_destination(
 def test_host_header_in_passthrough_mode_gets_no_credential(
     start_gateway, upstream: FakeUpstream, other_upstream: FakeUpstream, token: str
 ) -> None:
-    gw = start_gateway(lambda cfg: cfg.update(unrouted="passthrough"))
+    # The unrouted upstream is on the loopback: only listed internal destinations pass through.
+    allow = [f"127.0.0.1:{other_upstream.port}"]
+    gw = start_gateway(lambda cfg: cfg.update(unrouted="passthrough", allow_internal=allow))
     routed_host = f"127.0.0.1:{upstream.port}"
     with gw.client(token) as client:
         response = client.get(other_upstream.url("/echo"), headers={"host": routed_host})

@@ -6,6 +6,7 @@ here, before a guard silently stops working in production.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 
@@ -17,7 +18,7 @@ from mitmproxy.proxy.layers import websocket
 from mitmproxy.proxy.layers.http import _events, _http1
 
 from sluicegate import mitmcompat
-from sluicegate.mitmcompat import head_limits, protocol_errors
+from sluicegate.mitmcompat import head_limits, protocol_errors, upstream_connect
 
 
 def test_running_mitmproxy_is_supported() -> None:
@@ -67,3 +68,20 @@ def test_websocket_layer_exposes_what_close_websocket_uses() -> None:
     import wsproto.connection
 
     assert "_events" in inspect.getsource(wsproto.connection.Connection.__init__)
+
+
+def test_upstream_connections_are_opened_by_the_server_modules_asyncio() -> None:
+    """upstream_connect replaces the `asyncio` name in mitmproxy's proxy server module: TCP
+    upstream connections are opened there, and only there, with
+    `asyncio.open_connection(*command.connection.address, local_addr=...)`, after the
+    server_connect hook."""
+    source = inspect.getsource(server)
+    assert source.count("asyncio.open_connection(") == 1
+    method = inspect.getsource(server.ConnectionHandler.open_connection)
+    assert "asyncio.open_connection(\n" in method or "asyncio.open_connection(" in method
+    assert "*command.connection.address" in method and "local_addr=" in method
+    assert method.index("ServerConnectHook") < method.index("asyncio.open_connection(")
+    upstream_connect.install()
+    assert server.asyncio.open_connection is upstream_connect.open_connection
+    assert server.asyncio.CancelledError is asyncio.CancelledError
+    assert server.asyncio.current_task is asyncio.current_task

@@ -32,6 +32,7 @@ from sluicegate.config.schema import (
     read_yaml,
     setting,
 )
+from sluicegate.egress.addresses import InternalAllowance
 from sluicegate.egress.paths import AmbiguousPath, canonical_path
 from sluicegate.policy.conditions import HostPattern
 from sluicegate.policy.patterns import BUILTIN_PATTERNS
@@ -855,7 +856,16 @@ class Config:
     unrouted: Literal["deny", "passthrough"] = setting(
         "deny",
         doc="Destinations with no route: `deny` (egress allowlist) or `passthrough` "
-        "(forwarded without any credential, still authenticated and redacted).",
+        "(forwarded without any credential, still authenticated and redacted; internal "
+        "addresses are refused, see `allow_internal`).",
+    )
+    allow_internal: tuple[str, ...] = setting(
+        (),
+        doc="Internal addresses (loopback, private, link-local, CGNAT, cloud metadata...) that "
+        "unrouted traffic and wildcard routes may reach anyway: an IP or CIDR block, or a host "
+        "name, optionally with `:port` (`10.0.0.0/8`, `127.0.0.1:9000`, `db.corp:5432`). Checked "
+        "on the address connected to; a route with an exact host always reaches the host and "
+        "port it names.",
     )
     redaction: RedactionSection = setting(
         doc="Secret and PII redaction in both directions.", factory=RedactionSection
@@ -902,6 +912,11 @@ class Config:
             for j, route in enumerate(entry.match.routes):
                 if route not in names:
                     yield f"policy.{where}.match.routes[{j}]", f"no route named {route!r}"
+        for j, entry in enumerate(self.allow_internal):
+            try:
+                InternalAllowance.parse(entry)
+            except ValueError as e:
+                yield f"allow_internal[{j}]", str(e)
         for j, route in enumerate(self.websockets.routes):
             if route not in names:
                 yield f"websockets.routes[{j}]", f"no route named {route!r}"

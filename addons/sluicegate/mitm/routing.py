@@ -10,6 +10,13 @@ Unrouted destinations are refused with 403 `egress_denied` (already at CONNECT, 
 unless `unrouted: passthrough`, which forwards them without any credential. A caller outside the
 route's `groups` gets 403 `group_not_allowed`.
 
+Internal addresses (loopback, private, link-local, CGNAT, cloud metadata: `egress/addresses.py`)
+are refused with 403 `egress_internal` unless a route with an exact host names the destination or
+`allow_internal` lists it: by name without DNS at CONNECT and `requestheaders` (`2130706433`,
+`[::1]`, `localhost`), by resolved address in `request`, and finally on the address the
+connection really goes to (mitmcompat/upstream_connect.py, which resolves once and connects only
+to checked addresses, so a DNS answer that changes in between cannot reach the loopback).
+
 The path is read once, by `egress.paths.canonical_path`: an ambiguous path is refused (400
 `invalid_path`), a canonical one replaces the request's path if it was spelled differently, and
 its decoded form is what route prefixes here and policy rules later match (`judged_path`).
@@ -17,17 +24,29 @@ its decoded form is what route prefixes here and policy rules later match (`judg
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
+import socket
 from collections.abc import Iterable, Sequence
-from typing import Final
+from typing import Any, Final
 
 from mitmproxy import http
 
 from sluicegate import config as config_mod
 from sluicegate.config import Route, normalize_host
+from sluicegate.egress.addresses import (
+    EgressGuard,
+    InternalAllowance,
+    literal_address,
+    unusual_ipv4,
+)
 from sluicegate.egress.paths import AmbiguousPath, RequestPath, canonical_path, prefix_covers
 from sluicegate.mitm import flowstate, guard
 from sluicegate.mitm.base import GatewayAddon
+from sluicegate.mitmcompat import upstream_connect
+
+logger = logging.getLogger("sluicegate.routing")
 
 # flowstate private key: the Route object chosen for the flow (None: unrouted passthrough).
 ROUTE_KEY: Final = "routing.route"
@@ -161,19 +180,40 @@ class Routing(GatewayAddon):
     def __init__(self) -> None:
         self._table = RouteTable(())
         self._passthrough = False
+        self._egress = EgressGuard()
+
+    def load(self, loader: Any) -> None:
+        super().load(loader)
+        upstream_connect.install()
 
     def apply(self, config: config_mod.Config) -> None:
         self._table = RouteTable(config.routes)
         self._passthrough = config.unrouted == "passthrough"
+        named = [(r.host, r.port) for r in config.routes if not r.host.startswith("*.")]
+        allowances = [InternalAllowance.parse(entry) for entry in config.allow_internal]
+        self._egress = EgressGuard(named, allowances)
+        upstream_connect.check = self._egress.refusal_for_address
+        if self._passthrough:
+            logger.warning(
+                "sluicegate: unrouted: passthrough: authenticated callers reach ANY public "
+                "destination without a route (no credential injected; redacted, policed and "
+                "recorded). Internal addresses (loopback, private, link-local, CGNAT, cloud "
+                "metadata) are refused unless a route names them or allow_internal lists them "
+                "(%s).",
+                ", ".join(config.allow_internal) or "none listed",
+            )
 
     @guard.fail_closed("gateway_error")
     def http_connect(self, flow: http.HTTPFlow) -> None:
         """Deny tunnels to destinations no route serves before any TLS is set up."""
+        host, port = flow.request.host, flow.request.port
         if self._passthrough:
+            self._refuse_internal_name(host, port)
             return
-        routes = self._table.for_endpoint(flow.request.host, flow.request.port)
+        routes = self._table.for_endpoint(host, port)
         if not routes:
-            raise _egress_denied(flow.request.host, flow.request.port)
+            raise _egress_denied(host, port)
+        self._refuse_internal_name(host, port)
         caller = flowstate.state(flow).caller  # known when the tunnel is proxy-authenticated
         if caller is not None and not any(admits(route, caller) for route in routes):
             raise _group_not_allowed(routes[0].name)
@@ -191,7 +231,47 @@ class Routing(GatewayAddon):
         flowstate.record(flow, "route", st.route)
         if route is not None and not admits(route, st.caller):
             raise _group_not_allowed(route.name)
+        self._refuse_internal_name(flow.request.host, flow.request.port)
         st.private[ROUTE_KEY] = route
+
+    @guard.fail_closed("gateway_error")
+    async def request(self, flow: http.HTTPFlow) -> None:
+        """A destination the configuration does not name: refuse it if its name resolves to an
+        internal address (a clear 403 before any connection; the connection itself is checked
+        again on the address it really goes to, see mitmcompat/upstream_connect.py)."""
+        host, port = flow.request.host, flow.request.port
+        if self._egress.named(host, port) or literal_address(host) is not None:
+            return  # named, or a literal address `requestheaders` already judged
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError:
+            return  # mitmproxy's own connection attempt reports it (502)
+        for *_, sockaddr in infos:
+            kind = self._egress.refusal_for_address(host, port, str(sockaddr[0]))
+            if kind is not None:
+                raise _egress_internal(host, port, kind)
+
+    def _refuse_internal_name(self, host: str, port: int) -> None:
+        kind = self._egress.refusal_for_name(host, port)
+        if kind is not None:
+            raise _egress_internal(host, port, kind)
+        if unusual_ipv4(host):  # policy `hosts` rules would not recognise the address
+            raise guard.GatewayRefusal(
+                400,
+                "invalid_host",
+                "The destination is an IPv4 address in an unusual spelling (such as 2130706433 "
+                "or 0x7f.1); write it as four decimal numbers.",
+            )
+
+
+def _egress_internal(host: str, port: int, kind: str) -> guard.GatewayRefusal:
+    return guard.GatewayRefusal(
+        403,
+        "egress_internal",
+        f"{host}:{port} is an internal address ({kind}) that no route names; "
+        "the gateway does not forward there.",
+    )
 
 
 def _egress_denied(host: str, port: int) -> guard.GatewayRefusal:
