@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +184,7 @@ def test_session_file_removed_while_open_continues_in_a_new_one(tmp_path: Path) 
 def test_ready_reports_missing_directory_and_low_disk(tmp_path: Path) -> None:
     store = make_store(tmp_path)
     store.ready()
-    store.directory.rmdir()
+    shutil.rmtree(store.directory)  # the run's index lives in it too
     with pytest.raises(RecordingUnavailable) as e:
         store.ready()
     assert e.value.code == "recording_dir_missing"
@@ -198,6 +200,8 @@ def test_audit_log_lines_survive_rotation_by_rename(tmp_path: Path) -> None:
     log.write({"n": 1})
     (tmp_path / "audit.jsonl").rename(tmp_path / "audit.jsonl.1")
     log.write({"n": 2})
-    assert (tmp_path / "audit.jsonl.1").read_text() == '{"n":1}\n'
-    assert (tmp_path / "audit.jsonl").read_text() == '{"n":2}\n'
+    first = json.loads((tmp_path / "audit.jsonl.1").read_text())
+    second = json.loads((tmp_path / "audit.jsonl").read_text())
+    assert (first["n"], first["seq"]) == (1, 0)
+    assert (second["n"], second["seq"]) == (2, 1)  # the sequence goes on in the new file
     log.close()

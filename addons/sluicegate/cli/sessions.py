@@ -4,7 +4,8 @@
   list                         sessions: identity, start, flows, size, sealed
   flows [filters]              flows across sessions, filtered by identity/host/rule/decision/time
   show FLOW_ID                 one flow: request, response, metadata (bodies with --bodies)
-  verify [SESSION...]          check hash chains and signatures; says which flow was tampered with
+  verify [SESSION...]          check the session index, each session's hash chain and signatures,
+                               and the audit log; says which session or flow was tampered with
   unseal FLOW_ID --private-key sealed pre-redaction bodies, with the auditor's private key
 
 The recording directory comes from `--dir` or from a gateway config (`--config`), which also gives
@@ -25,7 +26,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sluicegate.recording import audit as audit_mod
 from sluicegate.recording import chain, sealing
+from sluicegate.recording import index as index_mod
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNSEALED = 0, 1, 2, 3
 
@@ -303,29 +306,173 @@ def cmd_verify(args: argparse.Namespace) -> int:
         trusted = chain.load_public_key(Path(args.public_key).read_bytes())
     elif args.config:
         trusted = chain.Signer.from_pem(_recording_section(args).signing_key.read()).public_key
-    paths = [Path(p) for p in args.sessions] if args.sessions else _sessions(_directory(args))
-    worst = EXIT_OK
-    for path in paths:
-        verdict = verify_session(path, trusted)
-        print(f"{verdict.status.upper():9} {path}  ({verdict.flows_in_chain} flow(s))")
-        for finding in verdict.findings:
-            print(f"          {'' if finding.fatal else 'warning: '}{finding}")
-        if verdict.status == "unsealed":
-            print(
-                "          not sealed: the gateway did not close this session (still open, "
-                "or it was killed); flows after the last one may be missing unnoticed"
+    explicit = [Path(p) for p in args.sessions]
+    if args.dir or args.config:
+        directory = _directory(args)
+    elif explicit:
+        directory = explicit[0].resolve().parent.parent
+    else:
+        raise UsageError("pass --dir DIRECTORY or --config GATEWAY_CONFIG")
+    paths = explicit or _sessions(directory)
+    report = Report()
+    indexed = None if args.no_index else index_mod.verify_index(directory, trusted)
+    if indexed is None and not args.no_index:
+        # Files handed over one by one (copied out for a look) need not sit in a recording
+        # directory; a recording directory without its index is a finding.
+        report.add(
+            chain.Finding(
+                "no_index",
+                f"{directory} has no session index ({index_mod.INDEX_DIR}/): sessions could have "
+                "been deleted unnoticed (recordings made before the index existed: --no-index "
+                "checks each session alone)",
+                fatal=not explicit,
             )
-        if verdict.status == "failed":
-            worst = EXIT_FAILED
-        elif verdict.status == "unsealed" and worst == EXIT_OK:
-            worst = EXIT_UNSEALED
+        )
+    verdicts: dict[str, chain.Verdict] = {}
+    for path in paths:
+        relative = _relative(path, directory)
+        verdict = verify_session(path, trusted)
+        located = indexed is not None or not explicit
+        if located and verdict.session is not None and verdict.session != relative:
+            verdict.findings.append(
+                chain.Finding(
+                    "misplaced",
+                    f"recorded as {verdict.session}: this file was moved or copied here",
+                )
+            )
+        verdicts[relative] = verdict
+    per_session: dict[str, list[chain.Finding]] = {}
+    if indexed is not None:
+        per_session = index_mod.check_sessions(indexed, verdicts)
+        _print_runs(indexed)
+        for finding in indexed.findings:
+            report.add(finding)
+        for finding in per_session.pop("", []):
+            if explicit and finding.kind == "session_missing":
+                continue  # only the sessions asked about
+            report.add(finding)
+    for relative, verdict in verdicts.items():
+        findings = verdict.findings + per_session.get(relative, [])
+        status = "failed" if any(f.fatal for f in findings) else verdict.status
+        if status == "unsealed" and any(f.kind == "session_crashed" for f in findings):
+            status = "crashed"
+        print(f"{status.upper():9} {relative}  ({verdict.flows_in_chain} flow(s))")
+        for finding in findings:
+            print(f"          {'' if finding.fatal else 'warning: '}{finding}")
+        if status == "unsealed":
+            print(
+                "          not sealed: the gateway has not closed this session (still recording, "
+                "or killed without a later start to say so)"
+            )
+        report.status(status)
+    if indexed is not None and not explicit:
+        _verify_audit(args, directory, indexed, verdicts, report)
+    for finding in report.findings:
+        print(f"{'FAILED' if finding.fatal else 'WARNING':9} {finding}")
     if trusted is None:
         print(
-            "warning: checked against the key embedded in each session; pass --public-key or "
+            "warning: checked against the key embedded in each file; pass --public-key or "
             "--config to prove who signed it",
             file=sys.stderr,
         )
-    return worst
+    return report.exit_code
+
+
+class Report:
+    """Directory-level findings and the worst status seen."""
+
+    def __init__(self) -> None:
+        self.findings: list[chain.Finding] = []
+        self.failed = False
+        self.unsealed = False
+
+    def add(self, finding: chain.Finding) -> None:
+        self.findings.append(finding)
+        self.failed = self.failed or finding.fatal
+
+    def fatal(self, kind: str, message: str) -> None:
+        self.add(chain.Finding(kind, message))
+
+    def status(self, status: str) -> None:
+        self.failed = self.failed or status == "failed"
+        self.unsealed = self.unsealed or status in ("unsealed", "crashed")
+
+    @property
+    def exit_code(self) -> int:
+        if self.failed:
+            return EXIT_FAILED
+        return EXIT_UNSEALED if self.unsealed else EXIT_OK
+
+
+def _relative(path: Path, directory: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(directory.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _print_runs(indexed: index_mod.IndexVerdict) -> None:
+    for run in indexed.runs:
+        state = {
+            "sealed": "ended cleanly",
+            "crashed": "stopped without closing (a later start found it open)",
+            "open": "open: still running, or killed and not started since",
+        }[run.state]
+        gateway = run.opening.get("gateway", "?")
+        print(f"{'RUN':9} {run.name}  (gateway {gateway}, {run.lines} index line(s); {state})")
+
+
+def _audit_files(
+    args: argparse.Namespace, directory: Path, indexed: index_mod.IndexVerdict
+) -> list[Path]:
+    """--audit-log, else the config's, else where the runs said they wrote it (else
+    DIR/audit.jsonl); with rotated copies NAME.1, NAME.2... beside it, oldest first."""
+    if args.audit_log:
+        return [Path(p) for p in args.audit_log]
+    if args.config:
+        logs = [_recording_section(args).audit_log_path]
+    else:
+        named = [run.opening.get("audit_log") for run in indexed.runs]
+        logs = [directory / p for p in dict.fromkeys(named) if isinstance(p, str)]
+        logs = logs or [directory / "audit.jsonl"]
+    files: list[Path] = []
+    for path in logs:
+        rotated = sorted(
+            (p for p in path.parent.glob(f"{path.name}.*") if p.suffix.lstrip(".").isdigit()),
+            key=lambda p: -int(p.suffix.lstrip(".")),
+        )
+        files += [*rotated, path] if path.exists() else rotated
+    return files
+
+
+def _verify_audit(
+    args: argparse.Namespace,
+    directory: Path,
+    indexed: index_mod.IndexVerdict,
+    verdicts: dict[str, chain.Verdict],
+    report: Report,
+) -> None:
+    files = _audit_files(args, directory, indexed)
+    lines: list[bytes] = []
+    for path in files:
+        lines += path.read_bytes().splitlines()
+    runs = {
+        run.name: audit_mod.AuditRun(run.audit[0], run.audit[1], run.audit_final, run.state)
+        for run in indexed.runs
+        if run.audit is not None
+    }
+    anchors = {
+        (str(v.session), index): digest
+        for v in verdicts.values()
+        for index, digest in v.audit.items()
+    }
+    session_runs = {name: s.run for name, s in indexed.sessions.items()}
+    findings, checked = audit_mod.verify_audit(lines, runs, anchors, session_runs)
+    verdict = "tampered with" if any(f.fatal for f in findings) else "consistent"
+    names = ", ".join(str(p) for p in files) or "no audit log found"
+    print(f"{'AUDIT':9} {names}  ({checked} line(s), {verdict})")
+    for finding in findings:
+        report.add(finding)
 
 
 def verify_session(path: Path, trusted: Any) -> chain.Verdict:
@@ -425,6 +572,17 @@ def build_parser() -> argparse.ArgumentParser:
     verify = with_source(sub.add_parser("verify", help="verify hash chains and signatures"))
     verify.add_argument("sessions", nargs="*", help="session files (default: all)")
     verify.add_argument("--public-key", help="the gateway's Ed25519 public key (PEM)")
+    verify.add_argument(
+        "--audit-log",
+        action="append",
+        help="audit log file(s), oldest first (default: the config's, or DIR/audit.jsonl, with "
+        "rotated copies NAME.N beside it)",
+    )
+    verify.add_argument(
+        "--no-index",
+        action="store_true",
+        help="check each session alone (recordings made before the session index existed)",
+    )
     verify.set_defaults(run=cmd_verify)
 
     unseal = with_source(sub.add_parser("unseal", help="reveal sealed pre-redaction bodies"))

@@ -34,7 +34,7 @@ from sluicegate.mitm.snapshot import (
     snapshot,
 )
 from sluicegate.recording import chain, sealing
-from sluicegate.recording.audit import AuditLog
+from sluicegate.recording.audit import AuditLog, Prepared
 from sluicegate.recording.store import Limits, Receipt, RecordingUnavailable, SessionStore
 
 logger = logging.getLogger("sluicegate.recorder")
@@ -94,8 +94,15 @@ class Recorder(GatewayAddon):
             min_free_bytes=section.min_free_bytes,
             fsync=section.fsync,
         )
-        store = SessionStore(section.directory, signer, limits)
-        audit = AuditLog(section.audit_log_path, fsync=section.fsync)
+        store = SessionStore(
+            section.directory,
+            signer,
+            limits,
+            gateway=config.gateway.name,
+            audit_log=section.audit_log_path,
+        )
+        audit = AuditLog(section.audit_log_path, fsync=section.fsync, run=store.index.run)
+        store.audit_state = lambda: audit.state
         store.enforce_retention()
         self.store, self.audit = store, audit
         self.policy = SnapshotPolicy(
@@ -222,10 +229,18 @@ class Recorder(GatewayAddon):
                 flow.id,
                 "; ".join(snap.errors),
             )
+        prepared: list[Prepared] = []
+
+        def audit_line(session: str, index: int) -> str:
+            # The audit line is built first: its hash goes into the flow's signed chain entry.
+            line = audit.prepare(audit_entry(snap, session, index))
+            prepared.append(line)
+            return line.hash
+
         try:
-            receipt = store.write(snap.identity, flow.id, snap.record)
+            receipt = store.write(snap.identity, flow.id, snap.record, audit_line)
             st.private["recorder"] = receipt
-            audit.write(audit_entry(snap, receipt.session, receipt.index))
+            audit.commit(prepared[-1])
         except RecordingUnavailable as e:
             store.fail(e.code, e.message)
             return self._lost(flow, e)

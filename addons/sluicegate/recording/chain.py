@@ -142,21 +142,23 @@ class ChainWriter:
             }
         )
 
-    def append(self, flow_id: str, record: bytes) -> dict[str, Any]:
-        """The entry for `record`, written at the current end of the session file."""
+    def append(self, flow_id: str, record: bytes, audit: str | None = None) -> dict[str, Any]:
+        """The entry for `record`, written at the current end of the session file. `audit`: the
+        hash of the flow's audit-log line, which the signature then covers too."""
         digest = hashlib.sha256(record).hexdigest()
         chained = link(self.head, self.count, flow_id, digest)
-        entry = self.signer.signed(
-            {
-                "type": "flow",
-                "index": self.count,
-                "flow_id": flow_id,
-                "offset": self.size,
-                "length": len(record),
-                "sha256": digest,
-                "chain": chained,
-            }
-        )
+        fields: dict[str, Any] = {
+            "type": "flow",
+            "index": self.count,
+            "flow_id": flow_id,
+            "offset": self.size,
+            "length": len(record),
+            "sha256": digest,
+            "chain": chained,
+        }
+        if audit is not None:
+            fields["audit"] = audit
+        entry = self.signer.signed(fields)
         self.head = chained
         self.count += 1
         self.size += len(record)
@@ -238,6 +240,18 @@ class Verdict:
     key_id: str | None
     key_trusted: bool
     findings: list[Finding]
+    heads: list[str] = dataclasses.field(default_factory=list)  # chain head after each flow
+    audit: dict[int, str] = dataclasses.field(default_factory=dict)  # index -> audit line hash
+
+    @property
+    def head(self) -> str:
+        return self.head_at(len(self.heads))
+
+    def head_at(self, count: int) -> str:
+        """The chain head after `count` flows (the genesis for 0; "" past the end)."""
+        if count == 0:
+            return genesis(self.session or "")
+        return self.heads[count - 1] if count <= len(self.heads) else ""
 
     @property
     def status(self) -> str:
@@ -295,12 +309,14 @@ def verify(
     session = str(opening.get("session"))
     key, key_trusted = _chain_key(opening, trusted_key, findings)
     flows: list[dict[str, Any]] = []
+    heads: list[str] = []
+    audit: dict[int, str] = {}
     seal: dict[str, Any] | None = None
     head = genesis(session)
     if opening.get("genesis") != head:
         findings.append(Finding("bad_genesis", "the chain does not start from this session"))
     for position, entry in enumerate(entries):
-        if key is not None and not _signature_ok(key, entry):
+        if key is not None and not signature_ok(key, entry):
             findings.append(
                 Finding(
                     "bad_signature",
@@ -336,6 +352,9 @@ def verify(
                     )
                 )
             flows.append(entry)
+            heads.append(head)
+            if isinstance(entry.get("audit"), str):
+                audit[expected_index] = entry["audit"]
         elif kind == "seal":
             seal = entry
         else:
@@ -362,6 +381,8 @@ def verify(
         key_id=opening.get("key_id"),
         key_trusted=key_trusted,
         findings=findings,
+        heads=heads,
+        audit=audit,
     )
 
 
@@ -382,7 +403,8 @@ def _chain_key(
     return trusted, True
 
 
-def _signature_ok(key: Ed25519PublicKey, entry: dict[str, Any]) -> bool:
+def signature_ok(key: Ed25519PublicKey, entry: dict[str, Any]) -> bool:
+    """Whether `entry`'s `sig` is `key`'s signature of its canonical form."""
     try:
         key.verify(base64.b64decode(str(entry.get("sig", ""))), canonical(entry))
     except (InvalidSignature, ValueError):

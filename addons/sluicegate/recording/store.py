@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sluicegate.recording import chain
+from sluicegate.recording.index import RunIndex
 
 logger = logging.getLogger("sluicegate.recorder")
 
@@ -118,9 +119,11 @@ class Session:
         except OSError:
             return False
 
-    def append(self, flow_id: str, record: bytes, now: float, fsync: bool) -> Receipt:
+    def append(
+        self, flow_id: str, record: bytes, now: float, fsync: bool, audit: str | None = None
+    ) -> Receipt:
         prev_head = self.writer.head
-        entry = self.writer.append(flow_id, record)
+        entry = self.writer.append(flow_id, record, audit)
         try:
             _write_all(self.fd, record)
             _write_all(self.chain_fd, chain.dump_line(entry))
@@ -143,10 +146,11 @@ class Session:
                 "sluicegate: recording: cannot truncate %s after a failed write", self.path
             )
 
-    def seal(self, reason: str, now: float, fsync: bool) -> None:
-        """Sign the head and close. Idempotent; a failure is logged (the chain still verifies)."""
+    def seal(self, reason: str, now: float, fsync: bool) -> bool:
+        """Sign the head and close. Idempotent; a failure is logged (the chain still verifies).
+        Whether the seal was written."""
         if self.closed:
-            return
+            return False
         self.closed = True
         try:
             _write_all(self.chain_fd, chain.dump_line(self.writer.seal(reason, now)))
@@ -158,13 +162,17 @@ class Session:
                 self.relative,
                 errno.errorcode.get(e.errno or 0, "error"),
             )
+            return False
         finally:
             os.close(self.fd)
             os.close(self.chain_fd)
+        return True
 
 
 class SessionStore:
-    """All open sessions of one recording directory, keyed by identity."""
+    """All open sessions of one recording directory, keyed by identity, and the run's index of
+    them (index.py): every session is indexed before its first record, sealed sessions and
+    retention's deletions are indexed, and `tick` checkpoints what grew."""
 
     def __init__(
         self,
@@ -172,6 +180,9 @@ class SessionStore:
         signer: chain.Signer,
         limits: Limits,
         clock: Callable[[], float] = time.time,
+        *,
+        gateway: str = "sluicegate",
+        audit_log: Path | None = None,
     ) -> None:
         self.directory = directory
         self.signer = signer
@@ -181,6 +192,14 @@ class SessionStore:
         self._failure: RecordingUnavailable | None = None
         self._next_probe = 0.0
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.index = RunIndex(
+            directory, signer, gateway=gateway, now=clock(), fsync=limits.fsync, audit_log=audit_log
+        )
+        # (lines written, head) of the audit log this run writes, for checkpoints and the seal.
+        self.audit_state: Callable[[], tuple[int, str]] | None = None
+        self._checkpointed: dict[str, int] = {}
+        self._audit_checkpointed: tuple[int, str] | None = None
+        self._closed = False
 
     # -- health -----------------------------------------------------------------------------
 
@@ -239,8 +258,15 @@ class SessionStore:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def write(self, identity: str, flow_id: str, record: bytes) -> Receipt:
-        """Append one serialized flow to the identity's current session."""
+    def write(
+        self,
+        identity: str,
+        flow_id: str,
+        record: bytes,
+        audit: Callable[[str, int], str] | None = None,
+    ) -> Receipt:
+        """Append one serialized flow to the identity's current session. `audit(session, index)`
+        gives the hash of the flow's audit line, which the flow's signed chain entry then holds."""
         now = self.clock()
         session = self.sessions.get(identity)
         if session is not None:
@@ -259,7 +285,9 @@ class SessionStore:
             if session is None:
                 session = Session(self.directory, identity, self.signer, now)
                 self.sessions[identity] = session
-            receipt = session.append(flow_id, record, now, self.limits.fsync)
+                self.index.session(session.relative, identity, now, chain.genesis(session.relative))
+            audit_hash = audit(session.relative, session.writer.count) if audit else None
+            receipt = session.append(flow_id, record, now, self.limits.fsync, audit_hash)
         except OSError as e:
             if session is not None:
                 self._close(identity, "write_failed", now)
@@ -272,21 +300,60 @@ class SessionStore:
 
     def _close(self, identity: str, reason: str, now: float) -> None:
         session = self.sessions.pop(identity, None)
-        if session is not None:
-            session.seal(reason, now, self.limits.fsync)
+        if session is None:
+            return
+        self._checkpointed.pop(session.relative, None)
+        if session.seal(reason, now, self.limits.fsync):
+            writer = session.writer
+            try:
+                self.index.session_sealed(
+                    session.relative, writer.count, writer.head, writer.size, reason
+                )
+            except OSError:
+                logger.error("sluicegate: recording: cannot index the seal of %s", session.relative)
 
     def tick(self) -> None:
-        """Close sessions past their age or idle time (signing their head)."""
+        """Close sessions past their age or idle time (signing their head); checkpoint the
+        sessions that grew and the audit log in the index."""
         now = self.clock()
         for identity, session in list(self.sessions.items()):
             reason = session.due(now, self.limits)
             if reason is not None:
                 self._close(identity, reason, now)
+        self.checkpoint(now)
+
+    def checkpoint(self, now: float | None = None) -> None:
+        grown = {
+            s.relative: (s.writer.count, s.writer.head)
+            for s in self.sessions.values()
+            if s.writer.count and self._checkpointed.get(s.relative) != s.writer.count
+        }
+        audit = self.audit_state() if self.audit_state is not None else None
+        if not grown and audit == self._audit_checkpointed:
+            return
+        try:
+            self.index.checkpoint(self.clock() if now is None else now, grown, audit)
+        except OSError:
+            logger.error("sluicegate: recording: cannot write an index checkpoint")
+            return
+        self._checkpointed.update({k: v[0] for k, v in grown.items()})
+        self._audit_checkpointed = audit
 
     def close(self, reason: str = "shutdown") -> None:
+        """Seal every session, then the run's index (a clean end, told apart from a cut)."""
+        if self._closed:
+            return
+        self._closed = True
         now = self.clock()
         for identity in list(self.sessions):
             self._close(identity, reason, now)
+        try:
+            audit = self.audit_state() if self.audit_state is not None else None
+            self.index.seal(reason, now, audit)
+        except OSError:
+            logger.error("sluicegate: recording: cannot seal the session index")
+        finally:
+            self.index.close()
 
     # -- retention --------------------------------------------------------------------------
 
@@ -317,10 +384,16 @@ class SessionStore:
             too_big = limits.retention_bytes is not None and total > limits.retention_bytes
             if not (too_old or too_big):
                 continue
+            relative = str(path.relative_to(self.directory))
+            try:  # indexed first: a deletion the index does not know of is tampering
+                self.index.deleted([relative], "retention")
+            except OSError:
+                logger.error("sluicegate: recording: cannot index a deletion; kept %s", relative)
+                break
             for victim in (path, path.with_name(path.name + chain.CHAIN_SUFFIX)):
                 victim.unlink(missing_ok=True)
             total -= size
-            deleted.append(str(path.relative_to(self.directory)))
+            deleted.append(relative)
         if deleted:
             logger.info("sluicegate: recording retention deleted %d session(s)", len(deleted))
         return deleted
