@@ -113,6 +113,7 @@ def _carried_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)
 def literal_address(host: str) -> IPAddress | None:
     """`host` as an IP address if the resolver would read it as one, in any spelling it accepts
     (`2130706433`, `0x7f.1`, `0177.0.0.1`, `127.1`, `[::1]`, `::ffff:127.0.0.1`)."""
@@ -131,6 +132,7 @@ def literal_address(host: str) -> IPAddress | None:
         return None
 
 
+@functools.lru_cache(maxsize=4096)
 def unusual_ipv4(host: str) -> bool:
     """Whether `host` is an IPv4 address only the C resolver reads as one (`2130706433`,
     `0x7f.1`, `127.1`, `0177.0.0.1`): anything matching hosts by text would miss it."""
@@ -138,6 +140,7 @@ def unusual_ipv4(host: str) -> bool:
     return literal is not None and literal.version == 4 and host.strip() != str(literal)
 
 
+@functools.lru_cache(maxsize=4096)
 def name_class(host: str) -> str | None:
     """The internal class of a host known without DNS (a literal address, `localhost`, a cloud
     metadata name), or None: only its resolved addresses can tell."""
