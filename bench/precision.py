@@ -31,9 +31,9 @@ if str(ROOT / "addons") not in sys.path:
     sys.path.insert(0, str(ROOT / "addons"))
 
 from bench.clean_corpus import DEFAULT_CACHE  # noqa: E402
-from sluicegate.engine.bodies import BodyPolicy, redact_body  # noqa: E402
-from sluicegate.engine.redactor import Redactor  # noqa: E402
-from sluicegate.engine.rules import Direction, load_rule_set, select  # noqa: E402
+from sluicegate.redaction.bodies import BodyPolicy, redact_body  # noqa: E402
+from sluicegate.redaction.redactor import Redactor  # noqa: E402
+from sluicegate.redaction.rules import Direction, load_rule_set, select  # noqa: E402
 
 SMOKE_CORPUS = ROOT / "tests" / "data" / "clean-smoke"
 PROFILES = ("default", "strict", "pii", "strict-pii")
