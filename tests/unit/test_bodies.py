@@ -72,7 +72,7 @@ def test_json_with_bom_and_invalid_json() -> None:
 
 
 def test_json_lines_are_redacted_one_by_one() -> None:
-    body = f'{{"a": "{GH}"}}\r\nnot json {GH}\n\n{{"password": 1}}'.encode()
+    body = f'{{"a": "{GH}"}}\r\nnot json {GH}\n\n{{"password": "1"}}'.encode()
     result = redact_body(body, "application/x-ndjson", REDACTOR, POLICY)
     assert result.body == (
         f'{{"a":"{TAG}"}}\r\nnot json {TAG}\n\n{{"password":"[REDACTED:key-password]"}}'.encode()
@@ -111,7 +111,7 @@ def test_multipart_text_parts_redacted_boundaries_kept() -> None:
     body = multipart(
         [
             b'Content-Disposition: form-data; name="q"\r\n\r\nhello ' + GH.encode(),
-            b'Content-Disposition: form-data; name="api_key"\r\n\r\nsecret-value',
+            b'Content-Disposition: form-data; name="api_key"\r\n\r\ns3cret-value-9',
             b'Content-Disposition: form-data; name="doc"; filename="a.json"\r\n'
             b"Content-Type: application/json\r\n\r\n" + json.dumps({"t": GH}).encode(),
         ]

@@ -35,26 +35,55 @@ def test_escapes_cannot_hide_a_secret() -> None:
     assert result.counts == {"github-token": 1}
 
 
-def test_key_rules_mask_any_value_at_any_depth() -> None:
+def test_key_rules_mask_string_values_at_any_depth_and_keep_other_types() -> None:
     text = json.dumps(
         {
-            "a": [{"b": {"password": {"nested": [1, 2]}, "api_key": 42}}],
+            "a": [{"b": {"password": "x9-Hunter2", "api_key": 42, "token": ["t0k3n-a", 7]}}],
             "headers": {"Authorization": "Bearer abc", "Accept": "*/*"},
             "max_tokens": 256,
             "token_type": "bearer",
             "client_secret": None,
+            "secret": {"value": "sk9-f00", "rotation": {"days": 30}},
         }
     )
     result = redact_json_text(text, REDACTOR)
     data = json.loads(result.text)
     assert data["a"][0]["b"] == {
         "password": "[REDACTED:key-password]",
-        "api_key": "[REDACTED:key-api-key]",
+        "api_key": 42,  # a key rule only ever replaces a string
+        "token": ["[REDACTED:key-token]", 7],
     }
     assert data["headers"] == {"Authorization": "[REDACTED:key-authorization]", "Accept": "*/*"}
     assert data["max_tokens"] == 256 and data["token_type"] == "bearer"
     assert data["client_secret"] is None  # nothing to hide
-    assert result.counts == {"key-password": 1, "key-api-key": 1, "key-authorization": 1}
+    assert data["secret"] == {"value": "sk9-f00", "rotation": {"days": 30}}  # walked, not masked
+    assert result.counts == {"key-password": 1, "key-token": 1, "key-authorization": 1}
+
+
+def test_key_rules_leave_schemas_versions_and_descriptions_alone() -> None:
+    schema = {
+        "type": "function",
+        "function": {
+            "name": "login",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "password": {"type": "string", "description": "The user's password."},
+                    "token": {"type": "string", "format": "password"},
+                    "credentials": {"type": "array", "items": {"type": "string"}},
+                },
+                "required": ["password"],
+            },
+        },
+    }
+    lock = {"packages": {"node_modules/express": {"dependencies": {"cookie": "0.7.1"}}},
+            "dependencies": {"cookie": "~0.7.1", "cookies": "^0.9.0"}}  # fmt: skip
+    paginator = {"ListSecrets": {"input_token": "NextToken", "output_token": "NextToken",
+                                 "token": "NextToken", "secret": "SecretString"}}  # fmt: skip
+    for document in (schema, lock, paginator):
+        text = json.dumps(document)
+        result = redact_json_text(text, REDACTOR)
+        assert not result.changed and result.text is text
 
 
 def test_duplicate_keys_are_all_scanned_and_kept() -> None:

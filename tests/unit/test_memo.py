@@ -125,7 +125,7 @@ def test_json_bodies_redact_the_same_with_a_memo() -> None:
                 {"role": "system", "content": "You are a careful coding assistant."},
                 {"role": "user", "content": f"deploy with {GH}"},
             ],
-            "api_key": "not a real key",
+            "api_key": "nr-9f3k2-key",
         }
     ).encode()
     expected = redact_body(body, "application/json", REQUEST, policy)

@@ -181,6 +181,29 @@ def test_key_rules_are_parsed_and_matched_whole(tmp_path: Path) -> None:
     (rule,) = load_rule_set([write(tmp_path, text)]).key_rules
     assert rule.matches("PIN") and rule.matches("card_pin")
     assert not rule.matches("spinner") and not rule.matches("pinned")
+    assert rule.accepts_value("1234") and not rule.accepts_value("")  # no value_validators
+
+
+def test_key_rule_value_validators_and_their_examples(tmp_path: Path) -> None:
+    text = """
+    key_rules:
+      - id: key-pin
+        description: PIN fields
+        key: 'pin'
+        value_validators: [credential_field_token]
+        profiles: [default]
+        examples: {positive: [pin]}
+        value_examples: {positive: ['4711'], negative: [NextPin, '~1.2.0']}
+    """
+    (rule,) = load_rule_set([write(tmp_path, text)]).key_rules
+    assert rule.accepts_value("4711") and not rule.accepts_value("NextPin")
+    assert (rule.value_positives, rule.value_negatives) == (("4711",), ("NextPin", "~1.2.0"))
+    no_examples = "\n".join(line for line in text.split("\n") if "value_examples" not in line)
+    with pytest.raises(RuleFileError, match="value_validators need positive value examples"):
+        load_rule_set([write(tmp_path, no_examples)])
+    unknown = text.replace("credential_field_token", "no_such_check")
+    with pytest.raises(RuleFileError, match=r"value_validators\[0\]: unknown validator"):
+        load_rule_set([write(tmp_path, unknown)])
 
 
 def test_profiles_enable_and_disable(tmp_path: Path) -> None:

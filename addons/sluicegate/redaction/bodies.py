@@ -232,7 +232,7 @@ def _redact_form(text: str, codec: str, redactor: TextRedactor) -> tuple[str, di
         name = unquote_plus(raw_name, encoding=codec, errors="surrogateescape")
         value = unquote_plus(raw_value, encoding=codec, errors="surrogateescape")
         rule = key_rule_for(redactor, name)
-        if rule is not None and value and not TAG_PATTERN.fullmatch(value):
+        if rule is not None and rule.accepts_value(value) and not TAG_PATTERN.fullmatch(value):
             name_result = redactor.redact_text(name)  # the name itself can carry a secret too
             new_name, new_value = name_result.text, redactor.tag(rule.id, value)
             _merge(counts, name_result.counts)
@@ -294,7 +294,7 @@ def _redact_multipart(
         disposition = headers.get("content-disposition", "")
         name = _disposition_param(disposition, "name")
         rule = key_rule_for(redactor, name) if name else None
-        if rule is not None and part:
+        if rule is not None and part and rule.accepts_value(part.decode("latin-1")):
             new_part = redactor.tag(rule.id, part.decode("latin-1")).encode("ascii")
             _merge(counts, {rule.id: 1})
         else:

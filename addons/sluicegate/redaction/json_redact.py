@@ -2,8 +2,10 @@
 
 Rules see *decoded* string values, so JSON escapes (`\\u002d`, `\\/`) cannot hide a secret
 from them. Every key/value pair is kept, duplicates included: a downstream parser may take
-the first or the last occurrence, so each one is scanned. Values of credential-named keys
-(key rules) are masked whatever they hold. JSON nested inside string values (tool-call
+the first or the last occurrence, so each one is scanned. String values of credential-named
+keys (key rules) are masked when the rule accepts them as credentials (`KeyRule.accepts_value`);
+other values keep their type and are walked like any other. Below an `example(s)` key (API
+documentation) key rules do not apply; text rules do. JSON nested inside string values (tool-call
 `arguments`, embedded payloads) is parsed and redacted the same way, to a bounded depth.
 The document is serialized again only if something changed; numbers keep their original
 text and key order is preserved. Text that is not JSON is redacted as plain text.
@@ -84,10 +86,17 @@ def _parse(text: str) -> object:
         return _NOT_JSON
 
 
+# Keys whose value documents example data (OpenAPI `example`/`examples`, botocore example
+# files): field names there describe the example, so key rules do not apply below them (every
+# text rule still does).
+_EXAMPLE_KEYS = frozenset({"example", "examples", "x-example", "x-examples"})
+
+
 class _Walker:
     def __init__(self, redactor: TextRedactor) -> None:
         self.redactor = redactor
         self.counts: dict[str, int] = {}
+        self.in_example = 0  # > 0: inside the value of an example key
 
     def count(self, counts: dict[str, int]) -> None:
         for rule_id, n in counts.items():
@@ -113,22 +122,40 @@ class _Walker:
         out, changed = _Pairs(), False
         for key, value in pairs:
             new_key, key_changed = self.string(key, depth, nesting)
-            rule = key_rule_for(self.redactor, key)
+            rule = None if self.in_example else key_rule_for(self.redactor, key)
             if rule is not None:
-                new_value, value_changed = self.mask(rule, value)
+                new_value, value_changed = self.mask(rule, value, depth + 1, nesting)
+            elif key.lower() in _EXAMPLE_KEYS and not isinstance(value, str):
+                self.in_example += 1
+                try:
+                    new_value, value_changed = self.value(value, depth + 1, nesting)
+                finally:
+                    self.in_example -= 1
             else:
                 new_value, value_changed = self.value(value, depth + 1, nesting)
             out.append((new_key, new_value))
             changed |= key_changed or value_changed
         return (out if changed else pairs), changed
 
-    def mask(self, rule: KeyRule, value: object) -> tuple[object, bool]:
-        """Replace a credential field's value, whatever its type, by a tag."""
-        if value is None or (isinstance(value, str) and TAG_PATTERN.fullmatch(value)):
-            return value, False
-        secret = value if isinstance(value, str) else serialize(value)
-        self.count({rule.id: 1})
-        return self.redactor.tag(rule.id, secret), True
+    def mask(self, rule: KeyRule, value: object, depth: int, nesting: int) -> tuple[object, bool]:
+        """A credential field's value: a string the rule accepts becomes a tag (in an array
+        under the field, each such string); anything else is walked like any other value, so
+        numbers, objects and schemas keep their type."""
+        if isinstance(value, str):
+            if TAG_PATTERN.fullmatch(value) or not rule.accepts_value(value):
+                return self.string(value, depth, nesting)
+            self.count({rule.id: 1})
+            return self.redactor.tag(rule.id, value), True
+        if isinstance(value, list) and not isinstance(value, _Pairs):
+            if depth > MAX_DEPTH:
+                raise JsonRedactionError("json_too_deep", "JSON nesting too deep to redact")
+            items, changed = [], False
+            for item in value:
+                new, item_changed = self.mask(rule, item, depth + 1, nesting)
+                items.append(new)
+                changed |= item_changed
+            return (items if changed else value), changed
+        return self.value(value, depth, nesting)
 
     def string(self, text: str, depth: int, nesting: int) -> tuple[str, bool]:
         if nesting < MAX_NESTED_DOCUMENTS and text.lstrip()[:1] in ("{", "["):

@@ -707,4 +707,12 @@ def check_key_rule_examples(rule: KeyRule) -> list[ExampleFailure]:
         if rule.matches(name):
             where = f"examples.negative[{index}]"
             failures.append(ExampleFailure(rule.id, str(rule.source), where, "key matched"))
+    for index, value in enumerate(rule.value_positives):
+        if not rule.accepts_value(value):
+            where = f"value_examples.positive[{index}]"
+            failures.append(ExampleFailure(rule.id, str(rule.source), where, "value refused"))
+    for index, value in enumerate(rule.value_negatives):
+        if rule.accepts_value(value):
+            where = f"value_examples.negative[{index}]"
+            failures.append(ExampleFailure(rule.id, str(rule.source), where, "value accepted"))
     return failures

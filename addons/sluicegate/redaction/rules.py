@@ -46,7 +46,10 @@ RULE_KEYS = frozenset(
     {"id", "description", "pattern", "group", "keywords", "followed_by", "window", "validators",
      "direction", "profiles", "examples"}
 )  # fmt: skip
-KEY_RULE_KEYS = frozenset({"id", "description", "key", "direction", "profiles", "examples"})
+KEY_RULE_KEYS = frozenset(
+    {"id", "description", "key", "value_validators", "direction", "profiles", "examples",
+     "value_examples"}
+)  # fmt: skip
 FILE_KEYS = frozenset({"rules", "key_rules"})
 EXAMPLE_KEYS = frozenset({"positive", "negative"})
 POSITIVE_KEYS = frozenset({"text", "secret"})
@@ -129,7 +132,13 @@ class Rule:
 
 @dataclass(frozen=True, eq=False)
 class KeyRule:
-    """Masks the value of a structured field (JSON key, form field) whose name matches."""
+    """Masks the value of a structured field (JSON key, form field) whose name matches.
+
+    The name says "credential"; `value_validators` say which values under it are one: a field
+    named `cookie` in a dependency map holds a version range, a `token` field of an API spec a
+    description or the name of another field. Whoever applies the rule masks a string value
+    only when `accepts_value` says so (and never replaces a non-string value).
+    """
 
     id: str
     description: str
@@ -139,9 +148,17 @@ class KeyRule:
     positives: tuple[str, ...]
     negatives: tuple[str, ...]
     source: Path
+    value_validators: tuple[validators_module.Validator, ...] = ()
+    # Values the rule must mask / leave alone (checked by `rules test`).
+    value_positives: tuple[str, ...] = ()
+    value_negatives: tuple[str, ...] = ()
 
     def matches(self, name: str) -> bool:
         return self.key.fullmatch(name) is not None
+
+    def accepts_value(self, value: str) -> bool:
+        """Whether a string value of a matching field is a credential to mask."""
+        return bool(value) and all(check(value) for check in self.value_validators)
 
     def applies_to(self, direction: Direction) -> bool:
         return direction in self.directions
@@ -713,7 +730,7 @@ def _parse_rule(file: Path, path: str, data: object) -> Rule:
         keywords=keywords,
         followed_by=followed_by,
         window=window,
-        validators=_parse_validators(reader),
+        validators=_parse_validators(reader, "validators"),
         directions=directions,
         profiles=profiles,
         positives=_parse_positives(reader),
@@ -722,15 +739,15 @@ def _parse_rule(file: Path, path: str, data: object) -> Rule:
     )
 
 
-def _parse_validators(reader: _Reader) -> tuple[validators_module.Validator, ...]:
-    raw = reader.data.get("validators", None)
+def _parse_validators(reader: _Reader, section: str) -> tuple[validators_module.Validator, ...]:
+    raw = reader.data.get(section, None)
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        raise reader.error("validators", f"expected a list, got {_kind(raw)}")
+        raise reader.error(section, f"expected a list, got {_kind(raw)}")
     result: list[validators_module.Validator] = []
     for index, item in enumerate(raw):
-        key = f"validators[{index}]"
+        key = f"{section}[{index}]"
         name, argument = item, None
         if isinstance(item, dict):
             if len(item) != 1:
@@ -789,6 +806,16 @@ def _parse_key_rule(file: Path, path: str, data: object) -> KeyRule:
     for index, item in enumerate(positives):
         if not isinstance(item, str) or not item:
             raise reader.error(f"examples.positive[{index}]", "expected a key name (string)")
+    value_validators = _parse_validators(reader, "value_validators")
+    value_positives: list[str] = []
+    value_negatives: list[str] = []
+    raw_values = reader.data.get("value_examples", None)
+    if raw_values is not None:
+        values = _Reader(file, f"{path}.value_examples", raw_values, EXAMPLE_KEYS)
+        value_positives = values.strings("positive")
+        value_negatives = values.strings("negative")
+    if value_validators and not value_positives:
+        raise reader.error("value_examples", "value_validators need positive value examples")
     return KeyRule(
         id=rule_id,
         description=description,
@@ -798,4 +825,7 @@ def _parse_key_rule(file: Path, path: str, data: object) -> KeyRule:
         positives=tuple(str(p) for p in positives),
         negatives=tuple(negatives),
         source=file,
+        value_validators=value_validators,
+        value_positives=tuple(value_positives),
+        value_negatives=tuple(value_negatives),
     )

@@ -122,13 +122,18 @@ _IDENTIFIER_PATH = re.compile(rf"^{_SEGMENT}(?:(?:\.|::|->){_SEGMENT})+(?:\(\))?
 _CALL = re.compile(rf"^{_SEGMENT}(?:\.{_SEGMENT})*\(")
 
 
+# A run of mask characters inside a value (`XXXXXXXX-us2`, `sk-****abcd`): a documented or
+# redacted value, not a live one.
+_MASK_RUN = re.compile(r"X{6,}|x{8,}|\*{4,}|•{3,}")
+
+
 def not_placeholder(value: str) -> bool:
     """False for templates, variable references and documentation placeholders."""
     stripped = value.strip()
     if len(stripped) < 3:
         return False
     lowered = stripped.lower()
-    if lowered in _PLACEHOLDER_WORDS or _TEMPLATE.match(stripped):
+    if lowered in _PLACEHOLDER_WORDS or _TEMPLATE.match(stripped) or _MASK_RUN.search(stripped):
         return False
     return not (lowered.startswith(("your", "<your", "insert", "enter")) and " " not in stripped)
 
@@ -144,6 +149,79 @@ def credential_value(value: str) -> bool:
     if len(stripped) < 4 or not not_placeholder(stripped):
         return False
     return not (_IDENTIFIER_PATH.match(stripped) or _CALL.match(stripped))
+
+
+# --- values of credential-named fields (key rules) ------------------------------------------
+
+# Words a field's value holds in schemas and documentation rather than a credential.
+_FIELD_WORDS = frozenset(
+    """
+    string integer int number float double boolean bool object array binary byte bytes date
+    datetime date-time uuid email uri url hostname format sensitive secret write-only
+    writeonly readonly read-only on off enabled disabled enable disable required optional
+    masked hidden auto any all n/a na unset inherit
+    """.split()  # noqa: SIM905
+)
+_FUNCTION_WORDS = frozenset(
+    """
+    the a an to of for in on is are be this that with and or if by from as it its use used
+    your you when which not can will must should may was were has have
+    """.split()  # noqa: SIM905
+)
+# 1.2.3, ^1.2, ~0.7.1, >=2 (a bare number is no version: it could be a PIN).
+_VERSION_ATOM = (
+    r"(?:(?:[~^]|[<>]=?|={1,2}|~=|!=)\s*v?\d+(?:\.(?:\d+|[xX*]))*|v?\d+(?:\.(?:\d+|[xX*]))+)"
+    r"(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?"
+)
+_VERSION_SPEC = re.compile(
+    rf"^(?:{_VERSION_ATOM}(?:\s*(?:,|\|\||\s-\s|\s)\s*{_VERSION_ATOM})*"
+    r"|[*xX]|latest|next|beta|canary"
+    r"|(?:npm|workspace|file|link|portal|patch|catalog|github|gitlab|bitbucket):[^\s@]*(?:@[^\s:@]*)?)$"
+)
+# A URL or path with no user info and no credential-named query parameter: a location, not a
+# credential.
+_PLAIN_LOCATION = re.compile(
+    r"^(?:(?:https?|wss?|git|ssh|s3|gs|file)://[^\s/@?#:]+(?::\d+)?(?:/[^\s?#@]*)?"
+    r"(?:\?(?![^#]*(?i:key|token|secret|sig|pass|auth|cred|code|session))[^\s#@]*)?"
+    r"|(?:~|\.{1,2})?/[\w.@~+-]+(?:/[\w.@~+-]*)*)$"
+)
+# The name of a field, header or variable: words joined by `_`, `.`, `-` or case humps, no
+# digit (NextToken, next_token, SESSION_TOKEN, x-amz-security-token, accessKeyId).
+_FIELD_NAME = re.compile(
+    r"^(?:[A-Za-z][a-z]*(?:[A-Z][a-z]+)+|[A-Za-z]+(?:[_.:-][A-Za-z]+)+|[A-Z][a-z]+(?:[A-Z][a-z]*)+)$"
+)
+
+
+def _is_prose(value: str) -> bool:
+    words = value.split()
+    if len(words) < 4:
+        return False
+    if len(words) >= 10:
+        return True
+    function = sum(1 for w in words if w.lower().strip(".,;:()<>/") in _FUNCTION_WORDS)
+    return function >= 2
+
+
+def credential_field_value(value: str) -> bool:
+    """A string value of a credential-named field (`"password": ...`) is one, unless it is a
+    placeholder, a schema or documentation word, prose (a description), a version range (a
+    dependency map: `"cookie": "~0.7.1"`) or a plain URL or path."""
+    stripped = value.strip()
+    lowered = stripped.lower()
+    if not stripped or lowered in _PLACEHOLDER_WORDS or lowered in _FIELD_WORDS:
+        return False
+    if len(stripped) < 3:
+        return True  # short, but the field says it is a password
+    return not_placeholder(stripped) and not (
+        _is_prose(stripped) or _VERSION_SPEC.match(stripped) or _PLAIN_LOCATION.match(stripped)
+    )
+
+
+def credential_field_token(value: str) -> bool:
+    """`credential_field_value`, and not the name of another field (`"input_token":
+    "NextToken"` in a paginator, `"token": "SESSION_TOKEN"`): tokens, keys and secrets are
+    random, a name is words."""
+    return credential_field_value(value) and not _FIELD_NAME.match(value.strip())
 
 
 _BLOCK_VALUE = re.compile(
@@ -192,6 +270,8 @@ REGISTRY: dict[str, Callable[..., Validator]] = {
     "token_shape": lambda _: token_shape,
     "literal_block_values": lambda _: literal_block_values,
     "high_entropy_token": lambda _: high_entropy_token,
+    "credential_field_value": lambda _: credential_field_value,
+    "credential_field_token": lambda _: credential_field_token,
     "min_entropy": lambda arg: min_entropy(float(arg)),
     "min_length": lambda arg: min_length(int(arg)),
 }
