@@ -74,7 +74,7 @@ def test_key_rules_do_not_apply_in_documented_examples() -> None:
 
 def test_key_rules_still_mask_credential_strings() -> None:
     document = {
-        "password": "hunter2",
+        "password": "Tr0ub4dor&3",
         "db": {"passphrase": "correct horse battery staple", "dsn": "postgres://a:b3@h/d"},
         "client_secret": "9f8e7d6c5b4a39281706f5e4",
         "token": ["t0k3n-a", 7],
@@ -82,7 +82,7 @@ def test_key_rules_still_mask_credential_strings() -> None:
     }
     result = redact_json_text(json.dumps(document), DEFAULT)
     data = json.loads(result.text)
-    assert "hunter2" not in result.text and "b3@" not in result.text
+    assert "Tr0ub4dor" not in result.text and "b3@" not in result.text
     assert data["password"] == "[REDACTED:key-password]"
     assert data["db"]["passphrase"] == "[REDACTED:key-password]"
     assert data["token"] == ["[REDACTED:key-token]", 7]

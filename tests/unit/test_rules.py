@@ -286,3 +286,63 @@ def test_first_chars_covers_every_match_start(text: str) -> None:
         first = first_chars(source)
         for match in regex.finditer(source, text):
             assert first.accepts(match.group()[0]), (source, text)
+
+
+# --- the rule files: strict YAML, fragments, verbose mode, stream soundness at load ----------
+
+
+def test_duplicate_yaml_keys_are_errors(tmp_path: Path) -> None:
+    text = "rules:" + GOOD_RULE.replace(
+        "    profiles: [default]", "    profiles: [default]\n    profiles: [strict]"
+    )
+    error = load_error(tmp_path, text)
+    assert "duplicate key 'profiles'" in str(error) and "line 7" in str(error)
+
+
+def test_fragments_are_shared_by_all_files_and_expanded(tmp_path: Path) -> None:
+    (tmp_path / "00-fragments.yaml").write_text(
+        "fragments:\n  demo-head: 'demo_'\n  demo-token: '(?<![\\w-]){{demo-head}}[a-z0-9]{8}'\n"
+    )
+    rule = GOOD_RULE.replace("(?<![\\w-])demo_[a-z0-9]{8}", "{{demo-token}}")
+    write(tmp_path, "rules:" + rule, "10-rules.yaml")
+    (loaded,) = load_rule_set([tmp_path]).rules
+    assert loaded.pattern.search("x demo_abcd1234") is not None
+    assert "{{" not in loaded.plain.pattern
+
+
+@pytest.mark.parametrize(
+    ("fragments", "pattern", "message"),
+    [
+        ("", "{{nope}}", "unknown fragment {{nope}}"),
+        ("  a: '{{b}}'\n  b: '{{a}}'\n", "{{a}}", "fragment cycle: a -> b -> a"),
+        ("  a: '(unclosed'\n", "{{a}}", "invalid pattern"),
+        ("  Bad_Name: 'x'\n", "demo", "kebab-case"),
+    ],
+)
+def test_fragment_errors(tmp_path: Path, fragments: str, pattern: str, message: str) -> None:
+    text = f"fragments:\n{fragments or '  unused: x'}\nrules:" + GOOD_RULE.replace(
+        "(?<![\\w-])demo_[a-z0-9]{8}", pattern
+    )
+    assert message in str(load_error(tmp_path, text))
+
+
+@pytest.mark.parametrize("flags", ["(?x)", "(?ix)", "(?x:", "(?i-x:"])
+def test_verbose_mode_is_refused(tmp_path: Path, flags: str) -> None:
+    pattern = f"{flags}demo_ [a-z0-9]{{8}}" + (")" if flags.endswith(":") else "")
+    text = "rules:" + GOOD_RULE.replace("(?<![\\w-])demo_[a-z0-9]{8}", pattern)
+    assert "verbose mode (?x) is not supported" in str(load_error(tmp_path, text))
+
+
+def test_a_rule_unsound_in_streams_does_not_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sluicegate.redaction import rules as rules_module
+
+    # A wrong first-character set: a stream would never run the rule, and leak the secret.
+    monkeypatch.setattr(
+        rules_module, "first_chars", lambda *a, **k: rules_module.FirstChars(frozenset("z"), False)
+    )
+    error = load_error(tmp_path, "rules:" + GOOD_RULE)
+    assert error.key_path == "rules[0].examples.positive[0]"
+    assert "demo-token" in error.message
+    assert load_rule_set([write(tmp_path, "rules:" + GOOD_RULE)], check_streams=False).rules

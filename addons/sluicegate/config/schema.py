@@ -22,6 +22,7 @@ import regex
 import yaml
 
 from sluicegate.secrets import SecretRef, SecretUnavailable
+from sluicegate.strict_yaml import StrictLoader
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,27 +58,8 @@ class Regex(str):
     """A config string that must compile as a pattern of the `regex` module."""
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys instead of silently keeping the last one."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    loader.flatten_mapping(node)
-    result: dict = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in result:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        result[key] = loader.construct_object(value_node, deep=deep)
-    return result
-
-
-_StrictLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _construct_mapping,  # type: ignore[arg-type]
-)
+# The strict loader (duplicate keys are errors) is shared with the rule files.
+_StrictLoader = StrictLoader
 
 
 def read_yaml(file: Path) -> Any:

@@ -684,16 +684,36 @@ def check_rule_examples(rule: Rule) -> list[ExampleFailure]:
         full = sorted(redactor._findings(example.text, prefilter=False))
         if sorted(redactor._findings(example.text)) != full:
             fail(where, "a match starts outside the windows of its keyword occurrences")
-        for match in rule.pattern.finditer(example.text):
-            if match.end() > match.start() and not rule.first.accepts(match.group()[0]):
-                fail(where, "a match starts with a character outside the computed first set")
-        stream = redactor.stream(max_hold=len(example.text) + 1)
-        streamed = "".join(stream.feed(c) for c in example.text) + stream.flush()
-        if streamed != result.text:
-            fail(where, "streaming one character at a time differs from whole-text redaction")
+    failures += check_stream_soundness(rule, redactor)
     for index, text in enumerate(rule.negatives):
         if redactor.redact_text(text).changed:
             fail(f"examples.negative[{index}]", "a negative example was redacted")
+    return failures
+
+
+def check_stream_soundness(rule: Rule, redactor: Redactor | None = None) -> list[ExampleFailure]:
+    """Stream each positive example one character at a time: it must come out as whole-text
+    redaction does, and every match must start with a character of the rule's computed first
+    set (a stream only runs the rules that can start at the characters it received).
+
+    Run on every rule when rule files are loaded (see `rules.load_rule_set`).
+    """
+    failures: list[ExampleFailure] = []
+    if redactor is None:
+        pack = RulePack(rules=(rule,), key_rules=(), profile="rule-test")
+        redactor = Redactor(pack, min(rule.directions))
+    for index, example in enumerate(rule.positives):
+        where = f"examples.positive[{index}]"
+        for match in rule.pattern.finditer(example.text):
+            if match.end() > match.start() and not rule.first.accepts(match.group()[0]):
+                problem = "a match starts with a character outside the computed first set"
+                failures.append(ExampleFailure(rule.id, str(rule.source), where, problem))
+                break
+        stream = redactor.stream(max_hold=len(example.text) + 1)
+        streamed = "".join(stream.feed(c) for c in example.text) + stream.flush()
+        if streamed != redactor.redact_text(example.text).text:
+            problem = "streaming one character at a time differs from whole-text redaction"
+            failures.append(ExampleFailure(rule.id, str(rule.source), where, problem))
     return failures
 
 

@@ -1,9 +1,14 @@
 """Rule files -> a compiled, validated `RulePack`.
 
-Rule files are strict YAML: an unknown key, a bad regex or a duplicate id is an error that
-names the file and the key path (`rules[3].pattern`), because a silently ignored typo in a
-redaction rule is a leak. Whether a rule actually catches its own examples is checked by
-`python -m sluicegate rules test` (see `redactor.check_rule_examples`), not at load time, so a
+Rule files are strict YAML (`strict_yaml`: a duplicate key is an error, like an unknown key, a
+bad regex or a duplicate id), and errors name the file and the key path (`rules[3].pattern`),
+because a silently ignored typo in a redaction rule is a leak. Patterns may use named fragments
+(`{{name}}`, defined under `fragments:` in any rule file). Verbose mode (`(?x)`) is refused.
+
+At load time every rule's positive examples are streamed one character at a time and must come
+out as whole-text redaction does (`redactor.check_stream_soundness`): a rule that differs could
+release part of a secret in a stream. Whether a rule still catches its own examples is checked
+by `python -m sluicegate rules test` (`redactor.check_rule_examples`), not at load time, so a
 gateway never refuses to start over a rule that merely got weaker.
 
 Pattern conventions (see rules/README.md):
@@ -34,6 +39,7 @@ from typing import Any
 import regex
 import yaml
 
+from sluicegate import strict_yaml
 from sluicegate.redaction import validators as validators_module
 
 # How far back a rule may look (lookbehind, \b): the stream keeps this much released text.
@@ -50,17 +56,23 @@ KEY_RULE_KEYS = frozenset(
     {"id", "description", "key", "value_validators", "direction", "profiles", "examples",
      "value_examples"}
 )  # fmt: skip
-FILE_KEYS = frozenset({"rules", "key_rules"})
+FILE_KEYS = frozenset({"fragments", "rules", "key_rules"})
 EXAMPLE_KEYS = frozenset({"positive", "negative"})
 POSITIVE_KEYS = frozenset({"text", "secret"})
 
 _ID = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 _PROFILE = re.compile(r"^[a-z][a-z0-9_-]*$")
-_LEADING_FLAGS = re.compile(r"^\(\?([aiLmsux]+)\)")
+_LEADING_FLAGS = re.compile(r"^\(\?([aiLmsu]+)\)")
+# Verbose mode anywhere (`(?x)`, `(?ix:`, `(?x-i)`): the first-character analysis and the
+# lookbehind hardening read a pattern's spaces as literals, so verbose patterns are refused.
+_VERBOSE_FLAG = re.compile(r"(?<!\\)\(\?[aiLmsuxV01-]*x[aiLmsuxV01-]*[:)]")
+# `{{name}}`: a named fragment (see `fragments:`), expanded before compiling.
+_FRAGMENT_REF = re.compile(r"(?<!\\)\{\{([a-z0-9]+(?:-[a-z0-9]+)*)\}\}")
+MAX_FRAGMENT_DEPTH = 10
 _BACKREFERENCE = re.compile(r"\\[1-9]|\\g<|\(\?P=|\\k<")
 _FLAG_BITS = {
     "a": regex.ASCII, "i": regex.IGNORECASE, "L": regex.LOCALE, "m": regex.MULTILINE,
-    "s": regex.DOTALL, "u": regex.UNICODE, "x": regex.VERBOSE,
+    "s": regex.DOTALL, "u": regex.UNICODE,
 }  # fmt: skip
 
 
@@ -212,13 +224,22 @@ def rule_files(paths: Sequence[Path]) -> list[Path]:
     return files
 
 
-def load_rule_set(paths: Sequence[Path]) -> RuleSet:
+def load_rule_set(paths: Sequence[Path], *, check_streams: bool = True) -> RuleSet:
+    """Load and validate every rule file (in name order).
+
+    Fragments (`fragments:` in any file) are shared by all files. With `check_streams`, every
+    rule's positive examples are also streamed one character at a time and must come out as
+    whole-text redaction does (a rule that differs could release part of a secret in a stream):
+    a rule that fails is a load error.
+    """
     files = rule_files(paths)
+    documents = [(file, _read_file(file)) for file in files]
+    fragments = _collect_fragments(documents)
     rules: list[Rule] = []
     key_rules: list[KeyRule] = []
     seen: dict[str, Path] = {}
-    for file in files:
-        file_rules, file_key_rules = _load_file(file)
+    for file, data in documents:
+        file_rules, file_key_rules = _parse_file(file, data, fragments)
         for index, item in enumerate((*file_rules, *file_key_rules)):
             if item.id in seen:
                 section = "rules" if index < len(file_rules) else "key_rules"
@@ -230,7 +251,46 @@ def load_rule_set(paths: Sequence[Path]) -> RuleSet:
             seen[item.id] = file
         rules += file_rules
         key_rules += file_key_rules
-    return RuleSet(tuple(rules), tuple(key_rules), tuple(files))
+    rule_set = RuleSet(tuple(rules), tuple(key_rules), tuple(files))
+    if check_streams:
+        _check_streams(rule_set)
+    return rule_set
+
+
+# Rules already found sound, by everything the check depends on (loads repeat in one process).
+_SOUND: set[tuple[object, ...]] = set()
+
+
+def _soundness_key(rule: Rule) -> tuple[object, ...]:
+    checks = tuple(getattr(v, "__name__", repr(v)) for v in rule.validators)
+    return (
+        rule.pattern.pattern,
+        rule.pattern.flags,
+        rule.first,
+        rule.group,
+        checks,
+        rule.positives,
+    )
+
+
+def _check_streams(rule_set: RuleSet) -> None:
+    # Imported here: the redactor builds on this module.
+    from sluicegate.redaction.redactor import check_stream_soundness
+
+    for rule in rule_set.rules:
+        key = _soundness_key(rule)
+        if key in _SOUND:
+            continue
+        failures = check_stream_soundness(rule)
+        if not failures:
+            _SOUND.add(key)
+            continue
+        first = failures[0]
+        index = rule_set.rules.index(rule)
+        position = sum(1 for r in rule_set.rules[:index] if r.source == rule.source)
+        raise RuleFileError(
+            rule.source, f"rules[{position}].{first.example}", f"{rule.id}: {first.problem}"
+        )
 
 
 def select(
@@ -322,28 +382,87 @@ def _names(keys: Iterable[str]) -> str:
     return ", ".join(sorted(keys))
 
 
-def _load_file(file: Path) -> tuple[list[Rule], list[KeyRule]]:
+def _read_file(file: Path) -> object:
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RuleFileError(file, "", f"cannot read: {exc.__class__.__name__}") from None
     try:
-        data = yaml.safe_load(text)
+        return strict_yaml.load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RuleFileError(file, "", f"invalid YAML{where}") from None
+        problem = getattr(exc, "problem", None)
+        detail = f": {problem}" if isinstance(problem, str) and "duplicate" in problem else ""
+        raise RuleFileError(file, "", f"invalid YAML{where}{detail}") from None
+
+
+def _collect_fragments(documents: list[tuple[Path, object]]) -> dict[str, str]:
+    """Every file's `fragments:` (name -> pattern text), expanded; names are unique."""
+    raw: dict[str, tuple[Path, str]] = {}
+    for file, data in documents:
+        if data is None:
+            continue
+        top = _Reader(file, "", data, FILE_KEYS)
+        section = top.data.get("fragments", None)
+        if section is None:
+            continue
+        if not isinstance(section, dict):
+            raise top.error("fragments", f"expected a mapping, got {_kind(section)}")
+        for name, text in section.items():
+            where = f"fragments.{name}"
+            if not isinstance(name, str) or not _ID.match(name):
+                raise RuleFileError(file, where, "a fragment name is kebab-case")
+            if not isinstance(text, str) or not text:
+                raise RuleFileError(file, where, f"expected a pattern, got {_kind(text)}")
+            if name in raw:
+                first = raw[name][0]
+                raise RuleFileError(file, where, f"duplicate fragment (first defined in {first})")
+            raw[name] = (file, text)
+    expanded: dict[str, str] = {}
+    for name, (file, text) in raw.items():
+        try:
+            expanded[name] = _expand(text, {n: t for n, (_, t) in raw.items()}, (name,))
+        except ValueError as exc:
+            raise RuleFileError(file, f"fragments.{name}", str(exc)) from None
+        try:
+            regex.compile(expanded[name])
+        except regex.error as exc:
+            raise RuleFileError(file, f"fragments.{name}", f"invalid pattern: {exc}") from None
+    return expanded
+
+
+def _expand(text: str, fragments: dict[str, str], stack: tuple[str, ...] = ()) -> str:
+    """`text` with every `{{name}}` replaced by that fragment (expanded in turn)."""
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in fragments:
+            raise ValueError(f"unknown fragment {{{{{name}}}}}")
+        if name in stack:
+            raise ValueError(f"fragment cycle: {' -> '.join((*stack, name))}")
+        if len(stack) >= MAX_FRAGMENT_DEPTH:
+            raise ValueError("fragments nested too deeply")
+        return _expand(fragments[name], fragments, (*stack, name))
+
+    return _FRAGMENT_REF.sub(replace, text)
+
+
+def _parse_file(
+    file: Path, data: object, fragments: dict[str, str]
+) -> tuple[list[Rule], list[KeyRule]]:
     if data is None:
         return [], []
     top = _Reader(file, "", data, FILE_KEYS)
-    rules_data = data.get("rules", None) or []
-    key_rules_data = data.get("key_rules", None) or []
+    rules_data = top.data.get("rules", None) or []
+    key_rules_data = top.data.get("key_rules", None) or []
     for key, section in (("rules", rules_data), ("key_rules", key_rules_data)):
         if not isinstance(section, list):
             raise top.error(key, f"expected a list, got {_kind(section)}")
-    rules = [_parse_rule(file, f"rules[{i}]", item) for i, item in enumerate(rules_data)]
+    rules = [_parse_rule(file, f"rules[{i}]", item, fragments) for i, item in enumerate(rules_data)]
     key_rules = [
-        _parse_key_rule(file, f"key_rules[{i}]", item) for i, item in enumerate(key_rules_data)
+        _parse_key_rule(file, f"key_rules[{i}]", item, fragments)
+        for i, item in enumerate(key_rules_data)
     ]
     return rules, key_rules
 
@@ -665,10 +784,21 @@ def compile_pattern(
     return pattern, plain, first_chars(body, ignorecase="i" in letters)
 
 
-def _parse_rule(file: Path, path: str, data: object) -> Rule:
+def _pattern_text(reader: _Reader, key: str, fragments: dict[str, str]) -> str:
+    """The pattern at `key` with its fragments expanded; verbose mode is refused."""
+    try:
+        source = _expand(reader.string(key), fragments)
+    except ValueError as exc:
+        raise reader.error(key, str(exc)) from None
+    if _VERBOSE_FLAG.search(source):
+        raise reader.error(key, "verbose mode (?x) is not supported: write spaces as \\x20 or [ ]")
+    return source
+
+
+def _parse_rule(file: Path, path: str, data: object, fragments: dict[str, str]) -> Rule:
     reader = _Reader(file, path, data, RULE_KEYS)
     rule_id, description, directions, profiles = _common(reader)
-    source = reader.string("pattern")
+    source = _pattern_text(reader, "pattern", fragments)
     try:
         pattern, plain, first = compile_pattern(source)
         sentinel = regex.compile(f"(?:{pattern.pattern})(?!)", pattern.flags)
@@ -692,7 +822,7 @@ def _parse_rule(file: Path, path: str, data: object) -> Rule:
     keywords = tuple(reader.strings("keywords"))
     followed_by: re.Pattern[str] | None = None
     if reader.data.get("followed_by", None) is not None:
-        follow_source = reader.string("followed_by")
+        follow_source = _pattern_text(reader, "followed_by", fragments)
         if not keywords:
             raise reader.error("followed_by", "needs keywords")
         # It is embedded in the keyword index's patterns, next to other rules' follows.
@@ -794,10 +924,10 @@ def _parse_positives(reader: _Reader) -> tuple[PositiveExample, ...]:
     return tuple(result)
 
 
-def _parse_key_rule(file: Path, path: str, data: object) -> KeyRule:
+def _parse_key_rule(file: Path, path: str, data: object, fragments: dict[str, str]) -> KeyRule:
     reader = _Reader(file, path, data, KEY_RULE_KEYS)
     rule_id, description, directions, profiles = _common(reader)
-    source = reader.string("key")
+    source = _pattern_text(reader, "key", fragments)
     try:
         key = regex.compile(source, regex.IGNORECASE)
     except regex.error as exc:

@@ -8,6 +8,7 @@ function `str -> bool` (True: the candidate is sensitive, redact it).
 
 from __future__ import annotations
 
+import base64
 import math
 import re
 from collections import Counter
@@ -101,7 +102,8 @@ _PLACEHOLDER_WORDS = frozenset(
     null nil undefined true false yes no empty string str value values required optional todo
     fixme tbd env username user login admin root default secret_key secretkey access_token
     accesstoken private_key privatekey client_secret bearer basic token_here key_here
-    insert_key_here
+    insert_key_here abc123 abcdef 123456 12345678 123456789 1234567890 foobar foo123
+    secret123 password123 pass123 test123 creds cred include omit same-origin
     """.split()  # noqa: SIM905 - a word list reads better here
 )
 _TEMPLATE = re.compile(
@@ -127,6 +129,61 @@ _CALL = re.compile(rf"^{_SEGMENT}(?:\.{_SEGMENT})*\(")
 _MASK_RUN = re.compile(r"X{6,}|x{8,}|\*{4,}|•{3,}")
 
 
+# An identifier split at `_`, `.`, `-` and case humps: words only (the last may end with a
+# short number when numbers are allowed).
+_ID_SPLIT = re.compile(r"[_.\-]+|(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+_ID_WORD = re.compile(r"^(?:[A-Z]?[a-z]+|[A-Z]+)$")
+_ID_LAST = re.compile(r"^(?:[A-Z]?[a-z]+|[A-Z]+)?\d{1,3}$")
+_ID_CHARS = re.compile(r"^[A-Za-z_$][\w$.\-]*$")
+_VOWEL = re.compile(r"[aeiouyAEIOUY]")
+
+
+def is_identifier(value: str, *, numbered: bool = False) -> bool:
+    """A name made of words (NextMarker, SESSION_TOKEN, ssoAccessToken, shared_config_secret;
+    with `numbered`, also client-valid-token-1): the name of a field, variable or constant,
+    not a secret. A random token does not split into words."""
+    if not _ID_CHARS.match(value):
+        return False
+    pieces = [p for p in _ID_SPLIT.split(value.strip("_$")) if p]
+    if len(pieces) < 2:
+        return False
+    last_ok = _ID_WORD.match(pieces[-1]) or (numbered and _ID_LAST.match(pieces[-1]))
+    if not last_ok or not all(_ID_WORD.match(p) for p in pieces[:-1]):
+        return False
+    long = [p for p in pieces if sum(c.isalpha() for c in p) >= 3]
+    if len(long) < 2 or len(pieces) - len(long) > max(1, len(long) // 2):
+        return False  # mostly 1-2 letter pieces: random letters (yqDVtkqPECriaLRi)
+    # Words have vowels (acronyms in capitals may not: URL, KMS).
+    return all(p.isupper() or _VOWEL.search(p) for p in long)
+
+
+# `token1`, `password_2`: a placeholder word numbered.
+_NUMBERED_WORD = re.compile(
+    r"^(?i:token|secret|password|passwd|pass|pwd|key|apikey|api_key|value|test|foo|bar|example"
+    r"|dummy|fake|sample|changeme|my_?password|my_?secret|my_?token)[_-]?\d{1,3}$"
+)
+# Code: an identifier (or path of them) opening a call, subscript, generic or literal
+# (`creds[i]`, `Optional[str]`, `hmac::Key::new(`, `Vec<u8>`, `Config{`); operators and words
+# of code (`&&`, `=>`, `this.`, `.method(`, `}else`).
+_CODE_HEAD = re.compile(r"^[A-Za-z_$][\w$]+(?:(?:\.|::|->)[A-Za-z_$][\w$]*)*[\[(<{]")
+_CODE_TOKENS = re.compile(
+    r"&&|\|\||=>|===|!==|\+=|-=|\bthis\.|\bself\.|\bprototype\b|\bfunction\b|\breturn\b"
+    r"|\}\s*else|\)\s*\{|\},|\.[A-Za-z_]\w*\("
+)
+# printf / format / template fields: `%s`, `%(password)s`, `{0}`, `{name}`.
+_FORMAT = re.compile(r"%\(\w+\)[sdr]|%[sd]\b|\{\d*\}|(?<!\{)\{(?:[a-z_][a-z_.]*|[A-Z_]+)\}(?!\})")
+# A member path in code: `oauth2client.Credentials`, `config?.disableAuth`, `a::b`.
+_CODE_SEGMENT = r"[A-Za-z_$][A-Za-z_$]*\d*[A-Za-z_$]*"
+_CODE_PATH = re.compile(rf"^{_CODE_SEGMENT}(?:(?:\??\.|::|->){_CODE_SEGMENT})+$")
+# An AWS SigV4 credential scope (`AKID/20160628/us-west-2/s3/aws4_request`): no secret in it.
+_SIGV4_SCOPE = re.compile(r"/\d{8}/[a-z0-9-]+/[a-z0-9-]+/aws4_request$")
+_INT_LITERAL = re.compile(r"^0[xXoObB][0-9a-fA-F_]+[uUlL]*$")
+_PHRASE_CODE = re.compile(
+    r"[()\[\]{}|=;<>]|,\s*$|\s#|//|://|\b(?:None|null|undefined|nil|lambda|await|self|this)\b"
+    r"|\bor\s+[\w]+\.|\bif\b.*\belse\b"
+)
+
+
 def not_placeholder(value: str) -> bool:
     """False for templates, variable references and documentation placeholders."""
     stripped = value.strip()
@@ -146,9 +203,63 @@ def credential_value(value: str) -> bool:
     (a digit, a symbol or mixed case), since quotes already say "this is a literal".
     """
     stripped = value.strip()
-    if len(stripped) < 4 or not not_placeholder(stripped):
+    if len(stripped) < 4 or not not_placeholder(stripped) or _NUMBERED_WORD.match(stripped):
         return False
-    return not (_IDENTIFIER_PATH.match(stripped) or _CALL.match(stripped))
+    return not (
+        _IDENTIFIER_PATH.match(stripped)
+        or _CALL.match(stripped)
+        or _CODE_HEAD.match(stripped)
+        or _CODE_TOKENS.search(stripped)
+        or _FORMAT.search(stripped)
+        or _INT_LITERAL.match(stripped)
+        or is_identifier(stripped)
+        or _CODE_PATH.match(stripped)
+        or _SIGV4_SCOPE.search(stripped)
+        or _PLAIN_LOCATION.match(stripped)
+        or _is_prose(stripped)
+    )
+
+
+_AUTH_SCHEME = re.compile(r"^(?i:bearer|basic|token|digest|bot|key|jwt|otp|ssws|pat)\s+\S+$")
+_PLAIN_WORD = re.compile(r"^(?:[a-z]+|[A-Z]+|[A-Z][a-z]+)$")
+
+
+def credential_token(value: str) -> bool:
+    """`credential_value` for tokens, keys and secrets, which are random: also refuses a plain
+    word (`include`, `expired`, `JSESSIONID`), function words (`is not`) and numbered names
+    (`client-valid-token-1`); an auth scheme and its credential is checked as such
+    (`Basic dXNlcjpwYXNz` is user:pass)."""
+    stripped = value.strip()
+    if not credential_value(stripped):
+        return False
+    if _AUTH_SCHEME.match(stripped):
+        return basic_auth_value(stripped.split()[-1]) if stripped[:5].lower() == "basic" else True
+    return not (
+        _PLAIN_WORD.match(stripped)
+        or all(w.lower() in _FUNCTION_WORDS for w in stripped.split())
+        or is_identifier(stripped, numbered=True)
+    )
+
+
+def basic_auth_value(value: str) -> bool:
+    """False for HTTP Basic credentials whose password is empty or a placeholder
+    (`dXNlcjpwYXNz` = user:pass); True for anything else, including what is not base64."""
+    stripped = value.strip()
+    try:
+        decoded = base64.b64decode(stripped, validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return True
+    _user, colon, password = decoded.partition(":")
+    if not colon:
+        return True
+    return bool(password) and password.lower() not in _PLACEHOLDER_WORDS
+
+
+def credential_phrase(value: str) -> bool:
+    """`credential_value` for a value with spaces up to the end of a line (a passphrase):
+    also refuses the rest of a line of code (`str | None = None,`, `x or self.x,`,
+    `lambda: f(`), comments and URLs."""
+    return credential_value(value) and not _PHRASE_CODE.search(value)
 
 
 # --- values of credential-named fields (key rules) ------------------------------------------
@@ -185,21 +296,18 @@ _PLAIN_LOCATION = re.compile(
     r"(?:\?(?![^#]*(?i:key|token|secret|sig|pass|auth|cred|code|session))[^\s#@]*)?"
     r"|(?:~|\.{1,2})?/[\w.@~+-]+(?:/[\w.@~+-]*)*)$"
 )
-# The name of a field, header or variable: words joined by `_`, `.`, `-` or case humps, no
-# digit (NextToken, next_token, SESSION_TOKEN, x-amz-security-token, accessKeyId).
-_FIELD_NAME = re.compile(
-    r"^(?:[A-Za-z][a-z]*(?:[A-Z][a-z]+)+|[A-Za-z]+(?:[_.:-][A-Za-z]+)+|[A-Z][a-z]+(?:[A-Z][a-z]*)+)$"
-)
 
 
 def _is_prose(value: str) -> bool:
+    """A sentence or description: 4+ words with function words (`the`, `to`, `for`...), or
+    10+ words. Passphrases are a few content words (`correct horse battery staple`)."""
     words = value.split()
     if len(words) < 4:
         return False
     if len(words) >= 10:
         return True
     function = sum(1 for w in words if w.lower().strip(".,;:()<>/") in _FUNCTION_WORDS)
-    return function >= 2
+    return function >= 3 or (function >= 2 and value.rstrip().endswith((".", ":")))
 
 
 def credential_field_value(value: str) -> bool:
@@ -221,7 +329,7 @@ def credential_field_token(value: str) -> bool:
     """`credential_field_value`, and not the name of another field (`"input_token":
     "NextToken"` in a paginator, `"token": "SESSION_TOKEN"`): tokens, keys and secrets are
     random, a name is words."""
-    return credential_field_value(value) and not _FIELD_NAME.match(value.strip())
+    return credential_field_value(value) and not is_identifier(value.strip(), numbered=True)
 
 
 _BLOCK_VALUE = re.compile(
@@ -267,6 +375,9 @@ REGISTRY: dict[str, Callable[..., Validator]] = {
     "us_ssn": lambda _: us_ssn,
     "not_placeholder": lambda _: not_placeholder,
     "credential_value": lambda _: credential_value,
+    "credential_phrase": lambda _: credential_phrase,
+    "credential_token": lambda _: credential_token,
+    "basic_auth_value": lambda _: basic_auth_value,
     "token_shape": lambda _: token_shape,
     "literal_block_values": lambda _: literal_block_values,
     "high_entropy_token": lambda _: high_entropy_token,
