@@ -46,8 +46,10 @@ UNTOUCHABLE = ("lock-file", "api-spec", "notebook")
 # are published test keys (TLS and SSH test fixtures, API documentation): same bucket.
 KNOWN_EXAMPLES = re.compile(
     r"""(?x)
-      (?:AKIA|ASIA)[A-Z0-9]{8,12}EXAMPLE\b     # AWS documentation access key ids
-    | [A-Za-z0-9/+]{20,40}EXAMPLE(?:KEY)?\b     # AWS documentation secret keys
+      [A-Za-z0-9/+=]*EXAMPLE[A-Za-z0-9/+=]*    # AWS documentation keys and session tokens
+    | 16C7e42F292c6912E7710c838347Ae178B4a      # GitHub's documented example tokens
+    | hJtXIZ2uSN5kbQfbtTNWbpdmhkV8FJG-Onbc6mxCcYg  # RFC 7520 example key
+    | evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA  # RFC 8555 example token
     | 2YotnFZFEjr1zCsicMWpAA | tGzv3JOkF0XG5Qx2TlKWIA | SplxlOBeZQQYbYS6WxSbIA   # RFC 6749
     | mF_9\.B5f-4\.1JqM                         # RFC 6750
     | QWxhZGRpbjpvcGVuIHNlc2FtZQ==              # RFC 7617 (Aladdin:open sesame)

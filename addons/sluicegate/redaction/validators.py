@@ -12,6 +12,7 @@ import base64
 import math
 import re
 from collections import Counter
+from urllib.parse import unquote
 from collections.abc import Callable
 
 Validator = Callable[[str], bool]
@@ -30,6 +31,32 @@ def luhn(candidate: str) -> bool:
                 digit -= 9
         total += digit
     return total % 10 == 0
+
+
+# (issuer prefixes, card lengths): Visa, Mastercard, Amex, Discover, Diners Club, JCB.
+_CARD_ISSUERS: tuple[tuple[tuple[str, ...], frozenset[int]], ...] = (
+    (("4",), frozenset({13, 16, 19})),
+    (("51", "52", "53", "54", "55"), frozenset({16})),
+    (tuple(str(n) for n in range(2221, 2721)), frozenset({16})),
+    (("34", "37"), frozenset({15})),
+    (("6011", "644", "645", "646", "647", "648", "649", "65"), frozenset(range(16, 20))),
+    (("300", "301", "302", "303", "304", "305", "36", "38", "39"), frozenset(range(14, 20))),
+    (tuple(str(n) for n in range(3528, 3590)), frozenset(range(16, 20))),
+)
+_CARD_GROUPS = re.compile(r"^\d{4}(?:([ -])\d{4}(?:\1\d{4}(?:\1\d{4}(?:\1\d{1,3})?|\1\d{1,3})?|\1\d{6}\1\d{4,5}|\1\d{1,3})?)?$|^\d{4}([ -])\d{6}\2\d{4,5}$")
+
+
+def card_number(candidate: str) -> bool:
+    """A payment card number: a known issuer prefix with one of its lengths, separators in the
+    usual groups (4-4-4-4, Amex 4-6-5) or none, and a valid Luhn checksum."""
+    digits = "".join(c for c in candidate if c.isdigit())
+    if candidate != digits and not _CARD_GROUPS.match(candidate):
+        return False
+    issuer = any(
+        digits.startswith(prefixes) and len(digits) in lengths
+        for prefixes, lengths in _CARD_ISSUERS
+    )
+    return issuer and len(set(digits)) > 1 and luhn(digits)
 
 
 # ISO 13616 lengths per country: a checksum alone accepts 1 in 97 random strings.
@@ -124,18 +151,18 @@ _IDENTIFIER_PATH = re.compile(rf"^{_SEGMENT}(?:(?:\.|::|->){_SEGMENT})+(?:\(\))?
 _CALL = re.compile(rf"^{_SEGMENT}(?:\.{_SEGMENT})*\(")
 
 
-# A run of mask characters inside a value (`XXXXXXXX-us2`, `sk-****abcd`): a documented or
-# redacted value, not a live one.
-_MASK_RUN = re.compile(r"X{6,}|x{8,}|\*{4,}|•{3,}")
+# A run of mask characters inside a value (`XXXXXXXX-us2`, `sk-****abcd`, `AQoDY....=`): a
+# documented, elided or redacted value, not a live one.
+_MASK_RUN = re.compile(r"X{6,}|x{8,}|\*{4,}|•{3,}|\.{3,}|…")
 
 
 # An identifier split at `_`, `.`, `-` and case humps: words only (the last may end with a
 # short number when numbers are allowed).
-_ID_SPLIT = re.compile(r"[_.\-]+|(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+_ID_SPLIT = re.compile(r"[_.\-]+|(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])|(?<=\d)(?=[A-Z])")
+_ID_VERSION = re.compile(r"^[A-Za-z]{1,3}\d{1,5}$")  # v1Token, ec2_endpoint, x25519_generate
 _ID_WORD = re.compile(r"^(?:[A-Z]?[a-z]+|[A-Z]+)$")
 _ID_LAST = re.compile(r"^(?:[A-Z]?[a-z]+|[A-Z]+)?\d{1,3}$")
 _ID_CHARS = re.compile(r"^[A-Za-z_$][\w$.\-]*$")
-_VOWEL = re.compile(r"[aeiouyAEIOUY]")
 
 
 def is_identifier(value: str, *, numbered: bool = False) -> bool:
@@ -147,31 +174,37 @@ def is_identifier(value: str, *, numbered: bool = False) -> bool:
     pieces = [p for p in _ID_SPLIT.split(value.strip("_$")) if p]
     if len(pieces) < 2:
         return False
+    if _ID_VERSION.match(pieces[0]):
+        pieces = pieces[1:] or pieces
     last_ok = _ID_WORD.match(pieces[-1]) or (numbered and _ID_LAST.match(pieces[-1]))
     if not last_ok or not all(_ID_WORD.match(p) for p in pieces[:-1]):
         return False
     long = [p for p in pieces if sum(c.isalpha() for c in p) >= 3]
-    if len(long) < 2 or len(pieces) - len(long) > max(1, len(long) // 2):
-        return False  # mostly 1-2 letter pieces: random letters (yqDVtkqPECriaLRi)
-    # Words have vowels (acronyms in capitals may not: URL, KMS).
-    return all(p.isupper() or _VOWEL.search(p) for p in long)
+    # Mostly 1-2 letter pieces: random letters (yqDVtkqPECriaLRi), not words.
+    return bool(long) and len(pieces) - len(long) <= max(1, len(long) // 2)
 
 
 # `token1`, `password_2`: a placeholder word numbered.
 _NUMBERED_WORD = re.compile(
-    r"^(?i:token|secret|password|passwd|pass|pwd|key|apikey|api_key|value|test|foo|bar|example"
+    r"^(?i:(?:new|old|my|your|test|fake|dummy|sample)[_-]?)?"
+    r"(?i:token|secret|password|passwd|pass|pwd|key|apikey|api_key|value|test|foo|bar|example"
     r"|dummy|fake|sample|changeme|my_?password|my_?secret|my_?token)[_-]?\d{1,3}$"
 )
 # Code: an identifier (or path of them) opening a call, subscript, generic or literal
 # (`creds[i]`, `Optional[str]`, `hmac::Key::new(`, `Vec<u8>`, `Config{`); operators and words
 # of code (`&&`, `=>`, `this.`, `.method(`, `}else`).
-_CODE_HEAD = re.compile(r"^[A-Za-z_$][\w$]+(?:(?:\.|::|->)[A-Za-z_$][\w$]*)*[\[(<{]")
+_CODE_HEAD = re.compile(
+    r"^(?:[A-Za-z_$][\w$]+|[A-Za-z_$][\w$]*(?:(?:\.|::|->)[A-Za-z_$][\w$]*)+)[\[(<{]"
+)
 _CODE_TOKENS = re.compile(
     r"&&|\|\||=>|===|!==|\+=|-=|\bthis\.|\bself\.|\bprototype\b|\bfunction\b|\breturn\b"
-    r"|\}\s*else|\)\s*\{|\},|\.[A-Za-z_]\w*\("
+    r"|\}\s*else|\)\s*\{|\},|\.[A-Za-z_]\w*\(|::<|^\s*\+\s|\s\+\s*$"
+    r"|^[A-Za-z_]\w*=[A-Za-z_]|^[a-z_]+=$|^:\w+:"  # `username=`, `SECRET=SECRET`, `:py:class:`
 )
 # printf / format / template fields: `%s`, `%(password)s`, `{0}`, `{name}`.
-_FORMAT = re.compile(r"%\(\w+\)[sdr]|%[sd]\b|\{\d*\}|(?<!\{)\{(?:[a-z_][a-z_.]*|[A-Z_]+)\}(?!\})")
+_FORMAT = re.compile(
+    r"%\(\w+\)[sdr]|%[sd]\b|\{\d*\}|(?<!\{)\{\.?(?:[a-z_][a-z_.]*|[A-Z_]+)\}(?!\})"
+)
 # A member path in code: `oauth2client.Credentials`, `config?.disableAuth`, `a::b`.
 _CODE_SEGMENT = r"[A-Za-z_$][A-Za-z_$]*\d*[A-Za-z_$]*"
 _CODE_PATH = re.compile(rf"^{_CODE_SEGMENT}(?:(?:\??\.|::|->){_CODE_SEGMENT})+$")
@@ -192,6 +225,8 @@ def not_placeholder(value: str) -> bool:
     lowered = stripped.lower()
     if lowered in _PLACEHOLDER_WORDS or _TEMPLATE.match(stripped) or _MASK_RUN.search(stripped):
         return False
+    if lowered.startswith(("my ", "your ")) and len(stripped.split()) <= 4:
+        return False  # `My API Key`, `your token here`
     return not (lowered.startswith(("your", "<your", "insert", "enter")) and " " not in stripped)
 
 
@@ -204,6 +239,8 @@ def credential_value(value: str) -> bool:
     """
     stripped = value.strip()
     if len(stripped) < 4 or not not_placeholder(stripped) or _NUMBERED_WORD.match(stripped):
+        return False
+    if "example" in stripped.lower() or _encodes_text(stripped):
         return False
     return not (
         _IDENTIFIER_PATH.match(stripped)
@@ -230,11 +267,12 @@ def credential_token(value: str) -> bool:
     (`client-valid-token-1`); an auth scheme and its credential is checked as such
     (`Basic dXNlcjpwYXNz` is user:pass)."""
     stripped = value.strip()
-    if not credential_value(stripped):
+    if len(stripped) < 6 or not credential_value(stripped):
         return False
     if _AUTH_SCHEME.match(stripped):
-        return basic_auth_value(stripped.split()[-1]) if stripped[:5].lower() == "basic" else True
-    return not (
+        credential = stripped.split()[-1]
+        return credential_value(credential) and basic_auth_value(credential)
+    return basic_auth_value(stripped) and not (
         _PLAIN_WORD.match(stripped)
         or all(w.lower() in _FUNCTION_WORDS for w in stripped.split())
         or is_identifier(stripped, numbered=True)
@@ -242,17 +280,45 @@ def credential_token(value: str) -> bool:
 
 
 def basic_auth_value(value: str) -> bool:
-    """False for HTTP Basic credentials whose password is empty or a placeholder
-    (`dXNlcjpwYXNz` = user:pass); True for anything else, including what is not base64."""
+    """False for HTTP Basic credentials that are placeholders: `dXNlcjpwYXNz` (user:pass),
+    `dXNlcjo=` (user: an empty password leaves the user part as the credential, as for API
+    keys sent as the user name). True for anything else, including what is not base64."""
     stripped = value.strip()
     try:
         decoded = base64.b64decode(stripped, validate=True).decode("utf-8")
     except (ValueError, UnicodeDecodeError):
         return True
-    _user, colon, password = decoded.partition(":")
+    user, colon, password = decoded.partition(":")
     if not colon:
         return True
-    return bool(password) and password.lower() not in _PLACEHOLDER_WORDS
+    return (password or user).lower() not in _PLACEHOLDER_WORDS
+
+
+_BASE64 = re.compile(r"^(?:[A-Za-z0-9+/]{4})+(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$")
+
+
+def _encodes_text(value: str) -> bool:
+    """Base64 of a sentence (`dGhpcyBpcyBub3QgYSByZWFsIHZhbHVl` = "this is not a real
+    value"): documentation, not a credential. Random keys decode to binary."""
+    if len(value) < 16 or not _BASE64.match(value):
+        return False
+    try:
+        decoded = base64.b64decode(value, validate=True).decode("ascii")
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return decoded.isprintable() and " " in decoded and (_is_prose(decoded) or decoded.isalpha())
+
+
+def url_password(value: str) -> bool:
+    """The password of a URL's user info, percent-decoded, is no placeholder (`pass%20pass`,
+    `pass%3Bword`)."""
+    decoded = unquote(value)
+    letters = re.sub(r"[^a-z0-9]", "", decoded.lower())
+    half = len(letters) // 2
+    doubled = len(letters) % 2 == 0 and letters[:half] == letters[half:]
+    if letters in _PLACEHOLDER_WORDS or (doubled and letters[:half] in _PLACEHOLDER_WORDS):
+        return False
+    return not_placeholder(decoded)
 
 
 def credential_phrase(value: str) -> bool:
@@ -371,11 +437,13 @@ def high_entropy_token(value: str) -> bool:
 # name -> factory(argument) -> validator. Argument-less validators take `None`.
 REGISTRY: dict[str, Callable[..., Validator]] = {
     "luhn": lambda _: luhn,
+    "card_number": lambda _: card_number,
     "iban": lambda _: iban,
     "us_ssn": lambda _: us_ssn,
     "not_placeholder": lambda _: not_placeholder,
     "credential_value": lambda _: credential_value,
     "credential_phrase": lambda _: credential_phrase,
+    "url_password": lambda _: url_password,
     "credential_token": lambda _: credential_token,
     "basic_auth_value": lambda _: basic_auth_value,
     "token_shape": lambda _: token_shape,
