@@ -12,8 +12,8 @@ import base64
 import math
 import re
 from collections import Counter
-from urllib.parse import unquote
 from collections.abc import Callable
+from urllib.parse import unquote
 
 Validator = Callable[[str], bool]
 
@@ -43,7 +43,12 @@ _CARD_ISSUERS: tuple[tuple[tuple[str, ...], frozenset[int]], ...] = (
     (("300", "301", "302", "303", "304", "305", "36", "38", "39"), frozenset(range(14, 20))),
     (tuple(str(n) for n in range(3528, 3590)), frozenset(range(16, 20))),
 )
-_CARD_GROUPS = re.compile(r"^\d{4}(?:([ -])\d{4}(?:\1\d{4}(?:\1\d{4}(?:\1\d{1,3})?|\1\d{1,3})?|\1\d{6}\1\d{4,5}|\1\d{1,3})?)?$|^\d{4}([ -])\d{6}\2\d{4,5}$")
+# No separators, or the same one between groups of 4 (4-4-4-4, 4-4-4-4-3...), Amex/Diners
+# 4-6-5 / 4-6-4.
+_CARD_GROUPS = re.compile(
+    r"^\d{4}(?:([ -])\d{4}(?:\1\d{4}(?:\1\d{4}(?:\1\d{1,3})?|\1\d{1,3})?"
+    r"|\1\d{6}\1\d{4,5}|\1\d{1,3})?)?$|^\d{4}([ -])\d{6}\2\d{4,5}$"
+)
 
 
 def card_number(candidate: str) -> bool:
