@@ -29,6 +29,14 @@ def test_smoke_measures_every_profile_and_category(figures: dict[str, dict]) -> 
         assert entry["redactions"] == sum(entry["per_rule"].values())
 
 
+def test_smoke_subset_is_clean_in_the_default_profile(figures: dict[str, dict]) -> None:
+    default = figures["default"]
+    assert default["redactions"] == 0, default["per_rule"]
+    for entry in figures.values():
+        assert entry["json_type_changes"] == 0
+        assert all(entry["files_changed"].get(c, 0) == 0 for c in precision.UNTOUCHABLE)
+
+
 def test_dispatcher_lists_and_refuses_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench_main.main([]) == 2
     assert "precision" in capsys.readouterr().out

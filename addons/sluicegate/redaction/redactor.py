@@ -41,6 +41,7 @@ from sluicegate.redaction.rules import (
     Rule,
     RulePack,
 )
+from sluicegate.redaction.validators import known_example
 
 OVERFLOW_RULE_ID = "stream-hold-overflow"
 TAG_PATTERN = regex.compile(r"\[REDACTED:[a-z0-9]+(?:-[a-z0-9]+)*(?::[0-9a-f]{8})?\]")
@@ -133,7 +134,10 @@ def _rule_finding(rule: Rule, order: int, match: regex.Match[str]) -> _Finding |
         start, end = match.span()
     # Groups must lie inside the match; a group in a lookbehind could be released text.
     start, end = max(start, match.start()), min(end, match.end())
-    if start >= end or not rule.accepts(match.string[start:end]):
+    if start >= end:
+        return None
+    candidate = match.string[start:end]
+    if not rule.accepts(candidate) or known_example(candidate):
         return None
     return _Finding(start, -end, order, rule.id)
 

@@ -222,6 +222,25 @@ _PHRASE_CODE = re.compile(
 )
 
 
+# Published example credentials (AWS documentation keys and session tokens with EXAMPLE in
+# them, GitHub's documented example token, RFC examples): every copy of an API reference
+# holds them, and they open nothing. The redactor never reports a finding holding one.
+KNOWN_EXAMPLES = re.compile(
+    r"[A-Za-z0-9/+=]EXAMPLE|EXAMPLE[A-Za-z0-9/+=]"
+    r"|16C7e42F292c6912E7710c838347Ae178B4a"  # GitHub REST API docs
+    r"|2YotnFZFEjr1zCsicMWpAA|tGzv3JOkF0XG5Qx2TlKWIA|SplxlOBeZQQYbYS6WxSbIA"  # RFC 6749
+    r"|mF_9\.B5f-4\.1JqM"  # RFC 6750
+    r"|QWxhZGRpbjpvcGVuIHNlc2FtZQ=="  # RFC 7617 (Aladdin:open sesame)
+    r"|hJtXIZ2uSN5kbQfbtTNWbpdmhkV8FJG-Onbc6mxCcYg"  # RFC 7520
+    r"|evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA"  # RFC 8555
+)
+
+
+def known_example(value: str) -> bool:
+    """A published example credential (see `KNOWN_EXAMPLES`)."""
+    return KNOWN_EXAMPLES.search(value) is not None
+
+
 def not_placeholder(value: str) -> bool:
     """False for templates, variable references and documentation placeholders."""
     stripped = value.strip()
