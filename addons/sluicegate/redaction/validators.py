@@ -204,7 +204,8 @@ _CODE_HEAD = re.compile(
 _CODE_TOKENS = re.compile(
     r"&&|\|\||=>|===|!==|\+=|-=|\bthis\.|\bself\.|\bprototype\b|\bfunction\b|\breturn\b"
     r"|\}\s*else|\)\s*\{|\},|\.[A-Za-z_]\w*\(|::<|^\s*\+\s|\s\+\s*$"
-    r"|^[A-Za-z_]\w*=[A-Za-z_]|^[a-z_]+=$|^:\w+:"  # `username=`, `SECRET=SECRET`, `:py:class:`
+    # `SECRET=SECRET`, `username=`, `:py:class:`, `value|default:"x"`
+    r"|^[A-Za-z_]\w*=[A-Za-z_]|^[a-z_]+=$|^:\w+:|\w\|[a-z_]+:"
 )
 # printf / format / template fields: `%s`, `%(password)s`, `{0}`, `{name}`.
 _FORMAT = re.compile(
@@ -427,6 +428,20 @@ _BLOCK_VALUE = re.compile(
 )
 
 
+_KEY_RUN = re.compile(r"[A-Za-z0-9+/]{40,}")
+_ESCAPED_SPACE = re.compile(r"(?:\\[rnt]|\\|\s)+")
+
+
+def key_material(body: str) -> bool:
+    """A private key body that is not blank or a placeholder (`<a very long private key
+    string>`, `...`, `{{ key }}`): key material (a run of 40+ base64 characters, as in every
+    line of a PEM body) or any other text."""
+    if _KEY_RUN.search(body):
+        return True
+    compact = _ESCAPED_SPACE.sub(" ", body).strip()
+    return bool(compact) and not_placeholder(compact) and "{{" not in compact
+
+
 def literal_block_values(block: str) -> bool:
     """A YAML block (e.g. Secret data) holding at least one literal value, not only templates."""
     for match in _BLOCK_VALUE.finditer(block):
@@ -472,6 +487,7 @@ REGISTRY: dict[str, Callable[..., Validator]] = {
     "basic_auth_value": lambda _: basic_auth_value,
     "token_shape": lambda _: token_shape,
     "literal_block_values": lambda _: literal_block_values,
+    "key_material": lambda _: key_material,
     "high_entropy_token": lambda _: high_entropy_token,
     "credential_field_value": lambda _: credential_field_value,
     "credential_field_token": lambda _: credential_field_token,
