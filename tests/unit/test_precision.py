@@ -283,3 +283,29 @@ def test_published_example_credentials_are_left_alone() -> None:
     ]:
         assert untouched(text), DEFAULT.redact_text(text).text
     assert redacts("aws_access_key_id = AKIAZ3MSJV4WJQ2B7HGF", "AKIAZ3MSJV4WJQ2B7HGF")
+
+
+# --- 7: strict's quoted base64/hex --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '"integrity": "sha512-v2kDEe57lecTulaDIuNTPy3Ry4gLGJ6Z1O3vE1krgXZNrsQ+LFTGHVxVjcXPs17"',
+        'ETag: "6805f2cfc46c0f04559748bb039d69ae"',
+        'checksum = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08aa"',
+        'resolved "https://registry.npmjs.org/x/-/x-1.0.0.tgz#43fc912ef59a83054ea7f6706df4d53a7dea4d80"',
+    ],
+)
+def test_strict_leaves_hashes_and_integrity_values(text: str) -> None:
+    assert untouched(text, "strict"), REDACTORS["strict"].redact_text(text).text
+
+
+def test_strict_still_flags_quoted_random_tokens() -> None:
+    token = "I6FwzQZFL9l-44nviI1F04OTmorMaVQf9GS4Oe07qxL_vNkW6C"
+    assert redacts(f'value = "{token}"', token, "strict")
+
+
+def test_pii_diners_club_36_is_14_digits() -> None:
+    assert untouched("fe: Element{84926274344903, 473620666599931, 365590438845504}", "pii")
+    assert redacts("diners 3056 9309 0259 04", "3056 9309 0259 04", "pii")

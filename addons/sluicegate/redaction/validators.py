@@ -40,7 +40,8 @@ _CARD_ISSUERS: tuple[tuple[tuple[str, ...], frozenset[int]], ...] = (
     (tuple(str(n) for n in range(2221, 2721)), frozenset({16})),
     (("34", "37"), frozenset({15})),
     (("6011", "644", "645", "646", "647", "648", "649", "65"), frozenset(range(16, 20))),
-    (("300", "301", "302", "303", "304", "305", "36", "38", "39"), frozenset(range(14, 20))),
+    (("36",), frozenset({14})),
+    (("300", "301", "302", "303", "304", "305", "38", "39"), frozenset(range(14, 20))),
     (tuple(str(n) for n in range(3528, 3590)), frozenset(range(16, 20))),
 )
 # No separators, or the same one between groups of 4 (4-4-4-4, 4-4-4-4-3...), Amex/Diners
@@ -458,6 +459,7 @@ def token_shape(value: str) -> bool:
 
 
 _HEX = frozenset("0123456789abcdefABCDEF")
+_SRI = re.compile(r"^(?:sha\d{1,3}|md5)-")  # subresource integrity: a hash
 _UUID = re.compile(r"^[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$")
 
 
@@ -466,7 +468,7 @@ def high_entropy_token(value: str) -> bool:
 
     Git SHAs (40 hex), SHA-256 digests (64 hex) and UUIDs are ids, not secrets.
     """
-    if _UUID.match(value) or not token_shape(value):
+    if _UUID.match(value) or _SRI.match(value) or not token_shape(value):
         return False
     if set(value) <= _HEX:
         return len(value) not in (40, 64) and shannon_entropy(value) >= 3.0
