@@ -7,7 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sluicegate.redaction.redactor import (
@@ -141,6 +141,14 @@ def test_existing_tags_are_never_redacted_again() -> None:
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.one_of(st.sampled_from(EXAMPLES), PROSE), max_size=4))
+@example(["pay to GB82WEST12345698765432", "AGE-SECRET-KEY-1PS7GV2SFZ8JUR9JSNCSZPJYR3JK7DX"])
+@example(
+    [
+        "-----BEGIN OPENSSH PRIVATE KEY-----\npGFj1Nz9UqBtLk34XtsvO/K0iEvtE2P4qKF/GyVapQ/j3lWFvj",
+        "password = ",
+        "DB_PASSWORD=Sup3r-Secret!",
+    ]
+)
 def test_redaction_is_idempotent(parts: list[str]) -> None:
     once = REDACTOR.redact_text("".join(parts))
     twice = REDACTOR.redact_text(once.text)

@@ -40,6 +40,7 @@ from sluicegate.redaction.rules import (
     KeyRule,
     Rule,
     RulePack,
+    use_stream_check,
 )
 from sluicegate.redaction.validators import known_example
 
@@ -744,3 +745,7 @@ def check_key_rule_examples(rule: KeyRule) -> list[ExampleFailure]:
             where = f"value_examples.negative[{index}]"
             failures.append(ExampleFailure(rule.id, str(rule.source), where, "value accepted"))
     return failures
+
+
+# Rule files are checked with it when they are loaded.
+use_stream_check(check_stream_soundness)

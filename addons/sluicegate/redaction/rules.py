@@ -31,7 +31,7 @@ from __future__ import annotations
 import enum
 import re
 import string
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -273,10 +273,22 @@ def _soundness_key(rule: Rule) -> tuple[object, ...]:
     )
 
 
-def _check_streams(rule_set: RuleSet) -> None:
-    # Imported here: the redactor builds on this module.
-    from sluicegate.redaction.redactor import check_stream_soundness
+# The stream-soundness check (`redactor.check_stream_soundness`): the redactor builds on this
+# module, so it registers the check here when it is imported, which importing any module of
+# the `sluicegate.redaction` package does (see its __init__).
+StreamCheck = Callable[["Rule"], Sequence[Any]]
+_stream_check: StreamCheck | None = None
 
+
+def use_stream_check(check: StreamCheck) -> None:
+    global _stream_check
+    _stream_check = check
+
+
+def _check_streams(rule_set: RuleSet) -> None:
+    check_stream_soundness = _stream_check
+    if check_stream_soundness is None:
+        raise RuleError("the stream soundness check is not registered")
     for rule in rule_set.rules:
         key = _soundness_key(rule)
         if key in _SOUND:

@@ -205,8 +205,9 @@ _CODE_HEAD = re.compile(
 _CODE_TOKENS = re.compile(
     r"&&|\|\||=>|===|!==|\+=|-=|\bthis\.|\bself\.|\bprototype\b|\bfunction\b|\breturn\b"
     r"|\}\s*else|\)\s*\{|\},|\.[A-Za-z_]\w*\(|::<|^\s*\+\s|\s\+\s*$"
-    # `SECRET=SECRET`, `username=`, `:py:class:`, `value|default:"x"`
-    r"|^[A-Za-z_]\w*=[A-Za-z_]|^[a-z_]+=$|^:\w+:|\w\|[a-z_]+:"
+    # `username=`, `:py:class:`, `value|default:"x"`. Not `A=B...`: refusing the value of
+    # `password = DB_PASSWORD=s3cret` would hide the inner assignment from the rule too.
+    r"|^[a-z_]+=$|^:\w+:|\w\|[a-z_]+:"
 )
 # printf / format / template fields: `%s`, `%(password)s`, `{0}`, `{name}`.
 _FORMAT = re.compile(
