@@ -134,7 +134,8 @@ def _commands(approval_id: str) -> dict[str, str]:
 def generic(notice: Notice) -> dict[str, Any]:
     body: dict[str, Any] = {
         "event": notice.event,
-        "approval": notice.approval.as_json(),
+        # Not the body preview: chat channels are a wider audience than the console.
+        "approval": {k: v for k, v in notice.approval.as_json().items() if k != "preview"},
         "link": notice.link,
         "agent": notice.agent,
     }

@@ -1,7 +1,6 @@
-"""The approvals control API: a small loopback HTTP server inside the mitmdump process.
+"""The approvals control API, mounted at `/v1` on the control listener (`control/listener.py`).
 
-A deliberately small HTTP/1.1 server on a loopback port (asyncio, no dependencies), protected by
-an admin token compared in constant time. It answers from the shared state, so with
+Protected by an admin token compared in constant time. It answers from the shared state, so with
 `state.backend: redis` every replica's API lists and decides every replica's approvals:
 
     GET  /v1/approvals                   pending approvals, oldest first (with details)
@@ -20,33 +19,28 @@ unreachable, answers are 503 `state_unavailable`. No module here imports mitmpro
 
 from __future__ import annotations
 
-import asyncio
 import hmac
-import ipaddress
 import json
 import logging
 import math
 import re
-import socket
 import urllib.parse
 from typing import Any
 
 from sluicegate.approvals.service import Approvals
+from sluicegate.control.listener import ControlListener, Handler, Request, Response
 from sluicegate.secrets import SecretRef, SecretUnavailable
 from sluicegate.state import AlreadyResolved, StateUnavailable, UnknownApproval, UnknownGrant
 
 logger = logging.getLogger("sluicegate.approvals")
 
 
-MAX_HEAD_BYTES = 8 * 1024
-MAX_BODY_BYTES = 16 * 1024
-CLIENT_SECONDS = 10.0
 MAX_TEXT = 500
 _ID = re.compile(r"[0-9a-f]{8,32}")
 
 
 class ControlServer:
-    """The approvals HTTP API on a loopback port.
+    """The control listener with the approvals API at `/v1`; `mount()` adds more (the console).
 
     `start()` binds synchronously (so a taken port is reported at once, and mitmdump refuses to
     start) and serves on the running event loop; `stop()` closes the listening socket at once, so
@@ -65,100 +59,41 @@ class ControlServer:
     ) -> None:
         self.approvals = approvals
         self.require_reason = require_reason
-        self.host = host
-        self.requested_port = port
         self.admin_token = admin_token
         self.max_grant_minutes = max_grant_minutes
-        self._sock: socket.socket | None = None
-        self._server: asyncio.Server | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self.port: int | None = None
+        self.listener = ControlListener(host, port)
+        self.listener.mount("/v1", self._api)
+
+    @property
+    def host(self) -> str:
+        return self.listener.host
+
+    @property
+    def port(self) -> int | None:
+        return self.listener.port
 
     @property
     def listening(self) -> bool:
-        return self._sock is not None
+        return self.listener.listening
 
     def start(self) -> int:
-        family = socket.AF_INET6 if _is_v6(self.host) else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, self.requested_port))
-            sock.listen(32)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
-        self._sock = sock
-        self.port = sock.getsockname()[1]
-        self._task = asyncio.get_running_loop().create_task(self._serve(sock))
-        return self.port
-
-    async def _serve(self, sock: socket.socket) -> None:
-        self._server = await asyncio.start_server(self._handle, sock=sock, limit=MAX_HEAD_BYTES)
+        return self.listener.start()
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-        if self._sock is not None:
-            self._sock.close()
-        for writer in list(self._writers):
-            writer.close()
-        self._sock = self._server = self._task = None
+        self.listener.stop()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
-        try:
-            try:
-                async with asyncio.timeout(CLIENT_SECONDS):
-                    status, payload = await self._read_and_dispatch(reader, writer)
-            except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-                status, payload = 400, {"error": "bad_request", "message": "incomplete request"}
-            except ValueError as e:  # raised with a safe message by the parser
-                status, payload = 400, {"error": "bad_request", "message": str(e)}
-            body = json.dumps(payload).encode()
-            head = (
-                f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n"
-                "content-type: application/json\r\ncache-control: no-store\r\n"
-                f"content-length: {len(body)}\r\nconnection: close\r\n"
-            )
-            if status == 401:
-                head += 'www-authenticate: Bearer realm="sluicegate-approvals"\r\n'
-            writer.write(head.encode() + b"\r\n" + body)
-            await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            self._writers.discard(writer)
-            writer.close()
+    def mount(self, prefix: str, handler: Handler) -> None:
+        """Serve `handler` under `prefix` on the same listener (see control/listener.py)."""
+        self.listener.mount(prefix, handler)
 
-    async def _read_and_dispatch(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> tuple[int, dict[str, Any]]:
-        head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            raise ValueError("malformed request line")
-        method, target = parts[0], parts[1]
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if line:
-                name, sep, value = line.partition(":")
-                if not sep:
-                    raise ValueError("malformed header")
-                headers[name.strip().lower()] = value.strip()
-        length = headers.get("content-length", "0")
-        if not length.isdigit():
-            raise ValueError("bad content-length")
-        if int(length) > MAX_BODY_BYTES:
-            return 413, {"error": "too_large", "message": "request body too large"}
-        body = await reader.readexactly(int(length)) if int(length) else b""
-        peer = writer.get_extra_info("peername")
-        return await self.dispatch(method, target, headers, body, peer=str(peer))
+    async def _api(self, request: Request) -> Response:
+        status, payload = await self.dispatch(
+            request.method, request.target, request.headers, request.body, request.peer
+        )
+        headers = []
+        if status == 401:
+            headers.append(("www-authenticate", 'Bearer realm="sluicegate-approvals"'))
+        return Response.json(status, payload, headers)
 
     async def dispatch(
         self, method: str, target: str, headers: dict[str, str], body: bytes, peer: str = ""
@@ -301,34 +236,12 @@ class ControlServer:
         return ok and scheme.lower() == "bearer"
 
 
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    409: "Conflict",
-    413: "Content Too Large",
-    503: "Service Unavailable",
-}
-
-
 def _clean(value: Any) -> str:
     """Approver-supplied text, safe to log, record and show the agent: printable, bounded."""
     if not isinstance(value, str):
         return ""
     text = "".join(c if c.isprintable() else " " for c in value).strip()
     return text[:MAX_TEXT]
-
-
-def _is_v6(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).version == 6
-    except ValueError:
-        return False
-
-
-# -- webhook notification ---------------------------------------------------------------------
 
 
 def _limit(query: str) -> int | None:

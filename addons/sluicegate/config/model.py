@@ -616,10 +616,18 @@ class ApprovalsSection:
         "approval pending this long, so the retry joins it instead of opening another; with "
         "no retry by then it is cancelled (and the webhook told).",
     )
+    preview_chars: int = setting(
+        2048,
+        doc="A held request keeps this many characters of its body, REDACTED with the request "
+        "rules (responses: also the injected key), for approvers to see (console, `approvals "
+        "show`; never webhooks). 0 keeps none.",
+    )
 
     def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
         if self.retry_grace_seconds < 0:
             yield "retry_grace_seconds", "must not be negative"
+        if not 0 <= self.preview_chars <= 65536:
+            yield "preview_chars", "must be between 0 and 65536"
         if self.approval_url is not None:
             link = urllib.parse.urlsplit(self.approval_url)
             if link.scheme not in ("https", "http") or not link.hostname:
@@ -650,6 +658,46 @@ class ApprovalsSection:
                 url.scheme == "https" or (url.scheme == "http" and _is_loopback(url.hostname or ""))
             ):
                 yield "webhook_url", "must be an https:// URL (http only for loopback)"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsoleSection:
+    enabled: bool = setting(
+        True, doc="Serve the web console at `/console` on the control listener."
+    )
+    approvers: tuple[str, ...] = setting(
+        (),
+        doc="Groups (`auth.groups_claim`) whose members may sign in with their own token from "
+        "the identity provider (verified like callers' tokens) and approve, deny and revoke. "
+        "The admin token always may.",
+    )
+    investigators: tuple[str, ...] = setting(
+        (),
+        doc="Groups whose members may sign in with their own token and view approvals, "
+        "activity and recordings, but not decide.",
+    )
+    session_minutes: float = setting(
+        480.0,
+        doc="How long a console sign-in lasts (a token's own expiry ends it sooner). Rotating "
+        "the admin token signs everybody out.",
+    )
+    secure_cookie: Literal["auto", "always", "never"] = setting(
+        "auto",
+        doc="`Secure` on the session cookie: `auto` when the browser came over TLS through your "
+        "reverse proxy (`X-Forwarded-Proto: https`), `always`, or `never`.",
+    )
+    allowed_hosts: tuple[str, ...] = setting(
+        (),
+        doc="Host names (or host:port) the console answers to besides loopback names, e.g. "
+        "your reverse proxy's; any other Host header gets 421 (DNS rebinding).",
+    )
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        if not self.session_minutes > 0:
+            yield "session_minutes", "must be positive"
+        for i, host in enumerate(self.allowed_hosts):
+            if not host or any(c in host for c in "/@ *?#\\"):
+                yield f"allowed_hosts[{i}]", "must be a host name or host:port"
 
 
 _KEY_PREFIX = re.compile(r"[A-Za-z0-9_.:{}\-]{1,64}")
@@ -891,6 +939,11 @@ class Config:
         "(`memory`) or Redis for several replicas.",
         factory=StateSection,
     )
+    console: ConsoleSection | None = setting(
+        None,
+        doc="Web console for approvers and investigators (approvals, activity, recorded "
+        "sessions), served by the approvals control listener: needs `approvals`.",
+    )
     source: Path = dataclasses.field(default=Path(), init=False, compare=False)
 
     def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
@@ -922,6 +975,8 @@ class Config:
                 yield f"websockets.routes[{j}]", f"no route named {route!r}"
         if self.policy.uses_hold and self.approvals is None:
             yield "approvals", "required: the policy holds flows for approval"
+        if self.console is not None and self.console.enabled and self.approvals is None:
+            yield "console", "needs an `approvals` section (its listener and admin token)"
 
 
 @functools.lru_cache(maxsize=4096)

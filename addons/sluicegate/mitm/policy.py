@@ -23,6 +23,7 @@ Decisions go into `flow.metadata["sluicegate"]["policy"]` (recordings) and the l
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import os
@@ -39,6 +40,7 @@ from sluicegate.approvals.webhook import WebhookNotifier
 from sluicegate.config import ApprovalsSection, Config, StateSection
 from sluicegate.mitm import flowstate, guard
 from sluicegate.mitm.base import GatewayAddon
+from sluicegate.mitm.console import WIRING as CONSOLE
 from sluicegate.mitm.routing import judged_path
 from sluicegate.policy import engine
 from sluicegate.policy.conditions import FlowContext
@@ -53,6 +55,7 @@ from sluicegate.policy.decisions import (
 from sluicegate.policy.redact_only import redact_body
 from sluicegate.policy.stream import ResponsePolicy
 from sluicegate.policy.views import BodyViews
+from sluicegate.redaction import bodies
 from sluicegate.shapes import decoding
 from sluicegate.state import ApprovalRequest, SharedState, StateUnavailable, request_digest
 
@@ -154,6 +157,7 @@ class Policy(GatewayAddon):
         self.server: ControlServer | None = None
         self.webhook: WebhookNotifier | None = None
         self.max_body_bytes = 0
+        self.preview: PreviewRedaction | None = None
         self._running = False
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -175,6 +179,10 @@ class Policy(GatewayAddon):
         if approvals is not None:
             service.link_template = approvals.approval_url
             service.retry_grace_seconds = approvals.retry_grace_seconds
+        self.preview = None
+        if approvals is not None and approvals.preview_chars > 0:
+            self.preview = PreviewRedaction(config, approvals.preview_chars)
+        CONSOLE.configure(config, service, self.runtime.replica)
         if self._running:
             _spawn(self.runtime.ready())
             if _listen_settings(previous) != _listen_settings(approvals):
@@ -215,8 +223,11 @@ class Policy(GatewayAddon):
                 e.strerror or type(e).__name__,
             )
             return
+        server.mount("/console", CONSOLE)
         self.server = server
         logger.info("sluicegate: approvals API listening at http://%s:%s", server.host, port)
+        if CONSOLE.console is not None:
+            logger.info("sluicegate: console at http://%s:%s/console/", server.host, port)
 
     def _stop_server(self) -> None:
         if self.server is not None:
@@ -424,6 +435,7 @@ class Policy(GatewayAddon):
             path=ctx.path,
             patterns=decision.patterns,
             grant_key=_grant_key(ctx, decision),
+            **(await self._preview(flow, decision.phase)),
         )
         try:
             resolution = await service.hold(
@@ -453,6 +465,33 @@ class Policy(GatewayAddon):
                 f"The approval was cancelled ({resolution.reason}).",
             )
         raise guard.GatewayRefusal(403, code, f"{message} {held}", {RULE_HEADER: decision.rule_id})
+
+    async def _preview(self, flow: http.HTTPFlow, phase: Phase) -> dict[str, Any]:
+        """The held body's start, redacted, for approvers (`ApprovalRequest.preview`)."""
+        message = flow.request if phase is Phase.REQUEST else flow.response
+        if message is None:
+            return {}
+        try:
+            content = self._content(message, phase)
+        except guard.GatewayRefusal:
+            return {"preview": "(body not shown: it cannot be decoded)"}
+        if not content or self.preview is None:
+            return {"body_bytes": len(content)}
+        st = flowstate.state(flow)
+        try:
+            text = await _scan(
+                len(content),
+                self.preview.text,
+                content,
+                message.headers.get("content-type"),
+                phase,
+                st.caller,
+                list(st.scrub),
+            )
+        except Exception:  # a preview never holds up (or fails) the hold itself
+            logger.exception("sluicegate: approval preview failed [request %s]", flow.id)
+            text = "(body not shown: it could not be redacted)"
+        return {"preview": text, "body_bytes": len(content)}
 
     async def _redact(self, message: http.Message, decision: Decision) -> int:
         """redact_only: replace what the rule's patterns found; block what stays findable."""
@@ -514,6 +553,42 @@ class Policy(GatewayAddon):
                 "policy_undecodable_body",
                 "The body's content encoding could not be decoded for inspection.",
             ) from None
+
+
+class PreviewRedaction:
+    """Redacted, bounded previews of held bodies, for approvers.
+
+    The whole body is redacted first and the result cut afterwards (cutting first could split a
+    secret so that no rule sees it). The rules apply whatever `redaction.requests/responses`
+    say (a preview is for people, not for the upstream), a response also loses every encoding of
+    the flow's injected key, bodies of unknown type are redacted as text, and binary bodies are
+    not shown at all."""
+
+    def __init__(self, config: Config, chars: int) -> None:
+        redaction = dataclasses.replace(
+            config.redaction, requests=True, responses=True, binary_bodies="block"
+        )
+        self.runtime = builders.build_redaction(dataclasses.replace(config, redaction=redaction))
+        self.policy = bodies.BodyPolicy(binary="block", unknown="text")
+        self.chars = chars
+
+    def text(
+        self, content: bytes, ctype: str | None, phase: Phase, caller: Any, scrub: list[Any]
+    ) -> str:
+        runtime = self.runtime
+        redactor: Any
+        if phase is Phase.REQUEST:
+            redactor = runtime.request_text_redactor(caller)
+        else:
+            redactor = runtime.response_text_redactor(caller, scrub)
+        try:
+            result = bodies.redact_body(content, ctype, redactor, self.policy)
+        except bodies.BodyRefused as e:
+            return f"({len(content)} bytes, not shown: {e.code})"
+        text = result.body.decode("utf-8", "replace")
+        if len(text) > self.chars:
+            text = text[: self.chars] + " [...]"
+        return text
 
 
 def _state_refusal(decision: Decision, what: str) -> guard.GatewayRefusal:

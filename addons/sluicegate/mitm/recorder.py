@@ -20,12 +20,14 @@ import logging
 import time
 import weakref
 from collections.abc import Set
+from typing import Any
 
 from mitmproxy import ctx, http
 
 from sluicegate import config as config_mod
 from sluicegate.mitm import flowstate, guard
 from sluicegate.mitm.base import GatewayAddon
+from sluicegate.mitm.console import WIRING as CONSOLE
 from sluicegate.mitm.snapshot import (
     ConnectionStates,
     SnapshotLeak,
@@ -105,6 +107,7 @@ class Recorder(GatewayAddon):
         store.audit_state = lambda: audit.state
         store.enforce_retention()
         self.store, self.audit = store, audit
+        CONSOLE.audit_log = audit  # console events (sign-ins, decisions, views) go here too
         self.policy = SnapshotPolicy(
             mask_headers=frozenset(h.lower() for h in section.mask_headers),
             gateway_name=config.gateway.name,
@@ -154,6 +157,8 @@ class Recorder(GatewayAddon):
         if self.store is not None:
             self.store.close(reason)
         if self.audit is not None:
+            if CONSOLE.audit_log is self.audit:
+                CONSOLE.audit_log = None
             self.audit.close()
         self.store = self.audit = None
 
@@ -230,10 +235,12 @@ class Recorder(GatewayAddon):
                 "; ".join(snap.errors),
             )
         prepared: list[Prepared] = []
+        entries: list[dict[str, Any]] = []
 
         def audit_line(session: str, index: int) -> str:
             # The audit line is built first: its hash goes into the flow's signed chain entry.
-            line = audit.prepare(audit_entry(snap, session, index))
+            entries.append(audit_entry(snap, session, index))
+            line = audit.prepare(entries[-1])
             prepared.append(line)
             return line.hash
 
@@ -244,6 +251,7 @@ class Recorder(GatewayAddon):
         except RecordingUnavailable as e:
             store.fail(e.code, e.message)
             return self._lost(flow, e)
+        CONSOLE.publish(entries[-1], snap.meta)
         return None
 
     def _lost(self, flow: http.HTTPFlow, failure: RecordingUnavailable) -> RecordingUnavailable:

@@ -97,3 +97,65 @@ def _encode_subclass(value: Any, parts: list[bytes], known: Mapping[int, bytes])
     item = b"%d:%s%s" % (len(data), data, tag)
     parts.append(item)
     return len(item)
+
+
+class TNetStringError(ValueError):
+    """Not a well-formed typed netstring."""
+
+
+def loads(data: bytes) -> Any:
+    """The value encoded in `data` (one whole record), as `mitmproxy.io.tnetstring.loads` reads
+    it. Raises TNetStringError on anything malformed or left over."""
+    value, end = _pop(data, 0, len(data))
+    if end != len(data):
+        raise TNetStringError("trailing data after the value")
+    return value
+
+
+def _pop(data: bytes, start: int, stop: int) -> tuple[Any, int]:
+    """The value that starts at `start` (and ends by `stop`), and the offset after it."""
+    colon = data.find(b":", start, min(stop, start + 12))
+    if colon <= start or not data[start:colon].isdigit():
+        raise TNetStringError("not a tnetstring: no length prefix")
+    end = colon + 1 + int(data[start:colon])
+    if end >= stop:
+        raise TNetStringError("not a tnetstring: cut short")
+    kind, first = data[end], colon + 1
+    if kind == 0x2C:  # ,
+        return data[first:end], end + 1
+    if kind == 0x3B:  # ;
+        try:
+            return data[first:end].decode("utf8"), end + 1
+        except UnicodeDecodeError:
+            raise TNetStringError("invalid UTF-8 in a string") from None
+    if kind in (0x23, 0x5E):  # # ^
+        try:
+            number = data[first:end]
+            return (int(number) if kind == 0x23 else float(number)), end + 1
+        except ValueError:
+            raise TNetStringError("not a number") from None
+    if kind == 0x21:  # !
+        if data[first:end] not in (b"true", b"false"):
+            raise TNetStringError("not a boolean")
+        return data[first:end] == b"true", end + 1
+    if kind == 0x7E:  # ~
+        if end != first:
+            raise TNetStringError("null with a payload")
+        return None, end + 1
+    if kind == 0x5D:  # ]
+        items: list[Any] = []
+        at = first
+        while at < end:
+            item, at = _pop(data, at, end)
+            items.append(item)
+        return items, end + 1
+    if kind == 0x7D:  # }
+        result: dict[Any, Any] = {}
+        at = first
+        while at < end:
+            key, at = _pop(data, at, end)
+            if not isinstance(key, (bytes, str)):
+                raise TNetStringError("dictionary keys must be strings")
+            result[key], at = _pop(data, at, end)
+        return result, end + 1
+    raise TNetStringError(f"unknown type tag {chr(kind)!r}")

@@ -10,7 +10,10 @@ A backend keeps four things for the gateway, and (on Redis) shares them between 
   (`withdraw`) without ending the approval, so a retry can still join it;
 - **grants**: time-boxed allowances made by an approval, visible and revocable everywhere;
 - **history**: every decision and revocation, newest first; and a stream of changes
-  (`subscribe`) for consoles.
+  (`subscribe`) for consoles;
+- **activity**: short summaries of recently finished flows (no bodies, no secrets), published
+  in batches by every replica (`publish_activity`) and read newest first (`activity`); the
+  memory backend keeps this process's, Redis everyone's (bounded: `ACTIVITY_SIZE`).
 
 Backends raise `StateUnavailable` when their store cannot be reached; nothing else of theirs
 escapes. They never import mitmproxy or the config module.
@@ -20,10 +23,11 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import Protocol
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 from sluicegate.policy.ratelimit import Denied
 from sluicegate.state.model import (
@@ -38,6 +42,9 @@ from sluicegate.state.model import (
 )
 
 logger = logging.getLogger("sluicegate.state")
+
+# Finished flows kept in the activity feed (per process in memory, per deployment on Redis).
+ACTIVITY_SIZE = 1000
 
 
 class LimitLike(Protocol):
@@ -167,6 +174,7 @@ class SharedState(abc.ABC):
         self.replica = replica
         self._holds: dict[str, set[Hold]] = {}
         self._subscriptions: set[Subscription] = set()
+        self._activity: collections.deque[dict[str, Any]] = collections.deque(maxlen=ACTIVITY_SIZE)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -260,6 +268,21 @@ class SharedState(abc.ABC):
     @abc.abstractmethod
     async def revoke(self, grant_id: str, *, by: str, reason: str) -> Grant:
         """End a grant now, everywhere. Raises `UnknownGrant`."""
+
+    # -- activity ------------------------------------------------------------------------------
+
+    async def publish_activity(self, entries: Sequence[Mapping[str, Any]]) -> None:
+        """Add summaries of finished flows (plain JSON values, oldest first) to the feed and
+        tell subscribers with one `activity` event. This process's memory by default."""
+        if entries:
+            self._activity.extend(dict(e) for e in entries)
+            self._emit(StateEvent("activity", replica=self.replica))
+
+    async def activity(self, limit: int = 200) -> list[dict[str, Any]]:
+        """Recently finished flows, newest first."""
+        items = list(self._activity)[-limit:] if limit > 0 else []
+        items.reverse()
+        return items
 
     # -- changes ------------------------------------------------------------------------------
 

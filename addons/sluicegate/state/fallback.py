@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sluicegate.policy.ratelimit import Denied
 from sluicegate.state.base import (
@@ -188,6 +188,24 @@ class LocalFallback(SharedState):
             except UnknownGrant:
                 pass
         return await self.shared.revoke(grant_id, by=by, reason=reason)
+
+    async def publish_activity(self, entries: Sequence[Any]) -> None:
+        await self._either(
+            lambda: self.shared.publish_activity(entries),
+            lambda: self.local.publish_activity(entries),
+        )
+
+    async def activity(self, limit: int = 200) -> list[dict[str, Any]]:
+        local = await self.local.activity(limit)
+        try:
+            shared = await self.shared.activity(limit)
+        except StateUnavailable as e:
+            if not local:
+                raise
+            self._fell_back(e)
+            shared = []
+        merged = sorted(shared + local, key=lambda e: str(e.get("time", "")), reverse=True)
+        return merged[:limit]
 
     def subscribe(self) -> Subscription:
         """Changes of both: the shared store's and this replica's local ones."""

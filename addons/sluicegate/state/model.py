@@ -1,8 +1,10 @@
 """Plain types of the shared state: what is held, decided, granted, and what changed.
 
 Every type converts to JSON-safe dicts (`as_json`, shown to approvers and consoles) and to the
-records the backends store (`to_record` / `from_record`). Nothing here holds a body, a header
-value or a query string: they may carry secrets.
+records the backends store (`to_record` / `from_record`). Nothing here holds a header value, a
+query string or a body as it was sent: they may carry secrets. The one exception is
+`ApprovalRequest.preview`, the start of the held body AFTER redaction (bounded), so an approver
+sees what they approve.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Literal
 Outcome = Literal["approved", "denied", "timeout", "cancelled"]
 GrantKey = tuple[str, str, str]  # identity, destination, rule id
 EventKind = Literal[
+    "activity",  # finished flows were published to the activity feed (see SharedState)
     "approval_pending",  # a new approval (one per distinct held request)
     "approval_joined",  # a retry of the same request joined a pending approval
     "approval_withdrawn",  # a waiting request went away (the approval stays pending)
@@ -65,6 +68,9 @@ class ApprovalRequest:
     path: str
     patterns: tuple[str, ...] = ()
     grant_key: GrantKey = ("", "", "")
+    # The held body's start, already redacted (see module docstring); "" when none was kept.
+    preview: str = ""
+    body_bytes: int = 0
 
     def as_json(self) -> dict[str, Any]:
         """What approvers see (not the grant key, an internal detail)."""
@@ -82,6 +88,8 @@ class ApprovalRequest:
             "method": self.method,
             "path": self.path,
             "patterns": list(self.patterns),
+            "preview": self.preview,
+            "body_bytes": self.body_bytes,
         }
 
     def to_record(self) -> dict[str, Any]:
@@ -105,6 +113,8 @@ class ApprovalRequest:
             path=str(data.get("path") or ""),
             patterns=tuple(data.get("patterns") or ()),
             grant_key=(key[0], key[1], key[2]) if len(key) == 3 else ("", "", ""),
+            preview=str(data.get("preview") or ""),
+            body_bytes=int(data.get("body_bytes") or 0),
         )
 
 

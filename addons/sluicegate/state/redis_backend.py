@@ -17,6 +17,7 @@ Keys (all under the deployment's `key_prefix`):
     g:<grant>     string  an active grant (JSON), expiring with it
     grants        zset    active grant ids by expiry
     history       stream  decisions and revocations (capped, approximately `history_size`)
+    activity      list    recently finished flows (JSON summaries, newest first, ACTIVITY_SIZE)
     rl:<limit>:<key-digest>  zset  sliding-window log of admitted requests (microseconds)
     events        channel changes, JSON (`StateEvent.to_wire`)
 
@@ -51,6 +52,7 @@ from redis.exceptions import RedisError
 
 from sluicegate.policy.ratelimit import Denied
 from sluicegate.state.base import (
+    ACTIVITY_SIZE,
     AlreadyResolved,
     Hold,
     LimitLike,
@@ -655,6 +657,32 @@ class RedisState(SharedState):
                 entries.append(_history_entry(fields))
             except (ValueError, KeyError, TypeError):
                 logger.warning("sluicegate: state: skipped a malformed history entry")
+        return entries
+
+    # -- activity ----------------------------------------------------------------------------
+
+    async def publish_activity(self, entries: Sequence[Any]) -> None:
+        if not entries:
+            return
+        key = self._key("activity")
+        pipe = self._client.pipeline(transaction=True)
+        pipe.lpush(key, *(json.dumps(e, separators=(",", ":")) for e in entries))
+        pipe.ltrim(key, 0, ACTIVITY_SIZE - 1)
+        pipe.publish(self._channel, StateEvent("activity", replica=self.replica).to_wire())
+        await self._call(pipe.execute())
+
+    async def activity(self, limit: int = 200) -> list[dict[str, Any]]:
+        if limit <= 0:
+            return []
+        raws = await self._call(self._client.lrange(self._key("activity"), 0, limit - 1))
+        entries: list[dict[str, Any]] = []
+        for raw in raws:
+            try:
+                entry = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(entry, dict):
+                entries.append(entry)
         return entries
 
     # -- grants -------------------------------------------------------------------------------
