@@ -102,6 +102,7 @@ def page(
         '<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{e(title)} · sluicegate</title>"
+        '<link rel="icon" href="/console/static/favicon.svg">'
         '<link rel="stylesheet" href="/console/static/console.css">'
         '<script src="/console/static/console.js" defer></script>'
         "</head><body>"

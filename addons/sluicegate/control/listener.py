@@ -219,6 +219,10 @@ class ControlListener:
             await self._write(writer, response)
         except (ConnectionError, OSError):
             pass
+        except asyncio.CancelledError:
+            # The listener stops (or the loop shuts down) while a stream is open: this task is
+            # the connection's top level, so ending quietly is all there is to do.
+            pass
         finally:
             self._writers.discard(writer)
             writer.close()
