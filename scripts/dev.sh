@@ -85,8 +85,23 @@ ensure_redis() {
     }
 }
 
+# The console's browser tests drive Debian's Chromium (never a browser Playwright downloads):
+# install it when missing, like redis-server.
+ensure_chromium() {
+    command -v chromium >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "==> installing chromium"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    fi
+    command -v chromium >/dev/null 2>&1 || {
+        echo "error: chromium is required by the console's browser tests (apt-get install chromium)" >&2
+        exit 1
+    }
+}
+
 test_suite() {
     ensure_redis
+    ensure_chromium
     venv test
     echo "==> ruff"
     "$VENV/bin/ruff" check .

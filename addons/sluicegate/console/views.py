@@ -499,7 +499,8 @@ def flow_page(record: FlowRecord, info: SessionInfo, command: str) -> str:
     if isinstance(timings, dict) and timings.get("total_ms") is not None:
         facts.append(("Duration", f"{timings['total_ms']} ms"))
     if stream is not None:
-        facts.append(("Stream", f"{stream.get('bytes_sent')} bytes sent, cut: {stream.get('cut')}"))
+        cut = f"cut: {stream['cut']}" if stream.get("cut") else "complete"
+        facts.append(("Stream", f"{stream.get('bytes_sent')} bytes sent, {cut}"))
     if isinstance(meta.get("refusal"), dict):
         refusal = meta["refusal"]
         facts.append(("Refused", f"{refusal.get('status')} {refusal.get('code')}"))
