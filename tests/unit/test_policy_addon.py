@@ -16,9 +16,10 @@ from mitmproxy.test import tflow, tutils
 
 from sluicegate.config import load_config
 from sluicegate.mitm import flowstate
-from sluicegate.mitm.policy import Policy, Runtime
-from sluicegate.policy.decisions import RESPONSE_POLICY_KEY
+from sluicegate.mitm.policy import Policy, PreviewRedaction, Runtime
+from sluicegate.policy.decisions import RESPONSE_POLICY_KEY, Phase
 from sluicegate.policy.stream import ResponsePolicy, sse_error_event
+from sluicegate.redaction.redactor import LiteralSecret
 
 TOKEN_ENV = "SLUICEGATE_TEST_ADDON_ADMIN"
 HS_ENV = "SLUICEGATE_TEST_ADDON_HS"
@@ -371,3 +372,30 @@ def test_streamed_response_no_scanner_saw_is_flagged(
     asyncio.run(h.addon.response(flow))
     assert h.policy(flow)["response"] == {"unchecked_stream": True}
     assert "response rules did not see streamed response" in caplog.text
+
+
+# -- previews of held bodies ----------------------------------------------------------------------
+
+GITHUB = "ghp_" + "Zq7kLm2Np9Rt4Vx8Bc1Df6Gh3Jk5Mn0Pq2Rs"
+
+
+def test_previews_are_redacted_whole_then_cut_and_binary_bodies_are_not_shown(
+    config_file: Path,
+) -> None:
+    config = load_config(config_file)
+    preview = PreviewRedaction(config, 40)
+    request = Phase.REQUEST
+    # The secret straddles the cut: redacting first means no half of it survives.
+    body = json.dumps({"note": "x" * 30 + f" {GITHUB} tail"}).encode()
+    text = preview.text(body, "application/json", request, None, [])
+    assert "ghp_" not in text and text.endswith(" [...]") and len(text) <= 46
+    whole = preview.text(body, "application/json", request, None, [])
+    assert GITHUB[:10] not in whole
+    # Unknown types are redacted as text; binary is never shown.
+    assert GITHUB not in preview.text(GITHUB.encode(), "application/x-custom", request, None, [])
+    shown = preview.text(b"\x89PNG" + GITHUB.encode(), "image/png", request, None, [])
+    assert GITHUB not in shown and "not shown" in shown
+    # A response preview also loses the flow's injected key.
+    key = LiteralSecret("injected-credential:openai", "sk-test-" + "k" * 32)
+    answer = preview.text(f"echo {key.value}".encode(), "text/plain", Phase.RESPONSE, None, [key])
+    assert key.value not in answer and "[REDACTED:injected-credential" in answer

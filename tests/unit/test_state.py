@@ -30,6 +30,7 @@ from sluicegate.state import (
     grant_id,
     request_digest,
 )
+from sluicegate.state.base import ACTIVITY_SIZE
 from tests.support.pki import TestCA
 from tests.support.redis_server import RedisServer
 
@@ -671,8 +672,49 @@ def test_the_documented_acl_is_enough(tmp_path: Path) -> None:
                 await b.revoke(grant_id(KEY), by="bob", reason="r")
                 assert len(await a.history()) == 2
                 assert await a.pending() == []
+                await a.publish_activity([{"flow_id": "f1"}])
+                assert await b.activity(5) == [{"flow_id": "f1"}]
             finally:
                 await a.close()
                 await b.close()
 
         run(main())
+
+
+# -- activity feed ------------------------------------------------------------------------------
+
+
+def test_activity_is_shared_newest_first_bounded_and_announced(backend: Factory) -> None:
+    async def main() -> None:
+        async with backend("r1") as one, backend("r2") as two:
+            # Redis: every replica hears of it; memory: this process only.
+            subscription = (two if one.kind == "redis" else one).subscribe()
+            await one.publish_activity([{"flow_id": "a", "n": 1}, {"flow_id": "b", "n": 2}])
+            event = await subscription.get(5)
+            assert event is not None and event.kind == "activity"
+            subscription.close()
+            mine = await one.activity(10)
+            assert [e["flow_id"] for e in mine] == ["b", "a"]
+            if one.kind == "redis":  # every replica's flows, from any replica
+                assert [e["flow_id"] for e in await two.activity(10)] == ["b", "a"]
+            await one.publish_activity([{"flow_id": str(i)} for i in range(ACTIVITY_SIZE + 5)])
+            everything = await one.activity(ACTIVITY_SIZE * 2)
+            assert len(everything) == ACTIVITY_SIZE
+            assert everything[0]["flow_id"] == str(ACTIVITY_SIZE + 4)
+            assert await one.activity(0) == []
+
+    run(main())
+
+
+def test_activity_falls_back_to_local_memory(redis_server: RedisServer) -> None:
+    async def main() -> None:
+        down = RedisSettings(url="redis://127.0.0.1:1/0", key_prefix="x:", timeout_seconds=0.2)
+        state = LocalFallback(RedisState(down, "r1"), MemoryState("r1"))
+        await state.start()
+        try:
+            await state.publish_activity([{"flow_id": "local", "time": "2026"}])
+            assert [e["flow_id"] for e in await state.activity(5)] == ["local"]
+        finally:
+            await state.close()
+
+    run(main())

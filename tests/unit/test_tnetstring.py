@@ -82,3 +82,18 @@ def test_odd_values_follow_the_reference() -> None:
         with pytest.raises(Exception) as theirs:
             reference.dumps(bad)
         assert type(ours.value) is type(theirs.value)
+
+
+@given(values)
+def test_loads_reads_what_mitmproxy_reads(value: Any) -> None:
+    data = reference.dumps(value)
+    assert tnetstring.loads(data) == reference.loads(data)
+
+
+def test_loads_reads_a_real_flow_and_refuses_garbage() -> None:
+    flow = tflow.tflow(resp=True)
+    data = reference.dumps(flow.get_state())
+    assert tnetstring.loads(data) == reference.loads(data)
+    for bad in (b"", b"5:abc,", b"3:abc?", b"x:abc,", b"3:abc,extra", b"4:true!x", b"1:a~"):
+        with pytest.raises(tnetstring.TNetStringError):
+            tnetstring.loads(bad)

@@ -665,7 +665,8 @@ class RedisState(SharedState):
         if not entries:
             return
         key = self._key("activity")
-        pipe = self._client.pipeline(transaction=True)
+        # No MULTI (not in the documented ACL): a trim racing another replica's push is harmless.
+        pipe = self._client.pipeline(transaction=False)
         pipe.lpush(key, *(json.dumps(e, separators=(",", ":")) for e in entries))
         pipe.ltrim(key, 0, ACTIVITY_SIZE - 1)
         pipe.publish(self._channel, StateEvent("activity", replica=self.replica).to_wire())
