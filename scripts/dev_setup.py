@@ -5,6 +5,7 @@
 - certs/secrets/           upstream credentials the gateway injects, one file each: taken from
                            OPENAI_API_KEY / ANTHROPIC_API_KEY when set, else a placeholder
 - certs/recording/         the Ed25519 key that signs recorded sessions (signing.pem, .pub)
+- certs/console/           the admin token of the approvals API and the web console (admin-token)
 
 Nothing here is for production: a production gateway uses the org's IdP (JWKS URL) and mounted
 secrets, see docs/DEPLOYMENT.md.
@@ -13,6 +14,7 @@ secrets, see docs/DEPLOYMENT.md.
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -57,6 +59,17 @@ def ensure_recording_key(directory: Path) -> Path:
     return private
 
 
+def ensure_admin_token(directory: Path) -> Path:
+    """The control listener's admin token (approvals CLI, console sign-in); random, 0600."""
+    path = directory / "admin-token"
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    return path
+
+
 def ensure_secrets(directory: Path) -> list[str]:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     placeholders = []
@@ -78,9 +91,11 @@ def main() -> int:
     key = ensure_signing_key(CERTS / "dev-signing-key")
     placeholders = ensure_secrets(CERTS / "secrets")
     recording_key = ensure_recording_key(CERTS / "recording")
+    admin_token = ensure_admin_token(CERTS / "console")
     print(f"gateway CA:        {ca}")
     print(f"dev signing key:   {key}")
     print(f"recording key:     {recording_key}")
+    print(f"console token:     {admin_token} (http://127.0.0.1:8790/console/)")
     for line in placeholders:
         print(f"placeholder key:   {line}")
     return 0
