@@ -264,6 +264,8 @@ def test_activity_and_a_recorded_flow_with_redaction_tags_and_the_decision(
     assert "mitmweb -r" in page.content()
     views = [a for a in audit_lines(gw) if a.get("action") == "view_flow"]
     assert views[-1]["by"] == "oidc:erin"
+    api_decisions = [a for a in audit_lines(gw) if a.get("event") == "approvals_api"]
+    assert api_decisions[-1]["by"] == "api:cli" and api_decisions[-1]["outcome"] == "approved"
 
     page.goto(f"{gw.console}/console/sessions")  # type: ignore[attr-defined]
     assert page.query_selector("#sessions .badge.verify-ok, #sessions .badge.verify-unsealed")

@@ -19,12 +19,14 @@ unreachable, answers are 503 `state_unavailable`. No module here imports mitmpro
 
 from __future__ import annotations
 
+import datetime
 import hmac
 import json
 import logging
 import math
 import re
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 from sluicegate.approvals.service import Approvals
@@ -56,8 +58,10 @@ class ControlServer:
         admin_token: SecretRef,
         max_grant_minutes: float,
         require_reason: bool = True,
+        audit: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.approvals = approvals
+        self.audit = audit
         self.require_reason = require_reason
         self.admin_token = admin_token
         self.max_grant_minutes = max_grant_minutes
@@ -209,6 +213,14 @@ class ControlServer:
                 "message": f"the approval was already {e.resolution.outcome}",
                 "resolution": e.resolution.as_metadata(),
             }
+        self._audit(
+            "decide",
+            approver,
+            approval_id=approval_id,
+            outcome=resolution.outcome,
+            reason=reason,
+            grant_minutes=resolution.grant_minutes,
+        )
         return 200, resolution.as_metadata()
 
     async def _revoke(self, grant_id: str, body: bytes) -> tuple[int, dict[str, Any]]:
@@ -222,7 +234,26 @@ class ControlServer:
             grant = await self.approvals.revoke(grant_id, by=approver, reason=reason)
         except UnknownGrant:
             return 404, {"error": "unknown_grant", "message": "no such active grant"}
+        self._audit(
+            "revoke", approver, grant_id=grant_id, approval_id=grant.approval_id, reason=reason
+        )
         return 200, {"revoked": grant.as_json(), "by": approver, "reason": reason}
+
+    def _audit(self, action: str, approver: str, **fields: Any) -> None:
+        """Decisions made through the API go to the audit log too (the approver as given)."""
+        if self.audit is None:
+            return
+        entry = {
+            "time": datetime.datetime.now(datetime.UTC).isoformat(),
+            "event": "approvals_api",
+            "action": action,
+            "by": f"api:{approver}",
+            **fields,
+        }
+        try:
+            self.audit(entry)
+        except Exception:
+            logger.exception("sluicegate: approvals API: audit line not written")
 
     def _authorized(self, header: str) -> bool:
         scheme, _, given = header.partition(" ")

@@ -211,6 +211,7 @@ class Policy(GatewayAddon):
             admin_token=settings.admin_token,
             max_grant_minutes=settings.max_grant_minutes,
             require_reason=settings.require_reason,
+            audit=CONSOLE.audit,
         )
         try:
             port = server.start()
