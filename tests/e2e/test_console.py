@@ -39,8 +39,6 @@ if TYPE_CHECKING:
     from tests.support.pki import TestCA
     from tests.support.tokens import TestIdP
 
-pytest.importorskip("playwright.sync_api")
-
 
 @pytest.fixture(scope="module")
 def console_gateway(

@@ -303,12 +303,14 @@ def test_everything_shown_is_escaped_and_pages_carry_the_security_headers() -> N
 # -- recordings ---------------------------------------------------------------------------------
 
 
-def write_session(directory: Path, states: list[dict[str, Any]]) -> tuple[SessionStore, str]:
+def write_session(
+    directory: Path, states: list[dict[str, Any]], identity: str = "alice"
+) -> tuple[SessionStore, str]:
     signer = chain.Signer.generate()
     store = SessionStore(directory, signer, Limits(1 << 30, 3600, 300, None, None, 0))
     name = ""
     for state in states:
-        receipt = store.write("alice", state["id"], tnetstring.dumps(state))
+        receipt = store.write(identity, state["id"], tnetstring.dumps(state))
         name = receipt.session
     store.close("test")
     return store, name
@@ -477,5 +479,22 @@ def test_listener_mounts_by_prefix_and_streams_until_stopped() -> None:
         listener.stop()
         assert await asyncio.wait_for(reader.read(), 5) == b""  # stop ends open streams
         writer.close()
+
+    run(main())
+
+
+def test_sessions_of_email_identities_open_through_their_links(tmp_path: Path) -> None:
+    _, name = write_session(tmp_path, [flow_state(b"x")], identity="carol@example.com")
+    assert "@" in name
+
+    async def main() -> None:
+        h = Harness(Recordings(tmp_path))
+        await h.sign_in()
+        listing = await h.call("GET", "/console/sessions")
+        link = re.search(rb'href="(/console/sessions/[^"]+)"', listing.body)
+        assert link is not None
+        assert (await h.call("GET", link.group(1).decode())).status == 200
+        quoted = f"/console/flows/{name.replace('@', '%40')}/0"
+        assert (await h.call("GET", quoted)).status == 200
 
     run(main())

@@ -29,6 +29,7 @@ import math
 import re
 import secrets
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -123,7 +124,8 @@ class Console:
     # -- dispatch -----------------------------------------------------------------------------
 
     async def __call__(self, request: Request) -> Response:
-        path = request.path.rstrip("/") or "/"
+        # Links quote session names; what a browser sends percent-encoded means the same.
+        path = urllib.parse.unquote(request.path).rstrip("/") or "/"
         if not host_allowed(request, self.settings.allowed_hosts):
             return self._text(421, "This console is not served under that host name.")
         if path.startswith("/console/static/"):

@@ -46,7 +46,7 @@ def e(value: Any) -> str:
 
 
 def q(value: str) -> str:
-    return urllib.parse.quote(value, safe="/")
+    return urllib.parse.quote(value, safe="/@")
 
 
 def iso(ts: Any) -> str:
