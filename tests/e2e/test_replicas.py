@@ -589,3 +589,71 @@ def test_json_payload_reaches_the_webhook_with_its_parts(
         assert json.dumps(body).count(token) == 0
         a.api(f"/v1/approvals/{approval['id']}/deny", "POST", json={"approver": "s", "reason": "r"})
         assert held.result(timeout=15).status_code == 403
+
+
+# -- the console across replicas ------------------------------------------------------------------
+
+
+def test_the_console_of_either_replica_shows_both_replicas_flows_with_one_sign_in(
+    tmp_path: Path,
+    pki: TestCA,
+    base_config: dict,
+    redis_server: RedisServer,
+    hooks: Hooks,
+    idp: TestIdP,
+    upstream: FakeUpstream,
+) -> None:
+    from tests.support.gateway import recording_section
+
+    prefix = f"e2e:{secrets.token_hex(4)}:"
+    replicas = []
+    for name in ("a", "b"):
+        cfg = replica_config(base_config, REDIS_URL_ENV, prefix)
+        cfg["console"] = {}
+        cfg["recording"] = recording_section(tmp_path / f"{name}-recordings")
+        gw = Gateway(
+            cfg,
+            tmp_path / name,
+            upstream_ca=pki.cert_file,
+            env={
+                UPSTREAM_KEY_ENV: UPSTREAM_KEY,
+                ADMIN_ENV: ADMIN_TOKEN,
+                REDIS_URL_ENV: redis_server.url,
+                HOOK_ENV: hooks.url,
+            },
+        )
+        replicas.append(gw)
+    try:
+        a, b = (Replica(gw.start()) for gw in replicas)
+        for replica, subject in ((a, "agent-on-a"), (b, "agent-on-b")):
+            token = idp.mint(subject, ["agents"])
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+            response = replica.request(
+                token, "POST", upstream.url("/v1/chat/completions"), json=body
+            )
+            assert response.status_code == 200
+
+        with httpx.Client(trust_env=False, timeout=10) as browser:
+            page = browser.get(f"{b.api_url}/console/signin")
+            pre = re.search(r'name="pre" value="([^"]+)"', page.text)
+            assert pre is not None
+            signed = browser.post(
+                f"{b.api_url}/console/signin",
+                data={"pre": pre.group(1), "token": ADMIN_TOKEN, "name": "ops"},
+                headers={"origin": b.api_url},
+            )
+            assert signed.status_code == 303
+            # The session signed on B is good on A (no sticky sessions), and both consoles list
+            # both replicas' flows.
+            for replica in (a, b):
+                deadline = time.monotonic() + 10
+                while True:
+                    part = browser.get(f"{replica.api_url}/console/partials/activity")
+                    assert part.status_code == 200
+                    if "agent-on-a" in part.text and "agent-on-b" in part.text:
+                        break
+                    assert time.monotonic() < deadline, part.text
+                    time.sleep(0.1)
+    finally:
+        for gw in replicas:
+            gw.stop()
