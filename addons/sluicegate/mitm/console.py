@@ -100,7 +100,9 @@ class ConsoleWiring:
             logger.error("sluicegate: console audit line could not be written: %s", entry)
 
     def publish(self, audit_line: dict[str, Any], meta: dict[str, Any]) -> None:
-        """A recorded flow, for the Activity view (never raises)."""
+        """A recorded flow, for the Activity view (never raises; nothing without a console)."""
+        if self.console is None:
+            return
         try:
             self.feed.publish(summary(audit_line, meta, self.replica))
         except Exception:
