@@ -665,7 +665,16 @@ def test_decisions_are_in_the_recording_and_the_audit_log(
     assert blocked.status_code == 403
     gw.stop()
 
-    lines = {line["method"]: line for line in map(json.loads, audit.read_text().splitlines())}
+    entries = [json.loads(line) for line in audit.read_text().splitlines()]
+    # Flow lines, and (without a flow) who decided through the approvals API.
+    lines = {line["method"]: line for line in entries if "flow_id" in line}
+    (decided,) = [line for line in entries if line.get("event") == "approvals_api"]
+    assert (decided["action"], decided["by"], decided["outcome"]) == (
+        "decide",
+        "api:sam",
+        "approved",
+    )
+    assert decided["approval_id"] == approval["id"] and decided["reason"] == "ticket 7"
     assert lines["DELETE"]["decision"] == "approved"
     # /echo quotes the request headers: Redaction masked the injected key in the answer.
     assert lines["DELETE"]["rules"] == {"deletes-need-approval": 1, "key-authorization": 1}
