@@ -267,6 +267,7 @@ def test_activity_and_a_recorded_flow_with_redaction_tags_and_the_decision(
 
     page.goto(f"{gw.console}/console/sessions")  # type: ignore[attr-defined]
     assert page.query_selector("#sessions .badge.verify-ok, #sessions .badge.verify-unsealed")
+    assert page.get_attribute("#directory-verdict", "data-failed") == "false"
     page.goto(f"{gw.console}/console/approvals")  # type: ignore[attr-defined]
     assert page.query_selector("form.decide") is None  # investigators cannot decide
 

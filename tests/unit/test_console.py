@@ -498,3 +498,26 @@ def test_sessions_of_email_identities_open_through_their_links(tmp_path: Path) -
         assert (await h.call("GET", quoted)).status == 200
 
     run(main())
+
+
+def test_the_sessions_view_checks_the_signed_index_like_sessions_verify(tmp_path: Path) -> None:
+    signer = chain.Signer.generate()
+    store = SessionStore(tmp_path, signer, Limits(1 << 30, 3600, 300, None, None, 0))
+    names = [
+        store.write(who, state["id"], tnetstring.dumps(state)).session
+        for who, state in (("alice", flow_state(b"a")), ("bob", flow_state(b"b")))
+    ]
+    store.close("test")
+
+    async def main() -> None:
+        h = Harness(Recordings(tmp_path, signer.public_key))
+        await h.sign_in()
+        listing = await h.call("GET", "/console/sessions")
+        assert b'data-failed="false"' in listing.body and b"verify-ok" in listing.body
+        (tmp_path / names[1]).unlink()
+        (tmp_path / (names[1] + ".chain")).unlink()
+        listing = await h.call("GET", "/console/sessions")
+        assert b'data-failed="true"' in listing.body
+        assert b"session_missing" in listing.body and names[1].encode() in listing.body
+
+    run(main())

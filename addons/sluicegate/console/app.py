@@ -373,10 +373,10 @@ class Console:
     # -- sessions -----------------------------------------------------------------------------
 
     async def _sessions_page(self, user: ConsoleUser) -> Response:
-        infos = []
+        overview = None
         if self.recordings is not None:
-            infos = await asyncio.to_thread(self.recordings.sessions)
-        body = views.sessions_page(infos, configured=self.recordings is not None)
+            overview = await asyncio.to_thread(self.recordings.overview)
+        body = views.sessions_page(overview)
         return self._html(200, self._frame(user, "Sessions", body, "sessions"))
 
     async def _session_page(self, user: ConsoleUser, name: str) -> Response:

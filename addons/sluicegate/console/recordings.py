@@ -2,9 +2,12 @@
 
 Reads what the recorder wrote (`recording/`): `<identity>/<session>.mitm` files of tnetstring
 records (decoded with `recording.tnetstring`, no mitmproxy) and their signed `.mitm.chain`
-sidecars, verified with `recording.chain.verify` as `sessions verify` does (against the
-gateway's own public key when the console has it). Verification is cached per file version and
-runs on a worker thread, so a large directory never stalls the proxy's event loop.
+sidecars. Verification is what `sessions verify` does, against the gateway's own public key:
+each session's chain (`chain.verify`, cached per file version), that it sits where its signed
+opening says, and the signed session index of every gateway run (`index.verify_index`,
+`index.check_sessions`): deleted, unindexed, cut and crashed sessions, broken or forked runs.
+(The audit log's own check stays with `sessions verify`.) It runs on a worker thread, so a large
+directory never stalls the proxy's event loop.
 
 Paths come from the browser: a session is named by `<directory>/<file>` relative to the
 recording directory and must be exactly one of the listed files (no `..`, no symlinks out).
@@ -23,6 +26,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from sluicegate.recording import chain, tnetstring
+from sluicegate.recording import index as index_mod
 from sluicegate.recording.facts import decision, rules_fired
 
 SESSION_SUFFIX = ".mitm"
@@ -39,9 +43,19 @@ class SessionInfo:
     flows: int
     size: int
     sealed: str | None  # the seal's reason, None while open (or killed)
-    status: str  # ok | unsealed | failed | no_chain
+    status: str  # ok | unsealed | crashed | failed
     findings: tuple[str, ...]
     key_trusted: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Overview:
+    """The directory as `sessions verify` sees it (newest sessions first)."""
+
+    sessions: list[SessionInfo]
+    findings: list[str]  # directory-level: deleted sessions, runs, no index...
+    failed: bool
+    runs: list[tuple[str, str, str]]  # (run, state, gateway)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,11 +107,11 @@ class Recordings:
         self.directory = directory
         self.trusted_key = trusted_key
         self._lock = threading.Lock()
-        self._verdicts: dict[str, tuple[tuple[int, int, int, int], SessionInfo]] = {}
+        self._verdicts: dict[str, tuple[tuple[int, int, int, int], SessionInfo, chain.Verdict]] = {}
 
     # -- sessions -----------------------------------------------------------------------------
 
-    def session_files(self) -> list[Path]:
+    def session_files(self, limit: int | None = MAX_SESSIONS) -> list[Path]:
         if not self.directory.is_dir():
             return []
         files = [
@@ -106,12 +120,63 @@ class Recordings:
             if p.is_file() and not p.is_symlink() and not p.parent.is_symlink()
         ]
         files.sort(key=lambda p: (p.name, p.parent.name), reverse=True)  # newest first
-        return files[:MAX_SESSIONS]
+        return files if limit is None else files[:limit]
 
     def sessions(self) -> list[SessionInfo]:
-        """Every session, newest first, each verified (cached while its files are unchanged).
-        Blocking: call it on a worker thread."""
+        """The newest sessions, each verified alone (cached while its files are unchanged)."""
         return [self.info(path) for path in self.session_files()]
+
+    def overview(self) -> Overview:
+        """Every session checked as `sessions verify` checks the directory (blocking: call it
+        on a worker thread); the newest MAX_SESSIONS are listed."""
+        files = self.session_files(None)
+        verdicts: dict[str, chain.Verdict] = {}
+        infos: dict[str, SessionInfo] = {}
+        for path in files:
+            info = self.info(path)
+            infos[info.name] = info
+            verdicts[info.name] = self._verdicts[info.name][2]
+        findings: list[str] = []
+        failed = False
+        indexed = index_mod.verify_index(self.directory, self.trusted_key)
+        per_session: dict[str, list[chain.Finding]] = {}
+        runs: list[tuple[str, str, str]] = []
+        if indexed is None:
+            if files:
+                findings.append(
+                    f"no_index: {self.directory} has no session index: sessions could have "
+                    "been deleted unnoticed"
+                )
+                failed = True
+        else:
+            per_session = index_mod.check_sessions(indexed, verdicts)
+            for finding in indexed.findings + per_session.pop("", []):
+                findings.append(str(finding))
+                failed = failed or finding.fatal
+            runs = [(r.name, r.state, str(r.opening.get("gateway", "?"))) for r in indexed.runs]
+        listed = []
+        for path in files[:MAX_SESSIONS]:
+            info = infos[f"{path.parent.name}/{path.name}"]
+            verdict = verdicts[info.name]
+            extra = list(per_session.get(info.name, []))
+            if verdict.session is not None and verdict.session != info.name:
+                extra.append(
+                    chain.Finding(
+                        "misplaced", f"recorded as {verdict.session}: moved or copied here"
+                    )
+                )
+            if extra:
+                status = info.status
+                if any(f.fatal for f in extra):
+                    status = "failed"
+                elif status == "unsealed" and any(f.kind == "session_crashed" for f in extra):
+                    status = "crashed"
+                info = dataclasses.replace(
+                    info, status=status, findings=info.findings + tuple(str(f) for f in extra)
+                )
+            failed = failed or info.status == "failed"
+            listed.append(info)
+        return Overview(listed, findings, failed, runs)
 
     def resolve(self, name: str) -> Path | None:
         """The session file a browser-supplied name stands for, or None."""
@@ -140,12 +205,12 @@ class Recordings:
             cached = self._verdicts.get(name)
         if cached is not None and cached[0] == stamp:
             return cached[1]
-        info = self._verify(name, path, sidecar)
+        info, verdict = self._verify(name, path, sidecar)
         with self._lock:
-            self._verdicts[name] = (stamp, info)
+            self._verdicts[name] = (stamp, info, verdict)
         return info
 
-    def _verify(self, name: str, path: Path, sidecar: Path) -> SessionInfo:
+    def _verify(self, name: str, path: Path, sidecar: Path) -> tuple[SessionInfo, chain.Verdict]:
         try:
             data = path.read_bytes()
         except OSError:
@@ -156,16 +221,17 @@ class Recordings:
             chain_text = None
         if chain_text is None:
             spans, _ = chain.split_records(data)
+            missing = chain.Finding("no_chain", f"{sidecar.name} is missing")
             return SessionInfo(
-                name, path, path.parent.name, None, len(spans), len(data), None, "no_chain",
-                (f"{sidecar.name} is missing",), False,
-            )  # fmt: skip
+                name, path, path.parent.name, None, len(spans), len(data), None, "failed",
+                (str(missing),), False,
+            ), chain.Verdict(None, 0, len(spans), False, None, False, [missing])  # fmt: skip
         summary = chain.summarize(chain_text)
         opening = summary.get("opening") or {}
         seal = summary.get("seal")
         verdict = chain.verify(data, chain_text, trusted_key=self.trusted_key, record_id=_record_id)
         created = opening.get("created")
-        return SessionInfo(
+        info = SessionInfo(
             name=name,
             path=path,
             identity=str(opening.get("identity") or path.parent.name),
@@ -177,6 +243,7 @@ class Recordings:
             findings=tuple(str(f) for f in verdict.findings),
             key_trusted=verdict.key_trusted,
         )
+        return info, verdict
 
     # -- flows --------------------------------------------------------------------------------
 

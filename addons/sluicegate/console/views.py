@@ -17,7 +17,7 @@ import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sluicegate.console.recordings import FlowRecord, SessionInfo, text
+from sluicegate.console.recordings import FlowRecord, Overview, SessionInfo, text
 from sluicegate.state import Approval, Grant, HistoryEntry
 
 MAX_BODY_CHARS = 64 * 1024
@@ -350,14 +350,14 @@ def activity_rows(entries: Sequence[Mapping[str, Any]]) -> str:
 # -- sessions -----------------------------------------------------------------------------------
 
 
-def sessions_page(infos: Sequence[SessionInfo], *, configured: bool) -> str:
-    if not configured:
+def sessions_page(overview: Overview | None) -> str:
+    if overview is None:
         return (
             "<section><h1>Sessions</h1><p>Recording is not configured on this gateway "
             "(no <code>recording:</code> section).</p></section>"
         )
     rows = []
-    for s in infos:
+    for s in overview.sessions:
         findings = "; ".join(s.findings[:3]) + (" ..." if len(s.findings) > 3 else "")
         trust = "" if s.key_trusted else ' <span class="muted">(embedded key)</span>'
         rows.append(
@@ -368,11 +368,24 @@ def sessions_page(infos: Sequence[SessionInfo], *, configured: bool) -> str:
             f'<td><a href="/console/sessions/{q(s.name)}">flows</a></td></tr>'
         )
     body = "".join(rows) or '<tr><td colspan="7" class="empty">No sessions recorded.</td></tr>'
+    verdict = "tampered with" if overview.failed else "consistent"
+    findings = "".join(f"<li>{e(f)}</li>" for f in overview.findings)
+    runs = "".join(
+        f"<li><code>{e(name)}</code> gateway {e(gateway)}: {e(state)}</li>"
+        for name, state, gateway in overview.runs[-5:]
+    )
     return (
         "<section><h1>Recorded sessions</h1>"
-        '<p class="hint">Verified like <code>sessions verify</code>: the signed hash chain of '
-        "every session, against the gateway's own key.</p>"
-        '<table class="grid" id="sessions"><thead><tr><th>Created (UTC)</th><th>Identity</th>'
+        '<p class="hint">Verified as <code>sessions verify</code> does, against the gateway\'s '
+        "own key: each session's signed hash chain and where it sits, and the signed session "
+        "index of every gateway run (deleted, cut, crashed and unindexed sessions). The audit "
+        "log's own check: <code>python -m sluicegate sessions verify</code>.</p>"
+        f'<p id="directory-verdict" data-failed="{str(overview.failed).lower()}">Directory: '
+        f'<span class="badge verify-{"failed" if overview.failed else "ok"}">{verdict}</span>'
+        "</p>"
+        + (f'<ul class="findings" id="directory-findings">{findings}</ul>' if findings else "")
+        + (f"<details><summary>Gateway runs</summary><ul>{runs}</ul></details>" if runs else "")
+        + '<table class="grid" id="sessions"><thead><tr><th>Created (UTC)</th><th>Identity</th>'
         "<th>Flows</th><th>Bytes</th><th>Sealed</th><th>Verification</th><th></th></tr>"
         f"</thead><tbody>{body}</tbody></table></section>"
     )
