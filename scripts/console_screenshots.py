@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "addons"), str(ROOT)]
@@ -88,7 +89,7 @@ def main() -> int:
     pool = concurrent.futures.ThreadPoolExecutor(4)
     try:
 
-        def agent(subject: str, method: str, path: str, **kw: object) -> httpx.Response:
+        def agent(subject: str, method: str, path: str, **kw: Any) -> httpx.Response:
             with gw.client(idp.mint(subject, ("agents",)), timeout=60) as client:
                 return client.request(method, upstream.url(path), **kw)
 

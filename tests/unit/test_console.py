@@ -239,7 +239,7 @@ def test_approver_groups_by_token_and_investigators_may_not_decide() -> None:
             "approvers": frozenset({"approvers"}),
             "investigators": frozenset({"investigators"}),
         }
-        h = Harness(verify=verify, **settings)
+        h = Harness(None, verify, **settings)
         assert (await h.sign_in("a.b.agent")).status == 401
         assert (await h.sign_in("a.b.nonsense")).status == 401
         assert (await h.sign_in("a.b.investigator")).status == 303
@@ -319,6 +319,7 @@ def write_session(
 def flow_state(body: bytes, **meta: Any) -> dict[str, Any]:
     flow = tflow.tflow(resp=True)
     flow.request.content = body
+    assert flow.response is not None
     flow.response.content = b"<script>alert(2)</script>"
     flow.metadata["sluicegate"] = {"caller": {"subject": "alice"}, "route": "openai", **meta}
     return flow.get_state()

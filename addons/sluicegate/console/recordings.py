@@ -79,7 +79,7 @@ class FlowRecord:
         req = self.state.get("request") or {}
         resp = self.state.get("response")
         sg = self.meta
-        caller = sg.get("caller") if isinstance(sg.get("caller"), dict) else {}
+        caller: dict[str, Any] = sg["caller"] if isinstance(sg.get("caller"), dict) else {}
         return {
             "flow_id": self.id,
             "session": self.session,

@@ -489,14 +489,14 @@ def flow_page(record: FlowRecord, info: SessionInfo, command: str) -> str:
     s = record.summary()
     req = state.get("request") or {}
     resp = state.get("response") if isinstance(state.get("response"), dict) else None
-    redaction = meta.get("redaction") if isinstance(meta.get("redaction"), dict) else {}
+    redaction: dict[str, Any] = meta["redaction"] if isinstance(meta.get("redaction"), dict) else {}
     counts = "".join(
         f'<li><span class="count">{"↑" if side == "request" else "↓"}{e(rule)} &times;{e(n)}</span>'
         f" {e(side)}</li>"
         for side in ("request", "response")
         for rule, n in sorted((redaction.get(side) or {}).items())
     )
-    caller = meta.get("caller") if isinstance(meta.get("caller"), dict) else {}
+    caller: dict[str, Any] = meta["caller"] if isinstance(meta.get("caller"), dict) else {}
     stream = meta.get("stream") if isinstance(meta.get("stream"), dict) else None
     sealed = meta.get("sealed")
     error = state.get("error")
