@@ -1,0 +1,246 @@
+"""Adversarial smoke run: known attack classes against a real gateway; exit 1 on any leak.
+
+    python scripts/adversarial_smoke.py [-k SUBSTRING] [-v]
+
+One real `mitmdump -s addons/gateway.py` (token auth, an injected upstream key, the default rule
+pack both ways, recording on) in front of local upstreams the script starts: the fake
+OpenAI-style API (HTTP/1.1), a raw HTTP/1.1 upstream that writes any bytes, and an HTTP/2-only
+upstream. Each case is one attack (README "Redaction" and "Failure behaviour" list what the
+gateway does with each part of a message). A case passes when the gateway redacted or refused as
+documented; the whole run fails when any case failed, or when the injected key, the caller's
+token or a planted secret shows up anywhere it must not: what a client received, what an upstream
+received (for secrets the agent sent), the gateway's log, or a recording.
+
+CI runs it (scripts/dev.sh test); it takes well under a minute. Add a case: write a function
+`def case_x(s: Smoke) -> None` that performs the attack (`s.seen(...)` every byte the client
+got, `s.check(condition, what)` what must hold) and decorate it with `@case("name")`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "addons"), str(ROOT)]
+
+import httpx  # noqa: E402
+
+from tests.conftest import UPSTREAM_KEY, UPSTREAM_KEY_ENV, make_config  # noqa: E402
+from tests.support.gateway import Gateway, recording_section  # noqa: E402
+from tests.support.h2_wire import H2Upstream  # noqa: E402
+from tests.support.pki import TestCA  # noqa: E402
+from tests.support.raw_upstream import RawUpstream  # noqa: E402
+from tests.support.tokens import TestIdP  # noqa: E402
+from tests.support.upstream import FakeUpstream  # noqa: E402
+
+# A secret of the default rule pack, planted by agents (must not reach an upstream) and by
+# upstreams (must not reach the agent).
+SECRET = "ghp_" + "Sm0keTestTokenAbCdEfGhIjKlMnOpQrStUv12"
+TAG = "[REDACTED:github-token]"
+
+
+class CaseFailed(AssertionError):
+    pass
+
+
+class Smoke:
+    """What a case gets: the gateway, the upstreams, a caller token, and the bookkeeping."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        token: str,
+        api: FakeUpstream,
+        raw: RawUpstream,
+        h2: H2Upstream,
+    ) -> None:
+        self.gateway = gateway
+        self.token = token
+        self.api = api
+        self.raw = raw
+        self.h2 = h2
+        self.client_bytes: list[bytes] = []
+
+    def client(self, **kw: Any) -> httpx.Client:
+        return self.gateway.client(self.token, **kw)
+
+    def seen(self, *parts: bytes | str) -> None:
+        """Everything a client received: checked for the key, the token and the secret."""
+        for part in parts:
+            self.client_bytes.append(part.encode() if isinstance(part, str) else part)
+
+    def check(self, condition: object, what: str) -> None:
+        if not condition:
+            raise CaseFailed(what)
+
+
+Case = Callable[[Smoke], None]
+CASES: list[tuple[str, Case]] = []
+
+
+def case(name: str) -> Callable[[Case], Case]:
+    def register(fn: Case) -> Case:
+        CASES.append((name, fn))
+        return fn
+
+    return register
+
+
+# -- cases -----------------------------------------------------------------------------------------
+
+
+@case("request query and body: a secret never reaches the upstream")
+def case_request_query_and_body(s: Smoke) -> None:
+    with s.client() as client:
+        response = client.post(
+            s.api.url(f"/echo?key={SECRET}"), json={"prompt": f"use {SECRET} please"}
+        )
+    s.seen(response.content)
+    s.check(response.status_code == 200, f"status {response.status_code}")
+    s.check(TAG in response.text, "the echo shows the redaction tag")
+
+
+@case("response body: an echoed injected key is scrubbed")
+def case_response_body_echo(s: Smoke) -> None:
+    s.api.script.echo_credential = True
+    try:
+        with s.client() as client:
+            response = client.post(s.api.url("/v1/chat/completions"), json={"messages": []})
+    finally:
+        s.api.script.echo_credential = False
+    s.seen(response.content, str(response.headers))
+    s.check(response.status_code == 200, f"status {response.status_code}")
+
+
+@case("response header value: an echoed injected key is scrubbed")
+def case_response_header_value(s: Smoke) -> None:
+    def handler(sock: Any, request: Any) -> None:
+        key = request.headers.get("authorization", "")
+        body = b'{"ok": true}'
+        sock.sendall(
+            f"HTTP/1.1 200 OK\r\nx-debug: {key}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+
+    s.raw.handle("/header-value", handler)
+    with s.client() as client:
+        response = client.get(s.raw.url("/header-value"))
+    s.seen(response.content, str(response.headers.multi_items()))
+    s.check(response.status_code == 200, f"status {response.status_code}")
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+def start(workdir: Path) -> tuple[Gateway, TestIdP, FakeUpstream, RawUpstream, H2Upstream]:
+    pki = TestCA(workdir / "pki")
+    idp = TestIdP(workdir / "idp")
+    api = FakeUpstream(pki.issue("api-upstream"))
+    plain = FakeUpstream()
+    raw = RawUpstream(pki.issue("raw-upstream"))
+    h2 = H2Upstream(pki.issue("h2-upstream"))
+    config = copy.deepcopy(make_config(idp, api, plain))
+    key = {"env": UPSTREAM_KEY_ENV}
+    config["routes"] += [
+        {"name": "raw", "host": "127.0.0.1", "port": raw.port, "credential": key},
+        {"name": "h2", "host": "127.0.0.1", "port": h2.port, "credential": key},
+    ]
+    config["recording"] = recording_section(workdir / "recordings")
+    gateway = Gateway(
+        config,
+        workdir / "gateway",
+        upstream_ca=pki.cert_file,
+        env={UPSTREAM_KEY_ENV: UPSTREAM_KEY},
+    )
+    gateway.start()
+    return gateway, idp, api, raw, h2
+
+
+def leaks(smoke: Smoke, received: bytes) -> list[str]:
+    """Where the key, the token or the secret turned up."""
+    found = []
+    logs = smoke.gateway.settled_logs()
+    recordings = b"".join(p.read_bytes() for p in smoke.gateway.workdir.rglob("*.mitm"))
+    client = b"\n".join(smoke.client_bytes)
+    for name, needle in (("injected key", UPSTREAM_KEY), ("caller token", smoke.token)):
+        if needle.encode() in client:
+            found.append(f"{name} reached a client")
+        if needle in logs:
+            found.append(f"{name} in the gateway log")
+        if needle.encode() in recordings:
+            found.append(f"{name} in a recording")
+    if SECRET.encode() in client:
+        found.append("planted secret reached a client")
+    if SECRET.encode() in received:
+        found.append("planted secret reached an upstream")
+    if SECRET in logs:
+        found.append("planted secret in the gateway log")
+    if SECRET.encode() in recordings:
+        found.append("planted secret in a recording")
+    # The caller's token must never reach an upstream either.
+    if smoke.token.encode() in received:
+        found.append("caller token reached an upstream")
+    return found
+
+
+def upstream_bytes(smoke: Smoke) -> bytes:
+    parts = [got.raw() for got in smoke.api.received]
+    for got in smoke.raw.received:
+        head = "".join(f"{k}: {v}\n" for k, v in got.headers.items())
+        parts.append(f"{got.method} {got.path}\n{head}".encode() + got.body)
+    parts += [got.raw() for got in smoke.h2.received]
+    return b"\n".join(parts)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-k", default="", help="run only cases whose name contains this")
+    parser.add_argument("-v", action="store_true", help="print the gateway log at the end")
+    args = parser.parse_args()
+    began = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="sluicegate-smoke-") as tmp:
+        gateway, idp, api, raw, h2 = start(Path(tmp))
+        failed: list[str] = []
+        try:
+            smoke = Smoke(gateway, idp.mint(), api, raw, h2)
+            received: list[bytes] = []
+            for name, fn in CASES:
+                if args.k not in name:
+                    continue
+                try:
+                    fn(smoke)
+                except Exception as exc:
+                    detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+                    failed.append(f"{name}: {detail}")
+                    print(f"FAIL  {name}: {detail}")
+                else:
+                    print(f"ok    {name}")
+                received.append(upstream_bytes(smoke))
+                for server in (api, raw, h2):
+                    server.reset()
+            gateway.stop()  # seals the recordings; the log is complete
+            for leak in leaks(smoke, b"\n".join(received)):
+                failed.append(f"LEAK: {leak}")
+                print(f"LEAK  {leak}")
+            if args.v:
+                print(gateway.logs)
+        finally:
+            gateway.stop()
+            for server in (api, raw, h2):
+                server.close()
+    elapsed = time.monotonic() - began
+    print(f"{len(failed)} problem(s) in {elapsed:.1f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
