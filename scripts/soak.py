@@ -3,7 +3,7 @@
     python scripts/soak.py [--minutes 10] [--rate 200] [--workers 8] [--sample-seconds 30]
 
 One gateway (full chain: token auth, a route with an injected credential, the default rule pack
-both ways, a policy block rule, recording on; approvals off) in front of scripts/fast_upstream.py.
+both ways, a policy block rule, recording on; approvals off) in front of bench/upstream.py.
 Workers send a weighted mix, paced to `--rate` requests per second in total:
 
   json      small chat requests (one in five with a secret in the prompt), keep-alive tunnels
@@ -39,7 +39,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import (
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mitmproxy import io as mitmio
+
+from bench.lib import (
     BenchEnv,
     Conn,
     HttpError,
@@ -49,7 +53,6 @@ from benchlib import (
     get,
     post,
 )
-from mitmproxy import io as mitmio
 
 SEQ_HEADER = "x-soak-seq"
 SECRET = "ghp_" + "S0ak9TestTokenAbCdEfGhIjKlMnOpQrStUv12"

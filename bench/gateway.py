@@ -1,14 +1,14 @@
 """The whole gateway against bare mitmdump, same machine, same run: throughput, latency, SSE,
 body size and rule count.
 
-    python scripts/bench_gateway.py [--only throughput,latency,sse,bodies,rules] [--rounds 5]
+    python -m bench gateway [--only throughput,latency,sse,bodies,rules] [--rounds 5]
                                     [--seconds 4] [--quick] [--pin]
 
-Everything is on loopback: an HTTPS upstream (scripts/fast_upstream.py, asyncio, own process),
+Everything is on loopback: an HTTPS upstream (bench/upstream.py, asyncio, own process),
 a bare `mitmdump` (no script; the same confdir/CA, trusting the same upstream CA; flow_detail=0
 like the gateway) and the gateway (`-s addons/gateway.py`: token auth on CONNECT, a route with an
 injected credential, the default rule pack on requests and responses, recording on). Clients
-speak HTTPS through CONNECT with keep-alive (scripts/benchlib.py: raw asyncio, cheap per
+speak HTTPS through CONNECT with keep-alive (bench/lib.py: raw asyncio, cheap per
 request). Bare and gateway rounds alternate so machine noise hits both; medians are printed.
 
 Sections:
@@ -39,7 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from benchlib import (
+from mitmproxy import version
+
+from bench.lib import (
     ROOT,
     BenchEnv,
     Conn,
@@ -51,7 +53,6 @@ from benchlib import (
     percentile,
     post,
 )
-from mitmproxy import version
 
 # Replaced by a per-request counter: each request asks something new (the system prompt and the
 # model repeat, as they do between an agent's turns), and the upstream's answers differ too.
@@ -436,7 +437,7 @@ def pin(process: Process, cpu: int) -> None:
     os.sched_setaffinity(process.pid, {cpu})
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     parser.add_argument("--rounds", type=int, default=5, help="rounds per proxy (interleaved)")
@@ -450,7 +451,7 @@ def main() -> None:
         default=None,
         help="another gateway.py to measure (e.g. an exported older version), same config",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.seconds = min(args.rounds, 3), min(args.seconds, 2.0)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]

@@ -1,6 +1,6 @@
 """What Redis-backed rate limiting adds per request, against the memory backend.
 
-    python scripts/bench_state.py [--rounds 7] [--calls 2000] [--requests 300] [--clients 8]
+    python -m bench state [--rounds 7] [--calls 2000] [--requests 300] [--clients 8]
 
 Two measurements, each in interleaved rounds (memory, redis, memory, redis, ...) so machine noise
 hits both alike; medians of the rounds are reported.
@@ -30,9 +30,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "addons"), str(ROOT), str(ROOT / "scripts")]
 
-import benchlib  # noqa: E402
 import yaml  # noqa: E402
 
+from bench import lib as benchlib  # noqa: E402
 from sluicegate.policy.ratelimit import Limit  # noqa: E402
 from sluicegate.state import MemoryState, RedisSettings, RedisState, SharedState  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
@@ -131,13 +131,13 @@ async def throughput(target: benchlib.Target, requests: int, clients: int) -> fl
     return per * clients / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=2000, help="engine calls per round")
     parser.add_argument("--requests", type=int, default=300, help="gateway requests per round")
     parser.add_argument("--clients", type=int, default=8)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-state-") as tmp:
         work = Path(tmp)

@@ -1,6 +1,6 @@
 """Throughput with recording on vs off: two gateways, same load, same run.
 
-    python scripts/bench_record.py [--requests 600] [--concurrency 16] [--rounds 3] [--fsync]
+    python -m bench record [--requests 600] [--concurrency 16] [--rounds 3] [--fsync]
 
 Starts a local HTTPS upstream (the test suite's fake OpenAI API), two `mitmdump -s
 addons/gateway.py` processes with the same config except `recording:`, and drives the same
@@ -59,13 +59,13 @@ def drive(gw: Gateway, url: str, token: str, requests: int, concurrency: int) ->
     return done / elapsed
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=600)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fsync", action="store_true", help="record with fsync per flow")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="sluicegate-bench-"))
     pki = TestCA(work / "pki")

@@ -1,6 +1,6 @@
 """Engine-only benchmark of streaming SSE redaction (no proxy, no network).
 
-    python scripts/bench_sse_engine.py [--events 2000] [--long 100000]
+    python -m bench sse_engine [--events 2000] [--long 100000]
                                        [--redactor double|identity|rules]
 
 Reports, per event shape, the cost per event (µs) and throughput of `SseRedactor` over a stream
@@ -200,12 +200,12 @@ def memory(kind: str, count: int) -> None:
         print(f"  {name:<7} {sent / 1e6:5.1f} MB out  [{curve}]  peak {peak / 1024:.0f}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--long", type=int, default=100_000)
     parser.add_argument("--redactor", choices=["double", "identity", "rules"], default="double")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     bench(args.redactor, args.events)
     memory(args.redactor, args.long)
 

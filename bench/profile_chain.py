@@ -1,6 +1,6 @@
 """Per-flow cost of each addon hook of the gateway chain, in process, without sockets.
 
-    python scripts/profile_chain.py [--flows 2000] [--size 0] [--cprofile 30]
+    python -m bench profile_chain [--flows 2000] [--size 0] [--cprofile 30]
 
 Loads the whole chain (addons/gateway.py's addons, in order) into a mitmproxy test master with a
 full config (token auth, a route with an injected credential, the default rule pack both ways,
@@ -184,14 +184,14 @@ async def drive(args: argparse.Namespace, driver: Driver, token: str) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     import os
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flows", type=int, default=2000)
     parser.add_argument("--size", type=int, default=0, help="message characters (0: short)")
     parser.add_argument("--cprofile", type=int, default=0, metavar="K")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.environ[KEY_ENV] = "sk-profile-upstream-0123456789abcdefghijklmnop"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -1,6 +1,6 @@
 """End-to-end benchmark of streamed SSE: the sluicegate gateway against bare mitmdump.
 
-    python scripts/bench_sse.py [--runs 30] [--events 2000] [--big-mb 1024] [--profile]
+    python -m bench sse [--runs 30] [--events 2000] [--big-mb 1024] [--profile]
 
 Everything runs on loopback in this process's machine: a local plain-HTTP SSE upstream (started
 here), a bare `mitmdump --set stream_large_bodies=1` (so it streams too, instead of buffering
@@ -47,8 +47,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "addons"), str(ROOT)]
 
-from fast_upstream import chunk_event as chat_event  # noqa: E402
-
+from bench.upstream import chunk_event as chat_event  # noqa: E402
 from tests.support.tokens import TestIdP  # noqa: E402
 
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
@@ -294,14 +293,14 @@ def profile_in_process(events: int) -> None:
 # -- main -----------------------------------------------------------------------------------------
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30, help="measured runs per proxy")
     parser.add_argument("--events", type=int, default=2000, help="events in the total-time stream")
     parser.add_argument("--pace-ms", type=float, default=1.0, help="event spacing, paced stream")
     parser.add_argument("--big-mb", type=int, default=1024, help="size of the memory stream")
     parser.add_argument("--profile", action="store_true", help="cProfile the stream function")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     upstream = Upstream()
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,7 +4,7 @@
 A positive record counts as caught when its `secret` substring no longer appears in the
 redacted `text`; a negative record counts as a false positive when redaction changes it.
 
-    python scripts/bench_accuracy.py [--profile strict] [--rules rules/] [--show]
+    python -m bench accuracy [--profile strict] [--rules rules/] [--show]
 """
 
 from __future__ import annotations

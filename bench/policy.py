@@ -1,5 +1,5 @@
 """Benchmark the policy engine: decisions per second without bodies, and body scan throughput
-with every built-in pattern on realistic request bodies. Run: python scripts/bench_policy.py"""
+with every built-in pattern on realistic request bodies. Run: python -m bench policy"""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def chat_body(size: int) -> bytes:
     return json.dumps({"model": "gpt", "messages": messages}).encode()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = policy()
     header_only = Policy(
         [Rule("paste", Action.BLOCK, Conditions(hosts=(HostPattern.parse("x.y"),)))]

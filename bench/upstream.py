@@ -1,6 +1,6 @@
 """A fast asyncio HTTP/1.1 upstream for the gateway benchmarks (HTTPS with --cert/--key).
 
-    python scripts/fast_upstream.py [--cert C --key K] [--port 0]
+    python bench/upstream.py [--cert C --key K] [--port 0]
 
 Prints `listening on PORT` once ready. One event loop, no per-request threads, canned answers
 cached per size, so the upstream stays far cheaper than the proxies it is measured through (the
@@ -9,8 +9,9 @@ test suite's FakeUpstream is a threaded http.server: fine for tests, too slow fo
 Endpoints (keep-alive; request bodies by Content-Length or chunked):
 - POST /v1/chat/completions[?size=N]  a chat.completion whose message has N characters (default
   40), starting with a counter so no two answers are the same text, whatever the request held;
-- GET  /sse?n=N[&pace_us=P]           N chat.completion.chunk events (one word each, one chunked
-  write per event, P microseconds apart), then `data: [DONE]`;
+- GET  /sse?n=N[&pace_us=P][&delta=D] N chat.completion.chunk events (one word each, or D
+  characters of prose each; one chunked write per event, P microseconds apart), then
+  `data: [DONE]`;
 - GET  /stats                         connections accepted and requests served so far.
 """
 
@@ -108,13 +109,26 @@ async def _read_body(reader: asyncio.StreamReader, head: list[bytes]) -> bytes:
         parts.append((await reader.readexactly(size + 2))[:-2])
 
 
-async def _sse(writer: asyncio.StreamWriter, n: int, pace: float) -> None:
+_DELTA_EVENTS: dict[int, list[bytes]] = {}
+
+
+def _delta_events(size: int) -> list[bytes]:
+    """Events whose deltas are `size` characters of prose (a few variants, so they differ)."""
+    events = _DELTA_EVENTS.get(size)
+    if events is None:
+        prose = (WORDS + " ") * (size // (len(WORDS) + 1) + 2)
+        events = [_chunk(chunk_event(prose[i : i + size])) for i in range(4)]
+        _DELTA_EVENTS[size] = events
+    return events
+
+
+async def _sse(writer: asyncio.StreamWriter, n: int, pace: float, delta: int = 0) -> None:
     writer.write(
         b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
         b"transfer-encoding: chunked\r\n\r\n" + _FIRST
     )
     await writer.drain()
-    events = _WORD_EVENTS
+    events = _delta_events(delta) if delta else _WORD_EVENTS
     for i in range(n):
         if pace:
             await asyncio.sleep(pace)
@@ -144,7 +158,12 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             path, _, query = target.decode("latin-1").partition("?")
             params = {k: int(v[0]) for k, v in parse_qs(query).items()}
             if path == "/sse":
-                await _sse(writer, params.get("n", 10), params.get("pace_us", 0) / 1e6)
+                await _sse(
+                    writer,
+                    params.get("n", 10),
+                    params.get("pace_us", 0) / 1e6,
+                    params.get("delta", 0),
+                )
                 continue
             if path == "/v1/chat/completions" and method == b"POST":
                 status, body = b"200 OK", completion(params.get("size", 40))
@@ -170,12 +189,12 @@ async def serve(port: int, context: ssl.SSLContext | None) -> None:
         await server.serve_forever()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--cert", help="server certificate (PEM); with --key: HTTPS")
     parser.add_argument("--key", help="server private key (PEM)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     context = None
     if args.cert:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -107,12 +107,12 @@ class Process:
 
 
 def start_upstream(cert_file: Path, key_file: Path) -> Process:
-    """scripts/fast_upstream.py over HTTPS, in its own process (its own core and GIL)."""
+    """bench/upstream.py over HTTPS, in its own process (its own core and GIL)."""
     return Process(
         "upstream",
         [
             sys.executable,
-            str(ROOT / "scripts" / "fast_upstream.py"),
+            str(ROOT / "bench" / "upstream.py"),
             "--cert",
             str(cert_file),
             "--key",

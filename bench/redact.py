@@ -12,7 +12,7 @@ measures for each profile, in the same run and on one core:
 - streaming: median / p99 cost of `StreamRedactor.feed` for clean prose split into realistic
   1-6 character tokens, and the hold rate (share of feeds that left something held back).
 
-    python scripts/bench_redact.py [--rules rules/] [--profile default --profile strict] [--mb 10]
+    python -m bench redact [--rules rules/] [--profile default --profile strict] [--mb 10]
 """
 
 from __future__ import annotations
