@@ -9,16 +9,20 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+from pathlib import Path
+from typing import Any
 
 import pytest
-from mitmproxy import version
+from mitmproxy import exceptions, version
+from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
+from mitmproxy.addonmanager import AddonManager
 from mitmproxy.addons import proxyserver
 from mitmproxy.proxy import server
 from mitmproxy.proxy.layers import websocket
 from mitmproxy.proxy.layers.http import _events, _http1
 
 from sluicegate import mitmcompat
-from sluicegate.mitmcompat import head_limits, protocol_errors, upstream_connect
+from sluicegate.mitmcompat import dispatch_cache, head_limits, protocol_errors, upstream_connect
 
 
 def test_running_mitmproxy_is_supported() -> None:
@@ -85,3 +89,219 @@ def test_upstream_connections_are_opened_by_the_server_modules_asyncio() -> None
     assert server.asyncio.open_connection is upstream_connect.open_connection
     assert server.asyncio.CancelledError is asyncio.CancelledError
     assert server.asyncio.current_task is asyncio.current_task
+
+
+# -- dispatch_cache: the same calls, in the same order, with the same error handling -----------
+
+
+class _Recorder:
+    """An addon whose hooks append (name, hook) to a shared log; `fail`/`halt` make one raise."""
+
+    def __init__(self, name: str, log: list[tuple[str, str]], **behaviour: str) -> None:
+        self.name = name
+        self.log = log
+        self.behaviour = behaviour
+
+    def _hook(self, hook: str) -> None:
+        self.log.append((self.name, hook))
+        action = self.behaviour.get(hook)
+        if action == "fail":
+            raise ValueError(f"{self.name} failed")
+        if action == "halt":
+            raise exceptions.AddonHalt()
+        if action == "options":
+            raise exceptions.OptionsError("bad option")
+
+    def request(self, flow: Any) -> None:
+        self._hook("request")
+
+    async def response(self, flow: Any) -> None:
+        await asyncio.sleep(0)
+        self._hook("response")
+
+
+class _Parent(_Recorder):
+    def __init__(self, name: str, log: list[tuple[str, str]], children: list[Any]) -> None:
+        super().__init__(name, log)
+        self.addons = children
+
+
+class _NoHooks:
+    name = "nohooks"
+
+
+class _OddAttributes:
+    """A module where a hook name is (skipped by mitmproxy) and a non-callable hook (an error)."""
+
+    name = "odd"
+    request = logging  # a module named like a hook: mitmproxy skips it
+    response = 42  # not callable: mitmproxy logs an AddonManagerError and goes on
+
+    def __repr__(self) -> str:
+        return "odd"
+
+
+def _chain(log: list[tuple[str, str]], **behaviour: dict[str, str]) -> list[Any]:
+    def rec(name: str) -> _Recorder:
+        return _Recorder(name, log, **behaviour.get(name, {}))
+
+    return [
+        rec("a"),
+        _NoHooks(),
+        _Parent("p", log, [rec("c1"), _Parent("c2", log, [rec("g")]), rec("c3")]),
+        _OddAttributes(),
+        rec("z"),
+    ]
+
+
+async def _dispatch(
+    trigger_event: Any, behaviour: dict[str, dict[str, str]], caplog: pytest.LogCaptureFixture
+) -> tuple[list[tuple[str, str]], list[str], str | None]:
+    from mitmproxy.test import taddons, tflow
+
+    log: list[tuple[str, str]] = []
+    raised = None
+    caplog.clear()
+    with taddons.context() as tctx:
+        manager = tctx.master.addons
+        manager.add(*_chain(log, **behaviour))
+        flow = tflow.tflow(resp=True)
+        for hook in (HttpRequestHook(flow), HttpResponseHook(flow)):
+            try:
+                await trigger_event(manager, hook)
+            except Exception as e:  # noqa: BLE001 - compared between the two implementations
+                raised = type(e).__name__
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    return log, errors, raised
+
+
+BEHAVIOURS = [
+    {},
+    {"c1": {"request": "fail"}},
+    {"g": {"response": "fail"}},
+    {"a": {"request": "halt"}},
+    {"c2": {"response": "halt"}},
+    {"c3": {"request": "options"}},
+    {"z": {"request": "fail", "response": "fail"}},
+]
+
+
+@pytest.mark.parametrize("behaviour", BEHAVIOURS)
+def test_dispatch_cache_calls_what_mitmproxy_calls(
+    behaviour: dict[str, dict[str, str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Order (chain order, parents before children, depth first), an error skipping only the
+    rest of its top-level addon's tree, AddonHalt ending the event, OptionsError propagating,
+    modules skipped, non-callable hooks logged: as mitmproxy's own trigger_event does."""
+    dispatch_cache.install()
+    original = dispatch_cache.ORIGINALS["trigger_event"]
+    cached = dispatch_cache._cached_trigger_event(original)
+
+    async def compare() -> None:
+        expected = await _dispatch(original, behaviour, caplog)
+        assert expected[0]  # something ran
+        assert await _dispatch(cached, behaviour, caplog) == expected
+        assert await _dispatch(AddonManager.trigger_event, behaviour, caplog) == expected
+
+    asyncio.run(compare())
+
+
+def test_dispatch_cache_follows_added_removed_and_reordered_addons(tmp_path: Any) -> None:
+    """Adding and removing addons, and loading, reloading and reordering scripts (ScriptLoader)
+    are seen by the next event."""
+    from mitmproxy.addons import script
+    from mitmproxy.test import taddons, tflow
+
+    dispatch_cache.install()
+    paths = []
+    for name in ("one", "two"):
+        path = tmp_path / f"{name}.py"
+        path.write_text(f"def request(flow):\n    flow.metadata.setdefault('calls', []).append({name!r})\n")
+        paths.append(str(path))
+
+    async def fire(master: Any) -> list[str]:
+        flow = tflow.tflow()
+        await master.addons.trigger_event(HttpRequestHook(flow))
+        return list(flow.metadata.get("calls", []))
+
+    async def loaded(loader: Any) -> None:
+        """Scripts load on their watcher task (as in mitmdump): let it run."""
+        for _ in range(200):
+            if all(s.ns is not None for s in loader.addons):
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("scripts did not load")
+
+    async def scenario() -> None:
+        loader = script.ScriptLoader()
+        with taddons.context(loader) as tctx:
+            master = tctx.master
+            assert await fire(master) == []
+            tctx.configure(loader, scripts=paths)
+            await loaded(loader)
+            assert await fire(master) == ["one", "two"]
+            tctx.configure(loader, scripts=list(reversed(paths)))
+            assert await fire(master) == ["two", "one"]
+            log: list[tuple[str, str]] = []
+            extra = _Recorder("extra", log)
+            master.addons.add(extra)
+            assert await fire(master) == ["two", "one"]
+            assert log == [("extra", "request")]
+            master.addons.remove(extra)
+            await fire(master)
+            assert log == [("extra", "request")]
+            # A script reloaded from disk (what the file watcher does) is a new module.
+            Path(paths[0]).write_text(
+                "def request(flow):\n    flow.metadata.setdefault('calls', []).append('v2')\n"
+            )
+            loader.addons[1].loadscript()
+            assert await fire(master) == ["two", "v2"]
+            tctx.configure(loader, scripts=[paths[1]])
+            assert await fire(master) == ["two"]
+
+    asyncio.run(scenario())
+
+
+def test_dispatch_cache_contract_with_mitmproxy_internals() -> None:
+    """The code dispatch_cache reproduces: trigger_event walks `self.chain` under `safecall`
+    and stops on AddonHalt; hooks are found with getattr over `traverse([addon])`; only the
+    ScriptLoader and Script built-ins have sub-addons, and none looks hooks up dynamically."""
+    from mitmproxy.addons import default_addons, script
+
+    dispatch_cache.install()
+    trigger_event = inspect.getsource(dispatch_cache.ORIGINALS["trigger_event"])
+    assert "for i in self.chain:" in trigger_event
+    assert "with safecall():" in trigger_event and "await self.invoke_addon(i, event)" in trigger_event
+    assert "except exceptions.AddonHalt:" in trigger_event
+    iter_hooks = inspect.getsource(AddonManager._iter_hooks)
+    assert "for a in traverse([addon]):" in iter_hooks
+    assert "getattr(a, event.name, None)" in iter_hooks
+    invoke = inspect.getsource(AddonManager.invoke_addon)
+    assert "func(*event.args())" in invoke and "inspect.isawaitable(res)" in invoke
+    for addon in default_addons():
+        has_children = hasattr(addon, "addons")
+        assert has_children == isinstance(addon, script.ScriptLoader), addon
+        assert "__getattr__" not in type(addon).__dict__, addon
+    assert isinstance(inspect.getattr_static(script.Script, "addons"), property)
+
+
+def test_gateway_addons_have_no_sub_addons_or_dynamic_hooks() -> None:
+    """The gateway's chain: fixed methods, no `addons` lists (what the cache relies on)."""
+    import runpy
+
+    chain = runpy.run_path(str(Path(__file__).resolve().parents[2] / "addons" / "gateway.py"))
+    for addon in chain["addons"]:
+        assert not hasattr(addon, "addons"), addon
+        for hook in ("request", "response", "requestheaders", "responseheaders", "error"):
+            assert hook not in vars(addon), (addon, hook)
+
+
+def test_hardening_installs_the_dispatch_cache() -> None:
+    from sluicegate.mitm import hardening
+
+    assert "dispatch_cache.install()" in inspect.getsource(hardening.ProxyHardening.load)
+    dispatch_cache.install()
+    assert dispatch_cache.installed()
+    dispatch_cache.install()  # idempotent: wrapped once
+    wrapped = dispatch_cache.ORIGINALS["trigger_event"]
+    assert not getattr(wrapped, dispatch_cache._MARK, False)

@@ -24,7 +24,7 @@ from mitmproxy import ctx, http
 
 from sluicegate.mitm import guard
 from sluicegate.mitm.base import GatewayAddon, _report_once
-from sluicegate.mitmcompat import head_limits, protocol_errors
+from sluicegate.mitmcompat import dispatch_cache, head_limits, protocol_errors
 
 logger = logging.getLogger("sluicegate.hardening")
 
@@ -71,6 +71,7 @@ class ProxyHardening(GatewayAddon):
         super().load(loader)
         protocol_errors.install()
         head_limits.install()
+        dispatch_cache.install()
 
     def configure(self, updated: Set[str]) -> None:
         super().configure(updated)
