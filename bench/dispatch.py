@@ -15,8 +15,7 @@ import asyncio
 import time
 from typing import Any
 
-from mitmproxy import hooks
-from mitmproxy import options
+from mitmproxy import hooks, options
 from mitmproxy.proxy.layers.http import (
     HttpRequestHeadersHook,
     HttpRequestHook,
@@ -83,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     chain = len(_CHAIN)
     base, fast = median(results["mitmproxy"]), median(results["cached"])
     print(
-        f"dispatch of one small request's events over mitmdump's {chain} addons: mitmproxy {base:.0f} µs, cached {fast:.0f} µs ({base / fast:.1f}x less)"
+        f"dispatch of one small request's events over mitmdump's {chain} addons: "
+        f"mitmproxy {base:.0f} µs, cached {fast:.0f} µs ({base / fast:.1f}x less)"
     )
     return 0

@@ -14,12 +14,11 @@ from typing import Any
 
 import pytest
 from mitmproxy import exceptions, version
-from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
 from mitmproxy.addonmanager import AddonManager
 from mitmproxy.addons import proxyserver
 from mitmproxy.proxy import server
 from mitmproxy.proxy.layers import websocket
-from mitmproxy.proxy.layers.http import _events, _http1
+from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook, _events, _http1
 
 from sluicegate import mitmcompat
 from sluicegate.mitmcompat import dispatch_cache, head_limits, protocol_errors, upstream_connect
@@ -169,7 +168,7 @@ async def _dispatch(
         for hook in (HttpRequestHook(flow), HttpResponseHook(flow)):
             try:
                 await trigger_event(manager, hook)
-            except Exception as e:  # noqa: BLE001 - compared between the two implementations
+            except Exception as e:
                 raised = type(e).__name__
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     return log, errors, raised
@@ -216,7 +215,9 @@ def test_dispatch_cache_follows_added_removed_and_reordered_addons(tmp_path: Any
     paths = []
     for name in ("one", "two"):
         path = tmp_path / f"{name}.py"
-        path.write_text(f"def request(flow):\n    flow.metadata.setdefault('calls', []).append({name!r})\n")
+        path.write_text(
+            f"def request(flow):\n    flow.metadata.setdefault('calls', []).append({name!r})\n"
+        )
         paths.append(str(path))
 
     async def fire(master: Any) -> list[str]:
@@ -271,7 +272,8 @@ def test_dispatch_cache_contract_with_mitmproxy_internals() -> None:
     dispatch_cache.install()
     trigger_event = inspect.getsource(dispatch_cache.ORIGINALS["trigger_event"])
     assert "for i in self.chain:" in trigger_event
-    assert "with safecall():" in trigger_event and "await self.invoke_addon(i, event)" in trigger_event
+    assert "with safecall():" in trigger_event
+    assert "await self.invoke_addon(i, event)" in trigger_event
     assert "except exceptions.AddonHalt:" in trigger_event
     iter_hooks = inspect.getsource(AddonManager._iter_hooks)
     assert "for a in traverse([addon]):" in iter_hooks
