@@ -21,6 +21,9 @@ text.
 
 A keyword in lowercase matches in any case (it is searched in `text.lower()`); one with a
 capital letter matches exactly (searched in the text, or in the lowercased text and checked).
+
+With the optional `hyperscan` package, ASCII texts are scanned once for every keyword instead
+(prefilter.py); the passes here stay the reference and do every other text.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import functools
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+
+from sluicegate.redaction.prefilter import HyperscanKeywords
 
 # Rough frequency of characters in code, JSON and prose, per mille (case-sensitive).
 # Only the order of magnitude matters: it steers the choice of anchors, never a result.
@@ -269,6 +274,20 @@ class KeywordIndex:
         self.needs_folding = any(s.haystack.folded for s in self._scans) or any(
             folded for _, folded in self._finds
         )
+        # Each word is in one pass or one find; its follows are matched in that copy's text.
+        in_folded = {e.word.keyword: h.folded for _, h, entries in scans for e in entries}
+        in_folded.update((word.keyword, folded) for word, folded in finds)
+        self._fast = HyperscanKeywords.build(
+            [
+                (w.keyword, w.plain, w.follow_hits if w.follows else None, in_folded[w.keyword])
+                for w in words
+            ]
+        )
+
+    @property
+    def accelerated(self) -> bool:
+        """Whether ASCII texts are scanned by Hyperscan (prefilter.py)."""
+        return self._fast is not None
 
     @property
     def passes(self) -> int:
@@ -278,6 +297,14 @@ class KeywordIndex:
         """key -> sorted offsets: where the keyword starts, or for a key with a follow
         pattern, where the pattern's match right after the keyword ends. `folded` is
         text.lower() (same length) or None when no keyword needs it."""
+        if self._fast is not None:
+            fast = self._fast.hits(text, folded)
+            if fast is not None:
+                return fast
+        return self.python_hits(text, folded)
+
+    def python_hits(self, text: str, folded: str | None) -> dict[Key, list[int]]:
+        """`hits` by the pure-Python passes (the reference)."""
         hits: dict[Key, list[int]] = {}
         copies: dict[_Haystack, str] = {}
         for scan in self._scans:
