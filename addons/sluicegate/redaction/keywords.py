@@ -52,6 +52,8 @@ _PER_MILLE: dict[str, float] = {
     **dict.fromkeys("BFGHUWY$+?", 1),
 }  # fmt: skip
 _RARE = 0.3  # any other character
+# Indexes needing fewer passes than this are not worth a Hyperscan database.
+FAST_MIN_PASSES = 3
 
 # Costs in nanoseconds per character of text (see the module docstring), as measured.
 _PASS = 0.3  # one anchored pattern: scanning for its anchor
@@ -277,17 +279,25 @@ class KeywordIndex:
         # Each word is in one pass or one find; its follows are matched in that copy's text.
         in_folded = {e.word.keyword: h.folded for _, h, entries in scans for e in entries}
         in_folded.update((word.keyword, folded) for word, folded in finds)
-        self._fast = HyperscanKeywords.build(
-            [
-                (w.keyword, w.plain, w.follow_hits if w.follows else None, in_folded[w.keyword])
-                for w in words
-            ]
-        )
+        self._words = [
+            (w.keyword, w.plain, w.follow_hits if w.follows else None, in_folded[w.keyword])
+            for w in words
+        ]
+        # Built at the first scan (rule self-tests build many small indexes, never scanned
+        # much), and only where the passes here would be several.
+        self._fast: HyperscanKeywords | None = None
+        self._fast_pending = self.passes >= FAST_MIN_PASSES
 
     @property
     def accelerated(self) -> bool:
         """Whether ASCII texts are scanned by Hyperscan (prefilter.py)."""
-        return self._fast is not None
+        return self._prefilter() is not None
+
+    def _prefilter(self) -> HyperscanKeywords | None:
+        if self._fast_pending:
+            self._fast = HyperscanKeywords.build(self._words)
+            self._fast_pending = False
+        return self._fast
 
     @property
     def passes(self) -> int:
@@ -297,8 +307,9 @@ class KeywordIndex:
         """key -> sorted offsets: where the keyword starts, or for a key with a follow
         pattern, where the pattern's match right after the keyword ends. `folded` is
         text.lower() (same length) or None when no keyword needs it."""
-        if self._fast is not None:
-            fast = self._fast.hits(text, folded)
+        prefilter = self._fast if not self._fast_pending else self._prefilter()
+        if prefilter is not None:
+            fast = prefilter.hits(text, folded)
             if fast is not None:
                 return fast
         return self.python_hits(text, folded)
