@@ -307,3 +307,21 @@ def test_hardening_installs_the_dispatch_cache() -> None:
     dispatch_cache.install()  # idempotent: wrapped once
     wrapped = dispatch_cache.ORIGINALS["trigger_event"]
     assert not getattr(wrapped, dispatch_cache._MARK, False)
+
+
+def test_dispatch_cache_can_be_switched_off() -> None:
+    """SLUICEGATE_DISPATCH_CACHE=0 leaves AddonManager as mitmproxy ships it (fresh process)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from sluicegate.mitmcompat import dispatch_cache as d; d.install(); print(d.installed())"
+    )
+    root = Path(__file__).resolve().parents[2]
+    for value, expected in (("0", "False"), ("1", "True")):
+        env = {**os.environ, "SLUICEGATE_DISPATCH_CACHE": value, "PYTHONPATH": str(root / "addons")}
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert done.stdout.strip() == expected, done.stderr

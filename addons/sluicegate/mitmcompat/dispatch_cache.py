@@ -25,6 +25,9 @@ an addon that assigns a different hook method to itself at run time, or that cha
 `addons` list outside those calls; no addon in mitmproxy or in the gateway does either (checked
 by a contract test), and `invalidate(manager)` exists for one that would.
 
+`SLUICEGATE_DISPATCH_CACHE=0` in the environment leaves mitmproxy's dispatch alone (to measure
+the difference, or should an addon ever need mitmproxy's own lookups).
+
 Internals touched: `AddonManager.trigger_event`, `.trigger`, `.register`, `.remove`, `.clear`,
 `.chain`, `mitmproxy.addonmanager.traverse` and `safecall`, identical in 11.0.x and 12.x.
 """
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import types
 from collections.abc import Callable, Sequence
 from typing import Any, Final
@@ -130,6 +134,11 @@ PATCHED: Final = ("add", "register", "remove", "clear", "trigger")
 ORIGINALS: dict[str, Callable[..., Any]] = {}
 
 
+def enabled() -> bool:
+    """Whether the environment allows the cache (`SLUICEGATE_DISPATCH_CACHE=0` does not)."""
+    return os.environ.get("SLUICEGATE_DISPATCH_CACHE", "1") != "0"
+
+
 def installed() -> bool:
     return bool(getattr(addonmanager.AddonManager.trigger_event, _MARK, False))
 
@@ -138,7 +147,7 @@ def install() -> None:
     """Cache hook lookups on every AddonManager from now on (idempotent)."""
     mitmcompat.require("dispatch_cache")
     cls = addonmanager.AddonManager
-    if installed():
+    if installed() or not enabled():
         return
     for name in (*PATCHED, "trigger_event"):
         ORIGINALS[name] = getattr(cls, name)
