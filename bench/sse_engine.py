@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "addons"), str(ROOT)]
 
 from sluicegate.redaction.sse import SseRedactor  # noqa: E402
-from sluicegate.redaction.sse_adapters import TextStreamFactory  # noqa: E402
+from sluicegate.shapes.channels import TextStreamFactory  # noqa: E402
 from sluicegate.shapes.sse import SseParser  # noqa: E402
 
 WORDS = (

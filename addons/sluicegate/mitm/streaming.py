@@ -2,9 +2,10 @@
 
 mitmproxy buffers a response unless `flow.response.stream` is set, so without this addon an SSE
 answer would reach the agent only when complete. Here each upstream chunk is content-decoded
-(`engine/decoding.py`, bounded per chunk), redacted event by event (`engine/sse_redact.py`: text
-that cannot be part of a secret goes out at once, a possible secret's prefix is held back up to
-`redaction.max_hold_chars` per channel), checked by the flow's response policy, and sent on. Text
+(`shapes/decoding.py`, bounded per chunk), redacted event by event (`redaction/sse.py` over the
+content model of `shapes/events.py`: text that cannot be part of a secret goes out at once, a
+possible secret's prefix is held back up to `redaction.max_hold_chars` per channel), checked by the
+flow's response policy, and sent on. Text
 that has left cannot be taken back, so anything that goes wrong mid-stream (a decode error, an
 oversized event, an engine error, a policy rule matching) ends the stream with one final SSE error
 event, after which nothing more of the upstream body is sent. The stream function never raises
@@ -36,7 +37,7 @@ from sluicegate.mitm import flowstate, guard
 from sluicegate.mitm.base import GatewayAddon
 from sluicegate.policy.decisions import RESPONSE_POLICY_KEY, Decision
 from sluicegate.policy.stream import ResponsePolicy, ResponseScanner, sse_error_event
-from sluicegate.policy.views import BodyViews
+from sluicegate.redaction.json_redact import JsonStrings
 from sluicegate.redaction.runtime import RedactionRuntime
 from sluicegate.redaction.sse import SseRedactor, error_event
 from sluicegate.runtime import build_redaction
@@ -143,10 +144,13 @@ class StreamSession:
         self._scanners = ()
 
     def _checked(self, out: bytes) -> bytes:
+        pipeline = self._pipeline
+        generated = pipeline.redactor.take_text() if pipeline is not None else ""
         if not out or not self._scanners:
             return out
-        # The raw events and the text they carry, as the buffered policy sees an SSE body.
-        views = BodyViews.of(out, SSE_CONTENT_TYPE).views
+        # The raw events, and the text their channels carry (every delta field: content,
+        # reasoning, refusal, tool arguments), as the buffered policy sees an SSE body.
+        views = (out.decode("utf-8", "replace"), generated)
         for scanner, view in zip(self._scanners, views, strict=False):
             decision = scanner.feed(view)
             if decision is not None:
@@ -237,10 +241,10 @@ class StreamRedaction(GatewayAddon):
         sse = SseRedactor(
             lambda: redactor.stream(max_hold),
             max_event_bytes=max_event,
-            memo=runtime.stream_memo(redactor, st.caller),
+            strings=JsonStrings(runtime.response_text_redactor(st.caller, st.scrub)),
         )
         response_policy: ResponsePolicy | None = st.private.get(RESPONSE_POLICY_KEY)
-        # Two scanners: the released events as sent, and the text their deltas carry.
+        # Two scanners: the released events as sent, and the text their channels carry.
         scanners = [response_policy.stream(), response_policy.stream()] if response_policy else []
         st.streamed_body = bytearray()
         session = StreamSession(

@@ -12,6 +12,8 @@ from typing import Any
 
 import regex
 
+from sluicegate.shapes.events import generated_text
+
 # -- what the policy sees of a flow ------------------------------------------------------------
 
 
@@ -20,10 +22,10 @@ class BodyViews:
     """The texts of a body that patterns run over.
 
     The raw text, plus the decoded string values of a JSON body (so `\\n` escapes are newlines
-    again), the decoded values of a form body, or the generated text of a buffered SSE body (the
-    deltas of OpenAI / Anthropic events, joined, so a command split over many events is whole
-    again). A pattern is found when it matches often enough in any one view, so re-encoding a
-    secret inside JSON does not hide it.
+    again), the decoded values of a form body, or the generated text of a buffered SSE body (every
+    text channel of its events, read by the content model of shapes/events.py as streams are,
+    joined, so a command split over many deltas is whole again). A pattern is found when it
+    matches often enough in any one view, so re-encoding a secret inside JSON does not hide it.
     """
 
     size: int
@@ -41,7 +43,7 @@ class BodyViews:
             pairs = urllib.parse.parse_qsl(raw, keep_blank_values=True)
             views.append("\n".join(f"{k}={v}" for k, v in pairs))
         elif "text/event-stream" in ctype:
-            views.append(_sse_text(raw))
+            views.append(generated_text(content))
         return cls(size=len(content), views=tuple(views))
 
     @classmethod
@@ -55,34 +57,6 @@ class BodyViews:
     @functools.cached_property
     def _lowered(self) -> tuple[str, ...]:
         return tuple(v.lower() for v in self.views)
-
-
-# Keys under which OpenAI (chat, Responses) and Anthropic stream events carry generated text.
-_SSE_TEXT_KEYS = frozenset({"content", "text", "delta", "arguments", "partial_json", "thinking"})
-
-
-def _sse_text(raw: str) -> str:
-    """The generated text of an SSE body: text-bearing strings of each `data:` event, in order."""
-    pieces: list[str] = []
-    for line in raw.splitlines():
-        if not line.startswith("data:"):
-            continue
-        try:
-            event = json.loads(line[5:])
-        except (ValueError, RecursionError):
-            continue
-        stack: list[Any] = [event]
-        while stack:
-            item = stack.pop()
-            if isinstance(item, dict):
-                for key, value in item.items():
-                    if isinstance(value, str) and key in _SSE_TEXT_KEYS:
-                        pieces.append(value)
-                    elif isinstance(value, (dict, list)):
-                        stack.append(value)
-            elif isinstance(item, list):
-                stack.extend(reversed(item))
-    return "".join(pieces)
 
 
 def _looks_like_json(text: str) -> bool:

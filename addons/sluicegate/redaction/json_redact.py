@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from sluicegate.redaction.memo import TextRedactor, key_rule_for
 from sluicegate.redaction.redactor import TAG_PATTERN
@@ -92,9 +94,16 @@ def _parse(text: str) -> object:
 _EXAMPLE_KEYS = frozenset({"example", "examples", "x-example", "x-examples"})
 
 
+def _never(container: object, key: Hashable) -> bool:
+    return False
+
+
 class _Walker:
-    def __init__(self, redactor: TextRedactor) -> None:
+    def __init__(
+        self, redactor: TextRedactor, skip: Callable[[Any, Hashable], bool] = _never
+    ) -> None:
         self.redactor = redactor
+        self.skip = skip  # (container, key) pairs another reader owns (stream channels)
         self.counts: dict[str, int] = {}
         self.in_example = 0  # > 0: inside the value of an example key
 
@@ -107,6 +116,8 @@ class _Walker:
             raise JsonRedactionError("json_too_deep", "JSON nesting too deep to redact")
         if isinstance(value, _Pairs):
             return self.object(value, depth, nesting)
+        if isinstance(value, dict):
+            return self.dict_object(value, depth, nesting)
         if isinstance(value, list):
             items, changed = [], False
             for item in value:
@@ -118,10 +129,26 @@ class _Walker:
             return self.string(value, depth, nesting)
         return value, False
 
-    def object(self, pairs: _Pairs, depth: int, nesting: int) -> tuple[object, bool]:
+    def dict_object(self, obj: dict[str, Any], depth: int, nesting: int) -> tuple[object, bool]:
+        """A parsed object as a dict (an SSE event): rewritten in place, key order kept."""
+        pairs, changed = self.object(_Pairs(obj.items()), depth, nesting, obj)
+        if changed:
+            assert isinstance(pairs, _Pairs)
+            obj.clear()
+            obj.update(pairs)
+        return obj, changed
+
+    def object(
+        self, pairs: _Pairs, depth: int, nesting: int, owner: Any = None
+    ) -> tuple[object, bool]:
         out, changed = _Pairs(), False
+        owner = pairs if owner is None else owner
         for key, value in pairs:
             new_key, key_changed = self.string(key, depth, nesting)
+            if self.skip(owner, key):
+                out.append((new_key, value))
+                changed |= key_changed
+                continue
             rule = None if self.in_example else key_rule_for(self.redactor, key)
             if rule is not None:
                 new_value, value_changed = self.mask(rule, value, depth + 1, nesting)
@@ -207,3 +234,38 @@ def _string(text: str) -> str:
     return _SURROGATE.sub(
         lambda m: f"\\u{ord(m.group()):04x}", json.dumps(text, ensure_ascii=False)
     )
+
+
+class JsonStrings:
+    """The `shapes.channels.StringPolicy` of buffered JSON: what streams and WebSocket messages
+    use for key-addressed values and whole strings, so they get exactly what a buffered body gets
+    (the same key rules from the rule pack, the same tags, nested documents parsed)."""
+
+    def __init__(self, redactor: TextRedactor) -> None:
+        self.redactor = redactor
+
+    def key_rule(self, name: str) -> KeyRule | None:
+        return key_rule_for(self.redactor, name)
+
+    def masked(self, rule: KeyRule, value: str) -> tuple[str, Mapping[str, int]] | None:
+        if TAG_PATTERN.fullmatch(value) or not rule.accepts_value(value):
+            return None
+        return self.redactor.tag(rule.id, value), {rule.id: 1}
+
+    def whole(self, text: str) -> tuple[str, Mapping[str, int]]:
+        walker = _Walker(self.redactor)
+        new, _ = walker.string(text, 0, 0)
+        return new, walker.counts
+
+    def opaque(self, text: str) -> tuple[str, Mapping[str, int]]:
+        if not self.redactor.holds_literal(text):
+            return text, {}
+        result = self.redactor.redact_text(text)
+        return result.text, result.counts
+
+    def walk(
+        self, node: Any, skip: Callable[[Any, Hashable], bool], *, count: bool
+    ) -> tuple[Any, bool, Mapping[str, int]]:
+        walker = _Walker(self.redactor, skip)
+        new, changed = walker.value(node, depth=0, nesting=0)
+        return new, changed, walker.counts if count else {}

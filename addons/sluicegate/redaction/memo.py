@@ -134,14 +134,18 @@ class MemoRedactor:
         memo = self._memo
         if memo is None:
             return self.redactor.redact_text(text)
-        if memo.seen(self._scope, text) and not self._holds_literal(text):
+        if memo.seen(self._scope, text) and not self.holds_literal(text):
             return RedactionResult(text, {})
         result = self.redactor.redact_text(text)
         if not result.changed:
             memo.add(self._scope, text)
         return result
 
-    def _holds_literal(self, text: str) -> bool:
+    def holds_literal(self, text: str) -> bool:
+        if self._redactor is None and not self._literals:
+            return False
+        if self._redactor is not None and not self._literals:
+            return self._redactor.holds_literal(text)
         if len(text) < self._shortest:
             return False
         return any(value in text for value in self._literals)

@@ -238,6 +238,10 @@ class Redactor:
                 pattern, _sentinel(pattern), first, order=-1, literals=self._literals
             )
 
+    def holds_literal(self, text: str) -> bool:
+        """Whether `text` contains one of this redactor's literal secrets."""
+        return any(value in text for value in self._literals)
+
     @property
     def key_rules(self) -> tuple[KeyRule, ...]:
         return self.pack.key_rules_for(self.direction)

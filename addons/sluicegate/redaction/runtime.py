@@ -5,9 +5,9 @@ was validated). Per flow, the response redactor gains the flow's scrub literals 
 credential in all its encodings, the caller's token) so upstream echoes of them never reach the
 agent. Redactors with literals cost a regex compilation each; the same caller on the same route
 has the same literals on every request, so they are kept (a few, least recently used out).
-Buffered bodies are redacted through `engine.memo.MemoRedactor`, which skips texts the rules
-already found clean for the same caller (see there why that is exact); SSE streams of the same
-caller and redactor share their memo of short strings (`stream_memo`).
+Buffered bodies, WebSocket messages and the strings of SSE events are redacted through
+`memo.MemoRedactor`, which skips texts the rules already found clean for the same caller (see there
+why that is exact).
 """
 
 from __future__ import annotations
@@ -23,10 +23,8 @@ from sluicegate.redaction.memo import CleanTexts, MemoRedactor
 from sluicegate.redaction.redactor import LiteralSecret, Redactor
 from sluicegate.redaction.redactor import LiteralSecret as ScrubLiteral
 from sluicegate.redaction.rules import Direction
-from sluicegate.redaction.sse_adapters import WholeTextMemo
 
 LITERAL_REDACTORS = 64
-STREAM_MEMOS = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,23 +45,6 @@ class RedactionRuntime:
     _lock: threading.Lock = dataclasses.field(
         default_factory=threading.Lock, compare=False, repr=False
     )
-    _stream_memos: OrderedDict[tuple[Redactor, str], WholeTextMemo] = dataclasses.field(
-        default_factory=OrderedDict, compare=False, repr=False
-    )
-
-    def stream_memo(self, redactor: Redactor, caller: Caller | None) -> WholeTextMemo:
-        """What the SSE streams of `redactor` and `caller` share: their redacted short strings
-        (ids, model names, keys), so a stream's first event costs what the others cost.
-        Streams run on the event loop only."""
-        key = (redactor, _scope(caller))
-        memo = self._stream_memos.get(key)
-        if memo is None:
-            memo = self._stream_memos[key] = WholeTextMemo()
-            while len(self._stream_memos) > STREAM_MEMOS:
-                self._stream_memos.popitem(last=False)
-        else:
-            self._stream_memos.move_to_end(key)
-        return memo
 
     def for_response(self, scrub: Iterable[ScrubLiteral]) -> Redactor:
         """The response redactor for one flow: rules plus that flow's scrub literals."""

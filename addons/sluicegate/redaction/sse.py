@@ -12,15 +12,9 @@ redactor's `max_hold`), with at most `max_channels` channels open.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
 
-from sluicegate.redaction.sse_adapters import (
-    DEFAULT_SENSITIVE_KEYS,
-    EventRewriter,
-    TextStream,
-    TextStreamFactory,
-    WholeTextMemo,
-)
+from sluicegate.shapes.channels import StringPolicy, TextStream, TextStreamFactory
+from sluicegate.shapes.events import EventRewriter, WholeTextMemo
 from sluicegate.shapes.sse import SseError, SseEvent, SseParser, format_event
 
 __all__ = [
@@ -37,9 +31,11 @@ class SseRedactor:
     """One response stream: SSE parser + per-channel text redaction + event rewriting.
 
     `make_text_stream` is called once per text channel (and per standalone string), e.g.
-    `lambda: redactor.stream(max_hold)`. `sensitive_keys` names JSON keys whose string values in
-    tool-call arguments are masked whole; pass `()` to turn that off. `memo` may be shared by the
-    streams whose `make_text_stream` redacts the same way (same redactor, same sensitive keys).
+    `lambda: redactor.stream(max_hold)`. `strings` treats key-addressed values and whole strings
+    (the gateway passes `json_redact.JsonStrings`, so they get what a buffered JSON body gets:
+    the rule pack's key rules, the same tags); without it there are no key rules and `memo` (shared
+    by streams whose `make_text_stream` redacts the same way) remembers short strings.
+    Where the text lives in each event is the content model's business (shapes/events.py).
     """
 
     def __init__(
@@ -48,12 +44,12 @@ class SseRedactor:
         *,
         max_event_bytes: int = 8 << 20,
         max_channels: int = 1024,
-        sensitive_keys: Collection[str] = DEFAULT_SENSITIVE_KEYS,
+        strings: StringPolicy | None = None,
         memo: WholeTextMemo | None = None,
     ) -> None:
         self._parser = SseParser(max_event_bytes=max_event_bytes)
         self._rewriter = EventRewriter(
-            make_text_stream, max_channels=max_channels, sensitive_keys=sensitive_keys, memo=memo
+            make_text_stream, max_channels=max_channels, strings=strings, memo=memo
         )
         self._last: SseEvent | None = None
         self._error: SseError | None = None
@@ -62,6 +58,11 @@ class SseRedactor:
     def counts(self) -> dict[str, int]:
         """Matches per rule id so far (from TextStreams that expose `.counts`)."""
         return self._rewriter.counts
+
+    def take_text(self) -> str:
+        """The generated text (every text channel) released since the last call: what the
+        response policy reads of a stream, without parsing the events again."""
+        return self._rewriter.take_released()
 
     def feed(self, chunk: bytes) -> bytes:
         """Raises `SseError` (typed, with a stable `code`) when the stream must be cut.

@@ -1,19 +1,20 @@
 import itertools
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluicegate.redaction.sse_adapters import (
-    SENSITIVE_KEY_TAG,
-    EventRewriter,
-    JsonTextStream,
-    SseTooManyChannels,
-    SseUnsupportedEvent,
-    encode_json_chars,
-)
+from sluicegate.redaction.json_redact import JsonStrings, redact_json_text
+from sluicegate.redaction.redactor import Redactor
+from sluicegate.redaction.rules import Direction, load_rule_pack
+from sluicegate.shapes.channels import TooManyChannels as SseTooManyChannels
+from sluicegate.shapes.channels import UnsupportedEvent as SseUnsupportedEvent
+from sluicegate.shapes.channels import encode_json_chars
+from sluicegate.shapes.events import EventRewriter
+from sluicegate.shapes.json_stream import JsonTextStream
 from sluicegate.shapes.sse import SseParser
 from tests.support.sse_testing import (
     SECRETS,
@@ -41,8 +42,18 @@ def rewrite(stream: bytes, **kwargs: Any) -> bytes:
     return out + rewriter.finish()
 
 
-def json_stream(pieces: list[str], sensitive_keys: tuple[str, ...] = ()) -> str:
-    stream = JsonTextStream(make_stream, sensitive_keys)
+RULES = Path(__file__).resolve().parents[2] / "rules"
+PACK_REDACTOR = Redactor(load_rule_pack([RULES]), Direction.RESPONSE)
+PACK = JsonStrings(PACK_REDACTOR)
+
+
+def json_stream(pieces: list[str], strings: JsonStrings | None = None) -> str:
+    stream = JsonTextStream(make_stream, strings)
+    return "".join(stream.feed(p) for p in pieces) + stream.flush()
+
+
+def pack_stream(pieces: list[str]) -> str:
+    stream = JsonTextStream(lambda: PACK_REDACTOR.stream(4096), PACK)
     return "".join(stream.feed(p) for p in pieces) + stream.flush()
 
 
@@ -118,30 +129,33 @@ def test_malformed_escapes_decode_leniently() -> None:
     assert out == '{"a": "' + KEY_TAG + '", "b": "u12zz"}'
 
 
-def test_sensitive_keys_mask_values_even_split() -> None:
+def test_key_rules_of_the_pack_mask_values_even_split() -> None:
+    """Which keys are sensitive is the rule pack's key rules, as in buffered JSON: same tags."""
     args = (
-        '{"user": "bob", "pass_word": "x", "Password": "hunter2", "list": ["password"], '
-        '"api-key": ""}'
+        '{"user": "bob", "db_password": "Tr0ub4dor&3", "Password": "hunter2x!", '
+        '"list": ["password"], "api_key": "9f8e7d6c5b4a39281706f5e4", "token": 42, '
+        '"client_secret": ["s3cr3t!", ["whsec_9f8e7d6c5b4a3928"]], '
+        '"examples": {"password": "Tr0ub4dor&3"}, "password_policy": "strict"}'
     )
-    for size in (1, 3, 100):
-        out = json.loads(json_stream(split_every(args, size), ("password", "api_key")))
-        assert out == {
-            "user": "bob",
-            "pass_word": SENSITIVE_KEY_TAG,
-            "Password": SENSITIVE_KEY_TAG,
-            "list": ["password"],
-            "api-key": "",
-        }
-    assert json.loads(json_stream([args])) == json.loads(args)  # no keys configured: no masking
+    buffered = json.loads(redact_json_text(args, PACK_REDACTOR).text)
+    assert buffered["db_password"] == "[REDACTED:key-password]"
+    assert buffered["api_key"] == "[REDACTED:key-api-key]"
+    assert buffered["client_secret"] == ["[REDACTED:key-secret]", ["[REDACTED:key-secret]"]]
+    assert buffered["examples"] == {"password": "Tr0ub4dor&3"}  # example data: key rules off
+    for size in (1, 3, 7, 100):
+        assert json.loads(pack_stream(split_every(args, size))) == buffered
+    assert json.loads(json_stream([args])) == json.loads(args)  # no key rules: no masking
 
 
 def test_json_stream_counts() -> None:
-    stream = JsonTextStream(make_stream, ("password",))
-    stream.feed(f'{{"a": "{KEY}", "password": "pw", "b": "{SECRETS[2]}')
-    assert stream.counts == {"openai-key": 1, "sensitive-key": 1}
+    stream = JsonTextStream(lambda: PACK_REDACTOR.stream(4096), PACK)
+    github = "ghp_C3J27XDCG2LmlZGEONYlgCtjfIZ4SOcMz9CP"
+    out = stream.feed(f'{{"a": "{github}", "password": "Tr0ub4dor&3", "b": "x')
+    assert github not in out and "Tr0ub4dor" not in out
+    assert stream.counts == {"github-token": 1, "key-password": 1}
     stream.feed('"}')
     stream.flush()
-    assert stream.counts == {"openai-key": 1, "sensitive-key": 1, "aws-key-id": 1}
+    assert stream.counts == {"github-token": 1, "key-password": 1}
 
 
 def test_encode_json_chars_is_minimal_and_valid() -> None:
