@@ -14,7 +14,6 @@ refusal in the response phase must not leave the secret on the recorded request.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Final
 
 from mitmproxy import http
@@ -25,18 +24,7 @@ from sluicegate.mitm.base import GatewayAddon
 from sluicegate.mitm.routing import Destination, chosen_route, path_still_judged, serves
 from sluicegate.redaction.echo import secret_variants
 
-# flowstate private key: what was injected into the flow's request (never the secret itself).
-INJECTED_KEY: Final = "credentials.injected"
 MAX_REMEMBERED_SECRETS: Final = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class Injected:
-    """Which header carries the credential, and the value it shows once the request has left:
-    the route's template around the marker `[credential:<route>]`."""
-
-    header: str
-    concealed: str
 
 
 def scrub_rule_id(route: str) -> str:
@@ -110,7 +98,7 @@ class CredentialInjection(GatewayAddon):
         st.scrub.extend(literals)
         template = route.inject.template
         concealed = template.replace("{secret}", credential_marker(route.name))
-        st.private[INJECTED_KEY] = Injected(route.inject.header, concealed)
+        st.injected = flowstate.Injected(route.inject.header, concealed)
         flow.request.headers[route.inject.header] = template.replace("{secret}", secret)
 
     @guard.fail_closed("gateway_error", skip_refused=False)
@@ -131,8 +119,8 @@ class CredentialInjection(GatewayAddon):
 def conceal(flow: http.HTTPFlow) -> None:
     """Put the marker in place of the injected secret (idempotent)."""
     st = flowstate.peek(flow)
-    injected = st.private.get(INJECTED_KEY) if st is not None else None
-    if isinstance(injected, Injected):
+    injected = st.injected if st is not None else None
+    if injected is not None:
         flow.request.headers[injected.header] = injected.concealed
 
 

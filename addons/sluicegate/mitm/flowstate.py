@@ -16,7 +16,12 @@ import weakref
 from typing import Any
 
 from sluicegate.auth.caller import Caller
+from sluicegate.config import Route
+from sluicegate.egress.paths import RequestPath
+from sluicegate.policy.stream import ResponsePolicy
+from sluicegate.recording.store import Receipt
 from sluicegate.redaction.redactor import LiteralSecret as ScrubLiteral
+from sluicegate.redaction.redactor import Redactor
 
 METADATA_KEY = "sluicegate"
 
@@ -29,6 +34,40 @@ class Refusal:
     code: str
     message: str
     phase: str
+
+
+@dataclasses.dataclass
+class Injected:
+    """Which header carries the injected credential, and the value it shows once the request has
+    left: the route's template around the marker `[credential:<route>]`."""
+
+    header: str
+    concealed: str
+
+
+@dataclasses.dataclass
+class WebSocketChannel:
+    """What the gateway did on one WebSocket connection (counts are recorded, never content)."""
+
+    route: str | None
+    response_redactor: Redactor | None = None
+    messages: int = 0
+    dropped: int = 0
+    counts: dict[str, dict[str, int]] = dataclasses.field(
+        default_factory=lambda: {"client": {}, "server": {}}
+    )
+    closed: str | None = None  # the code the gateway closed the connection with
+
+    def facts(self) -> dict[str, Any]:
+        facts: dict[str, Any] = {
+            "route": self.route,
+            "messages": self.messages,
+            "dropped": self.dropped,
+            "redaction": {side: dict(counts) for side, counts in self.counts.items()},
+        }
+        if self.closed is not None:
+            facts["closed_by_gateway"] = self.closed
+        return facts
 
 
 @dataclasses.dataclass
@@ -48,8 +87,18 @@ class FlowState:
     originals: dict[str, bytes] = dataclasses.field(default_factory=dict)
     # Recordable facts, grouped by the addon that produced them (plain types only).
     facts: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # Non-recordable working data (identity objects, secrets to scrub...), by addon.
-    private: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Working data, one typed slot per owner (never recorded):
+    # Routing: the canonical request path judged by routing and policy, and the chosen route.
+    path: RequestPath | None = None
+    route_config: Route | None = None
+    # CredentialInjection: the header it wrote, and what it shows once the request has left.
+    injected: Injected | None = None
+    # Policy: the response rules of this flow (StreamRedaction asks them while streaming).
+    response_policy: ResponsePolicy | None = None
+    # WebSockets: the connection's channel state.
+    websocket: WebSocketChannel | None = None
+    # Recorder: where the flow was written (written once).
+    recorded: Receipt | None = None
     # The dict `publish` last put into flow.metadata (`record` updates it in place).
     published: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
 
@@ -101,6 +150,14 @@ def record(flow: Any, section: str, value: Any) -> None:
         meta[section] = value
     else:  # every fact was checked when it was recorded; a refusal has plain fields
         flow.metadata[METADATA_KEY] = st.published = _projection(st)
+
+
+def count_redactions(flow: Any, part: str, counts: dict[str, int]) -> None:
+    """The one writer of the `redaction` section: counts per rule for `part` ("request" /
+    "response"), beside what was recorded for the other part (buffered and streamed bodies)."""
+    section = dict(state(flow).facts.get("redaction") or {})
+    section[part] = dict(counts)
+    record(flow, "redaction", section)
 
 
 def _projection(st: FlowState) -> dict[str, Any]:

@@ -13,7 +13,7 @@ Response side (`response` hook): buffered responses are checked whole and blocke
 502: SDKs retry 5xx, which would re-run the request upstream), held, or redacted, before the agent
 sees a byte. Streamed responses (text/event-stream) are released incrementally by the streaming
 addon, which checks released text with the flow's `ResponsePolicy` (left in
-`flowstate.state(flow).private[RESPONSE_POLICY_KEY]`) and cuts the stream with a final SSE error
+`flowstate.state(flow).response_policy`) and cuts the stream with a final SSE error
 event when a rule matches; `hold` and `redact_only` act as block on streams. This hook records
 that decision.
 
@@ -45,7 +45,6 @@ from sluicegate.mitm.routing import judged_path
 from sluicegate.policy import engine
 from sluicegate.policy.conditions import FlowContext
 from sluicegate.policy.decisions import (
-    RESPONSE_POLICY_KEY,
     Action,
     Decision,
     Phase,
@@ -53,7 +52,6 @@ from sluicegate.policy.decisions import (
     ScanTimeout,
 )
 from sluicegate.policy.redact_only import redact_body
-from sluicegate.policy.stream import ResponsePolicy
 from sluicegate.policy.views import BodyViews
 from sluicegate.redaction import bodies
 from sluicegate.shapes import decoding
@@ -318,14 +316,14 @@ class Policy(GatewayAddon):
                 raise _state_refusal(decision, "its grants") from None
         response_policy = policy.response_policy(ctx, exempt)
         if response_policy is not None:
-            flowstate.state(flow).private[RESPONSE_POLICY_KEY] = response_policy
+            flowstate.state(flow).response_policy = response_policy
 
     # -- response side --------------------------------------------------------------------------
 
     @guard.fail_closed("policy_error")
     async def response(self, flow: http.HTTPFlow) -> None:
         st = flowstate.state(flow)
-        response_policy: ResponsePolicy | None = st.private.get(RESPONSE_POLICY_KEY)
+        response_policy = st.response_policy
         if response_policy is None or flow.response is None:
             return
         facts = _facts(flow)

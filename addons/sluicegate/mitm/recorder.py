@@ -37,7 +37,7 @@ from sluicegate.mitm.snapshot import (
 )
 from sluicegate.recording import chain, sealing
 from sluicegate.recording.audit import AuditLog, Prepared
-from sluicegate.recording.store import Limits, Receipt, RecordingUnavailable, SessionStore
+from sluicegate.recording.store import Limits, RecordingUnavailable, SessionStore
 
 logger = logging.getLogger("sluicegate.recorder")
 
@@ -215,7 +215,7 @@ class Recorder(GatewayAddon):
         if store is None or audit is None or policy is None:
             return None
         st = flowstate.state(flow)
-        if isinstance(st.private.get("recorder"), Receipt):
+        if st.recorded is not None:
             return None
         self.in_flight.pop(flow.id, None)
         try:
@@ -246,7 +246,7 @@ class Recorder(GatewayAddon):
 
         try:
             receipt = store.write(snap.identity, flow.id, snap.record, audit_line)
-            st.private["recorder"] = receipt
+            st.recorded = receipt
             audit.commit(prepared[-1])
         except RecordingUnavailable as e:
             store.fail(e.code, e.message)

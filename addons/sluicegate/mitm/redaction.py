@@ -215,10 +215,7 @@ def _merged(*parts: dict[str, int]) -> dict[str, int]:
 
 
 def _record(flow: http.HTTPFlow, part: Part, counts: dict[str, int]) -> None:
-    """Counts per rule for `part`, beside what other addons recorded for the other part."""
-    section = dict(flowstate.state(flow).facts.get("redaction") or {})
-    section[part] = counts
-    flowstate.record(flow, "redaction", section)
+    flowstate.count_redactions(flow, part, counts)
 
 
 async def _off_loop(size: int, fn: Callable[..., T], *args: object) -> T:

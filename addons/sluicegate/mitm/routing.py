@@ -29,7 +29,7 @@ import dataclasses
 import logging
 import socket
 from collections.abc import Iterable, Sequence
-from typing import Any, Final
+from typing import Any
 
 from mitmproxy import http
 
@@ -47,11 +47,6 @@ from sluicegate.mitm.base import GatewayAddon
 from sluicegate.mitmcompat import upstream_connect
 
 logger = logging.getLogger("sluicegate.routing")
-
-# flowstate private key: the Route object chosen for the flow (None: unrouted passthrough).
-ROUTE_KEY: Final = "routing.route"
-# flowstate private key: the flow's canonical `RequestPath`, as judged by routing and policy.
-PATH_KEY: Final = "routing.path"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +126,8 @@ def read_path(flow: http.HTTPFlow) -> RequestPath:
     """The flow's canonical path, read once and kept; the request's path is rewritten to it.
     Raises `GatewayRefusal` (400 `invalid_path`) for a path upstreams may read differently."""
     st = flowstate.state(flow)
-    kept = st.private.get(PATH_KEY)
-    if isinstance(kept, RequestPath):
+    kept = st.path
+    if kept is not None:
         return kept
     try:
         path = canonical_path(flow.request.path)
@@ -140,7 +135,7 @@ def read_path(flow: http.HTTPFlow) -> RequestPath:
         raise guard.GatewayRefusal(400, e.code, e.message) from None
     if path.target != flow.request.path:
         flow.request.path = path.target
-    st.private[PATH_KEY] = path
+    st.path = path
     return path
 
 
@@ -152,8 +147,8 @@ def judged_path(flow: http.HTTPFlow) -> str:
 def path_still_judged(flow: http.HTTPFlow) -> bool:
     """Whether the path about to leave is the one that was judged (query aside), or a rewrite
     of it (a redacted path segment) that is still canonical and inside the flow's route."""
-    kept = flowstate.state(flow).private.get(PATH_KEY)
-    if not isinstance(kept, RequestPath):
+    kept = flowstate.state(flow).path
+    if kept is None:
         return False
     leaving = flow.request.path.partition("?")[0]
     if leaving == kept.wire:
@@ -170,8 +165,7 @@ def path_still_judged(flow: http.HTTPFlow) -> bool:
 
 def chosen_route(flow: http.HTTPFlow) -> Route | None:
     """The route Routing chose for `flow` (None: unrouted passthrough, or not routed)."""
-    route = flowstate.state(flow).private.get(ROUTE_KEY)
-    return route if isinstance(route, Route) else None
+    return flowstate.state(flow).route_config
 
 
 class Routing(GatewayAddon):
@@ -232,7 +226,7 @@ class Routing(GatewayAddon):
         if route is not None and not admits(route, st.caller):
             raise _group_not_allowed(route.name)
         self._refuse_internal_name(flow.request.host, flow.request.port)
-        st.private[ROUTE_KEY] = route
+        st.route_config = route
 
     @guard.fail_closed("gateway_error")
     async def request(self, flow: http.HTTPFlow) -> None:

@@ -35,8 +35,8 @@ from mitmproxy import http
 from sluicegate.config import Config
 from sluicegate.mitm import flowstate, guard
 from sluicegate.mitm.base import GatewayAddon
-from sluicegate.policy.decisions import RESPONSE_POLICY_KEY, Decision
-from sluicegate.policy.stream import ResponsePolicy, ResponseScanner, sse_error_event
+from sluicegate.policy.decisions import Decision
+from sluicegate.policy.stream import ResponseScanner, sse_error_event
 from sluicegate.redaction.json_redact import JsonStrings
 from sluicegate.redaction.runtime import RedactionRuntime
 from sluicegate.redaction.sse import SseRedactor, error_event
@@ -243,7 +243,7 @@ class StreamRedaction(GatewayAddon):
             max_event_bytes=max_event,
             strings=JsonStrings(runtime.response_text_redactor(st.caller, st.scrub)),
         )
-        response_policy: ResponsePolicy | None = st.private.get(RESPONSE_POLICY_KEY)
+        response_policy = st.response_policy
         # Two scanners: the released events as sent, and the text their channels carry.
         scanners = [response_policy.stream(), response_policy.stream()] if response_policy else []
         st.streamed_body = bytearray()
@@ -288,10 +288,7 @@ def _session(flow: http.HTTPFlow) -> StreamSession | None:
 def _settle(flow: http.HTTPFlow, session: StreamSession) -> None:
     """Release the engine state and record what the stream did."""
     session.release()
-    st = flowstate.state(flow)
-    redaction = dict(st.facts.get("redaction") or {})
-    redaction["response"] = session.counts
-    flowstate.record(flow, "redaction", redaction)
+    flowstate.count_redactions(flow, "response", session.counts)
     facts: dict[str, Any] = {"bytes_sent": session.sent}
     if session.cut is not None:
         facts["cut"] = session.cut

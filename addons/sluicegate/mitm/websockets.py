@@ -24,7 +24,6 @@ that is impossible (no live layer) the flow stays marked closed and every later 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import logging
 import traceback
@@ -40,7 +39,6 @@ from sluicegate.mitm import flowstate, guard
 from sluicegate.mitm.base import GatewayAddon
 from sluicegate.mitmcompat.websocket_close import close_websocket
 from sluicegate.redaction.bodies import BodyPolicy, BodyRefused, redact_body
-from sluicegate.redaction.redactor import Redactor
 from sluicegate.redaction.runtime import RedactionRuntime
 from sluicegate.runtime import build_redaction
 
@@ -51,8 +49,6 @@ BLOCKED_CODE: Final = "websocket_blocked"
 BINARY_BLOCKED: Final = "websocket_binary_blocked"
 TOO_LARGE: Final = "websocket_message_too_large"
 FAULT_POINT: Final = "WebSockets.websocket_message"
-# flowstate private key: the per-connection `Channel`.
-CHANNEL_KEY: Final = "websockets.channel"
 # Text messages are JSON or text whatever the upgrade's content type said.
 TEXT_POLICY: Final = BodyPolicy(binary="block", unknown="text")
 # Larger messages are redacted on a worker thread (the regex module releases the GIL).
@@ -66,29 +62,7 @@ CLOSE_CODES: Final = {
 _HANDSHAKE_HEADERS: Final = ("sec-websocket-key", "sec-websocket-version")
 
 
-@dataclasses.dataclass
-class Channel:
-    """What the gateway did on one WebSocket connection (counts are recorded, never content)."""
-
-    route: str | None
-    response_redactor: Redactor | None = None
-    messages: int = 0
-    dropped: int = 0
-    counts: dict[str, dict[str, int]] = dataclasses.field(
-        default_factory=lambda: {"client": {}, "server": {}}
-    )
-    closed: str | None = None  # the code the gateway closed the connection with
-
-    def facts(self) -> dict[str, Any]:
-        facts: dict[str, Any] = {
-            "route": self.route,
-            "messages": self.messages,
-            "dropped": self.dropped,
-            "redaction": {side: dict(counts) for side, counts in self.counts.items()},
-        }
-        if self.closed is not None:
-            facts["closed_by_gateway"] = self.closed
-        return facts
+Channel = flowstate.WebSocketChannel
 
 
 def is_upgrade_request(request: http.Request) -> bool:
@@ -198,8 +172,8 @@ class WebSockets(GatewayAddon):
             flow.websocket = None  # no WebSocket layer: the refusal is an ordinary response
             raise _blocked()
         st = flowstate.state(flow)
-        st.private[CHANNEL_KEY] = Channel(st.route)
-        flowstate.record(flow, "websocket", st.private[CHANNEL_KEY].facts())
+        st.websocket = Channel(st.route)
+        flowstate.record(flow, "websocket", st.websocket.facts())
 
     @message_fail_closed
     async def websocket_message(
@@ -246,9 +220,9 @@ def _blocked() -> guard.GatewayRefusal:
 
 def _channel(flow: http.HTTPFlow) -> Channel:
     st = flowstate.state(flow)
-    channel = st.private.get(CHANNEL_KEY)
-    if not isinstance(channel, Channel):  # the upgrade bypassed `response`: treat as unknown
-        channel = st.private[CHANNEL_KEY] = Channel(st.route)
+    channel = st.websocket
+    if channel is None:  # the upgrade bypassed `response`: treat as unknown
+        channel = st.websocket = Channel(st.route)
     return channel
 
 

@@ -9,10 +9,6 @@ from typing import Any
 # Decisions taken by `default_action` (no rule matched) carry this id; it is not a valid rule id.
 DEFAULT_RULE_ID = "(default)"
 
-# Key in `flowstate.state(flow).private` under which the Policy addon leaves the flow's
-# `ResponsePolicy` for streaming code (absent when no response rule can apply to the flow).
-RESPONSE_POLICY_KEY = "policy.response"
-
 
 class Action(enum.StrEnum):
     ALLOW = "allow"
