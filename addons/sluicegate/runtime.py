@@ -58,7 +58,24 @@ def build_policy(section: PolicySection) -> Policy:
     )
 
 
+# The runtime of the config in force: every addon of the chain shares it (one memo of clean
+# texts, one cache of redactors with literals), rebuilt only when the config object changes.
+_shared: tuple[Config, RedactionRuntime] | None = None
+
+
+def for_config(config: Config) -> RedactionRuntime:
+    """The one redaction runtime of `config`, shared by Redaction, StreamRedaction, WebSockets."""
+    global _shared
+    shared = _shared
+    if shared is not None and shared[0] is config:
+        return shared[1]
+    runtime = build_redaction(config)
+    _shared = (config, runtime)
+    return runtime
+
+
 def build_redaction(config: Config) -> RedactionRuntime:
+    """A new redaction runtime for `config` (addons share one: `for_config`)."""
     section = config.redaction
     pack = section.pack
     if pack is None:  # a config built without validation (tests)

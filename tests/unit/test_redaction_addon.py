@@ -19,6 +19,8 @@ from mitmproxy.test import tflow, tutils
 from sluicegate.mitm import flowstate
 from sluicegate.mitm import redaction as redaction_mod
 from sluicegate.mitm.redaction import Redaction
+from sluicegate.mitm.streaming import StreamRedaction
+from sluicegate.mitm.websockets import WebSockets
 from sluicegate.redaction.bodies import redact_body
 from sluicegate.redaction.echo import secret_variants
 from tests.support.addon_harness import configured, write_config
@@ -527,3 +529,16 @@ def test_unconfigured_addon_refuses() -> None:
     flow = request_flow(chat("hi"))
     addon.requestheaders(flow)
     assert refusal(flow) == (503, "gateway_not_configured")
+
+
+def test_the_chain_shares_one_redaction_runtime(config_files: dict[str, Path]) -> None:
+    """One runtime per config (one memo of clean texts, one cache of literal redactors), built
+    once and shared by every redacting addon; a new config gets a new one."""
+    addons = (Redaction(), StreamRedaction(), WebSockets())
+    with configured(*addons, config=config_files["default"]):
+        runtimes = {id(addon.runtime) for addon in addons}
+        assert len(runtimes) == 1 and addons[0].runtime is not None
+        first = addons[0].runtime
+    other = Redaction()
+    with configured(other, config=config_files["binary-pass"]):
+        assert other.runtime is not None and other.runtime is not first

@@ -32,7 +32,7 @@ from sluicegate.mitm.base import GatewayAddon
 from sluicegate.redaction.bodies import BodyPolicy, BodyRefused, media_type, redact_body
 from sluicegate.redaction.memo import MemoRedactor
 from sluicegate.redaction.runtime import RedactionRuntime
-from sluicegate.runtime import build_redaction
+from sluicegate.runtime import for_config
 from sluicegate.shapes import decoding
 
 logger = logging.getLogger("sluicegate.redaction")
@@ -56,7 +56,7 @@ class Redaction(GatewayAddon):
         self.runtime: RedactionRuntime | None = None
 
     def apply(self, config: Config) -> None:
-        self.runtime = build_redaction(config)
+        self.runtime = for_config(config)
 
     # -- request side -----------------------------------------------------------------------------
 

@@ -40,7 +40,7 @@ from sluicegate.policy.stream import ResponseScanner, sse_error_event
 from sluicegate.redaction.json_redact import JsonStrings
 from sluicegate.redaction.runtime import RedactionRuntime
 from sluicegate.redaction.sse import SseRedactor, error_event
-from sluicegate.runtime import build_redaction
+from sluicegate.runtime import for_config
 from sluicegate.shapes.decoding import DecodingError, IncrementalDecoder, UnsupportedEncoding
 from sluicegate.shapes.sse import SseError
 
@@ -207,7 +207,7 @@ class StreamRedaction(GatewayAddon):
         self.runtime: RedactionRuntime | None = None
 
     def apply(self, config: Config) -> None:
-        self.runtime = build_redaction(config)
+        self.runtime = for_config(config)
 
     @guard.fail_closed(STREAM_ERROR_CODE)
     def requestheaders(self, flow: http.HTTPFlow) -> None:

@@ -40,7 +40,7 @@ from sluicegate.mitm.base import GatewayAddon
 from sluicegate.mitmcompat.websocket_close import close_websocket
 from sluicegate.redaction.bodies import BodyPolicy, BodyRefused, redact_body
 from sluicegate.redaction.runtime import RedactionRuntime
-from sluicegate.runtime import build_redaction
+from sluicegate.runtime import for_config
 
 logger = logging.getLogger("sluicegate.websockets")
 
@@ -143,7 +143,7 @@ class WebSockets(GatewayAddon):
         self.runtime: RedactionRuntime | None = None
 
     def apply(self, config: Config) -> None:
-        self.runtime = build_redaction(config)
+        self.runtime = for_config(config)
         self.settings = config.websockets
 
     def allowed(self, flow: http.HTTPFlow) -> bool:
