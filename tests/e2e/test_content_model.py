@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import wsproto.events as ev
 
 from tests.conftest import UPSTREAM_KEY, UPSTREAM_KEY_ENV
 from tests.support.gateway import Gateway
@@ -251,3 +252,43 @@ def test_a_pipe_to_shell_split_across_non_content_deltas_is_cut(
     errors = [e["error"] for e in data_events(raw) if e.get("type") == "error"]
     assert [(e["code"], e["rule"]) for e in errors] == [("policy_blocked", "no-pipe-to-shell")]
     assert "| sh" not in raw and "enjoy" not in raw and "install" in raw
+
+
+def test_a_pipe_to_shell_split_across_websocket_messages_closes_the_connection(
+    gateway: Gateway, realtime: WsUpstream, token: str
+) -> None:
+    """Server messages are a stream to the response rules, across messages."""
+    first, second = PIPE[:20], PIPE[20:]
+    ws = ws_connect(gateway.port or 0, realtime, token, ca_file=str(gateway.ca_file))
+    assert isinstance(ws, WsClient)
+    with ws:
+        for piece in ("run: ", first):
+            ws.send("say:" + realtime_delta(piece).encode().hex())
+            assert json.loads(ws.text())["delta"] == piece
+        ws.send("say:" + realtime_delta(second).encode().hex())
+        event = ws.receive()
+    assert isinstance(event, ev.CloseConnection) and event.code == 1008
+
+
+def test_a_pipe_to_shell_in_one_websocket_message_of_any_shape_closes_the_connection(
+    gateway: Gateway, realtime: WsUpstream, token: str
+) -> None:
+    ws = ws_connect(gateway.port or 0, realtime, token, ca_file=str(gateway.ca_file))
+    assert isinstance(ws, WsClient)
+    with ws:
+        ws.send("say:" + json.dumps({"note": f"try {PIPE} now"}).encode().hex())
+        event = ws.receive()
+    assert isinstance(event, ev.CloseConnection) and event.code == 1008
+
+
+def realtime_delta(text: str) -> str:
+    """An OpenAI realtime text delta event (the Responses adapter's shape)."""
+    return json.dumps(
+        {
+            "type": "response.text.delta",
+            "item_id": "item_1",
+            "output_index": 0,
+            "content_index": 0,
+            "delta": text,
+        }
+    )

@@ -107,7 +107,7 @@ class Gateway:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self, timeout: float = 30) -> Gateway:
+    def start(self, timeout: float = 90) -> Gateway:
         self.proc = subprocess.Popen(
             self.args,
             stdout=subprocess.PIPE,
@@ -139,7 +139,7 @@ class Gateway:
         time.sleep(0.15)
         return self.proc is not None and self.proc.poll() is None
 
-    def run_to_exit(self, timeout: float = 30) -> int:
+    def run_to_exit(self, timeout: float = 120) -> int:
         """Run expecting mitmdump to exit by itself (bad config); returns its exit code."""
         self.proc = subprocess.Popen(
             self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env

@@ -18,10 +18,11 @@ from typing import Any
 from sluicegate.auth.caller import Caller
 from sluicegate.config import Route
 from sluicegate.egress.paths import RequestPath
-from sluicegate.policy.stream import ResponsePolicy
+from sluicegate.policy.stream import ResponsePolicy, ResponseScanner
 from sluicegate.recording.store import Receipt
 from sluicegate.redaction.redactor import LiteralSecret as ScrubLiteral
 from sluicegate.redaction.redactor import Redactor
+from sluicegate.shapes.events import MessageReader
 
 METADATA_KEY = "sluicegate"
 
@@ -57,6 +58,9 @@ class WebSocketChannel:
         default_factory=lambda: {"client": {}, "server": {}}
     )
     closed: str | None = None  # the code the gateway closed the connection with
+    # The response rules' scanner over the server's messages (created on the first one).
+    scanner: ResponseScanner | None = None
+    reader: MessageReader | None = None  # the text channels of its JSON messages
 
     def facts(self) -> dict[str, Any]:
         facts: dict[str, Any] = {
@@ -67,6 +71,8 @@ class WebSocketChannel:
         }
         if self.closed is not None:
             facts["closed_by_gateway"] = self.closed
+        if self.scanner is not None and self.scanner.decision is not None:
+            facts["policy_rule"] = self.scanner.decision.rule_id
         return facts
 
 

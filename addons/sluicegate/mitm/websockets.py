@@ -38,9 +38,11 @@ from sluicegate.config import Config, WebSocketsSection
 from sluicegate.mitm import flowstate, guard
 from sluicegate.mitm.base import GatewayAddon
 from sluicegate.mitmcompat.websocket_close import close_websocket
+from sluicegate.policy.views import BodyViews
 from sluicegate.redaction.bodies import BodyPolicy, BodyRefused, redact_body
 from sluicegate.redaction.runtime import RedactionRuntime
 from sluicegate.runtime import for_config
+from sluicegate.shapes.events import MessageReader
 
 logger = logging.getLogger("sluicegate.websockets")
 
@@ -48,6 +50,7 @@ ERROR_CODE: Final = "websocket_error"
 BLOCKED_CODE: Final = "websocket_blocked"
 BINARY_BLOCKED: Final = "websocket_binary_blocked"
 TOO_LARGE: Final = "websocket_message_too_large"
+POLICY_CODE: Final = "policy_blocked"
 FAULT_POINT: Final = "WebSockets.websocket_message"
 # Text messages are JSON or text whatever the upgrade's content type said.
 TEXT_POLICY: Final = BodyPolicy(binary="block", unknown="text")
@@ -207,6 +210,36 @@ class WebSockets(GatewayAddon):
         counts = channel.counts[side]
         for rule, n in result.counts.items():
             counts[rule] = counts.get(rule, 0) + n
+        if not message.from_client:
+            self._check_response_rules(flow, message, channel)
+
+    @staticmethod
+    def _check_response_rules(
+        flow: http.HTTPFlow, message: WebSocketMessage, channel: Channel
+    ) -> None:
+        """Server messages are a stream: the flow's response rules read them as they read an SSE
+        stream (one scanner across the connection's messages, so a command split over messages
+        is still found), after redaction; a match drops the message and closes (1008)."""
+        response_policy = flowstate.state(flow).response_policy
+        if response_policy is None:
+            return
+        if channel.scanner is None:
+            channel.scanner = response_policy.stream()
+            channel.reader = MessageReader()
+            if channel.scanner.feed("") is not None:
+                raise MessageFailed(POLICY_CODE)
+        assert channel.reader is not None
+        text = message.text
+        # A known event shape: its text channels, joined across messages (as for SSE).
+        generated = channel.reader.read(text)
+        if generated:
+            if channel.scanner.feed(generated) is not None:
+                raise MessageFailed(POLICY_CODE)
+            return
+        # Any other message on its own: its raw text and its decoded JSON strings.
+        if response_policy.scan_views(BodyViews.of(message.content)) is not None:
+            channel.scanner.decision = response_policy.stream_decisions[-1]
+            raise MessageFailed(POLICY_CODE)
 
 
 def _blocked() -> guard.GatewayRefusal:

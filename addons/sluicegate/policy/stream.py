@@ -40,6 +40,15 @@ class ResponsePolicy:
             return None
         return decision
 
+    def scan_views(self, body: BodyViews) -> Decision | None:
+        """One whole message of a stream (a WebSocket message): a decision cuts the stream, like
+        a stream scanner's (recorded in `stream_decisions`); None when nothing or allow matched."""
+        decision = self.decide(body)
+        if decision is None or decision.action is Action.ALLOW:
+            return None
+        self.stream_decisions.append(decision)
+        return decision
+
     def stream(self) -> ResponseScanner:
         self.streams_started += 1
         return ResponseScanner(self)

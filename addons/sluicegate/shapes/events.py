@@ -25,6 +25,7 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
 from collections.abc import Callable, Hashable, Mapping
@@ -309,3 +310,20 @@ def generated_text(body: bytes, *, max_event_bytes: int = 8 << 20) -> str:
         pass
     pieces.append(rewriter.take_released())
     return "".join(pieces)
+
+
+class MessageReader:
+    """The generated text of a sequence of JSON messages (WebSocket events, e.g. OpenAI realtime
+    `response.text.delta`), read through the same provider adapters as SSE events, verbatim.
+    State carries across messages, so a text split over many of them comes out whole."""
+
+    def __init__(self) -> None:
+        self._rewriter = EventRewriter(_Verbatim, strings=StreamStrings(_Verbatim))
+
+    def read(self, message: str) -> str:
+        """The channel text `message` carries (empty when no adapter knows its shape)."""
+        event = SseEvent(lines=(SseLine("data", message, b"", b"\n"),), end=b"\n")
+        # A view, not a verdict: the message's own text is scanned anyway.
+        with contextlib.suppress(SseError):
+            self._rewriter.rewrite(event)
+        return self._rewriter.take_released()
