@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sluicegate.auth.caller import Caller
-from sluicegate.redaction import runtime as redaction_runtime
 from sluicegate.redaction.bodies import BodyPolicy, redact_body
 from sluicegate.redaction.memo import CleanTexts, MemoRedactor, key_rule_for
 from sluicegate.redaction.redactor import LiteralSecret, Redactor
@@ -167,18 +165,3 @@ def test_runtime_keeps_redactors_per_literal_set_and_masks_new_literals() -> Non
     assert runtime.response_text_redactor(caller, first).redact_text(text).text == text
     masked = runtime.response_text_redactor(caller, rotated).redact_text(text)
     assert masked.text == "echo [REDACTED:injected-credential:r]"
-
-
-def test_stream_memos_are_per_redactor_and_caller_and_bounded(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    runtime = make_runtime()
-    alice = Caller("alice", (), "https://idp", None, "fp1")
-    bob = Caller("bob", (), "https://idp", None, "fp2")
-    memo = runtime.stream_memo(RESPONSE, alice)
-    assert runtime.stream_memo(RESPONSE, alice) is memo
-    assert runtime.stream_memo(RESPONSE, bob) is not memo
-    assert runtime.stream_memo(REQUEST, alice) is not memo
-    monkeypatch.setattr(redaction_runtime, "STREAM_MEMOS", 2)
-    runtime.stream_memo(RESPONSE, None)
-    assert runtime.stream_memo(RESPONSE, alice) is not memo  # the least recently used went
