@@ -455,6 +455,26 @@ def test_any_single_character_change_is_rejected(
         rsa_only.verify(mutated)
 
 
+def test_a_non_canonical_base64url_spelling_of_a_segment_is_rejected(
+    rsa_only: TokenVerifier,
+) -> None:
+    """Another spelling of the same signature bytes (the last character's unused bits set) would
+    be a second token string for one token: a different fingerprint for revocation and replay."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    head, _, signature = VALID_TOKEN.rpartition(".")
+    unused = 0b1111 if len(signature) % 4 == 2 else 0b11
+    assert len(signature) % 4 in (2, 3)
+    alias = alphabet[alphabet.index(signature[-1]) | 1]
+    mutated = f"{head}.{signature[:-1]}{alias}"
+    assert mutated != VALID_TOKEN and unused & 1
+    padded = signature + "=" * (-len(signature) % 4)
+    assert base64.urlsafe_b64decode(padded) == base64.urlsafe_b64decode(
+        mutated.rpartition(".")[2] + "=" * (-len(signature) % 4)
+    )
+    with pytest.raises(TokenRejected):
+        rsa_only.verify(mutated)
+
+
 # --- key source configuration errors --------------------------------------------------------
 
 

@@ -430,8 +430,19 @@ def _b64url_decode(segment: str) -> bytes:
     return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
 
 
+_B64URL_ALPHABET: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
 def _is_b64url(segment: str) -> bool:
-    return len(segment) % 4 != 1 and _B64URL.fullmatch(segment) is not None
+    """Canonical unpadded base64url only: the unused low bits of the last character must be zero,
+    or several spellings decode to the same bytes (a second token string for one signature)."""
+    rest = len(segment) % 4
+    if rest == 1 or _B64URL.fullmatch(segment) is None:
+        return False
+    if rest == 0:
+        return True
+    unused = 0b1111 if rest == 2 else 0b11
+    return _B64URL_ALPHABET.index(segment[-1]) & unused == 0
 
 
 def _strict_json_object(data: bytes | str) -> dict[str, Any]:
