@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from sluicegate.redaction.json_redact import JsonStrings, redact_json_text
 from sluicegate.redaction.redactor import Redactor
 from sluicegate.redaction.rules import Direction, load_rule_pack
+from sluicegate.redaction.sse import SseRedactor
 from sluicegate.shapes.channels import TooManyChannels as SseTooManyChannels
 from sluicegate.shapes.channels import UnsupportedEvent as SseUnsupportedEvent
 from sluicegate.shapes.channels import encode_json_chars
@@ -514,3 +515,17 @@ def test_object_keys_in_events_are_redacted_in_place() -> None:
     }
     (out,) = payloads(rewrite(sse(payload)))
     assert list(out["content_block"]["input"].items()) == [(KEY_TAG, 1), ("b", 2)]
+
+
+def test_an_event_repeating_a_key_has_every_occurrence_read() -> None:
+    """json.loads keeps the last occurrence; a client's parser may keep the first. An event that
+    repeats a key is read whole, like buffered JSON, so neither occurrence passes unread."""
+    github = "ghp_C3J27XDCG2LmlZGEONYlgCtjfIZ4SOcMz9CP"
+    event = '{"type": "x", "note": "' + github + '", "note": "clean"}'
+    out = SseRedactor(lambda: PACK_REDACTOR.stream(4096), strings=PACK).feed(
+        f"data: {event}\n\n".encode()
+    )
+    assert github.encode() not in out and b"[REDACTED:github-token]" in out
+    # An escaped quote before a colon in a value is no repeat: the event passes byte-identical.
+    quoted = b'data: {"a": "say \\": hi", "b": 1}\n\n'
+    assert SseRedactor(lambda: PACK_REDACTOR.stream(4096), strings=PACK).feed(quoted) == quoted

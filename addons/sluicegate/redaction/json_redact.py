@@ -241,8 +241,15 @@ class JsonStrings:
     use for key-addressed values and whole strings, so they get exactly what a buffered body gets
     (the same key rules from the rule pack, the same tags, nested documents parsed)."""
 
+    # Strings (and keys) found to need nothing, remembered for this reader's life (one stream or
+    # message sequence of one flow, whose redactor and literals do not change).
+    MAX_REMEMBERED = 4096
+    MAX_REMEMBERED_CHARS = 256
+
     def __init__(self, redactor: TextRedactor) -> None:
         self.redactor = redactor
+        self._clean: set[str] = set()
+        self._clean_keys: set[str] = set()
 
     def key_rule(self, name: str) -> KeyRule | None:
         return key_rule_for(self.redactor, name)
@@ -266,6 +273,65 @@ class JsonStrings:
     def walk(
         self, node: Any, skip: Callable[[Any, Hashable], bool], *, count: bool
     ) -> tuple[Any, bool, Mapping[str, int]]:
+        if self._all_clean(node, skip):  # the usual event: ids, names and keys seen before
+            return node, False, {}
         walker = _Walker(self.redactor, skip)
         new, changed = walker.value(node, depth=0, nesting=0)
         return new, changed, walker.counts if count else {}
+
+    def _all_clean(self, node: Any, skip: Callable[[Any, Hashable], bool]) -> bool:
+        """Whether walking `node` would change nothing: every string (keys too) needs nothing on
+        its own and no key has a key rule. Exact: the walker would leave such a value alone."""
+        clean, clean_keys = self._clean, self._clean_keys
+        stack = [node]
+        while stack:
+            item = stack.pop()
+            kind = type(item)
+            if kind is dict:
+                if not clean_keys.issuperset(item):
+                    for key in item:
+                        if key not in clean_keys and not self._remember_key(key):
+                            return False
+                for key, value in item.items():
+                    vkind = type(value)
+                    if vkind is str:
+                        if value not in clean and not skip(item, key) and not self._remember(value):
+                            return False
+                    elif (vkind is dict or vkind is list) and not skip(item, key):
+                        stack.append(value)
+            elif kind is list:
+                for value in item:
+                    vkind = type(value)
+                    if vkind is str:
+                        if value not in clean and not self._remember(value):
+                            return False
+                    elif vkind is dict or vkind is list:
+                        stack.append(value)
+            elif kind is str:
+                if item not in clean and not self._remember(item):
+                    return False
+            elif isinstance(item, str | dict | list):  # subclasses: let the walker judge
+                return False
+        return True
+
+    def _remember(self, text: str) -> bool:
+        new, counts = self.whole(text)
+        if new != text or counts:
+            return False
+        if len(text) <= self.MAX_REMEMBERED_CHARS:
+            if len(self._clean) >= self.MAX_REMEMBERED:
+                self._clean.clear()
+            self._clean.add(text)
+        return True
+
+    def _remember_key(self, key: str) -> bool:
+        if self.key_rule(key) is not None:
+            return False
+        new, counts = self.whole(key)
+        if new != key or counts:
+            return False
+        if len(key) <= self.MAX_REMEMBERED_CHARS:
+            if len(self._clean_keys) >= self.MAX_REMEMBERED:
+                self._clean_keys.clear()
+            self._clean_keys.add(key)
+        return True

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections import Counter
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import replace
@@ -226,15 +227,9 @@ class EventRewriter:
         # Only objects and arrays are JSON events: a text stream's "3" or "null" is text.
         if data.lstrip(" \t\r\n")[:1] not in ("{", "["):
             return [], self._text(event, data)
-        duplicates = [False]
-
-        def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-            result = dict(items)
-            duplicates[0] |= len(result) != len(items)
-            return result
-
         try:
-            payload = json.loads(data, object_pairs_hook=pairs)
+            payload = json.loads(data)
+            duplicates = _repeats_a_key(data, payload)
         except ValueError:
             return [], self._text(event, data)
         except RecursionError:
@@ -242,7 +237,7 @@ class EventRewriter:
         before: list[bytes] = []
         if self._TEXT_KEY in self._channels:
             before += self._channels.flush_events([self._TEXT_KEY])
-        if duplicates[0]:  # every occurrence read, as buffered JSON reads it
+        if duplicates:  # every occurrence read, as buffered JSON reads it
             before += self._channels.flush_events(self._channels.open_keys())
             return before, self._whole(data)
         edit = Edit(event, payload, before=before)
@@ -252,7 +247,8 @@ class EventRewriter:
             if shape.matches(payload):
                 shape.rewrite(edit)
                 break
-        self._opaque(payload, edit)
+        if "signature" in data or "encrypted_content" in data:
+            self._opaque(payload, edit)
         try:
             new, changed, counts = self._strings.walk(payload, edit.skipped, count=not edit.repeat)
         except RecursionError:
@@ -282,6 +278,45 @@ class EventRewriter:
             return format_event(text, event=event.event, id=event.id, eol=event.eol)
 
         return self._channels.feed(self._TEXT_KEY, data, synthesize, Role.TEXT)
+
+
+_KEY_END = re.compile(r'"[ \t\r\n]*:')
+
+
+def _repeats_a_key(data: str, payload: Any) -> bool:
+    """Whether an object of `data` repeats a key (json.loads kept only the last occurrence).
+
+    Every key in the text ends with `"` and a colon. When the text has no more such endings than
+    the parsed objects have keys, nothing was collapsed; otherwise (a real repeat, or a value with
+    an escaped quote before a colon) the text is parsed again keeping every pair, to know.
+    """
+    if len(_KEY_END.findall(data)) <= _keys(payload):
+        return False
+    repeated = False
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal repeated
+        result = dict(items)
+        repeated |= len(result) != len(items)
+        return result
+
+    json.loads(data, object_pairs_hook=pairs)
+    return repeated
+
+
+def _keys(node: Any) -> int:
+    """How many keys the parsed objects under `node` hold."""
+    kind = type(node)
+    if kind is dict:
+        count, values = len(node), node.values()
+    elif kind is list:
+        count, values = 0, node
+    else:
+        return 0
+    for value in values:
+        if type(value) is dict or type(value) is list:
+            count += _keys(value)
+    return count
 
 
 class _Verbatim:
