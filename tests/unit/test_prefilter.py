@@ -116,3 +116,29 @@ def test_switch_off_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLUICEGATE_PURE_PYTHON", "1")
     assert not prefilter.available()
     assert not KeywordIndex(SYNTHETIC_KEYS).accelerated
+
+
+def test_threads_scan_concurrently_with_their_own_scratch() -> None:
+    """Large bodies are redacted on worker threads: each thread gets its own scratch space."""
+    import random
+    import threading
+
+    rng = random.Random(7)
+    words = [f for f in FRAGMENTS if f.isascii()] + ["abc", " = ", "x", "\n"]
+    texts = [" ".join(rng.choices(words, k=rng.randint(50, 2000))) for _ in range(40)]
+    expected = [PACK.python_hits(t, t.lower()) for t in texts]
+    mismatches: list[int] = []
+
+    def scan() -> None:
+        for _ in range(3):
+            mismatches.extend(
+                i for i, t in enumerate(texts) if PACK.hits(t, t.lower()) != expected[i]
+            )
+
+    threads = [threading.Thread(target=scan) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert mismatches == []
+    assert PACK._fast is not None and PACK._fast._prototype is not None
