@@ -315,23 +315,18 @@ class JsonStrings:
         return True
 
     def _remember(self, text: str) -> bool:
+        return self._remember_in(self._clean, text)
+
+    def _remember_key(self, key: str) -> bool:
+        return self.key_rule(key) is None and self._remember_in(self._clean_keys, key)
+
+    def _remember_in(self, known: set[str], text: str) -> bool:
+        """Whether `text` needs nothing on its own; if so (and short) it is remembered."""
         new, counts = self.whole(text)
         if new != text or counts:
             return False
         if len(text) <= self.MAX_REMEMBERED_CHARS:
-            if len(self._clean) >= self.MAX_REMEMBERED:
-                self._clean.clear()
-            self._clean.add(text)
-        return True
-
-    def _remember_key(self, key: str) -> bool:
-        if self.key_rule(key) is not None:
-            return False
-        new, counts = self.whole(key)
-        if new != key or counts:
-            return False
-        if len(key) <= self.MAX_REMEMBERED_CHARS:
-            if len(self._clean_keys) >= self.MAX_REMEMBERED:
-                self._clean_keys.clear()
-            self._clean_keys.add(key)
+            if len(known) >= self.MAX_REMEMBERED:
+                known.clear()
+            known.add(text)
         return True
