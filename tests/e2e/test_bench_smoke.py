@@ -31,7 +31,9 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[dict]]:
         timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout, json.loads(out.read_text())
+    data = json.loads(out.read_text())
+    assert data["header"].startswith("mitmproxy ")
+    return done.stdout, data["rows"]
 
 
 def test_every_row_of_the_readme_table_is_measured(smoke: tuple[str, list[dict]]) -> None:
