@@ -2,8 +2,8 @@
 # sluicegate developer entry point (see README).
 #
 #   scripts/dev.sh run     set up, then run the gateway on the embedded default (127.0.0.1:8080)
-#   scripts/dev.sh test    set up a test environment and run the whole test suite (+ ruff and
-#                          scripts/adversarial_smoke.py)
+#   scripts/dev.sh test    set up a test environment: ruff, mypy, the whole test suite, then
+#                          scripts/adversarial_smoke.py
 #   scripts/dev.sh setup   only set up: virtualenv, install, local dev CA / signing key under certs/
 #
 # Environment: PYTHON (default python3; 3.11 gets mitmproxy 11.0.2, 3.12+ gets mitmproxy 12),
@@ -107,6 +107,9 @@ test_suite() {
     echo "==> ruff"
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
+    # Types: the whole package, strict on the engines ([tool.mypy] in pyproject.toml).
+    echo "==> mypy"
+    "$VENV/bin/mypy"
     echo "==> pytest ($("$VENV/bin/python" -c 'import mitmproxy.version as v, sys; print(f"mitmproxy {v.VERSION}, Python {sys.version.split()[0]}")'))"
     "$VENV/bin/python" -m pytest -q "$@"
     echo "==> adversarial smoke run (a real gateway, known attack classes; fails on any leak)"

@@ -7,6 +7,8 @@ Imports are read from the source (every `import`, at module level, inside functi
 from __future__ import annotations
 
 import ast
+import fnmatch
+import tomllib
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "addons" / "sluicegate"
@@ -106,3 +108,21 @@ def test_every_engine_package_is_documented_in_architecture() -> None:
     packages = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists())
     missing = [p for p in packages if f"{p}/" not in text]
     assert not missing, f"packages not described in docs/ARCHITECTURE.md: {missing}"
+
+
+def test_every_engine_is_type_checked_strictly() -> None:
+    """pyproject's strict mypy override names every engine (a new engine package must join it)."""
+    pyproject = tomllib.loads((PACKAGE.parents[1] / "pyproject.toml").read_text())
+    strict = [o for o in pyproject["tool"]["mypy"]["overrides"] if o.get("disallow_untyped_defs")]
+    assert len(strict) == 1, "one strict override, for the engines"
+    patterns = strict[0]["module"]
+    missing = []
+    for path in PACKAGE.rglob("*.py"):
+        module = _module_name(path)
+        if module == "sluicegate" or _is_engine(module):
+            if not any(fnmatch.fnmatchcase(module, p) or module == p.removesuffix(".*")
+                       for p in patterns):  # fmt: skip
+                missing.append(module)
+        elif any(fnmatch.fnmatchcase(module, p) for p in patterns):
+            missing.append(f"{module} (not an engine, yet strict)")
+    assert not missing, f"[tool.mypy] strict override misses: {missing}"

@@ -147,7 +147,7 @@ def system_ca_file() -> Path | None:
         if candidate and Path(candidate).is_file():
             return Path(candidate)
     try:
-        import certifi  # type: ignore[import-not-found]
+        import certifi
     except ImportError:
         return None
     return Path(certifi.where())

@@ -28,7 +28,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sluicegate.config import ApprovalsSection
 from sluicegate.config.schema import ConfigError, Parser, SecretRef, SecretUnavailable, read_yaml
@@ -79,8 +79,8 @@ def main(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        grant = result.get("grant_minutes")
-        extra = f", grant {grant:g} min" if grant else ""
+        minutes = result.get("grant_minutes")
+        extra = f", grant {minutes:g} min" if minutes else ""
         print(f"{result['id']}: {result['outcome']} by {result['by']}{extra}")
     return 0
 
@@ -171,8 +171,10 @@ class _Section:
         self.defaults = {f.name: f.default for f in dataclasses.fields(ApprovalsSection)}
 
     def get(self, key: str, tp: type[T]) -> T:
-        if key not in self.data and self.defaults.get(key) is not dataclasses.MISSING:
-            return self.defaults[key]
+        default = self.defaults.get(key, dataclasses.MISSING)
+        if key not in self.data and default is not dataclasses.MISSING:
+            # The dataclass default of field `key`, whose type the caller passes as `tp`.
+            return cast(T, default)
         parser = Parser(self.path)
         value = parser.parse(tp, self.data.get(key), f"approvals.{key}")
         if parser.problems or value is None:

@@ -965,9 +965,9 @@ class Config:
             for j, route in enumerate(entry.match.routes):
                 if route not in names:
                     yield f"policy.{where}.match.routes[{j}]", f"no route named {route!r}"
-        for j, entry in enumerate(self.allow_internal):
+        for j, allowance in enumerate(self.allow_internal):
             try:
-                InternalAllowance.parse(entry)
+                InternalAllowance.parse(allowance)
             except ValueError as e:
                 yield f"allow_internal[{j}]", str(e)
         for j, route in enumerate(self.websockets.routes):

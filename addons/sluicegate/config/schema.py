@@ -158,7 +158,7 @@ class Parser:
                 self.problem(path, f"invalid regular expression: {e}")
                 return None
             return Regex(value)
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             return self.parse_dataclass(tp, value, path)
         if tp is float:
             if isinstance(value, bool) or not isinstance(value, (int, float)):

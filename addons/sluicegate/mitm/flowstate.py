@@ -151,9 +151,9 @@ def record(flow: Any, section: str, value: Any) -> None:
     ensure_plain(value, f"{METADATA_KEY}.{section}")
     st = state(flow)
     st.facts[section] = value
-    meta = flow.metadata.get(METADATA_KEY)
-    if meta is not None and meta is st.published:
-        meta[section] = value
+    published = st.published
+    if published is not None and flow.metadata.get(METADATA_KEY) is published:
+        published[section] = value
     else:  # every fact was checked when it was recorded; a refusal has plain fields
         flow.metadata[METADATA_KEY] = st.published = _projection(st)
 

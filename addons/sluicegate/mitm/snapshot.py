@@ -394,7 +394,9 @@ def snapshot(
 def audit_entry(snap: Snapshot, session: str, index: int) -> dict[str, Any]:
     """One audit-log line for a recorded flow, from the sanitized state (already scrubbed)."""
     state, sg = snap.state, snap.meta
-    caller = sg.get("caller") if isinstance(sg.get("caller"), dict) else {}
+    caller = sg.get("caller")
+    if not isinstance(caller, dict):
+        caller = {}
     req, resp = state["request"], state.get("response")
     error, websocket = state.get("error"), state.get("websocket")
     timings = sg.get("timings", {})

@@ -27,8 +27,8 @@ def decision(sg: dict[str, Any], errored: bool) -> str:
     """The flow's outcome in one word, for the audit log and filters."""
     policy = sg.get("policy")
     if isinstance(policy, dict):
-        if isinstance(policy.get("decision"), str):
-            return policy["decision"]
+        if isinstance(decided := policy.get("decision"), str):
+            return decided
         phases = [
             _phase_decision(policy[p])
             for p in ("request", "response")

@@ -202,10 +202,10 @@ def _redact_json_or_text(
     if try_json:
         bom = "\ufeff" if text.startswith("\ufeff") else ""
         try:
-            result = redact_json_text(text[len(bom) :], redactor)
+            redacted = redact_json_text(text[len(bom) :], redactor)
         except JsonRedactionError as exc:
             raise BodyRefused(exc.code, str(exc)) from None
-        return bom + result.text, result.counts, result.parsed
+        return bom + redacted.text, redacted.counts, redacted.parsed
     result = redactor.redact_text(text)
     return result.text, result.counts, False
 

@@ -22,6 +22,7 @@ from typing import Any
 from sluicegate.redaction.memo import TextRedactor, key_rule_for
 from sluicegate.redaction.redactor import TAG_PATTERN
 from sluicegate.redaction.rules import KeyRule
+from sluicegate.shapes.channels import KeyRuleLike
 
 MAX_DEPTH = 200  # nesting of arrays/objects, counted across nested documents
 MAX_NESTED_DOCUMENTS = 4  # JSON inside a string inside JSON...
@@ -37,7 +38,7 @@ class JsonRedactionError(Exception):
         self.code = code
 
 
-class _Pairs(list):
+class _Pairs(list[tuple[str, object]]):
     """A JSON object as its (key, value) pairs, in order, duplicates kept."""
 
 
@@ -115,7 +116,7 @@ class _Walker:
         if depth > MAX_DEPTH:
             raise JsonRedactionError("json_too_deep", "JSON nesting too deep to redact")
         if isinstance(value, _Pairs):
-            return self.object(value, depth, nesting)
+            return self.pairs(value, depth, nesting)
         if isinstance(value, dict):
             return self.dict_object(value, depth, nesting)
         if isinstance(value, list):
@@ -131,14 +132,14 @@ class _Walker:
 
     def dict_object(self, obj: dict[str, Any], depth: int, nesting: int) -> tuple[object, bool]:
         """A parsed object as a dict (an SSE event): rewritten in place, key order kept."""
-        pairs, changed = self.object(_Pairs(obj.items()), depth, nesting, obj)
+        pairs, changed = self.pairs(_Pairs(obj.items()), depth, nesting, obj)
         if changed:
             assert isinstance(pairs, _Pairs)
             obj.clear()
             obj.update(pairs)
         return obj, changed
 
-    def object(
+    def pairs(
         self, pairs: _Pairs, depth: int, nesting: int, owner: Any = None
     ) -> tuple[object, bool]:
         out, changed = _Pairs(), False
@@ -254,7 +255,7 @@ class JsonStrings:
     def key_rule(self, name: str) -> KeyRule | None:
         return key_rule_for(self.redactor, name)
 
-    def masked(self, rule: KeyRule, value: str) -> tuple[str, Mapping[str, int]] | None:
+    def masked(self, rule: KeyRuleLike, value: str) -> tuple[str, Mapping[str, int]] | None:
         if TAG_PATTERN.fullmatch(value) or not rule.accepts_value(value):
             return None
         return self.redactor.tag(rule.id, value), {rule.id: 1}

@@ -32,6 +32,7 @@ import functools
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from sluicegate.redaction.prefilter import HyperscanKeywords
 
@@ -216,7 +217,8 @@ def _branches(entries: list[_Entry], leaves: dict[_Entry, _Leaf]) -> str:
     ends: a lookbehind checking all of it (so also what precedes the anchor), an empty
     group marking the branch, and its follows: required (one of them, unless its start is
     wanted too) and each in its own group. Fills `leaves` with the group numbers."""
-    root: dict[str, dict] = {}
+    # A trie: characters to children; "" to the entries ending there (_Entry keys).
+    root: dict[str, dict[Any, Any]] = {}
     for entry in entries:
         node = root
         for char in entry.form[entry.anchor + 1 :]:
@@ -240,7 +242,7 @@ def _branches(entries: list[_Entry], leaves: dict[_Entry, _Leaf]) -> str:
         leaves[entry] = _Leaf(entry, marker, tuple(spans))
         return check + "()" + gate + "".join(f"(?:(?=({source})))?" for source in sources)
 
-    def emit(node: dict[str, dict]) -> str:
+    def emit(node: dict[str, dict[Any, Any]]) -> str:
         branches = []
         for char, child in sorted(node.items(), key=lambda item: item[0]):
             if char:

@@ -26,7 +26,8 @@ from typing import Any
 try:  # optional: `pip install sluicegate[fast]`
     import hyperscan
 except ImportError:  # pragma: no cover - exercised where the wheel is not installed
-    hyperscan = None
+    # An optional module: None when absent (checked by `available()`); mypy types the import.
+    hyperscan = None  # type: ignore[assignment,unused-ignore]
 
 Key = tuple[str, Any]  # (keyword, its follow pattern or None), as keywords.Key
 # Records the follows after one occurrence: (haystack, start, hits), as `_Word.follow_hits`.

@@ -185,9 +185,13 @@ class RuleSet:
     files: tuple[Path, ...]
 
     @property
+    def every_rule(self) -> tuple[Rule | KeyRule, ...]:
+        return (*self.rules, *self.key_rules)
+
+    @property
     def profiles(self) -> frozenset[str]:
         found: set[str] = set()
-        for rule in (*self.rules, *self.key_rules):
+        for rule in self.every_rule:
             found |= rule.profiles
         return frozenset(found)
 
@@ -240,7 +244,8 @@ def load_rule_set(paths: Sequence[Path], *, check_streams: bool = True) -> RuleS
     seen: dict[str, Path] = {}
     for file, data in documents:
         file_rules, file_key_rules = _parse_file(file, data, fragments)
-        for index, item in enumerate((*file_rules, *file_key_rules)):
+        file_items: tuple[Rule | KeyRule, ...] = (*file_rules, *file_key_rules)
+        for index, item in enumerate(file_items):
             if item.id in seen:
                 section = "rules" if index < len(file_rules) else "key_rules"
                 position = index if index < len(file_rules) else index - len(file_rules)
@@ -313,7 +318,7 @@ def select(
     disable: Collection[str] = (),
 ) -> RulePack:
     """Rules of `profile`, plus `enable`, minus `disable` (ids)."""
-    known = {rule.id for rule in (*rule_set.rules, *rule_set.key_rules)}
+    known = {rule.id for rule in rule_set.every_rule}
     unknown = sorted((set(enable) | set(disable)) - known)
     if unknown:
         raise RuleSelectionError(f"unknown rule id(s): {', '.join(unknown)}")
@@ -674,7 +679,8 @@ def _class_chars(token: str, ignorecase: bool) -> FirstChars:
     body = token[1:-1]
     if body.startswith("^"):
         return FirstChars.anything()
-    result, chars, i = _EMPTY, set(), 0
+    chars: set[str] = set()
+    result, i = _EMPTY, 0
     while i < len(body):
         if body[i] == "\\":
             size = 2 + {"x": 2, "u": 4, "U": 8}.get(body[i + 1 : i + 2], 0)
