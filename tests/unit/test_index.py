@@ -201,6 +201,18 @@ def test_any_changed_byte_of_an_index_is_found(tmp_path_factory: Any, data: st.D
     assert verdict is None or kinds(verdict.findings) or not verdict.runs
 
 
+@pytest.mark.parametrize("field", [b"head", b"count", b"reason", b"sessions", b"audit"])
+def test_a_renamed_field_of_an_index_line_is_a_finding(tmp_path: Path, field: bytes) -> None:
+    """Found by Hypothesis: `"head"` edited into `"hgad"` crashed the verifier (KeyError)."""
+    run = run_once(tmp_path)
+    path = tmp_path / "index" / f"{run}.index"
+    raw = path.read_bytes()
+    assert b'"' + field + b'":' in raw
+    path.write_bytes(raw.replace(b'"' + field + b'":', b'"x' + field[1:] + b'":', 1))
+    verdict = index.verify_index(tmp_path, SIGNER.public_key)
+    assert verdict is not None and kinds(verdict.findings)
+
+
 def test_a_flow_without_its_audit_line_is_reported(tmp_path: Path) -> None:
     lines, runs, anchors = audit_setup(tmp_path)
     sessions = {session: next(iter(runs)) for session, _ in anchors}

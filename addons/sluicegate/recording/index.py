@@ -344,7 +344,12 @@ def _verify_run(
         head = line_hash(line)
         if run.sealed:
             findings.append(Finding("index_after_seal", f"{where}: line {number} follows its seal"))
-        _apply(entry, run, sessions, where, findings)
+        try:
+            _apply(entry, run, sessions, where, findings)
+        except (KeyError, IndexError, TypeError, ValueError):  # edited: a finding, not a crash
+            findings.append(
+                Finding("index_line_malformed", f"{where}: line {number} lacks fields of its type")
+            )
     return run
 
 
