@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sluicegate.cli import agent_env, agenthost
@@ -166,6 +166,7 @@ def source(script: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in done.stdout.decode().split("\0") if "=" in item)
 
 
+@settings(deadline=None)  # each example runs a shell: no per-example deadline on a busy machine
 @given(
     st.text(
         st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="\0"),
