@@ -11,8 +11,9 @@ The order is fixed and matters (mitmproxy calls each hook on addons in list orde
 5. Redaction            redact buffered bodies (and the request query), both directions
 6. StreamRedaction      redact text/event-stream responses while they stream
 7. WebSockets           refuse WebSocket upgrades unless the route allows them; redact messages
-8. CredentialInjection  inject the hidden credential last; conceal it once the request has left
-9. Recorder             LAST: write every finished flow (as the agent saw it, secrets masked)
+8. MessageParts         path, headers, cookies, trailers, reason phrase; upgrades, transfer codings
+9. CredentialInjection  inject the hidden credential last; conceal it once the request has left
+10. Recorder            LAST: write every finished flow (as the agent saw it, secrets masked)
 
 The addons are thin adapters (addons/sluicegate/mitm/) over engines that import no mitmproxy;
 they depend on each other's per-flow state, so they run as this chain, not one by one.
@@ -21,6 +22,7 @@ they depend on each other's per-flow state, so they run as this chain, not one b
 from sluicegate.mitm.auth import CallerAuth
 from sluicegate.mitm.credentials import CredentialInjection
 from sluicegate.mitm.hardening import ProxyHardening
+from sluicegate.mitm.parts import MessageParts
 from sluicegate.mitm.policy import Policy
 from sluicegate.mitm.recorder import Recorder
 from sluicegate.mitm.redaction import Redaction
@@ -36,6 +38,7 @@ addons = [
     Redaction(),
     StreamRedaction(),
     WebSockets(),
+    MessageParts(),
     CredentialInjection(),
     Recorder(),  # keep last
 ]

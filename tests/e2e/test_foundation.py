@@ -183,6 +183,8 @@ REQUEST_PHASE_HOOKS = [
     "Redaction.request",
     "StreamRedaction.requestheaders",
     "WebSockets.requestheaders",
+    "MessageParts.requestheaders",
+    "MessageParts.request",
     "CredentialInjection.request",
     "Recorder.requestheaders",
 ]
@@ -193,6 +195,8 @@ RESPONSE_PHASE_HOOKS = [
     "StreamRedaction.responseheaders",
     "StreamRedaction.response",
     "WebSockets.response",
+    "MessageParts.responseheaders",
+    "MessageParts.response",
     "CredentialInjection.responseheaders",
     "CredentialInjection.response",
     "Recorder.response",
@@ -208,6 +212,10 @@ HOOK_CODES = {
     "Policy.response": "policy_error",
     **{
         f"Redaction.{hook}": "redaction_error"
+        for hook in ("requestheaders", "request", "responseheaders", "response")
+    },
+    **{
+        f"MessageParts.{hook}": "redaction_error"
         for hook in ("requestheaders", "request", "responseheaders", "response")
     },
     "StreamRedaction.requestheaders": "stream_redaction_error",

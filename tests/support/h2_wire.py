@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 
 from tests.support.pki import ServerCert
 from tests.support.socket_server import SocketServer
@@ -100,7 +101,7 @@ class H2Upstream(SocketServer):
             with self._context.wrap_socket(raw, server_side=True) as sock:
                 sock.settimeout(30)
                 self._serve_h2(sock)
-        except (OSError, ssl.SSLError):
+        except (OSError, ssl.SSLError, h2.exceptions.H2Error):
             return
 
     def _serve_h2(self, sock: ssl.SSLSocket) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mitmproxy import exceptions, version
+from mitmproxy import exceptions, http, version
 from mitmproxy.addonmanager import AddonManager
 from mitmproxy.addons import proxyserver
 from mitmproxy.proxy import server
@@ -21,7 +21,13 @@ from mitmproxy.proxy.layers import websocket
 from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook, _events, _http1
 
 from sluicegate import mitmcompat
-from sluicegate.mitmcompat import dispatch_cache, head_limits, protocol_errors, upstream_connect
+from sluicegate.mitmcompat import (
+    dispatch_cache,
+    head_limits,
+    http1_protocol,
+    protocol_errors,
+    upstream_connect,
+)
 
 
 def test_running_mitmproxy_is_supported() -> None:
@@ -325,3 +331,39 @@ def test_dispatch_cache_can_be_switched_off() -> None:
             [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
         )
         assert done.stdout.strip() == expected, done.stderr
+
+
+def test_http1_layers_decide_piping_with_the_module_function() -> None:
+    """http1_protocol wraps `_http1.should_make_pipe(request, response)`, which `mark_done`
+    looks up as a module global once both messages are done."""
+    assert list(inspect.signature(_http1.should_make_pipe).parameters) == ["request", "response"]
+    assert "should_make_pipe(self.request, self.response)" in inspect.getsource(
+        _http1.Http1Connection.mark_done
+    )
+    http1_protocol.install()
+    http1_protocol.install()  # idempotent
+    request = http.Request.make("GET", "https://example.com/", headers={"upgrade": "tcp"})
+    for upgrade in ("tcp", "h2c", "websocket"):
+        response = http.Response.make(101, b"", {"upgrade": upgrade})
+        assert not _http1.should_make_pipe(request, response)
+    request.headers["sec-websocket-version"] = "13"
+    assert _http1.should_make_pipe(request, http.Response.make(101, b"", {"upgrade": "websocket"}))
+    connect = http.Request.make("CONNECT", "https://example.com:443/")
+    assert _http1.should_make_pipe(connect, http.Response.make(200))
+
+
+def test_http1_trailers_are_read_by_read_body_and_never_written() -> None:
+    """mitmproxy reads bodies in `Http1Connection.read_body` (h11 readers in `body_reader`,
+    raising NotImplementedError on trailers) and writes with `send(event)` per side, which
+    has no branch for trailer events."""
+    source = inspect.getsource(_http1.Http1Connection.read_body.__wrapped__)
+    assert "self.body_reader(self.buf)" in source and "h11.EndOfMessage" in source
+    for cls in (_http1.Http1Server, _http1.Http1Client):
+        send = inspect.getsource(getattr(cls.send, "__wrapped__", cls.send))
+        assert "Trailers" not in send
+    http1_protocol.install()
+    assert getattr(_http1.Http1Connection.read_body, http1_protocol._MARK, False)
+    server = _http1.Http1Server.__new__(_http1.Http1Server)
+    server.stream_id = 1
+    sent = list(_http1.Http1Server.send(server, _events.ResponseTrailers(1, http.Headers())))
+    assert sent == []

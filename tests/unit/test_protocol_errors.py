@@ -59,3 +59,17 @@ def test_installed_protocol_errors_and_log_lines_are_scrubbed(
             "Unexpected data from server: %r", SECRET
         )
     assert "ghp_" not in caplog.text and WITHHELD in caplog.text
+
+
+def test_crash_tracebacks_are_scrubbed_too(caplog: pytest.LogCaptureFixture) -> None:
+    """ "mitmproxy has crashed!" is logged with exc_info whose last line quotes the event."""
+    protocol_errors.install()
+    try:
+        raise AssertionError(f"Unexpected event: ResponseData(data=bytearray({SECRET!r}))")
+    except AssertionError:
+        with caplog.at_level(logging.INFO):
+            logging.getLogger(protocol_errors.CONNECTION_LOGGER).error(
+                "mitmproxy has crashed!", exc_info=True
+            )
+    assert "ghp_" not in caplog.text
+    assert "mitmproxy has crashed!" in caplog.text and "AssertionError" in caplog.text

@@ -101,6 +101,12 @@ class GatewaySection:
     max_headers: int = setting(
         256, doc="Most header fields a request may have (431 `headers_too_large` above)."
     )
+    header_timeout_seconds: float = setting(
+        30.0,
+        doc="Longest a client may take to send an HTTP/1 request head (from the connection's "
+        "start, or the first byte of a later head); past it the connection is closed with 408 "
+        "`header_timeout`, before any authentication.",
+    )
 
     def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
         if self.max_body_bytes <= 0:
@@ -109,6 +115,8 @@ class GatewaySection:
             yield "max_header_bytes", "must be at least 8192 (tokens travel in headers)"
         if self.max_headers < 16:
             yield "max_headers", "must be at least 16"
+        if not 1 <= self.header_timeout_seconds <= 3600:
+            yield "header_timeout_seconds", "must be between 1 and 3600"
 
 
 @dataclasses.dataclass(frozen=True)

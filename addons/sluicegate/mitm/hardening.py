@@ -8,8 +8,12 @@ print headers and bodies to the log (`flow_detail` > 1) or tunnel hosts uninspec
 start-up mitmdump exits non-zero.
 
 It also makes mitmproxy connect upstream lazily, so no upstream connection is made for a caller
-that fails authentication, keeps the raw bytes mitmproxy quotes in protocol errors out of error
-pages, logs and recordings (`protocol_errors`), and caps request and response heads
+that fails authentication, turns its raw TCP relay off (`rawtcp`: non-HTTP bytes in a tunnel are
+an HTTP error, never relayed), reads HTTP/1.1 trailers and pipes only WebSocket upgrades
+(`http1_protocol`), refuses header values with CR, LF or NUL (400 `invalid_header`: HTTP/2
+peers can send them, and an HTTP/1.1 upstream would read a second request), keeps the raw
+bytes mitmproxy quotes in protocol errors and crash tracebacks out of error pages, logs and
+recordings (`protocol_errors`), and caps request and response heads
 (`gateway.max_header_bytes`, `max_headers`: 431 `headers_too_large`), also while mitmproxy is
 still reading them (`head_limits`).
 """
@@ -17,6 +21,7 @@ still reading them (`head_limits`).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Set
 from typing import Any
 
@@ -24,7 +29,7 @@ from mitmproxy import ctx, http
 
 from sluicegate.mitm import guard
 from sluicegate.mitm.base import GatewayAddon, _report_once
-from sluicegate.mitmcompat import dispatch_cache, head_limits, protocol_errors
+from sluicegate.mitmcompat import dispatch_cache, head_limits, http1_protocol, protocol_errors
 
 logger = logging.getLogger("sluicegate.hardening")
 
@@ -72,6 +77,7 @@ class ProxyHardening(GatewayAddon):
         protocol_errors.install()
         head_limits.install()
         dispatch_cache.install()
+        http1_protocol.install()
 
     def configure(self, updated: Set[str]) -> None:
         super().configure(updated)
@@ -79,6 +85,11 @@ class ProxyHardening(GatewayAddon):
             # Eager connects upstream on CONNECT, before an inner token could be checked.
             ctx.options.update(connection_strategy="lazy")
             logger.info("sluicegate: set connection_strategy=lazy (connect upstream on demand)")
+        if ctx.options.rawtcp:
+            # Raw TCP (non-HTTP bytes in a tunnel, a 101 that is no WebSocket) is relayed by
+            # mitmproxy past every HTTP hook; without it such bytes are an HTTP error.
+            ctx.options.update(rawtcp=False)
+            logger.info("sluicegate: set rawtcp=false (no raw TCP relay)")
         if self.config is not None and not ctx.options.body_size_limit:
             # Without it mitmproxy reads a whole oversized body before any refusal is sent, so an
             # unauthenticated client could make the gateway buffer gigabytes. Slightly above our own
@@ -90,6 +101,7 @@ class ProxyHardening(GatewayAddon):
             )
         if self.config is not None:
             head_limits.limit = self.config.gateway.max_header_bytes
+            head_limits.timeout = self.config.gateway.header_timeout_seconds
         problems = unsafe_options()
         for problem in problems:
             _report_once("options", f"unsafe mitmproxy option: {problem}")
@@ -119,3 +131,23 @@ class ProxyHardening(GatewayAddon):
         size += sum(len(name) + len(value) + 4 for name, value in fields)
         if size > limits.max_header_bytes or len(fields) > limits.max_headers:
             raise guard.GatewayRefusal(431, head_limits.CODE, head_limits.MESSAGE)
+        if not _TOKEN.fullmatch(request.method) or _CONTROL.search(request.authority):
+            raise _invalid_head("request line")
+        if any(c in name or c in value for name, value in fields for c in _FORBIDDEN):
+            raise _invalid_head("request header")
+
+
+# An HTTP/2 peer can put these in a value; written to an HTTP/1.1 upstream they end the field
+# (a second, smuggled request). mitmproxy's own checks do not look at values.
+_FORBIDDEN = (b"\r", b"\n", b"\x00")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+
+
+def _invalid_head(where: str) -> guard.GatewayRefusal:
+    return guard.GatewayRefusal(
+        400,
+        "invalid_header",
+        f"A {where} holds a line break, NUL or other control character, which an HTTP/1.1 "
+        "upstream would read as the end of the field (request smuggling); it was not forwarded.",
+    )

@@ -50,9 +50,18 @@ class _LogScrub(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         scrubbed = scrub(message)
+        if record.exc_info or record.exc_text:
+            # "mitmproxy has crashed!" comes with a traceback whose last line quotes the event
+            # that broke the layer, data and all: folded into the message, scrubbed.
+            trace = record.exc_text or _FORMATTER.formatException(record.exc_info)  # type: ignore[arg-type]
+            scrubbed = f"{scrubbed}\n{scrub(trace)}"
+            record.exc_info, record.exc_text = None, None
         if scrubbed != message:
             record.msg, record.args = scrubbed, ()
         return True
+
+
+_FORMATTER: Final = logging.Formatter()
 
 
 def _scrubbing_init(init: Callable[..., None]) -> Callable[..., None]:
