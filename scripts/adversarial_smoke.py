@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gzip
+import socket
+import ssl
 import sys
 import tempfile
 import time
@@ -35,11 +38,18 @@ import httpx  # noqa: E402
 
 from tests.conftest import UPSTREAM_KEY, UPSTREAM_KEY_ENV, make_config  # noqa: E402
 from tests.support.gateway import Gateway, recording_section  # noqa: E402
-from tests.support.h2_wire import H2Upstream  # noqa: E402
+from tests.support.h2_wire import (  # noqa: E402
+    H2Message,
+    H2Reply,
+    H2Upstream,
+    h2_exchange,
+    request_fields,
+)
 from tests.support.pki import TestCA  # noqa: E402
-from tests.support.raw_upstream import RawUpstream  # noqa: E402
+from tests.support.raw_upstream import RawRequest, RawUpstream  # noqa: E402
 from tests.support.tokens import TestIdP  # noqa: E402
 from tests.support.upstream import FakeUpstream  # noqa: E402
+from tests.support.wire import basic, open_tunnel  # noqa: E402
 
 # A secret of the default rule pack, planted by agents (must not reach an upstream) and by
 # upstreams (must not reach the agent).
@@ -136,6 +146,183 @@ def case_response_header_value(s: Smoke) -> None:
         response = client.get(s.raw.url("/header-value"))
     s.seen(response.content, str(response.headers.multi_items()))
     s.check(response.status_code == 200, f"status {response.status_code}")
+
+
+def _answer(head: bytes, body: bytes = b"") -> Any:
+    """A raw upstream handler: `head` + `body`, `{key}` replaced by the credential received."""
+
+    def handler(sock: socket.socket, request: RawRequest) -> None:
+        key = request.headers.get("authorization", "").encode()
+        sock.sendall((head + body).replace(b"{key}", key))
+
+    return handler
+
+
+def _h2(s: Smoke, up: RawUpstream | H2Upstream, path: str, **kw: Any) -> H2Message:
+    authority = f"127.0.0.1:{up.port}"
+    fields = request_fields(kw.pop("method", "GET"), authority, path, kw.pop("extra", ()))
+    got = h2_exchange(s.gateway.port or 0, str(s.gateway.ca_file), authority, s.token, fields, **kw)
+    s.seen(got.raw())
+    return got
+
+
+def _h1_raw(s: Smoke, up: RawUpstream, request: bytes) -> bytes:
+    """`request` as written over HTTP/1.1 in a tunnel; everything answered until close."""
+    sock, established = open_tunnel(s.gateway.port or 0, f"127.0.0.1:{up.port}", basic(s.token))
+    s.check(established.status == 200, f"CONNECT answered {established.status}")
+    data = b""
+    with s.gateway.ssl_context().wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+        tls.settimeout(15)
+        tls.sendall(request)
+        try:
+            while part := tls.recv(65536):
+                data += part
+        except (ConnectionResetError, ssl.SSLError):
+            pass
+    s.seen(data)
+    return data
+
+
+@case("HTTP/2 response trailer: grpc-message echoing the key is scrubbed")
+def case_h2_trailer(s: Smoke) -> None:
+    def grpc(request: H2Message) -> H2Reply:
+        key = (request.header("authorization") or "").encode()
+        return H2Reply(
+            [(b":status", b"200"), (b"content-type", b"application/json")],
+            b"{}",
+            [(b"grpc-status", b"16"), (b"grpc-message", b"bad key " + key)],
+        )
+
+    s.h2.handle("/pkg.Svc/Call", grpc)
+    got = _h2(s, s.h2, "/pkg.Svc/Call", method="POST", extra=[("te", "trailers")])
+    s.check(got.status == 200 and got.trailers, f"status {got.status}, trailers {got.trailers}")
+
+
+@case("reason phrase: `401 Invalid key <key>` is replaced by the standard phrase")
+def case_reason_phrase(s: Smoke) -> None:
+    s.raw.handle(
+        "/reason",
+        _answer(b"HTTP/1.1 401 Invalid key {key}\r\ncontent-length: 2\r\n\r\n", b"{}"),
+    )
+    got = _h1_raw(s, s.raw, b"GET /reason HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    s.check(got.startswith(b"HTTP/1.1 401 Unauthorized\r\n"), f"answered {got[:40]!r}")
+
+
+@case("response header name holding the key is dropped")
+def case_header_name(s: Smoke) -> None:
+    head = f"HTTP/1.1 200 OK\r\nx-echo-{UPSTREAM_KEY}: 1\r\ncontent-length: 0\r\n\r\n"
+    s.raw.handle("/header-name", _answer(head.encode()))
+    with s.client() as client:
+        response = client.get(s.raw.url("/header-name"))
+    s.seen(str(response.headers.multi_items()))
+    s.check(response.status_code == 200, f"status {response.status_code}")
+
+
+@case("request Cookie, Referer, X-* and response Set-Cookie, Location carry no secret")
+def case_headers_both_ways(s: Smoke) -> None:
+    s.raw.handle(
+        "/headers",
+        _answer(
+            b"HTTP/1.1 302 Found\r\nset-cookie: sid=" + SECRET.encode() + b"; Path=/\r\n"
+            b"location: https://example.test/cb?access_token=" + SECRET.encode() + b"\r\n"
+            b"content-length: 0\r\n\r\n"
+        ),
+    )
+    sent = {
+        "cookie": f"a=1; token={SECRET}",
+        "referer": f"https://example.test/?t={SECRET}",
+        "x-note": SECRET,
+    }
+    with s.client(follow_redirects=False) as client:
+        response = client.get(s.raw.url("/headers"), headers=sent)
+    s.seen(str(response.headers.multi_items()))
+    s.check(response.status_code == 302, f"status {response.status_code}")
+
+
+@case("a secret in the request path is refused (403 secret_in_path), HTTP/1.1 and HTTP/2")
+def case_path(s: Smoke) -> None:
+    got = _h1_raw(
+        s, s.raw, f"GET /v1/x/{SECRET} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    )
+    s.check(b"secret_in_path" in got, f"answered {got[:60]!r}")
+    h2 = _h2(s, s.h2, f"/v1/x/{SECRET}")
+    s.check(h2.status == 403, f"HTTP/2 answered {h2.status}")
+
+
+@case("HTTP/2 header value with CRLF smuggling a request to HTTP/1.1 is refused")
+def case_crlf(s: Smoke) -> None:
+    # Ends in a non-space: h2 itself refuses values surrounded by whitespace (connection error).
+    smuggled = f"x\r\n\r\nGET /admin HTTP/1.1\r\nHost: x\r\nx-c: {SECRET}\r\n\r\nGET /x".encode()
+    got = _h2(s, s.raw, "/first", extra=[(b"x-split", smuggled)])
+    s.check(got.status == 400, f"status {got.status}: {got}")
+    s.check(not s.raw.received, "a request reached the upstream")
+
+
+@case("a 101 that is no WebSocket never becomes a raw relay")
+def case_upgrade(s: Smoke) -> None:
+    s.raw.handle(
+        "/upgrade",
+        _answer(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: tcp\r\nConnection: Upgrade\r\n\r\n",
+            b"RAW {key} " + SECRET.encode(),
+        ),
+    )
+    got = _h1_raw(
+        s,
+        s.raw,
+        b"GET /upgrade HTTP/1.1\r\nHost: x\r\nUpgrade: tcp\r\nConnection: Upgrade\r\n\r\n",
+    )
+    s.check(b"upgrade_refused" in got and b"RAW" not in got, f"answered {got[:60]!r}")
+
+
+@case("Transfer-Encoding: gzip, chunked is refused, not forwarded undecoded")
+def case_transfer_coding(s: Smoke) -> None:
+    packed = gzip.compress(SECRET.encode())
+    s.raw.handle(
+        "/te",
+        _answer(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+            b"%x\r\n%s\r\n0\r\n\r\n" % (len(packed), packed),
+        ),
+    )
+    with s.client() as client:
+        response = client.get(s.raw.url("/te"))
+    s.seen(response.content)
+    s.check(response.status_code == 502, f"status {response.status_code}")
+
+
+@case("HTTP/1.1 trailers: no crash, no hang, inspected")
+def case_h1_trailers(s: Smoke) -> None:
+    s.raw.handle(
+        "/h1-trailers",
+        _answer(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            b"transfer-encoding: chunked\r\n\r\n",
+            b"2\r\n{}\r\n0\r\nx-key: {key}\r\nx-note: " + SECRET.encode() + b"\r\n\r\n",
+        ),
+    )
+    with s.client(timeout=10) as client:
+        response = client.get(s.raw.url("/h1-trailers"))
+    s.seen(response.content)
+    s.check(response.status_code == 200, f"status {response.status_code}")
+    got = _h2(s, s.raw, "/h1-trailers")
+    s.check(got.status == 200 and got.trailers, f"HTTP/2: {got.status}, {got.trailers}")
+
+
+@case("a tunnel without a token carrying non-HTTP bytes opens no upstream connection")
+def case_connect_junk(s: Smoke) -> None:
+    before = len(s.raw.received)
+    sock, established = open_tunnel(s.gateway.port or 0, f"127.0.0.1:{s.raw.port}")
+    s.check(established.status == 200, f"CONNECT answered {established.status}")
+    sock.sendall(b"SSH-2.0-OpenSSH_9.6\r\n\x00\x01 not http\r\n\r\n")
+    sock.settimeout(10)
+    try:
+        while part := sock.recv(65536):
+            s.seen(part)
+    except (ConnectionResetError, TimeoutError):
+        pass
+    sock.close()
+    s.check(len(s.raw.received) == before, "bytes reached the upstream")
 
 
 # -- the run ---------------------------------------------------------------------------------------
