@@ -254,7 +254,8 @@ def case_crlf(s: Smoke) -> None:
     # Ends in a non-space: h2 itself refuses values surrounded by whitespace (connection error).
     smuggled = f"x\r\n\r\nGET /admin HTTP/1.1\r\nHost: x\r\nx-c: {SECRET}\r\n\r\nGET /x".encode()
     got = _h2(s, s.raw, "/first", extra=[(b"x-split", smuggled)])
-    s.check(got.status == 400, f"status {got.status}: {got}")
+    # 400 invalid_header; h2 >= 4.2 (mitmproxy 12) resets such a stream itself.
+    s.check(got.status == 400 or (got.reset and not got.headers), f"status {got.status}: {got}")
     s.check(not s.raw.received, "a request reached the upstream")
 
 

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import h2
 import pytest
 from mitmproxy import io
 
@@ -129,6 +130,13 @@ def h2_get(
         request_fields(kw.pop("method", "GET"), authority, path, extra),
         **kw,
     )
+
+
+def refused_by_h2(got: H2Message) -> bool:
+    """The h2 library (4.2 and later, with mitmproxy 12) refuses CR, LF and NUL in header values
+    itself, resetting the stream before any hook runs; older ones pass them to the gateway."""
+    version = tuple(int(part) for part in h2.__version__.split(".")[:2])
+    return got.reset and not got.headers and version >= (4, 2)
 
 
 def error_code(body: bytes) -> str:
@@ -335,9 +343,11 @@ def test_http2_header_values_with_line_breaks_or_nul_are_refused(
     raw.handle(path, raw_answer(b"HTTP/1.1 204 No Content\r\n\r\n"))
     raw.handle("/smuggled-admin", raw_answer(b"HTTP/1.1 204 No Content\r\n\r\n"))
     got = h2_get(gw, raw, path, token, extra=[(b"x-split", value)])
+    assert raw.received == []  # neither the first nor a smuggled second request
+    if refused_by_h2(got):
+        return  # h2 >= 4.2 (mitmproxy 12) resets the stream itself: nothing reaches any hook
     assert got.status == 400, got
     assert error_code(got.body) == "invalid_header"
-    assert raw.received == []  # neither the first nor a smuggled second request
     (flow,) = recorded(gw, path)  # the refusal is recorded
     assert flow.metadata["sluicegate"]["refusal"]["code"] == "invalid_header"
     assert_clean(gw, got.raw(), token=token)
@@ -356,8 +366,8 @@ def test_http2_trailers_with_line_breaks_are_refused(
         extra=[("content-type", "application/json")],
         trailers=[(b"x-t", b"a\r\nx-injected: 1")],
     )
-    assert got.status == 400 and error_code(got.body) == "invalid_header"
     assert h2up.received == []
+    assert refused_by_h2(got) or (got.status, error_code(got.body)) == (400, "invalid_header")
 
 
 def test_a_response_header_with_a_line_break_is_refused(
@@ -370,10 +380,12 @@ def test_a_response_header_with_a_line_break_is_refused(
 
     h2up.handle("/response-split", split)
     got = h2_get(gw, h2up, "/response-split", token)
-    assert got.status == 502 and error_code(got.body) == "invalid_header"
-    assert got.header("set-cookie") is None and got.header("x-split") is None
-    (flow,) = recorded(gw, "/response-split")
-    assert flow.metadata["sluicegate"]["refusal"]["code"] == "invalid_header"
+    assert got.status == 502 and got.header("set-cookie") is None and got.header("x-split") is None
+    if got.header("content-type") == "application/json":
+        assert error_code(got.body) == "invalid_header"
+        (flow,) = recorded(gw, "/response-split")
+        assert flow.metadata["sluicegate"]["refusal"]["code"] == "invalid_header"
+    # else h2 >= 4.2 (mitmproxy 12) refused the upstream's headers itself: mitmproxy's 502
     assert_clean(gw, got.raw(), token=token)
 
 
