@@ -13,6 +13,7 @@ import functools
 import ipaddress
 import re
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -1032,12 +1033,16 @@ def load_config(file: str | Path) -> Config:
 
 
 _cache_lock = threading.Lock()
-_cache: tuple[Path, tuple[int, int], Config] | None = None
+_cache: tuple[Path, tuple[int, int], Config | ConfigError] | None = None
+_failed_at = 0.0
+FAILURE_TTL = 10.0
 
 
 def load_cached(file: str | Path) -> Config:
-    """load_config, shared by every addon of the chain: parsed once per file version."""
-    global _cache
+    """load_config, shared by every addon of the chain: parsed once per file version. A file
+    that does not load is not parsed again by every addon either: its error is kept for
+    `FAILURE_TTL` seconds (rule files and secrets it names may be fixed without touching it)."""
+    global _cache, _failed_at
     path = Path(file).expanduser().resolve()
     try:
         st = path.stat()
@@ -1046,8 +1051,17 @@ def load_cached(file: str | Path) -> Config:
     stamp = (st.st_mtime_ns, st.st_size)
     with _cache_lock:
         if _cache is not None and _cache[0] == path and _cache[1] == stamp:
-            return _cache[2]
-    config = load_config(path)
+            if not isinstance(_cache[2], ConfigError):
+                return _cache[2]
+            if time.monotonic() - _failed_at < FAILURE_TTL:
+                raise _cache[2]
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        with _cache_lock:
+            _cache = (path, stamp, e)
+            _failed_at = time.monotonic()
+        raise
     with _cache_lock:
         _cache = (path, stamp, config)
     return config

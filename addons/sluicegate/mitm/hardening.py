@@ -81,24 +81,31 @@ class ProxyHardening(GatewayAddon):
 
     def configure(self, updated: Set[str]) -> None:
         super().configure(updated)
+        # One update for all of them: each update runs every addon's `configure` again.
+        updates: dict[str, Any] = {}
         if ctx.options.connection_strategy != "lazy":
             # Eager connects upstream on CONNECT, before an inner token could be checked.
-            ctx.options.update(connection_strategy="lazy")
-            logger.info("sluicegate: set connection_strategy=lazy (connect upstream on demand)")
+            updates["connection_strategy"] = "lazy"
         if ctx.options.rawtcp:
             # Raw TCP (non-HTTP bytes in a tunnel, a 101 that is no WebSocket) is relayed by
             # mitmproxy past every HTTP hook; without it such bytes are an HTTP error.
-            ctx.options.update(rawtcp=False)
-            logger.info("sluicegate: set rawtcp=false (no raw TCP relay)")
+            updates["rawtcp"] = False
         if self.config is not None and not ctx.options.body_size_limit:
             # Without it mitmproxy reads a whole oversized body before any refusal is sent, so an
             # unauthenticated client could make the gateway buffer gigabytes. Slightly above our own
             # cap (which applies to decoded bodies and answers with JSON) so ours decides first.
-            limit = self.config.gateway.max_body_bytes + BODY_LIMIT_MARGIN
-            ctx.options.update(body_size_limit=str(limit))
-            logger.info(
-                "sluicegate: set body_size_limit=%d (gateway.max_body_bytes + margin)", limit
-            )
+            updates["body_size_limit"] = str(self.config.gateway.max_body_bytes + BODY_LIMIT_MARGIN)
+        if updates:
+            ctx.options.update(**updates)
+            if "connection_strategy" in updates:
+                logger.info("sluicegate: set connection_strategy=lazy (connect upstream on demand)")
+            if "rawtcp" in updates:
+                logger.info("sluicegate: set rawtcp=false (no raw TCP relay)")
+            if "body_size_limit" in updates:
+                logger.info(
+                    "sluicegate: set body_size_limit=%s (gateway.max_body_bytes + margin)",
+                    updates["body_size_limit"],
+                )
         if self.config is not None:
             head_limits.limit = self.config.gateway.max_header_bytes
             head_limits.timeout = self.config.gateway.header_timeout_seconds
