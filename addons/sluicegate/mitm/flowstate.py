@@ -105,6 +105,12 @@ class FlowState:
     websocket: WebSocketChannel | None = None
     # Recorder: where the flow was written (written once).
     recorded: Receipt | None = None
+    # MessageParts: counts of the response head (headers, reason phrase), recorded again with
+    # the trailers' in `response`.
+    response_head: dict[str, int] | None = None
+    # guard.answer: the JSON body of a refusal made in `responseheaders`, for a response that
+    # has no body to replace (`guard.complete_answer`).
+    pending_answer: bytes | None = None
     # The dict `publish` last put into flow.metadata (`record` updates it in place).
     published: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
 
@@ -160,7 +166,8 @@ def record(flow: Any, section: str, value: Any) -> None:
 
 def count_redactions(flow: Any, part: str, counts: dict[str, int]) -> None:
     """The one writer of the `redaction` section: counts per rule for `part` ("request" /
-    "response"), beside what was recorded for the other part (buffered and streamed bodies)."""
+    "response": bodies and query; "request_head" / "response_head": path, headers, trailers,
+    reason phrase), beside what was recorded for the other parts."""
     section = dict(state(flow).facts.get("redaction") or {})
     section[part] = dict(counts)
     record(flow, "redaction", section)

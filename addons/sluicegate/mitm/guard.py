@@ -99,13 +99,10 @@ def answer(
         response.stream = _discard_then(body)
         # A response that ends with its head (101, 204, HEAD, content-length 0) never reaches
         # the stream function: `complete_answer` puts the body in place in `response`.
-        st.private[_PENDING_BODY] = body
+        st.pending_answer = body
     else:
         flow.response = mhttp.Response.make(status, body, fields)
     flowstate.publish(flow)
-
-
-_PENDING_BODY = "guard.pending_body"
 
 
 def complete_answer(flow: mhttp.HTTPFlow) -> None:
@@ -113,7 +110,9 @@ def complete_answer(flow: mhttp.HTTPFlow) -> None:
     upstream response had no body to replace (else the client would wait for the declared
     content-length forever). Streamed bodies got it from the stream function already."""
     st = flowstate.peek(flow)
-    body = st.private.pop(_PENDING_BODY, None) if st is not None else None
+    body = st.pending_answer if st is not None else None
+    if st is not None:
+        st.pending_answer = None
     response = flow.response
     if isinstance(body, bytes) and response is not None and response.raw_content == b"":
         response.content = body

@@ -51,7 +51,7 @@ from sluicegate.redaction.headers import (
     redacted_target,
 )
 from sluicegate.redaction.runtime import RedactionRuntime
-from sluicegate.runtime import build_redaction
+from sluicegate.runtime import for_config
 
 logger = logging.getLogger("sluicegate.parts")
 
@@ -81,7 +81,7 @@ class MessageParts(GatewayAddon):
         self.runtime: RedactionRuntime | None = None
 
     def apply(self, config: Config) -> None:
-        self.runtime = build_redaction(config)
+        self.runtime = for_config(config)
 
     def _runtime(self) -> RedactionRuntime:
         assert self.runtime is not None  # the guard refuses flows while unconfigured
@@ -198,7 +198,7 @@ class MessageParts(GatewayAddon):
             _merge(counts, found)
         if counts:
             _log(flow, "response head", counts)
-        st.private["parts.response_head"] = counts
+        st.response_head = counts
         _record(flow, "response_head", counts)
 
     @guard.fail_closed(CODE, skip_refused=False)
@@ -211,7 +211,7 @@ class MessageParts(GatewayAddon):
         if response is None or flowstate.state(flow).refusal is not None:
             return
         st = flowstate.state(flow)
-        counts = dict(st.private.get("parts.response_head") or {})
+        counts = dict(st.response_head or {})
         trailers = response.trailers
         if trailers is not None:
             if bad_field(trailers.fields):
@@ -265,12 +265,9 @@ def _log(flow: http.HTTPFlow, where: str, counts: dict[str, int]) -> None:
 
 
 def _record(flow: http.HTTPFlow, part: str, counts: dict[str, int]) -> None:
-    st = flowstate.state(flow)
-    section = dict(st.facts.get("redaction") or {})
-    if not counts and part not in section:
-        return
-    section[part] = dict(counts)
-    flowstate.record(flow, "redaction", section)
+    section = flowstate.state(flow).facts.get("redaction") or {}
+    if counts or part in section:
+        flowstate.count_redactions(flow, part, counts)
 
 
 def _strip_upgrades(request: http.Request) -> None:
