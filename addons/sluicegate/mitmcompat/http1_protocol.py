@@ -132,10 +132,10 @@ def install() -> None:
     """Pipe only WebSocket upgrades; read HTTP/1 trailers, never write them (idempotent)."""
     mitmcompat.require("http1_protocol")
     if not getattr(_http1.should_make_pipe, _MARK, False):
-        _http1.should_make_pipe = _piping(_http1.should_make_pipe)
+        _http1.should_make_pipe = _piping(_http1.should_make_pipe)  # type: ignore[assignment]
     base = _http1.Http1Connection
     if not getattr(base.read_body, _MARK, False):
-        base.read_body = _reading_trailers(base.read_body)  # type: ignore[method-assign]
+        base.read_body = _reading_trailers(base.read_body)  # type: ignore[method-assign,assignment]
     for cls in (_http1.Http1Server, _http1.Http1Client):
         if not getattr(cls.send, _MARK, False):
-            cls.send = _dropping_trailers(cls.send)  # type: ignore[method-assign]
+            cls.send = _dropping_trailers(cls.send)  # type: ignore[method-assign,assignment]

@@ -122,7 +122,9 @@ def redact_value(name: str, value: str, redactor: TextRedactor) -> tuple[str, di
     return result.text, dict(result.counts)
 
 
-def _redact_pairs(value: str, redactor: TextRedactor, *, attributes: bool) -> tuple[str, dict]:
+def _redact_pairs(
+    value: str, redactor: TextRedactor, *, attributes: bool
+) -> tuple[str, dict[str, int]]:
     """`a=1; b=2` (Cookie) or `a=1; Path=/; HttpOnly` (Set-Cookie: the first pair is the
     cookie, the rest its attributes, read as text)."""
     counts: dict[str, int] = {}
