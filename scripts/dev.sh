@@ -2,8 +2,8 @@
 # sluicegate developer entry point (see README).
 #
 #   scripts/dev.sh run     set up, then run the gateway on the embedded default (127.0.0.1:8080)
-#   scripts/dev.sh test    set up a test environment: ruff, mypy, the whole test suite, then
-#                          scripts/adversarial_smoke.py
+#   scripts/dev.sh test    set up a test environment (and the MCP SDK's, $VENV-mcp): ruff, mypy,
+#                          the whole test suite, then scripts/adversarial_smoke.py
 #   scripts/dev.sh setup   only set up: virtualenv, install, local dev CA / signing key under certs/
 #
 # Environment: PYTHON (default python3; 3.11 gets mitmproxy 11.0.2, 3.12+ gets mitmproxy 12),
@@ -100,10 +100,19 @@ ensure_chromium() {
     }
 }
 
+# The MCP e2e tests run the official MCP SDK's server and client, which need newer HTTP libraries
+# than mitmproxy 11 allows: they get their own virtualenv ($VENV-mcp), set up here.
+ensure_mcp_venv() {
+    export SLUICEGATE_MCP_VENV="${SLUICEGATE_MCP_VENV:-$REPO/$VENV-mcp}"
+    echo "==> MCP SDK virtualenv ($SLUICEGATE_MCP_VENV)"
+    "$VENV/bin/python" -m tests.support.mcp_env >/dev/null
+}
+
 test_suite() {
     ensure_redis
     ensure_chromium
     venv test
+    ensure_mcp_venv
     echo "==> ruff"
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .

@@ -36,6 +36,8 @@ def build_policy(section: PolicySection) -> Policy:
             subjects=frozenset(match.subjects),
             body_patterns=tuple(patterns[n] for n in match.body_patterns),
             body_larger_than=match.body_larger_than,
+            mcp_methods=tuple(match.mcp_methods),
+            mcp_tools=tuple(match.mcp_tools),
         )
 
     rules = [

@@ -674,6 +674,10 @@ def test_the_documented_acl_is_enough(tmp_path: Path) -> None:
                 assert await a.pending() == []
                 await a.publish_activity([{"flow_id": "f1"}])
                 assert await b.activity(5) == [{"flow_id": "f1"}]
+                await a.pin_tools("route:mcp", {"search": "sha256:1"}, {"rm": "sha256:9"})
+                await b.accept_tool("route:mcp", "rm", "sha256:9")
+                pins = await a.tool_pins("route:mcp")
+                assert pins.pinned == {"search": "sha256:1", "rm": "sha256:9"} and not pins.changed
             finally:
                 await a.close()
                 await b.close()
@@ -716,5 +720,36 @@ def test_activity_falls_back_to_local_memory(redis_server: RedisServer) -> None:
             assert [e["flow_id"] for e in await state.activity(5)] == ["local"]
         finally:
             await state.close()
+
+    run(main())
+
+
+# -- MCP tool pins ---------------------------------------------------------------------------
+
+
+def test_tool_pins_trust_the_first_definition_until_an_approver_accepts_another(
+    backend: Factory,
+) -> None:
+    async def main() -> None:
+        async with backend("r1") as one, backend("r2") as two:
+            scope = f"route:mcp-{secrets.token_hex(3)}"
+            assert (await one.tool_pins(scope)).pinned == {}
+            pins = await one.pin_tools(scope, {"search": "sha256:a", "read": "sha256:b"})
+            assert pins.pinned == {"search": "sha256:a", "read": "sha256:b"}
+            # A later (or racing) first sight never replaces a pin.
+            again = await two.pin_tools(scope, {"search": "sha256:EVIL"}, {"search": "sha256:EVIL"})
+            if one.kind == "redis":  # shared by every replica
+                assert again.pinned["search"] == "sha256:a"
+                assert again.changed == {"search": "sha256:EVIL"}
+            seen = await one.tool_pins(scope)
+            if one.kind == "memory":
+                await one.pin_tools(scope, {}, {"search": "sha256:EVIL"})
+                seen = await one.tool_pins(scope)
+            assert seen.changed == {"search": "sha256:EVIL"}
+            await one.accept_tool(scope, "search", "sha256:EVIL")
+            accepted = await (two if one.kind == "redis" else one).tool_pins(scope)
+            assert accepted.pinned["search"] == "sha256:EVIL" and accepted.changed == {}
+            # Another destination is another scope.
+            assert (await one.tool_pins(scope + "x")).pinned == {}
 
     run(main())

@@ -11,6 +11,8 @@ Protected by an admin token compared in constant time. It answers from the share
     POST /v1/grants/<id>/revoke          {"approver", "reason"}
     GET  /v1/history?limit=N             decisions and revocations, newest first
     GET  /v1/state                       backend, replica, whether the store is reachable
+    GET  /v1/mcp/pins?route=NAME         pinned MCP tool fingerprints, changes not accepted yet
+    POST /v1/mcp/pins/accept             {"route", "tool", "approver", "reason"}: accept a change
 
 The approver name is what the approver says it is: the admin token is the only authentication.
 A reason is required unless `approvals.require_reason` is off. When the shared state is
@@ -135,6 +137,18 @@ class ControlServer:
             if limit is None:
                 return 400, {"error": "bad_request", "message": "limit must be 1-1000"}
             return 200, {"history": [h.as_json() for h in await state.history(limit)]}
+        if path == "/v1/mcp/pins":
+            if method != "GET":
+                return 405, {"error": "method_not_allowed", "message": "use GET"}
+            route = urllib.parse.parse_qs(query).get("route", [""])[0]
+            if not route:
+                return 400, {"error": "bad_request", "message": "route is required"}
+            pins = await state.tool_pins(f"route:{route}")
+            return 200, {"route": route, "pinned": pins.pinned, "changed": pins.changed}
+        if path == "/v1/mcp/pins/accept":
+            if method != "POST":
+                return 405, {"error": "method_not_allowed", "message": "use POST"}
+            return await self._accept_tool(body)
         m = re.fullmatch(r"/v1/approvals/([^/]+)", path)
         if m is not None:
             if method != "GET":
@@ -238,6 +252,32 @@ class ControlServer:
             "revoke", approver, grant_id=grant_id, approval_id=grant.approval_id, reason=reason
         )
         return 200, {"revoked": grant.as_json(), "by": approver, "reason": reason}
+
+    async def _accept_tool(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        """Accept the changed definition of an MCP tool (the one last seen) as its new pin."""
+        parsed = self._decision_body(body, {"approver", "reason", "route", "tool"})
+        if len(parsed) == 2:
+            return parsed
+        data, approver, reason = parsed
+        route, tool = data.get("route"), data.get("tool")
+        if not isinstance(route, str) or not isinstance(tool, str) or not route or not tool:
+            return 400, {"error": "bad_request", "message": "route and tool are required"}
+        scope = f"route:{route}"
+        state = self.approvals.state
+        fingerprint = (await state.tool_pins(scope)).changed.get(tool)
+        if fingerprint is None:
+            return 404, {"error": "no_change", "message": "no changed definition of this tool"}
+        await state.accept_tool(scope, tool, fingerprint)
+        logger.info(
+            "sluicegate: approvals API: MCP tool %s on route %s accepted by %s",
+            _clean(tool),
+            _clean(route),
+            approver,
+        )
+        self._audit(
+            "mcp_accept", approver, route=route, tool=tool, fingerprint=fingerprint, reason=reason
+        )
+        return 200, {"route": route, "tool": tool, "fingerprint": fingerprint, "by": approver}
 
     def _audit(self, action: str, approver: str, **fields: Any) -> None:
         """Decisions made through the API go to the audit log too (the approver as given)."""

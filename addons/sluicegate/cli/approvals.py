@@ -1,5 +1,5 @@
 """`python -m sluicegate approvals list|show|approve|deny|grants|revoke|history`: decide on flows
-held by policy, and manage the grants approvals made.
+held by policy, and manage the grants approvals made; `mcp-pins|mcp-accept`: pinned MCP tools.
 
 Talks to the gateway's approvals control API (with `state.backend: redis`, any replica's API
 sees and decides every replica's approvals). Where it is and the admin token come from, first
@@ -57,7 +57,28 @@ def main(argv: list[str]) -> int:
             return _grants(url, token, as_json=args.json)
         if args.action == "history":
             return _history(url, token, args.limit, as_json=args.json)
+        if args.action == "mcp-pins":
+            route = urllib.parse.quote(args.route, safe="")
+            pins = _call(url, token, "GET", f"/v1/mcp/pins?route={route}")
+            if args.json:
+                print(json.dumps(pins, indent=2))
+                return 0
+            for tool, fingerprint in sorted(pins["pinned"].items()):
+                changed = pins["changed"].get(tool)
+                note = f"  CHANGED to {changed} (not accepted)" if changed else ""
+                print(f"{tool}  {fingerprint}{note}")
+            for tool in sorted(set(pins["changed"]) - set(pins["pinned"])):
+                print(f"{tool}  (not pinned)  CHANGED to {pins['changed'][tool]}")
+            return 0
         body: dict[str, Any] = {"approver": args.approver, "reason": args.reason or ""}
+        if args.action == "mcp-accept":
+            body.update(route=args.route, tool=args.tool)
+            result = _call(url, token, "POST", "/v1/mcp/pins/accept", body)
+            if args.json:
+                print(json.dumps(result, indent=2))
+            else:
+                print(f"{result['tool']} on {result['route']}: {result['fingerprint']} accepted")
+            return 0
         if args.action == "revoke":
             grant = urllib.parse.quote(args.id, safe="")
             result = _call(url, token, "POST", f"/v1/grants/{grant}/revoke", body)
@@ -101,18 +122,26 @@ def _parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", parents=[common], help="one approval, pending or decided")
     show.add_argument("id", help="approval id")
     sub.add_parser("grants", parents=[common], help="active grants")
+    pins = sub.add_parser("mcp-pins", parents=[common], help="pinned MCP tools of a route")
+    pins.add_argument("--route", required=True, help="the MCP server's route")
     history = sub.add_parser("history", parents=[common], help="decisions, newest first")
     history.add_argument("--limit", type=int, default=20, help="how many (1-1000)")
     for action, text in (
         ("approve", "let a held flow pass"),
         ("deny", "refuse a held flow"),
         ("revoke", "end a grant now (on every replica)"),
+        ("mcp-accept", "accept the changed definition of an MCP tool as its new pin"),
     ):
         p = sub.add_parser(action, parents=[common], help=text)
-        p.add_argument(
-            "id",
-            help="grant id (see `grants`)" if action == "revoke" else "approval id (see `list`)",
-        )
+        if action == "mcp-accept":
+            p.add_argument("tool", help="tool name (see `mcp-pins`)")
+        else:
+            p.add_argument(
+                "id",
+                help="grant id (see `grants`)"
+                if action == "revoke"
+                else "approval id (see `list`)",
+            )
         p.add_argument(
             "--reason",
             help="why (recorded; required unless the gateway's approvals.require_reason is off)",
@@ -122,6 +151,8 @@ def _parser() -> argparse.ArgumentParser:
             default=_default_approver(),
             help="who decides (default: your user name)",
         )
+        if action == "mcp-accept":
+            p.add_argument("--route", required=True, help="the MCP server's route")
         if action == "approve":
             p.add_argument(
                 "--grant-minutes",

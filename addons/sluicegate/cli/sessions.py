@@ -2,7 +2,7 @@
 
   keygen signing|seal PATH     new key pair: PATH (private, 0600) and PATH.pub (public)
   list                         sessions: identity, start, flows, size, sealed
-  flows [filters]              flows across sessions, filtered by identity/host/rule/decision/time
+  flows [filters]              flows across sessions, by identity/host/rule/decision/tool/time
   show FLOW_ID                 one flow: request, response, metadata (bodies with --bodies)
   verify [SESSION...]          check the session index, each session's hash chain and signatures,
                                and the audit log; says which session or flow was tampered with
@@ -138,7 +138,20 @@ def _summary(flow: Any, session: str, index: int) -> dict[str, Any]:
         "decision": decision(sg, flow.error is not None),
         "rules": rules_fired(sg),
         "error": flow.error.msg if flow.error is not None else None,
+        **_mcp_summary(sg),
     }
+
+
+def _mcp_summary(sg: dict[str, Any]) -> dict[str, Any]:
+    """MCP method and tool(s) of a flow (`metadata["sluicegate"]["mcp"]`), when it has them."""
+    facts = sg.get("mcp")
+    if not isinstance(facts, dict):
+        return {}
+    tools = facts.get("tools") or ([facts["tool"]] if isinstance(facts.get("tool"), str) else [])
+    out: dict[str, Any] = {"mcp_method": facts.get("method"), "mcp_tools": list(tools)}
+    if facts.get("tools_changed"):
+        out["mcp_tools_changed"] = list(facts["tools_changed"])
+    return out
 
 
 def _all_flows(directory: Path) -> Iterator[tuple[str, int, Any]]:
@@ -236,6 +249,10 @@ def cmd_flows(args: argparse.Namespace) -> int:
             continue
         status = row["status"] if row["status"] is not None else "-"
         rules = ",".join(f"{k}x{v}" for k, v in sorted(row["rules"].items()))
+        if row.get("mcp_method"):
+            rules += (" " if rules else "") + " ".join(
+                [row["mcp_method"], *row.get("mcp_tools", [])]
+            )
         print(
             f"{row['time']:20} {row['flow_id'][:8]:8} {status!s:>6} {row['decision']:10} "
             f"{row['identity']:20} {row['method']} {row['host']}{row['path']}"
@@ -252,6 +269,9 @@ def _matches(row: dict[str, Any], args: argparse.Namespace, since: Any, until: A
     if args.host and not fnmatch.fnmatch(row["host"], args.host):
         return False
     if args.rule and not any(fnmatch.fnmatch(rule, args.rule) for rule in row["rules"]):
+        return False
+    tool = getattr(args, "tool", None)
+    if tool and not any(fnmatch.fnmatchcase(t, tool) for t in row.get("mcp_tools", ())):
         return False
     if args.decision and row["decision"] != args.decision:
         return False
@@ -557,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     flows.add_argument("--host", help="upstream host (glob)")
     flows.add_argument("--rule", help="a rule that fired (glob)")
     flows.add_argument("--decision", help="allowed, blocked, held, approved, denied, refused...")
+    flows.add_argument("--tool", help="an MCP tool called (glob)")
     flows.add_argument("--status", type=int, help="response status code")
     flows.add_argument("--since", help="ISO time or age (30m, 2h, 7d)")
     flows.add_argument("--until", help="ISO time or age")

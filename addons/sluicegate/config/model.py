@@ -324,6 +324,12 @@ class Route:
         None, doc="The hidden upstream credential injected for this route."
     )
     inject: InjectConfig = setting(doc="How the credential is injected.", factory=InjectConfig)
+    mcp: bool = setting(
+        False,
+        doc="The upstream is an MCP server (streamable HTTP): POST bodies must be JSON-RPC "
+        "(400 `mcp_invalid_message` otherwise), `tools/list` answers are filtered to the tools "
+        "the caller may call and pinned (see `mcp`), and recordings name the method and tool.",
+    )
 
     def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
         if not self.name or not self.name.isprintable() or any(c in self.name for c in "[] "):
@@ -444,8 +450,22 @@ class MatchConfig:
     body_larger_than: int | None = setting(
         None, doc="The body (after content decoding) is larger than this many bytes."
     )
+    mcp_methods: tuple[str, ...] = setting(
+        (),
+        doc="JSON-RPC methods of an MCP (or any JSON-RPC) request, globs: `tools/call`, "
+        "`resources/*`. Each message of a batch is judged alone; the most severe decision wins.",
+    )
+    mcp_tools: tuple[str, ...] = setting(
+        (),
+        doc="Tools of a `tools/call`, globs (case-sensitive): `search`, `read_*`. Also decides "
+        "which tools `tools/list` answers show the caller (those a call of would not be blocked).",
+    )
 
     def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        for key, names in (("mcp_methods", self.mcp_methods), ("mcp_tools", self.mcp_tools)):
+            for i, name in enumerate(names):
+                if not name or not name.isprintable():
+                    yield f"{key}[{i}]", "must be a non-empty name or glob"
         for i, host in enumerate(self.hosts):
             try:
                 HostPattern.parse(host)
@@ -901,6 +921,22 @@ class WebSocketsSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class McpSection:
+    pin_tools: bool = setting(
+        True,
+        doc="Pin MCP tool definitions (name, title, description, input schema) per route the "
+        "first time a `tools/list` answer shows them; a later different definition is withheld "
+        "from `tools/list` answers until an approver accepts it.",
+    )
+    on_tool_change: Literal["hold", "block"] = setting(
+        "hold",
+        doc="A `tools/call` of a tool whose definition changed since it was pinned: `hold` it "
+        "for an approver (approving accepts the new definition; needs `approvals`), or `block` "
+        "it with a JSON-RPC error until `approvals mcp-accept` accepts the new definition.",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole gateway configuration."""
 
@@ -943,6 +979,10 @@ class Config:
         doc="WebSocket upgrades: blocked unless a route allows them (a side channel otherwise).",
         factory=WebSocketsSection,
     )
+    mcp: McpSection = setting(
+        doc="MCP servers (routes with `mcp: true`): tool pinning and what a changed tool gets.",
+        factory=McpSection,
+    )
     state: StateSection = setting(
         doc="Shared state of approvals, grants, rate limits and decision history: this process "
         "(`memory`) or Redis for several replicas.",
@@ -982,6 +1022,9 @@ class Config:
         for j, route in enumerate(self.websockets.routes):
             if route not in names:
                 yield f"websockets.routes[{j}]", f"no route named {route!r}"
+        pins_hold = self.mcp.pin_tools and self.mcp.on_tool_change == "hold"
+        if pins_hold and any(r.mcp for r in self.routes) and self.approvals is None:
+            yield "approvals", "required: changed MCP tools are held for approval (`mcp`)"
         if self.policy.uses_hold and self.approvals is None:
             yield "approvals", "required: the policy holds flows for approval"
         if self.console is not None and self.console.enabled and self.approvals is None:

@@ -18,6 +18,7 @@ from typing import Any
 from sluicegate.auth.caller import Caller
 from sluicegate.config import Route
 from sluicegate.egress.paths import RequestPath
+from sluicegate.policy.mcp import McpFlow
 from sluicegate.policy.stream import ResponsePolicy, ResponseScanner
 from sluicegate.recording.store import Receipt
 from sluicegate.redaction.redactor import LiteralSecret as ScrubLiteral
@@ -101,6 +102,8 @@ class FlowState:
     injected: Injected | None = None
     # Policy: the response rules of this flow (StreamRedaction asks them while streaming).
     response_policy: ResponsePolicy | None = None
+    # Policy: an MCP flow's messages, its tools/list judge and stream filter (StreamRedaction).
+    mcp: McpFlow | None = None
     # WebSockets: the connection's channel state.
     websocket: WebSocketChannel | None = None
     # Recorder: where the flow was written (written once).

@@ -37,12 +37,14 @@ from sluicegate import runtime as builders
 from sluicegate.approvals.server import ControlServer
 from sluicegate.approvals.service import Approvals
 from sluicegate.approvals.webhook import WebhookNotifier
-from sluicegate.config import ApprovalsSection, Config, StateSection
+from sluicegate.config import ApprovalsSection, Config, McpSection, StateSection
 from sluicegate.mitm import flowstate, guard
+from sluicegate.mitm import mcp as mcp_flows
 from sluicegate.mitm.base import GatewayAddon
 from sluicegate.mitm.console import WIRING as CONSOLE
 from sluicegate.mitm.routing import judged_path
 from sluicegate.policy import engine
+from sluicegate.policy import mcp as mcp_policy
 from sluicegate.policy.conditions import FlowContext
 from sluicegate.policy.decisions import (
     Action,
@@ -55,6 +57,7 @@ from sluicegate.policy.redact_only import redact_body
 from sluicegate.policy.views import BodyViews
 from sluicegate.redaction import bodies
 from sluicegate.shapes import decoding
+from sluicegate.shapes import mcp as mcp_shapes
 from sluicegate.state import ApprovalRequest, SharedState, StateUnavailable, request_digest
 
 logger = logging.getLogger("sluicegate.policy")
@@ -156,6 +159,8 @@ class Policy(GatewayAddon):
         self.webhook: WebhookNotifier | None = None
         self.max_body_bytes = 0
         self.preview: PreviewRedaction | None = None
+        self.mcp = McpSection()
+        self.mcp_routes: frozenset[str] = frozenset()
         self._running = False
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -163,6 +168,8 @@ class Policy(GatewayAddon):
     def apply(self, config: Config) -> None:
         self.engine = builders.build_policy(config.policy)
         self.max_body_bytes = config.gateway.max_body_bytes
+        self.mcp = config.mcp
+        self.mcp_routes = frozenset(r.name for r in config.routes if r.mcp)
         previous, approvals = self.approvals, config.approvals
         self.approvals = approvals
         self.runtime.configure(config.state)
@@ -245,17 +252,39 @@ class Policy(GatewayAddon):
 
     @guard.fail_closed("policy_error")
     async def request(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._request(flow)
+        except guard.GatewayRefusal as refusal:
+            if not mcp_flows.answer_refusal(flow, refusal):
+                raise
+
+    async def _request(self, flow: http.HTTPFlow) -> None:
         policy = self.engine
         assert policy is not None
         ctx = flow_context(flow)
         content = b""
-        if policy.request_needs_body(ctx):
-            content = self._content(flow.request, Phase.REQUEST)
         ctype = flow.request.headers.get("content-type")
-        decision = await _scan(
-            len(content), policy.decide_request, ctx, lambda: BodyViews.of(content, ctype)
-        )
+        mcp_route = ctx.route in self.mcp_routes
+        # Whatever the content type says: a server may read the body as JSON-RPC anyway.
+        read_mcp = flow.request.method == "POST" and (mcp_route or policy.mcp_may_apply(ctx))
+        if read_mcp or policy.request_needs_body(ctx):
+            content = self._content(flow.request, Phase.REQUEST)
+        mcp_body = None
+        if read_mcp or b'"jsonrpc"' in content:
+            mcp_body = mcp_flows.read_request(content, ctype, mcp_route=mcp_route)
         facts = _facts(flow)
+        if mcp_body is not None:
+            flowstate.state(flow).mcp = mcp_policy.McpFlow(body=mcp_body)
+            mcp_flows.record(flow, **mcp_flows.request_facts(flow, mcp_body))
+            if mcp_route and self.mcp.pin_tools and mcp_body.tools:
+                await self._changed_tools(flow, ctx, mcp_body, facts)
+        ctxs = mcp_policy.contexts(ctx, mcp_body)
+        decision = await _scan(
+            len(content), mcp_policy.decide, policy, ctxs, lambda: BodyViews.of(content, ctype)
+        )
+        if mcp_body is not None:
+            mcp_flows.record(flow, decision=str(decision.action))
+            ctx = ctxs[0]  # response rules and approvals see the (first) message's method/tool
         decision = await self._decided(flow, ctx, decision, facts)
         if decision.action is Action.BLOCK:
             raise guard.GatewayRefusal(
@@ -317,12 +346,121 @@ class Policy(GatewayAddon):
         response_policy = policy.response_policy(ctx, exempt)
         if response_policy is not None:
             flowstate.state(flow).response_policy = response_policy
+        if mcp_body is not None and mcp_shapes.TOOLS_LIST in mcp_body.methods:
+            await self._judge_tools_list(flow, ctx, mcp_route, decision)
+        elif mcp_route and flow.request.method == "GET":
+            # The server's own stream: a resumed stream may replay a `tools/list` answer.
+            await self._judge_tools_list(flow, ctx, mcp_route, decision)
+
+    # -- MCP ---------------------------------------------------------------------------------------
+
+    async def _changed_tools(
+        self, flow: http.HTTPFlow, ctx: FlowContext, body: mcp_shapes.McpBody, facts: dict[str, Any]
+    ) -> None:
+        """A `tools/call` of a tool whose definition changed since it was pinned: blocked, or
+        held until an approver accepts the new definition (`mcp.on_tool_change`)."""
+        probe = Decision(Action.HOLD, mcp_policy.TOOL_CHANGED_RULE, "", Phase.REQUEST)
+        state = await self._state(probe)
+        try:
+            pins = await state.tool_pins(ctx.destination)
+        except StateUnavailable:
+            raise _state_refusal(probe, "its MCP tool pins") from None
+        for tool in dict.fromkeys(body.tools):
+            fingerprint = pins.changed.get(tool)
+            if fingerprint is None:
+                continue
+            message = (
+                f"The MCP tool {tool!r} on {ctx.destination} changed its description or input "
+                "schema since it was pinned; an approver must accept the new definition."
+            )
+            action = Action.HOLD if self.mcp.on_tool_change == "hold" else Action.BLOCK
+            decision = Decision(action, mcp_policy.TOOL_CHANGED_RULE, message, Phase.REQUEST)
+            tool_ctx = dataclasses.replace(ctx, mcp_method=mcp_shapes.TOOLS_CALL, mcp_tool=tool)
+            mcp_flows.record(flow, tool_changed=tool)
+            decision = await self._decided(flow, tool_ctx, decision, facts)
+            if decision.action is Action.BLOCK:
+                raise guard.GatewayRefusal(
+                    403,
+                    "policy_blocked",
+                    f"Blocked by {decision.describe()}",
+                    {RULE_HEADER: decision.rule_id},
+                )
+            if decision.action is Action.HOLD:
+                await self._hold(flow, tool_ctx, decision, facts)
+                try:
+                    await state.accept_tool(ctx.destination, tool, fingerprint)
+                except StateUnavailable:
+                    raise _state_refusal(decision, "its MCP tool pins") from None
+                logger.info(
+                    "sluicegate: MCP tool %s on %s: new definition accepted [request %s]",
+                    tool,
+                    ctx.destination,
+                    flow.id,
+                )
+                mcp_flows.record(flow, tool_accepted=tool)
+            facts["tool_change"] = facts.pop("request")
+            _publish(flow, facts)
+
+    async def _judge_tools_list(
+        self, flow: http.HTTPFlow, ctx: FlowContext, mcp_route: bool, decision: Decision
+    ) -> None:
+        """Prepare the judge of this `tools/list` answer: the caller's rules, and the pins of
+        the destination (read now: the stream that may carry the answer cannot wait)."""
+        policy = self.engine
+        assert policy is not None
+        pins = None
+        if mcp_route and self.mcp.pin_tools:
+            state = await self._state(decision)
+            try:
+                pins = (await state.tool_pins(ctx.destination)).pinned
+            except StateUnavailable:
+                raise _state_refusal(decision, "its MCP tool pins") from None
+        verdicts: dict[str, bool] = {}
+
+        def allowed(tool: str) -> bool:
+            if tool not in verdicts:
+                verdicts[tool] = mcp_policy.may_call(policy, ctx, tool)
+            return verdicts[tool]
+
+        judge = mcp_policy.ToolListJudge(allowed, pins)
+        st = flowstate.state(flow)
+        st.mcp = st.mcp or mcp_policy.McpFlow()
+        st.mcp.judge = judge
+        st.mcp.stream_filter = mcp_flows.StreamFilter(judge)
+
+    async def _tools_listed(self, flow: http.HTTPFlow) -> None:
+        """After a `tools/list` answer: pin what was new, note what changed, record."""
+        st = flowstate.state(flow)
+        judge = st.mcp.judge if st.mcp is not None else None
+        if judge is None or flow.response is None:
+            return
+        if not flow.response.stream:
+            mcp_flows.judge_answer(flow, judge)
+        if judge.pins is not None and (judge.new or judge.changed):
+            ctx = flow_context(flow)
+            probe = Decision(Action.ALLOW, mcp_policy.TOOL_CHANGED_RULE, "", Phase.RESPONSE)
+            state = await self._state(probe)
+            try:
+                await state.pin_tools(ctx.destination, judge.new, judge.changed)
+            except StateUnavailable:
+                raise _state_refusal(probe, "its MCP tool pins") from None
+            if judge.changed:
+                logger.warning(
+                    "sluicegate: MCP tools on %s changed since pinned, withheld: %s [request %s]",
+                    ctx.destination,
+                    ", ".join(sorted(judge.changed)),
+                    flow.id,
+                )
+        if judge.judged:
+            mcp_flows.record(flow, **judge.facts())
 
     # -- response side --------------------------------------------------------------------------
 
     @guard.fail_closed("policy_error")
     async def response(self, flow: http.HTTPFlow) -> None:
         st = flowstate.state(flow)
+        if st.mcp is not None and st.mcp.judge is not None:
+            await self._tools_listed(flow)
         response_policy = st.response_policy
         if response_policy is None or flow.response is None:
             return

@@ -27,7 +27,7 @@ import logging
 import sys
 import traceback
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from mitmproxy import http
@@ -92,8 +92,10 @@ class StreamSession:
         scanners: Sequence[ResponseScanner] = (),
         body: bytearray | None = None,
         body_limit: int = 0,
+        transform: Callable[[bytes, bool], bytes] | None = None,
     ) -> None:
         self._pipeline: _Pipeline | None = pipeline
+        self._transform = transform  # applied to redacted events before the policy sees them
         self._flow = weakref.ref(flow)
         self.request_id = flowstate.state(flow).request_id
         self._scanners = tuple(scanners)
@@ -127,7 +129,10 @@ class StreamSession:
                 flow = self._flow()
                 if injector is not None and flow is not None:
                     injector(FAULT_POINT, flow)
-                out += self._checked(pipeline.finish() if end else pipeline.feed(chunk))
+                piece = pipeline.finish() if end else pipeline.feed(chunk)
+                if self._transform is not None:
+                    piece = self._transform(piece, end)
+                out += self._checked(piece)
             except Exception as exc:
                 out += self._failed(exc)
             if end:
@@ -253,6 +258,7 @@ class StreamRedaction(GatewayAddon):
             scanners=scanners,
             body=st.streamed_body,
             body_limit=runtime.max_body_bytes,
+            transform=st.mcp.stream_filter if st.mcp is not None else None,
         )
         # The bytes change: the length is unknown and they leave decoded.
         for name in ("content-length", "content-encoding"):

@@ -9,6 +9,7 @@ import regex
 
 from sluicegate.policy.patterns import Pattern
 from sluicegate.policy.views import BodyViews
+from sluicegate.shapes.mcp import name_matches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +24,10 @@ class FlowContext:
     port: int
     method: str
     path: str  # decoded canonical path, no query (egress.paths.canonical_path)
+    # One JSON-RPC message of an MCP (or any JSON-RPC) request body: its method, and the tool a
+    # `tools/call` calls. A body of several messages is judged message by message.
+    mcp_method: str | None = None
+    mcp_tool: str | None = None
 
     @property
     def identity(self) -> str:
@@ -102,7 +107,9 @@ class Conditions:
 
     Within one condition any listed value may match (a caller in ANY of `groups`, a body with
     ANY of `body_patterns`). `paths` are regular expressions (`compile_path_rule`) matched against
-    the WHOLE decoded path (without the query string), ignoring case.
+    the WHOLE decoded path (without the query string), ignoring case. `mcp_methods` and
+    `mcp_tools` are globs (case-sensitive, as MCP names are) over the context's JSON-RPC message;
+    a flow without one matches neither.
     """
 
     hosts: tuple[HostPattern, ...] = ()
@@ -113,12 +120,19 @@ class Conditions:
     subjects: frozenset[str] = frozenset()
     body_patterns: tuple[Pattern, ...] = ()
     body_larger_than: int | None = None
+    mcp_methods: tuple[str, ...] = ()  # globs over the JSON-RPC method
+    mcp_tools: tuple[str, ...] = ()  # globs over the tool of a `tools/call`
+
+    @property
+    def uses_mcp(self) -> bool:
+        return bool(self.mcp_methods or self.mcp_tools)
 
     @property
     def needs_body(self) -> bool:
         return bool(self.body_patterns) or self.body_larger_than is not None
 
-    def context_matches(self, ctx: FlowContext) -> bool:
+    def context_matches(self, ctx: FlowContext, *, ignore_mcp: bool = False) -> bool:
+        """Whether the context conditions hold (`ignore_mcp`: all but the MCP ones)."""
         if self.hosts and not any(h.matches(ctx.host, ctx.port) for h in self.hosts):
             return False
         if self.routes and ctx.route not in self.routes:
@@ -129,7 +143,18 @@ class Conditions:
             return False
         if self.groups and self.groups.isdisjoint(ctx.groups):
             return False
-        return not (self.subjects and ctx.subject not in self.subjects)
+        if self.subjects and ctx.subject not in self.subjects:
+            return False
+        return ignore_mcp or self._mcp_matches(ctx)
+
+    def _mcp_matches(self, ctx: FlowContext) -> bool:
+        if self.mcp_methods and (
+            ctx.mcp_method is None or not name_matches(ctx.mcp_method, self.mcp_methods)
+        ):
+            return False
+        return not self.mcp_tools or (
+            ctx.mcp_tool is not None and name_matches(ctx.mcp_tool, self.mcp_tools)
+        )
 
     def body_matches(self, body: BodyViews, timeout: float | None) -> tuple[str, ...] | None:
         """Names of the patterns found (empty if the rule has none), or None: no match."""

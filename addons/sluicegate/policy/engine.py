@@ -50,11 +50,23 @@ class Policy:
         self.rate_limits = tuple(rate_limits)
         self.scan_timeout = scan_timeout
         self.stream_window = stream_window
+        # Whether any rule or rate limit has MCP conditions (then JSON-RPC bodies are read).
+        conditions = [r.when for r in rules] + [r.when for r in self.rate_limits]
+        self.uses_mcp = any(c.uses_mcp for c in conditions)
 
     @property
     def uses_hold(self) -> bool:
         rules = (*self.request_rules, *self.response_rules, self.default)
         return any(r.action is Action.HOLD for r in rules)
+
+    def mcp_may_apply(self, ctx: FlowContext) -> bool:
+        """Whether a rule or rate limit with MCP conditions could apply to this flow (its other
+        conditions hold), so a JSON-RPC body must be read whatever its content type says."""
+        if not self.uses_mcp:
+            return False
+        conditions = [r.when for r in (*self.request_rules, *self.response_rules)]
+        conditions += [r.when for r in self.rate_limits]
+        return any(c.uses_mcp and c.context_matches(ctx, ignore_mcp=True) for c in conditions)
 
     def request_needs_body(self, ctx: FlowContext) -> bool:
         """Whether deciding this request may look at its body (to skip decoding it if not)."""

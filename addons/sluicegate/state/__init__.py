@@ -31,6 +31,7 @@ from sluicegate.state.base import (
     StateUnavailable,
     StillWaiting,
     Subscription,
+    ToolPins,
     UnknownApproval,
     UnknownGrant,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "StateUnavailable",
     "StillWaiting",
     "Subscription",
+    "ToolPins",
     "UnknownApproval",
     "UnknownGrant",
     "grant_id",

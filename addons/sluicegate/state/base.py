@@ -11,6 +11,9 @@ A backend keeps four things for the gateway, and (on Redis) shares them between 
 - **grants**: time-boxed allowances made by an approval, visible and revocable everywhere;
 - **history**: every decision and revocation, newest first; and a stream of changes
   (`subscribe`) for consoles;
+- **tool pins**: the fingerprints of MCP tool definitions per destination (first seen, or
+  accepted by an approver) and changed definitions waiting for an approver (`pin_tools`,
+  `accept_tool`);
 - **activity**: short summaries of recently finished flows (no bodies, no secrets), published
   in batches by every replica (`publish_activity`) and read newest first (`activity`); the
   memory backend keeps this process's, Redis everyone's (bounded: `ACTIVITY_SIZE`).
@@ -25,6 +28,7 @@ import abc
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -56,6 +60,15 @@ class LimitLike(Protocol):
     def requests(self) -> int: ...
     @property
     def window_seconds(self) -> float: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolPins:
+    """MCP tool pins of one destination: tool -> pinned fingerprint, and tool -> the changed
+    fingerprint last seen that no approver accepted yet."""
+
+    pinned: dict[str, str]
+    changed: dict[str, str]
 
 
 class StateUnavailable(Exception):
@@ -175,6 +188,7 @@ class SharedState(abc.ABC):
         self._holds: dict[str, set[Hold]] = {}
         self._subscriptions: set[Subscription] = set()
         self._activity: collections.deque[dict[str, Any]] = collections.deque(maxlen=ACTIVITY_SIZE)
+        self._pins: dict[str, ToolPins] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -283,6 +297,33 @@ class SharedState(abc.ABC):
         items = list(self._activity)[-limit:] if limit > 0 else []
         items.reverse()
         return items
+
+    # -- MCP tool pins (this process's memory by default) ----------------------------------------
+
+    async def tool_pins(self, scope: str) -> ToolPins:
+        """The pinned fingerprints of `scope` (a destination), and its unaccepted changes."""
+        pins = self._pins.get(scope)
+        return ToolPins(dict(pins.pinned), dict(pins.changed)) if pins else ToolPins({}, {})
+
+    async def pin_tools(
+        self, scope: str, seen: Mapping[str, str], changed: Mapping[str, str] = {}
+    ) -> ToolPins:
+        """Pin the tools of `seen` not pinned yet (an existing pin always wins: the first
+        definition seen is the trusted one) and note `changed` definitions for approvers."""
+        pins = self._pins.setdefault(scope, ToolPins({}, {}))
+        for tool, fingerprint in seen.items():
+            pins.pinned.setdefault(tool, fingerprint)
+        for tool, fingerprint in changed.items():
+            if pins.pinned.get(tool) != fingerprint:
+                pins.changed[tool] = fingerprint
+        return await self.tool_pins(scope)
+
+    async def accept_tool(self, scope: str, tool: str, fingerprint: str) -> None:
+        """An approver accepted this definition: it is the pin from now on."""
+        pins = self._pins.setdefault(scope, ToolPins({}, {}))
+        pins.pinned[tool] = fingerprint
+        if pins.changed.get(tool) == fingerprint:
+            del pins.changed[tool]
 
     # -- changes ------------------------------------------------------------------------------
 

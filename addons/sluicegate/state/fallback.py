@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from sluicegate.policy.ratelimit import Denied
@@ -21,6 +21,7 @@ from sluicegate.state.base import (
     SharedState,
     StateUnavailable,
     Subscription,
+    ToolPins,
     UnknownApproval,
     UnknownGrant,
 )
@@ -206,6 +207,25 @@ class LocalFallback(SharedState):
             shared = []
         merged = sorted(shared + local, key=lambda e: str(e.get("time", "")), reverse=True)
         return merged[:limit]
+
+    async def tool_pins(self, scope: str) -> ToolPins:
+        return await self._either(
+            lambda: self.shared.tool_pins(scope), lambda: self.local.tool_pins(scope)
+        )
+
+    async def pin_tools(
+        self, scope: str, seen: Mapping[str, str], changed: Mapping[str, str] = {}
+    ) -> ToolPins:
+        return await self._either(
+            lambda: self.shared.pin_tools(scope, seen, changed),
+            lambda: self.local.pin_tools(scope, seen, changed),
+        )
+
+    async def accept_tool(self, scope: str, tool: str, fingerprint: str) -> None:
+        await self._either(
+            lambda: self.shared.accept_tool(scope, tool, fingerprint),
+            lambda: self.local.accept_tool(scope, tool, fingerprint),
+        )
 
     def subscribe(self) -> Subscription:
         """Changes of both: the shared store's and this replica's local ones."""

@@ -19,6 +19,8 @@ Keys (all under the deployment's `key_prefix`):
     history       stream  decisions and revocations (capped, approximately `history_size`)
     activity      list    recently finished flows (JSON summaries, newest first, ACTIVITY_SIZE)
     rl:<limit>:<key-digest>  zset  sliding-window log of admitted requests (microseconds)
+    mcp:<scope>   hash    MCP tool pins of a destination: `pin:<tool>` and `new:<tool>`
+                          (a changed definition no approver accepted yet) -> fingerprint
     events        channel changes, JSON (`StateEvent.to_wire`)
 
 Rate limits use Redis' clock (`TIME`), so replicas with skewed clocks count one window.
@@ -39,7 +41,7 @@ import math
 import secrets
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,7 @@ from sluicegate.state.base import (
     SharedState,
     StateUnavailable,
     StillWaiting,
+    ToolPins,
     UnknownApproval,
     UnknownGrant,
 )
@@ -686,6 +689,33 @@ class RedisState(SharedState):
                 entries.append(entry)
         return entries
 
+    # -- MCP tool pins ----------------------------------------------------------------------------
+
+    async def tool_pins(self, scope: str) -> ToolPins:
+        raw = await self._call(self._client.hgetall(self._key("mcp", scope)))
+        return _tool_pins(raw)
+
+    async def pin_tools(
+        self, scope: str, seen: Mapping[str, str], changed: Mapping[str, str] = {}
+    ) -> ToolPins:
+        key = self._key("mcp", scope)
+        # HSETNX per tool: the first definition any replica saw stays the pin.
+        pipe = self._client.pipeline(transaction=False)
+        for tool, fingerprint in seen.items():
+            pipe.hsetnx(key, f"pin:{tool}", fingerprint)
+        for tool, fingerprint in changed.items():
+            pipe.hset(key, f"new:{tool}", fingerprint)
+        pipe.hgetall(key)
+        results = await self._call(pipe.execute())
+        return _tool_pins(results[-1])
+
+    async def accept_tool(self, scope: str, tool: str, fingerprint: str) -> None:
+        key = self._key("mcp", scope)
+        pipe = self._client.pipeline(transaction=False)
+        pipe.hset(key, f"pin:{tool}", fingerprint)
+        pipe.hdel(key, f"new:{tool}")
+        await self._call(pipe.execute())
+
     # -- grants -------------------------------------------------------------------------------
 
     async def grant(self, key: GrantKey) -> Grant | None:
@@ -722,6 +752,12 @@ class RedisState(SharedState):
         if grant is None:
             raise UnknownGrant(grant_id)
         return grant
+
+
+def _tool_pins(raw: Mapping[str, str]) -> ToolPins:
+    pinned = {k[4:]: v for k, v in raw.items() if k.startswith("pin:")}
+    changed = {k[4:]: v for k, v in raw.items() if k.startswith("new:") and pinned.get(k[4:]) != v}
+    return ToolPins(pinned, changed)
 
 
 def _approval(approval_id: str, fields: Sequence[Any]) -> Approval:
