@@ -29,7 +29,13 @@ from mitmproxy import http
 from sluicegate.config import Config
 from sluicegate.mitm import flowstate, guard
 from sluicegate.mitm.base import GatewayAddon
-from sluicegate.redaction.bodies import BodyPolicy, BodyRefused, media_type, redact_body
+from sluicegate.redaction.bodies import (
+    BodyPolicy,
+    BodyRefused,
+    media_type,
+    redact_body,
+    single_content_type,
+)
 from sluicegate.redaction.memo import MemoRedactor
 from sluicegate.redaction.runtime import RedactionRuntime
 from sluicegate.runtime import for_config
@@ -136,8 +142,8 @@ class Redaction(GatewayAddon):
         except decoding.DecodingError as e:
             raise _refusal(part, e.code, limit) from None
         flowstate.keep_original(flow, part, body)
-        content_type = message.headers.get("content-type")
         try:
+            content_type = single_content_type(message.headers.get_all("content-type"))
             result = await _off_loop(
                 len(body), redact_body, body, content_type, redactor, runtime.body_policy
             )

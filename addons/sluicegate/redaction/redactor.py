@@ -246,6 +246,11 @@ class Redactor:
     def key_rules(self) -> tuple[KeyRule, ...]:
         return self.pack.key_rules_for(self.direction)
 
+    @property
+    def literals(self) -> dict[str, str]:
+        """The literal secrets masked by this redactor: value -> rule id."""
+        return dict(self._literals)
+
     def with_literals(self, literals: Sequence[LiteralSecret]) -> Redactor:
         """A redactor sharing this one's compiled rules, masking these literals too."""
         return Redactor(
