@@ -116,7 +116,7 @@ def test_wide_text_that_only_another_reading_shows_is_refused(
 
 
 def escaped_document(key: str = "content") -> str:
-    return '{"%s": "fix %s"}' % (key, ESCAPED)
+    return '{"' + key + '": "fix ' + ESCAPED + '"}'
 
 
 @pytest.mark.parametrize(
@@ -140,7 +140,7 @@ def test_json_is_redacted_as_json_whatever_the_label(
 def test_escaped_credential_field_in_text_is_masked(
     client: httpx.Client, upstream: FakeUpstream
 ) -> None:
-    body = '{"pass\\u0077ord": "Zq8#mWv2$Lr5tY"}'.encode()
+    body = b'{"pass\\u0077ord": "Zq8#mWv2$Lr5tY"}'
     response = post(client, upstream, body, {"content-type": "text/plain"})
     assert response.status_code == 200, response.text
     (got,) = upstream.received
