@@ -360,3 +360,54 @@ def test_json_in_a_passed_body_is_redacted(passing: httpx.Client, upstream: Fake
     response = passing.get(upstream.url("/j"))
     assert response.status_code == 200, response.text
     assert json.loads(response.content) == {"content": f"fix {TAG}"}
+
+
+# -- a fake tag beside a secret ----------------------------------------------------------------
+
+GH_TOKEN = "ghp_C3J27XDCG2LmlZGEONYlgCtjfIZ4SOcMz9CP"
+AWS_LINE = "aws_secret_access_key = JwJGFLxgXXNyt7xURcdhvRJW7kQjU/Nd+dOX4D1Z"
+AWS_SECRET = AWS_LINE.split(" = ")[1]
+FAKED = [
+    (f"{GH_TOKEN}[REDACTED:a]", GH_TOKEN),
+    (f"[REDACTED:github-token]{GH_TOKEN}", GH_TOKEN),
+    (f'password = "{AWS_SECRET}[REDACTED:a]"', AWS_SECRET),
+    (f"{AWS_LINE}[REDACTED:x:0123abcd]", AWS_SECRET),
+]
+
+
+@pytest.mark.parametrize(("text", "secret"), FAKED)
+def test_a_fake_tag_does_not_protect_a_secret_in_a_request(
+    client: httpx.Client, upstream: FakeUpstream, text: str, secret: str
+) -> None:
+    response = client.post(upstream.url("/echo"), json={"content": f"see {text} here"})
+    assert response.status_code == 200, response.text
+    (got,) = upstream.received
+    assert secret.encode() not in got.body and b"[REDACTED:" in got.body
+
+
+@pytest.mark.parametrize(("text", "secret"), FAKED)
+def test_a_fake_tag_does_not_protect_a_secret_in_a_response(
+    client: httpx.Client, upstream: FakeUpstream, text: str, secret: str
+) -> None:
+    upstream.handle("GET", "/faked", reply(f"see {text}\n".encode(), "text/plain"))
+    response = client.get(upstream.url("/faked"))
+    assert response.status_code == 200, response.text
+    assert secret not in response.text
+
+
+@pytest.mark.parametrize(("text", "secret"), FAKED)
+def test_a_fake_tag_does_not_protect_a_secret_in_a_stream(
+    client: httpx.Client, upstream: FakeUpstream, text: str, secret: str
+) -> None:
+    full = f"see {text} here"
+    upstream.script.deltas = [full[i : i + 3] for i in range(0, len(full), 3)]
+    body = {"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with client.stream("POST", upstream.url("/v1/chat/completions"), json=body) as response:
+        assert response.status_code == 200
+        streamed = response.read().decode()
+    content = "".join(
+        json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+        for line in streamed.splitlines()
+        if line.startswith("data: {")
+    )
+    assert secret not in content and "[REDACTED:" in content
