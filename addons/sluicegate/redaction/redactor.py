@@ -24,6 +24,7 @@ new characters are run (see `rules.FirstChars`).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import hmac
 from collections.abc import Iterable, Sequence
@@ -141,7 +142,7 @@ def _rule_finding(
     start, end = max(start, match.start()), min(end, match.end())
     if start >= end:
         return None
-    if blanks and any(s < end and start < e for s, e in blanks):
+    if blanks and _overlaps_any(_Finding(start, -end, order, rule.id), blanks):
         # A value running into a tag: judged (and kept) without it, see `_clipped`.
         return _Finding(start, -end, order, rule.id)
     candidate = match.string[start:end]
@@ -522,8 +523,22 @@ def _neutralize(text: str, spans: list[tuple[int, int]], *, bracketed: bool = Fa
     return "".join(pieces)
 
 
-def _overlaps_any(finding: _Finding, spans: list[tuple[int, int]]) -> bool:
-    return any(s < finding.end and finding.start < e for s, e in spans)
+def _overlapping(finding: _Finding, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The spans `finding` overlaps; `spans` are tags: sorted, disjoint (binary search, so a
+    body of many tags costs no more than its length)."""
+    index = bisect.bisect_right(spans, (finding.start, finding.start))
+    if index and spans[index - 1][1] > finding.start:
+        index -= 1
+    out = []
+    while index < len(spans) and spans[index][0] < finding.end:
+        if spans[index][1] > finding.start:
+            out.append(spans[index])
+        index += 1
+    return out
+
+
+def _overlaps_any(finding: _Finding, spans: Sequence[tuple[int, int]]) -> bool:
+    return bool(_overlapping(finding, spans))
 
 
 def _clipped(
@@ -540,7 +555,7 @@ def _clipped(
     only the part before the tags, and only if the rule finds a value holding it once the tags
     are taken out: text after a tag read as letters looks like the rest of a value
     (`KEY=[tag]"next": "`), and our own tags must not make it one."""
-    overlapping = sorted((s, e) for s, e in spans if s < finding.end and finding.start < e)
+    overlapping = _overlapping(finding, spans)
     first, last = overlapping[0][0], overlapping[-1][1]
     pieces: list[_Finding] = []
     edges = [(finding.start, first)] if confirm else [(finding.start, first), (last, finding.end)]
