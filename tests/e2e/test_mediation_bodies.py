@@ -411,3 +411,42 @@ def test_a_fake_tag_does_not_protect_a_secret_in_a_stream(
         if line.startswith("data: {")
     )
     assert secret not in content and "[REDACTED:" in content
+
+
+# -- availability: one adversarial body does not stall other callers -----------------------------
+
+
+@pytest.mark.parametrize("unit", ["pwd", "-----BEGIN RSA PRIVATE KEY-----\n"])
+def test_a_small_request_completes_while_an_adversarial_body_is_redacted(
+    gateway: Gateway, upstream: FakeUpstream, token: str, unit: str
+) -> None:
+    """Generous bounds (this is no benchmark, see scripts/bench_loop_lag.py): before the rules
+    were linear and large bodies left the event loop, such a body held every caller for
+    minutes on this machine."""
+    import threading
+    import time
+
+    body = (unit * (64 * 1024 // len(unit) + 1))[: 64 * 1024].encode()
+    outcome: dict[str, object] = {}
+
+    def adversarial() -> None:
+        with gateway.client(token) as c:
+            start = time.monotonic()
+            response = c.post(
+                upstream.url("/echo"), content=body, headers={"content-type": "text/plain"},
+                timeout=120,
+            )  # fmt: skip
+            outcome["status"] = response.status_code
+            outcome["seconds"] = time.monotonic() - start
+
+    worker = threading.Thread(target=adversarial)
+    worker.start()
+    time.sleep(0.3)  # the adversarial body is being read and redacted
+    with gateway.client(token) as c:
+        start = time.monotonic()
+        small = c.post(upstream.url("/echo"), json={"content": "hello"}, timeout=60)
+        small_seconds = time.monotonic() - start
+    worker.join(timeout=120)
+    assert small.status_code == 200
+    assert small_seconds < 10, small_seconds
+    assert outcome.get("status") == 200 and float(outcome["seconds"]) < 60, outcome  # type: ignore[arg-type]
