@@ -19,12 +19,15 @@ got, `s.check(condition, what)` what must hold) and decorate it with `@case("nam
 from __future__ import annotations
 
 import argparse
+import base64
 import copy
 import gzip
+import json
 import socket
 import ssl
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -324,6 +327,120 @@ def case_connect_junk(s: Smoke) -> None:
         pass
     sock.close()
     s.check(len(s.raw.received) == before, "bytes reached the upstream")
+
+
+# -- bodies as lenient readers see them (README "Redaction": bodies by type and charset) -----------
+
+
+def _last_body(s: Smoke) -> bytes:
+    s.check(len(s.api.received) == 1, f"{len(s.api.received)} requests reached the upstream")
+    return s.api.received[-1].body
+
+
+@case("request body in UTF-16 without a byte-order mark, labelled UTF-8: redacted")
+def case_utf16_request(s: Smoke) -> None:
+    body = json.dumps({"prompt": f"use {SECRET}"}).encode("utf-16-le")
+    with s.client() as client:
+        response = client.post(
+            s.api.url("/echo"), content=body, headers={"content-type": "application/json"}
+        )
+    s.seen(response.content)
+    s.check(response.status_code == 200, f"status {response.status_code}")
+    got = json.loads(_last_body(s))  # json.loads(bytes) reads UTF-16 by its NULs
+    s.check(SECRET not in json.dumps(got) and TAG in got["prompt"], "UTF-16 body not redacted")
+
+
+@case("escaped JSON labelled text/plain with trailing data: redacted as JSON")
+def case_json_labelled_text(s: Smoke) -> None:
+    escaped = SECRET.replace("_", "\\u005f")
+    body = ('{"prompt": "use ' + escaped + '"} trailing').encode()
+    with s.client() as client:
+        response = client.post(
+            s.api.url("/echo"), content=body, headers={"content-type": "text/plain"}
+        )
+    s.seen(response.content)
+    s.check(response.status_code == 200, f"status {response.status_code}")
+    first, _ = json.JSONDecoder().raw_decode(_last_body(s).decode())
+    s.check(first == {"prompt": f"use {TAG}"}, f"read as {first!r}")
+
+
+@case("two different Content-Type headers: refused")
+def case_two_content_types(s: Smoke) -> None:
+    headers = [("content-type", "application/octet-stream"), ("content-type", "application/json")]
+    with s.client() as client:
+        response = client.post(s.api.url("/echo"), content=b'{"a": 1}', headers=headers)
+    s.seen(response.content)
+    s.check(response.status_code == 415, f"status {response.status_code}")
+    s.check(s.api.received == [], "the request reached the upstream")
+
+
+@case("multipart part in base64: decoded, redacted, encoded again")
+def case_multipart_base64(s: Smoke) -> None:
+    part = base64.b64encode(f"notes {SECRET}".encode())
+    body = (
+        b'--b1\r\ncontent-disposition: form-data; name="notes"\r\n'
+        b"content-transfer-encoding: base64\r\n\r\n" + part + b"\r\n--b1--\r\n"
+    )
+    with s.client() as client:
+        response = client.post(
+            s.api.url("/echo"),
+            content=body,
+            headers={"content-type": "multipart/form-data; boundary=b1"},
+        )
+    s.seen(response.content)
+    s.check(response.status_code == 200, f"status {response.status_code}")
+    encoded = _last_body(s).split(b"\r\n\r\n", 1)[1].split(b"\r\n", 1)[0]
+    s.check(base64.b64decode(encoded) == f"notes {TAG}".encode(), "base64 part not redacted")
+
+
+@case("a fake tag beside a secret protects nothing")
+def case_fake_tag(s: Smoke) -> None:
+    with s.client() as client:
+        response = client.post(s.api.url("/echo"), json={"prompt": f"{SECRET}[REDACTED:a]"})
+    s.seen(response.content)
+    s.check(response.status_code == 200 and TAG in response.text, f"status {response.status_code}")
+
+
+@case("a response body in UTF-16 echoing the injected key: scrubbed")
+def case_utf16_echo(s: Smoke) -> None:
+    def handler(sock: Any, request: Any) -> None:
+        key = request.headers.get("authorization", "")
+        body = json.dumps({"error": f"bad key {key}"}).encode("utf-16")
+        sock.sendall(
+            b"HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\n"
+            + f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+
+    s.raw.handle("/utf16-echo", handler)
+    with s.client() as client:
+        response = client.get(s.raw.url("/utf16-echo"))
+    s.seen(response.content)
+    for codec in ("utf-16-le", "utf-16-be"):
+        s.check(UPSTREAM_KEY.encode(codec) not in response.content, "the key reached the client")
+
+
+@case("a 64 KiB adversarial body does not stall a small request")
+def case_adversarial_body(s: Smoke) -> None:
+    outcome: dict[str, int] = {}
+
+    def big() -> None:
+        with s.client(timeout=120) as client:
+            response = client.post(
+                s.api.url("/echo"), content=b"pwd" * 21846, headers={"content-type": "text/plain"}
+            )
+            outcome["status"] = response.status_code
+
+    worker = threading.Thread(target=big)
+    worker.start()
+    time.sleep(0.3)
+    began = time.monotonic()
+    with s.client(timeout=60) as client:
+        small = client.post(s.api.url("/echo"), json={"prompt": "hello"})
+    waited = time.monotonic() - began
+    worker.join(120)
+    s.check(small.status_code == 200 and waited < 10, f"small request took {waited:.1f} s")
+    s.check(outcome.get("status") == 200, f"adversarial body answered {outcome}")
 
 
 # -- the run ---------------------------------------------------------------------------------------

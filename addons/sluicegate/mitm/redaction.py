@@ -29,7 +29,13 @@ from mitmproxy import http
 from sluicegate.config import Config
 from sluicegate.mitm import flowstate, guard
 from sluicegate.mitm.base import GatewayAddon
-from sluicegate.redaction.bodies import BodyPolicy, BodyRefused, media_type, redact_body
+from sluicegate.redaction.bodies import (
+    BodyPolicy,
+    BodyRefused,
+    media_type,
+    redact_body,
+    single_content_type,
+)
 from sluicegate.redaction.memo import MemoRedactor
 from sluicegate.redaction.runtime import RedactionRuntime
 from sluicegate.runtime import for_config
@@ -39,9 +45,14 @@ logger = logging.getLogger("sluicegate.redaction")
 
 Part = Literal["request", "response"]
 
-# Bodies larger than this are decoded and redacted on a worker thread (the `regex` module
-# releases the GIL), so one large body does not stall every other flow on the event loop.
-THREAD_BYTES = 256 * 1024
+# Bodies (and query strings) larger than this are decoded and redacted on a worker thread, so
+# one body does not stall every other flow on the event loop: the rules' worst case is linear,
+# a few µs per character on adversarial text, so this much stays well under 50 ms on the loop
+# (scripts/bench_loop_lag.py). A thread yields the GIL between rule searches.
+THREAD_BYTES = 4 * 1024
+# Most time a body's redaction may take on its worker thread; past it the message is refused
+# (503 redaction_timeout), never forwarded unredacted.
+BUDGET_SECONDS = 10.0
 EVENT_STREAM = "text/event-stream"
 _FORM = "application/x-www-form-urlencoded"
 _QUERY_POLICY = BodyPolicy()  # a query string is always form-encoded text
@@ -79,7 +90,7 @@ class Redaction(GatewayAddon):
         redactor = runtime.request_text_redactor(flowstate.state(flow).caller)
         if redactor is None:
             return
-        counts = _redact_query(request, redactor)
+        counts = await _off_loop(len(request.data.path), _redact_query, request, redactor)
         body_counts = await self._redact_message(flow, request, "request", redactor)
         _record(flow, "request", _merged(counts, body_counts))
 
@@ -136,8 +147,8 @@ class Redaction(GatewayAddon):
         except decoding.DecodingError as e:
             raise _refusal(part, e.code, limit) from None
         flowstate.keep_original(flow, part, body)
-        content_type = message.headers.get("content-type")
         try:
+            content_type = single_content_type(message.headers.get_all("content-type"))
             result = await _off_loop(
                 len(body), redact_body, body, content_type, redactor, runtime.body_policy
             )
@@ -219,6 +230,15 @@ def _record(flow: http.HTTPFlow, part: Part, counts: dict[str, int]) -> None:
 
 
 async def _off_loop(size: int, fn: Callable[..., T], *args: object) -> T:
-    if size > THREAD_BYTES:
-        return await asyncio.to_thread(fn, *args)
-    return fn(*args)
+    """`fn(*args)`, on a worker thread with a time budget when `size` is large."""
+    if size <= THREAD_BYTES:
+        return fn(*args)
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(fn, *args), BUDGET_SECONDS)
+    except TimeoutError:
+        raise guard.GatewayRefusal(
+            503,
+            "redaction_timeout",
+            "The gateway could not redact this message within its time budget; nothing was "
+            "forwarded.",
+        ) from None

@@ -2,17 +2,30 @@
 
 The body is classified by its Content-Type: JSON (also `+json` and JSON lines), text (text/*,
 XML, JavaScript, YAML...), URL-encoded forms, multipart forms, binary, or unknown. Text is
-decoded with the declared charset (UTF-8 by default); bytes that do not decode are read as
-latin-1 instead, which maps every byte to one character, so ASCII secrets are still found
-and every other byte is written back unchanged. Bodies that cannot be redacted are passed or
-refused according to `BodyPolicy`; a refusal raises `BodyRefused` with a stable code.
+decoded as a lenient reader would: a byte-order mark, or the NUL pattern of UTF-16/32 text
+(RFC 4627, what `json.loads(bytes)` does), wins over the declared charset; otherwise the
+declared charset (UTF-8 by default); bytes that do not decode are read as latin-1 instead,
+which maps every byte to one character, so ASCII secrets are still found and every other byte
+is written back unchanged. Redacted text is written back in the encoding it was read in.
+
+The label does not limit what is looked for, since receivers do not all honour it: text that
+holds JSON documents (labelled text, form, unknown, or JSON followed by trailing data) is also
+redacted as JSON, escapes hiding a secret from the text rules are refused, and the other
+readings of the bytes (UTF-8 when the charset is not ASCII-compatible, UTF-16/32 when there are
+NULs) must not show a secret either. Binary and unknown bodies that are passed still get the
+flow's literal secrets (the injected credential) scrubbed from their bytes, and JSON in them is
+redacted. Bodies that cannot be redacted are passed or refused according to `BodyPolicy`; a
+refusal raises `BodyRefused` with a stable code.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import codecs
 import functools
 import json
+import quopri
 import re
 import string
 from dataclasses import dataclass, field
@@ -20,8 +33,9 @@ from typing import Literal
 from urllib.parse import quote_plus, unquote_plus
 
 from sluicegate.redaction.json_redact import JsonRedactionError, redact_json_text
-from sluicegate.redaction.memo import TextRedactor, key_rule_for
+from sluicegate.redaction.memo import MemoRedactor, TextRedactor, key_rule_for
 from sluicegate.redaction.redactor import TAG_PATTERN
+from sluicegate.shapes import decoding
 
 Kind = Literal["empty", "json", "jsonl", "text", "form", "multipart", "binary", "unknown"]
 
@@ -86,6 +100,16 @@ def media_type(content_type: str | None) -> tuple[str, dict[str, str]]:
     return media.strip().lower(), parameters
 
 
+def single_content_type(values: list[str]) -> str | None:
+    """The one Content-Type of a message sent with several header lines or a list in one:
+    receivers take the first or the last, so different ones are refused (nothing would say
+    which one the body was redacted for)."""
+    types = {media_type(value)[0]: value for value in values}
+    if len(types) > 1 or any("," in media for media in types):
+        raise BodyRefused("conflicting_content_type", "the message has conflicting content types")
+    return values[0] if values else None
+
+
 def classify(content_type: str | None) -> Kind:
     media, _ = media_type(content_type)
     if not media:
@@ -96,7 +120,7 @@ def classify(content_type: str | None) -> Kind:
         return "jsonl"
     if media == "application/x-www-form-urlencoded":
         return "form"
-    if media == "multipart/form-data":
+    if media.startswith("multipart/"):
         return "multipart"
     if media.startswith("text/") or media in _TEXT_TYPES or media.endswith("+xml"):
         return "text"
@@ -117,29 +141,170 @@ def _redact(
     if not body:
         return BodyResult(body, False, {}, "empty")
     kind = classify(content_type)
-    if kind == "binary":
-        if policy.binary == "block":
-            raise BodyRefused("binary_body_blocked", "binary bodies cannot be redacted")
-        return BodyResult(body, False, {}, "binary")
-    if kind == "unknown":
-        if policy.unknown == "block":
-            raise BodyRefused("unknown_body_blocked", "body type unknown, cannot be redacted")
-        if policy.unknown == "pass":
-            return BodyResult(body, False, {}, "unknown")
     _, params = media_type(content_type)
+    if kind == "binary" or (kind == "unknown" and policy.unknown != "text"):
+        if kind == "binary" and policy.binary == "block":
+            raise BodyRefused("binary_body_blocked", "binary bodies cannot be redacted")
+        if kind == "unknown" and policy.unknown == "block":
+            raise BodyRefused("unknown_body_blocked", "body type unknown, cannot be redacted")
+        return _redact_passed(body, kind, params.get("charset"), redactor)
     if kind == "multipart":
         return _redact_multipart(body, params, redactor, policy, depth)
-    text, codec = _decode(body, params.get("charset"))
+    text, codec, bom = _decode(body, params.get("charset"))
     new_text, counts, kind = _redact_text(text, kind, codec, redactor)
-    new_body = _encode(new_text, codec, kind) if counts else body
-    if not _ascii_compatible(codec):
-        # Most receivers read the bytes as UTF-8 whatever the label says: check that view too.
-        view, view_codec = _decode(new_body, None)
-        if _redact_text(view, kind, view_codec, redactor)[1]:
-            raise BodyRefused(
-                "charset_mismatch", "the declared charset hides text that UTF-8 readers see"
-            )
+    new_text, json_counts = _redact_embedded_json(new_text, kind, redactor)
+    _merge(counts, json_counts)
+    _refuse_escaped_secrets(new_text, kind, redactor)
+    new_body = bom + _encode(new_text, codec, kind) if counts else body
+    _check_other_readings(new_body, codec, kind, redactor)
     return BodyResult(new_body, bool(counts), counts, kind)
+
+
+def _redact_passed(
+    body: bytes, kind: Kind, charset: str | None, redactor: TextRedactor
+) -> BodyResult:
+    """A binary or unknown body the policy passes: JSON in it (whatever the label says) is
+    redacted as JSON, and the flow's literal secrets are scrubbed from its bytes."""
+    text, codec, bom = _try_decode(body, charset)
+    counts: dict[str, int] = {}
+    if text is not None and _json_documents(text)[0]:
+        new_text, counts = _redact_embedded_json(text, "text", redactor)
+        if counts:
+            body = bom + _encode(new_text, codec, "json")
+        kind = "json"
+    scrubbed, literal_counts = _scrub_literal_bytes(body, redactor)
+    _merge(counts, literal_counts)
+    return BodyResult(scrubbed, bool(counts), counts, kind)
+
+
+# -- what lenient readers see -----------------------------------------------------------------
+
+_JSON_DECODER = json.JSONDecoder(strict=False)  # control characters in strings, as lenient
+_LEADING = " \t\r\n\ufeff"
+
+
+def _json_documents(text: str) -> tuple[list[tuple[int, int]], int]:
+    """Spans of the JSON documents (objects, arrays, strings) `text` starts with, one after
+    the other (a reader that stops after the first one, or reads a sequence), and where they
+    stop."""
+    spans: list[tuple[int, int]] = []
+    size = len(text)
+    position = size - len(text.lstrip(_LEADING))
+    while position < size and text[position] in '{["':
+        try:
+            _, end = _JSON_DECODER.raw_decode(text, position)
+        except (ValueError, RecursionError):
+            break
+        spans.append((position, end))
+        position = end + (len(text) - end - len(text[end:].lstrip(_LEADING)))
+    return spans, position
+
+
+def _redact_embedded_json(text: str, kind: Kind, redactor: TextRedactor) -> tuple[str, dict]:
+    """JSON documents at the start of a body that was not read as one JSON document (a
+    text/plain or form label, trailing data after the document): redacted as JSON too."""
+    if kind in ("json", "jsonl"):
+        return text, {}
+    spans, _ = _json_documents(text)
+    counts: dict[str, int] = {}
+    if not spans:
+        return text, counts
+    pieces: list[str] = []
+    cursor = 0
+    for start, end in spans:
+        try:
+            result = redact_json_text(text[start:end], redactor)
+        except JsonRedactionError as exc:
+            raise BodyRefused(exc.code, str(exc)) from None
+        pieces += [text[cursor:start], result.text]
+        _merge(counts, result.counts)
+        cursor = end
+    pieces.append(text[cursor:])
+    return ("".join(pieces), counts) if counts else (text, counts)
+
+
+_ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{4}|x[0-9a-fA-F]{2}|[/\\\-_'\"])")
+
+
+def _unescape(match: re.Match[str]) -> str:
+    escape = match.group()
+    if escape[1] in "ux":
+        return chr(int(escape[2:], 16))
+    return escape[1]
+
+
+def _refuse_escaped_secrets(text: str, kind: Kind, redactor: TextRedactor) -> None:
+    """Text (not parsed as JSON) whose `\\u`/`\\x`/`\\/` escapes, once decoded as a JSON or
+    JavaScript reader decodes them, show a secret the rules did not see: refused."""
+    if kind in ("json", "jsonl") or "\\" not in text:
+        return
+    spans, _ = _json_documents(text)
+    cursor = 0
+    for start, end in [*spans, (len(text), len(text))]:
+        region = text[cursor:start]
+        cursor = end
+        if not _ESCAPE.search(region):
+            continue
+        view = _ESCAPE.sub(_unescape, region)
+        view = view.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        if redactor.redact_text(view).changed:
+            raise BodyRefused("escaped_secret", "escapes in the text hide a secret")
+
+
+def _literals(redactor: TextRedactor) -> dict[str, str]:
+    full = redactor.redactor if isinstance(redactor, MemoRedactor) else redactor
+    return full.literals
+
+
+_COMPRESSED_MAGIC = ((b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"))
+_MAX_INNER = 64 * 1024 * 1024
+
+
+def _scrub_literal_bytes(body: bytes, redactor: TextRedactor) -> tuple[bytes, dict[str, int]]:
+    """The flow's literal secrets (the injected credential in its encodings) replaced by their
+    tags in the bytes of a body nothing else redacts, in UTF-8 and UTF-16/32; a compressed body
+    (gzip, zstd, zlib) holding one is refused."""
+    literals = _literals(redactor)
+    counts: dict[str, int] = {}
+    if not literals:
+        return body, counts
+    for value in sorted(literals, key=len, reverse=True):
+        rule_id = literals[value]
+        tag = redactor.tag(rule_id, value)
+        for codec in ("utf-8", *_WIDE):
+            needle = value.encode(codec, "surrogatepass")
+            found = body.count(needle)
+            if found:
+                body = body.replace(needle, tag.encode(codec))
+                counts[rule_id] = counts.get(rule_id, 0) + found
+    inner = _inner_decoded(body)
+    if inner is not None and any(
+        value.encode(codec, "surrogatepass") in inner
+        for value in literals
+        for codec in ("utf-8", *_WIDE)
+    ):
+        raise BodyRefused("credential_in_compressed_body", "compressed data holds a credential")
+    return body, counts
+
+
+def _inner_decoded(body: bytes) -> bytes | None:
+    """A passed body that is itself compressed data, decoded (None: it is not)."""
+    coding = next((c for magic, c in _COMPRESSED_MAGIC if body.startswith(magic)), None)
+    if (
+        coding is None
+        and len(body) > 2
+        and body[0] & 0x0F == 8
+        and (body[0] << 8 | body[1]) % 31 == 0
+    ):
+        coding = "deflate"
+    if coding is None:
+        return None
+    try:
+        return decoding.decode_body(body, coding, _MAX_INNER)
+    except decoding.BodyTooLarge:
+        raise BodyRefused("body_too_large", "compressed data too large to inspect") from None
+    except decoding.DecodingError:
+        return None
 
 
 def _redact_text(
@@ -182,8 +347,57 @@ def _ascii_compatible(codec: str) -> bool:
     return _ASCII_PROBE.encode(codec, "replace") == _ASCII_PROBE.encode("ascii")
 
 
-def _decode(body: bytes, charset: str | None) -> tuple[str, str]:
-    """Text and the codec to write it back with; latin-1 when the bytes do not decode."""
+# Byte-order marks, longest first (the UTF-32-LE mark starts like the UTF-16-LE one).
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+_WIDE = ("utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be")
+
+
+def _sniff(body: bytes) -> tuple[str, bytes] | None:
+    """(codec, byte-order mark) of UTF-16/32 text, by its mark or by where the NULs of its
+    first characters are (RFC 4627 section 3, as `json.loads(bytes)` reads it)."""
+    for bom, codec in _BOMS:
+        if body.startswith(bom):
+            return codec, bom
+    head = body[:4]
+    if len(head) < 4 or b"\0" not in head:
+        return None
+    if head[:3] == b"\0\0\0":
+        return "utf-32-be", b""
+    if head[1:] == b"\0\0\0":
+        return "utf-32-le", b""
+    if head[0] == 0 and head[2] == 0:
+        return "utf-16-be", b""
+    if head[1] == 0 and head[3] == 0:
+        return "utf-16-le", b""
+    return None
+
+
+def _decode(body: bytes, charset: str | None) -> tuple[str, str, bytes]:
+    """(text, codec to write it back with, byte-order mark to put before it).
+
+    A byte-order mark or the NUL pattern of UTF-16/32 wins over the declared charset when the
+    bytes decode that way (lenient readers go by the bytes); else the declared charset, else
+    UTF-8; latin-1 when the bytes do not decode."""
+    text, codec, bom = _try_decode(body, charset)
+    if text is None:
+        return body.decode("latin-1"), "latin-1", b""
+    return text, codec, bom
+
+
+def _try_decode(body: bytes, charset: str | None) -> tuple[str | None, str, bytes]:
+    """As `_decode`, with None for bytes that do not decode."""
+    sniffed = _sniff(body)
+    if sniffed is not None:
+        codec, bom = sniffed
+        try:
+            return body[len(bom) :].decode(codec), codec, bom
+        except UnicodeDecodeError:
+            pass
     codec = "utf-8"
     if charset:
         try:
@@ -191,9 +405,31 @@ def _decode(body: bytes, charset: str | None) -> tuple[str, str]:
         except LookupError:
             codec = "utf-8"
     try:
-        return body.decode(codec), codec
+        return body.decode(codec), codec, b""
     except UnicodeDecodeError:
-        return body.decode("latin-1"), "latin-1"
+        return None, codec, b""
+
+
+def _check_other_readings(body: bytes, codec: str, kind: Kind, redactor: TextRedactor) -> None:
+    """Refuse when the bytes read another way (UTF-8 although the charset is not ASCII-
+    compatible, or UTF-16/32 when there are NULs) still show a secret."""
+    readings: list[tuple[str, str]] = []
+    if not _ascii_compatible(codec):
+        text, view_codec, _ = _decode(body, None)
+        readings.append((text, view_codec))
+    if b"\0" in body:
+        for wide in _WIDE:
+            if wide == codec or len(body) % (2 if "16" in wide else 4):
+                continue
+            try:
+                readings.append((body.decode(wide).lstrip("\ufeff"), wide))
+            except UnicodeDecodeError:
+                continue
+    for text, view_codec in readings:
+        if _redact_text(text, kind, view_codec, redactor)[1]:
+            raise BodyRefused(
+                "charset_mismatch", "another reading of the body's bytes shows a secret"
+            )
 
 
 def _redact_json_or_text(
@@ -291,27 +527,64 @@ def _redact_multipart(
     for head_start, body_start, body_end in parts:
         headers = _part_headers(body[head_start:body_start])
         part = body[body_start:body_end]
-        disposition = headers.get("content-disposition", "")
-        name = _disposition_param(disposition, "name")
-        rule = key_rule_for(redactor, name) if name else None
-        if rule is not None and part and rule.accepts_value(part.decode("latin-1")):
-            new_part = redactor.tag(rule.id, part.decode("latin-1")).encode("ascii")
-            _merge(counts, {rule.id: 1})
+        transfer = headers.get("content-transfer-encoding", "").lower()
+        if transfer in ("", "7bit", "8bit", "binary"):
+            new_part, part_counts = _redact_part(part, headers, redactor, policy, depth)
+        elif transfer in ("base64", "quoted-printable"):
+            decoded = _transfer_decode(part, transfer)
+            new_decoded, part_counts = _redact_part(decoded, headers, redactor, policy, depth)
+            new_part = _transfer_encode(new_decoded, transfer, part) if part_counts else part
         else:
-            part_type = headers.get("content-type")
-            if part_type is None:
-                # RFC 7578: text/plain for fields; a file without a type is binary.
-                has_file = _disposition_param(disposition, "filename") is not None
-                part_type = "application/octet-stream" if has_file else "text/plain"
-            result = _redact(part, part_type, redactor, policy, depth + 1)
-            new_part = result.body
-            _merge(counts, result.counts)
+            raise BodyRefused(
+                "multipart_transfer_encoding", "a multipart part's transfer encoding is unknown"
+            )
+        _merge(counts, part_counts)
         out += [framing(body[cursor:body_start]), new_part]
         cursor = body_end
     out.append(framing(body[cursor:]))
     if not counts:
         return BodyResult(body, False, {}, "multipart")
     return BodyResult(b"".join(out), True, counts, "multipart")
+
+
+def _redact_part(
+    part: bytes, headers: dict[str, str], redactor: TextRedactor, policy: BodyPolicy, depth: int
+) -> tuple[bytes, dict[str, int]]:
+    """One part's (transfer-decoded) body, redacted by its field name and its own type."""
+    disposition = headers.get("content-disposition", "")
+    name = _disposition_param(disposition, "name")
+    rule = key_rule_for(redactor, name) if name else None
+    if rule is not None and part and rule.accepts_value(part.decode("latin-1")):
+        return redactor.tag(rule.id, part.decode("latin-1")).encode("ascii"), {rule.id: 1}
+    part_type = headers.get("content-type")
+    if part_type is None:
+        # RFC 7578: text/plain for fields; a file without a type is binary.
+        has_file = _disposition_param(disposition, "filename") is not None
+        part_type = "application/octet-stream" if has_file else "text/plain"
+    result = _redact(part, part_type, redactor, policy, depth + 1)
+    return result.body, result.counts
+
+
+def _transfer_decode(part: bytes, transfer: str) -> bytes:
+    """A base64 or quoted-printable part as its receiver decodes it; malformed base64 is
+    refused (lenient decoders would read something the rules did not see)."""
+    if transfer == "quoted-printable":
+        return quopri.decodestring(part)
+    try:
+        return base64.b64decode(b"".join(part.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise BodyRefused("multipart_malformed", "a base64 part does not decode") from None
+
+
+def _transfer_encode(data: bytes, transfer: str, original: bytes) -> bytes:
+    """Encoded again as it came (base64 lines of 76 characters if it had line breaks)."""
+    if transfer == "quoted-printable":
+        encoded = quopri.encodestring(data)
+        return encoded.replace(b"\n", b"\r\n") if b"\r\n" in original else encoded
+    encoded = base64.b64encode(data)
+    if b"\n" not in original.strip():
+        return encoded
+    return b"\r\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76))
 
 
 def _split_multipart(body: bytes, delimiter: bytes) -> list[tuple[int, int, int]]:

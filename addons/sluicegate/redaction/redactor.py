@@ -24,6 +24,7 @@ new characters are run (see `rules.FirstChars`).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import hmac
 from collections.abc import Iterable, Sequence
@@ -120,16 +121,20 @@ class _Scanner:
     rule: Rule | None = None
     literals: dict[str, str] | None = None  # value -> rule id
 
-    def finding(self, match: regex.Match[str]) -> _Finding | None:
+    def finding(
+        self, match: regex.Match[str], blanks: Sequence[tuple[int, int]] = ()
+    ) -> _Finding | None:
         if self.rule is None:
             if self.literals is None:  # the tag scanner reports protected spans elsewhere
                 return None
             start, end = match.span()
             return _Finding(start, -end, self.order, self.literals[match.group()])
-        return _rule_finding(self.rule, self.order, match)
+        return _rule_finding(self.rule, self.order, match, blanks)
 
 
-def _rule_finding(rule: Rule, order: int, match: regex.Match[str]) -> _Finding | None:
+def _rule_finding(
+    rule: Rule, order: int, match: regex.Match[str], blanks: Sequence[tuple[int, int]] = ()
+) -> _Finding | None:
     start, end = match.span(rule.group)
     if start < 0:  # the group is in an alternative that did not take part: whole match
         start, end = match.span()
@@ -137,6 +142,9 @@ def _rule_finding(rule: Rule, order: int, match: regex.Match[str]) -> _Finding |
     start, end = max(start, match.start()), min(end, match.end())
     if start >= end:
         return None
+    if blanks and _overlaps_any(_Finding(start, -end, order, rule.id), blanks):
+        # A value running into a tag: judged (and kept) without it, see `_clipped`.
+        return _Finding(start, -end, order, rule.id)
     candidate = match.string[start:end]
     if not rule.accepts(candidate) or known_example(candidate):
         return None
@@ -246,6 +254,11 @@ class Redactor:
     def key_rules(self) -> tuple[KeyRule, ...]:
         return self.pack.key_rules_for(self.direction)
 
+    @property
+    def literals(self) -> dict[str, str]:
+        """The literal secrets masked by this redactor: value -> rule id."""
+        return dict(self._literals)
+
     def with_literals(self, literals: Sequence[LiteralSecret]) -> Redactor:
         """A redactor sharing this one's compiled rules, masking these literals too."""
         return Redactor(
@@ -259,13 +272,47 @@ class Redactor:
         return self.tagger(rule_id, secret)
 
     def redact_text(self, text: str) -> RedactionResult:
+        """Redacted text; redacting it again changes nothing (a tag can reveal a neighbour
+        that its secret hid: `IBAN<secret>` gives `IBAN[tag]`, so the passes are repeated
+        until nothing more is found)."""
         if not text:
             return RedactionResult(text, {})
+        counts: dict[str, int] = {}
+        for _ in range(_MAX_ROUNDS):
+            text, found = self._redact_once(text)
+            if not found:
+                break
+            for rule_id, n in found.items():
+                counts[rule_id] = counts.get(rule_id, 0) + n
+        return RedactionResult(text, counts)
+
+    def _redact_once(self, text: str) -> tuple[str, dict[str, int]]:
         protected = [m.span() for m in TAG_PATTERN.finditer(text)] if _TAG_START in text else []
-        findings = self._findings(_neutralize(text, protected) if protected else text)
+        findings = self._findings_beside(text, protected)
         counts: dict[str, int] = {}
         out = _render(text, 0, len(text), findings, protected, self.tagger, counts)
-        return RedactionResult(out, counts)
+        return out, counts
+
+    def _findings_beside(self, text: str, blanks: list[tuple[int, int]]) -> list[_Finding]:
+        """Findings with `blanks` (tags) read two ways: as letters, like the secret a tag
+        replaced (no rule uses a tag's words as context, and a neighbour sees what it saw next
+        to the secret), and as a boundary (a tag written next to a secret must not hide it)."""
+        if not blanks:
+            return self._findings(text)
+        rules = self._compiled.rules
+        out: list[_Finding] = []
+        for finding in self._findings(_neutralize(text, blanks), blanks=blanks):
+            if not _overlaps_any(finding, blanks):
+                out.append(finding)
+            elif finding.order >= 0:
+                out += _clipped(finding, rules[finding.order], text, blanks, confirm=True)
+        bracketed = _neutralize(text, blanks, bracketed=True)
+        for finding in self._findings(bracketed, blanks=blanks):
+            if not _overlaps_any(finding, blanks):
+                out.append(finding)
+            elif finding.order >= 0:
+                out += _clipped(finding, rules[finding.order], text, blanks)
+        return out
 
     def stream(self, max_hold: int) -> StreamRedactor:
         if self._stream_index is None:
@@ -274,7 +321,9 @@ class Redactor:
 
     # --- whole-text search --------------------------------------------------------------
 
-    def _findings(self, text: str, *, prefilter: bool = True) -> list[_Finding]:
+    def _findings(
+        self, text: str, *, prefilter: bool = True, blanks: Sequence[tuple[int, int]] = ()
+    ) -> list[_Finding]:
         findings: list[_Finding] = []
         if self._literals:
             findings += _literal_findings(text, self._literals)
@@ -300,7 +349,7 @@ class Redactor:
             else:
                 matches = rule.plain.finditer(text)
             for match in matches:
-                finding = _rule_finding(rule, order, match)
+                finding = _rule_finding(rule, order, match, blanks)
                 if finding is not None:
                     findings.append(finding)
         return findings
@@ -455,19 +504,86 @@ def _render(
 _FILLER = "x"
 
 
-def _neutralize(text: str, spans: list[tuple[int, int]]) -> str:
+# Passes of `Redactor.redact_text`: each needs a finding that only a tag beside it reveals.
+_MAX_ROUNDS = 8
+
+
+def _neutralize(text: str, spans: list[tuple[int, int]], *, bracketed: bool = False) -> str:
     """`text` with existing tags blanked out (same length), so that no rule uses a tag's
-    words as context: `[REDACTED:generic-password]: x` must not read as `password: x`."""
+    words as context: `[REDACTED:generic-password]: x` must not read as `password: x`.
+    `bracketed` keeps a tag's brackets, which bound the tokens beside it as a tag does."""
     pieces, cursor = [], 0
     for start, end in spans:
-        pieces += [text[cursor:start], _FILLER * (end - start)]
+        blank = _FILLER * (end - start)
+        if bracketed and end - start >= 2:
+            blank = "[" + blank[2:] + "]"
+        pieces += [text[cursor:start], blank]
         cursor = end
     pieces.append(text[cursor:])
     return "".join(pieces)
 
 
-def _overlaps_any(finding: _Finding, spans: list[tuple[int, int]]) -> bool:
-    return any(s < finding.end and finding.start < e for s, e in spans)
+def _overlapping(finding: _Finding, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The spans `finding` overlaps; `spans` are tags: sorted, disjoint (binary search, so a
+    body of many tags costs no more than its length)."""
+    index = bisect.bisect_right(spans, (finding.start, finding.start))
+    if index and spans[index - 1][1] > finding.start:
+        index -= 1
+    out = []
+    while index < len(spans) and spans[index][0] < finding.end:
+        if spans[index][1] > finding.start:
+            out.append(spans[index])
+        index += 1
+    return out
+
+
+def _overlaps_any(finding: _Finding, spans: Sequence[tuple[int, int]]) -> bool:
+    return bool(_overlapping(finding, spans))
+
+
+def _clipped(
+    finding: _Finding,
+    rule: Rule,
+    text: str,
+    spans: Sequence[tuple[int, int]],
+    *,
+    confirm: bool = False,
+) -> list[_Finding]:
+    """The parts of a finding before its first and after its last tag that are values of the
+    rule on their own: `P@ssw0rd[REDACTED:a]` keeps its password redacted. What lies between
+    two tags is context and is left alone. With `confirm` (the reading of tags as letters),
+    only the part before the tags, and only if the rule finds a value holding it once the tags
+    are taken out: text after a tag read as letters looks like the rest of a value
+    (`KEY=[tag]"next": "`), and our own tags must not make it one."""
+    overlapping = _overlapping(finding, spans)
+    first, last = overlapping[0][0], overlapping[-1][1]
+    pieces: list[_Finding] = []
+    edges = [(finding.start, first)] if confirm else [(finding.start, first), (last, finding.end)]
+    for start, end in edges:
+        if end <= start:
+            continue
+        piece = text[start:end]
+        if not rule.accepts(piece) or known_example(piece):
+            continue
+        if confirm and not _found_without(rule, text, (first, last), (start, end)):
+            continue
+        pieces.append(_Finding(start, -end, finding.order, finding.rule_id))
+    return pieces
+
+
+def _found_without(rule: Rule, text: str, tags: tuple[int, int], piece: tuple[int, int]) -> bool:
+    """Whether the rule finds a value holding `piece` in `text` with `tags` taken out."""
+    cut = tags[1] - tags[0]
+    reading = text[: tags[0]] + text[tags[1] :]
+    start, end = piece if piece[1] <= tags[0] else (piece[0] - cut, piece[1] - cut)
+    low = max(0, start - CONTEXT_CHARS)
+    for match in rule.plain.finditer(reading, low, min(len(reading), end + CONTEXT_CHARS)):
+        if match.start() > start:
+            break
+        found = _rule_finding(rule, 0, match)
+        if found is not None and found.start <= start and end <= found.end:
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -516,12 +632,17 @@ class StreamRedactor:
         self._tagger = tagger
         self._max_hold = max_hold
         self._buf = ""
-        # The buffer as rules see it: existing tags blanked out (see `_neutralize`).
+        # The buffer as rules see it: existing tags blanked out (see `_neutralize`), and once a
+        # tag was seen, a second reading with the tags' brackets kept (see `_findings_beside`).
         self._scan_buf = ""
+        self._bracket_buf = ""
+        self._two_views = False
+        self._rescanned_at = -1  # where the last tag (or tag-to-be) made the rules look again
         self._emit = 0  # everything before this index has been released
         # Scanners that may still match from a position before the end: index -> position.
         # Every other scanner cannot start a match anywhere before the end of the buffer.
         self._holding: dict[int, int] = {}
+        self._bracket_holding: dict[int, int] = {}  # the same for the second reading
         self._findings: list[_Finding] = []
         self._protected: list[tuple[int, int]] = []
         self._closed = False
@@ -539,15 +660,26 @@ class StreamRedactor:
         start = len(self._buf)
         self._buf += text
         self._scan_buf += text
+        self._bracket_buf += text
         scans: set[int] = set()
         for char in set(text):
             found = self._by_char.get(char) if char < "\x80" else self._non_ascii
             if found:
                 scans.update(found)
         holding = self._holding
-        # Scanner 0 finds tags: it runs first so later scanners see them blanked out.
-        for index in sorted(scans | holding.keys()):
+        # Scanner 0 finds tags: it runs first so later scanners see them blanked out (and
+        # rescan what a new tag changed, see `_protect`).
+        if 0 in scans or 0 in holding:
+            self._scan(0, holding.pop(0, start), final=False)
+            pending = holding.get(0)
+            if pending is not None and pending != self._rescanned_at:
+                self._rescan_before(pending)
+        for index in sorted((scans | holding.keys()) - {0}):
             self._scan(index, holding.pop(index, start), final=False)
+        if self._two_views:
+            holding = self._bracket_holding
+            for index in sorted((scans | holding.keys()) - {0}):
+                self._scan(index, holding.pop(index, start), final=False, view=1)
         return self._release(final=False)
 
     def flush(self) -> str:
@@ -557,9 +689,12 @@ class StreamRedactor:
         holding = self._holding
         for index in sorted(holding):
             self._scan(index, holding.pop(index), final=True)
+        holding = self._bracket_holding
+        for index in sorted(holding):
+            self._scan(index, holding.pop(index), final=True, view=1)
         return self._release(final=True)
 
-    def _scan(self, index: int, pos: int, *, final: bool) -> None:
+    def _scan(self, index: int, pos: int, *, final: bool, view: int = 0) -> None:
         """Record the scanner's decided matches from `pos`; remember where it must hold.
 
         A complete match is decided once it ends before the end of the buffer and no match
@@ -568,8 +703,14 @@ class StreamRedactor:
         prefers a later complete match to an earlier partial one.
         """
         scanner = self._scanners[index]
-        buf = self._scan_buf
+        buf = self._bracket_buf if view else self._scan_buf
+        holding = self._bracket_holding if view else self._holding
         size = len(buf)
+        pending = None if final or index == 0 else self._holding.get(0)
+        if pending is not None and pending < size:
+            # What may become a tag reads as one already (decisions wait for it to end).
+            rest = _FILLER * (size - pending)
+            buf = buf[:pending] + ("[" + rest[1:] if view else rest)
         while pos <= size:
             match = scanner.pattern.search(buf, pos)
             if not final:
@@ -582,25 +723,53 @@ class StreamRedactor:
                 elif match is not None:
                     hold = None  # the match is decided; holds after it are found next round
                 if hold is not None:
-                    self._holding[index] = hold
+                    holding[index] = hold
                     return
             if match is None:
                 return
             start, end = match.span()
             if scanner.rule is None and scanner.literals is None:
-                self._protected.append((start, end))
-                self._scan_buf = buf = buf[:start] + _FILLER * (end - start) + buf[end:]
+                self._protect(start, end)
+                buf = self._scan_buf
             else:
-                found = scanner.finding(match)
+                found = scanner.finding(match, self._protected)
                 if found is not None and found.end > self._emit:
                     if found.start < self._emit:  # only after an overflow: the head is out
                         found = _Finding(self._emit, found.neg_end, found.order, found.rule_id)
-                    self._findings.append(found)
+                    if not _overlaps_any(found, self._protected):
+                        self._findings.append(found)
+                    elif scanner.rule is not None:
+                        self._findings += _clipped(
+                            found, scanner.rule, self._buf, self._protected, confirm=not view
+                        )
             pos = end if end > start else start + 1
+
+    def _rescan_before(self, start: int) -> None:
+        """A tag starts (or may start) at `start`: it changes how the text before it reads (a
+        value running into it), so every rule looks again from where a match reaching it could
+        start, in both readings; the first tag starts the second reading, holding where the
+        first one holds (the readings were the same until then)."""
+        if not self._two_views:
+            self._two_views = True
+            self._bracket_holding = {i: p for i, p in self._holding.items() if i != 0}
+        again = max(0, start - CONTEXT_CHARS)
+        for holding in (self._holding, self._bracket_holding):
+            for index in range(1, len(self._scanners)):
+                holding[index] = min(holding.get(index, again), again)
+        self._rescanned_at = start
+
+    def _protect(self, start: int, end: int) -> None:
+        """A tag found at [start, end): blanked in both readings."""
+        if start != self._rescanned_at:
+            self._rescan_before(start)
+        self._protected.append((start, end))
+        self._scan_buf = _neutralize(self._scan_buf, [(start, end)])
+        self._bracket_buf = _neutralize(self._bracket_buf, [(start, end)], bracketed=True)
 
     def _release(self, *, final: bool) -> str:
         size = len(self._buf)
-        point = size if final else min(self._holding.values(), default=size)
+        holds = [*self._holding.values(), *self._bracket_holding.values()]
+        point = size if final else min(holds, default=size)
         spans = [(f.start, f.end) for f in self._findings] + self._protected
         moved = True
         while moved:  # a span crossing the release point waits, with everything it touches
@@ -620,7 +789,7 @@ class StreamRedactor:
             self._protected = [p for p in self._protected if p[1] > point]
             self._emit = point
         if not final and size - point > self._max_hold:
-            out += self._overflow(point, min(self._holding.values(), default=point))
+            out += self._overflow(point, min(holds, default=point))
         self._trim()
         return out
 
@@ -637,21 +806,32 @@ class StreamRedactor:
         end = max(point, restart + min(_OVERFLOW_SEED, self._max_hold // 2))
         self._buf = self._buf[:end]
         self._scan_buf = self._scan_buf[:end]
+        self._bracket_buf = self._bracket_buf[:end]
         self._emit = end
         self._findings = []
         self._protected = [p for p in self._protected if p[1] <= point]
         self._holding = dict.fromkeys(range(len(self._scanners)), restart)
+        if self._two_views:
+            self._bracket_holding = dict.fromkeys(range(1, len(self._scanners)), restart)
         return tag
 
     def _trim(self) -> None:
-        anchors = [self._emit, *self._holding.values(), *(f.start for f in self._findings)]
+        anchors = [
+            self._emit,
+            *self._holding.values(),
+            *self._bracket_holding.values(),
+            *(f.start for f in self._findings),
+        ]
         cut = min(anchors) - CONTEXT_CHARS
         if cut <= 0:
             return
         self._buf = self._buf[cut:]
         self._scan_buf = self._scan_buf[cut:]
+        self._bracket_buf = self._bracket_buf[cut:]
         self._emit -= cut
         self._holding = {i: p - cut for i, p in self._holding.items()}
+        self._rescanned_at -= cut
+        self._bracket_holding = {i: p - cut for i, p in self._bracket_holding.items()}
         self._findings = [
             _Finding(f.start - cut, f.neg_end + cut, f.order, f.rule_id) for f in self._findings
         ]
