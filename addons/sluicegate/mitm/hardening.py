@@ -12,6 +12,11 @@ that fails authentication, keeps the raw bytes mitmproxy quotes in protocol erro
 pages, logs and recordings (`protocol_errors`), and caps request and response heads
 (`gateway.max_header_bytes`, `max_headers`: 431 `headers_too_large`), also while mitmproxy is
 still reading them (`head_limits`).
+
+Every answer names its request: allowed ones get `x-sluicegate-request-id` here (the gateway's
+own answers have it from `guard.answer`), and mitmproxy's own error answers (upstream unreachable,
+TLS verify failed, malformed upstream answers) become the gateway's JSON errors
+(`error_answers`).
 """
 
 from __future__ import annotations
@@ -22,9 +27,9 @@ from typing import Any
 
 from mitmproxy import ctx, http
 
-from sluicegate.mitm import guard
+from sluicegate.mitm import flowstate, guard
 from sluicegate.mitm.base import GatewayAddon, _report_once
-from sluicegate.mitmcompat import dispatch_cache, head_limits, protocol_errors
+from sluicegate.mitmcompat import dispatch_cache, error_answers, head_limits, protocol_errors
 
 logger = logging.getLogger("sluicegate.hardening")
 
@@ -72,6 +77,8 @@ class ProxyHardening(GatewayAddon):
         protocol_errors.install()
         head_limits.install()
         dispatch_cache.install()
+        error_answers.install()
+        error_answers.responder = error_answer
 
     def configure(self, updated: Set[str]) -> None:
         super().configure(updated)
@@ -110,6 +117,17 @@ class ProxyHardening(GatewayAddon):
         """Refuse heads over the limits before any addon parses them."""
         self._check_head(flow)
 
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Allowed answers carry the request id too (the agent quotes it to an operator)."""
+        if flow.response is not None:
+            flow.response.headers[guard.REQUEST_ID_HEADER] = flowstate.state(flow).request_id
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        # Answers set without a head from upstream (a later addon's own) keep theirs; this only
+        # fills in what is missing.
+        if flow.response is not None and guard.REQUEST_ID_HEADER not in flow.response.headers:
+            flow.response.headers[guard.REQUEST_ID_HEADER] = flowstate.state(flow).request_id
+
     def _check_head(self, flow: http.HTTPFlow) -> None:
         assert self.config is not None  # the guard refuses while unconfigured
         limits = self.config.gateway
@@ -119,3 +137,17 @@ class ProxyHardening(GatewayAddon):
         size += sum(len(name) + len(value) + 4 for name, value in fields)
         if size > limits.max_header_bytes or len(fields) > limits.max_headers:
             raise guard.GatewayRefusal(431, head_limits.CODE, head_limits.MESSAGE)
+
+
+def error_answer(flow: http.HTTPFlow, status: int, message: str) -> http.Response | None:
+    """The JSON error mitmproxy's own error answer becomes (see mitmcompat/error_answers)."""
+    status, code, text = error_answers.classify(status, message)
+    logger.info(
+        "sluicegate: %s (%s) [request %s]: %s",
+        code,
+        status,
+        flowstate.state(flow).request_id,
+        message,
+    )
+    guard.answer(flow, status, code, text)
+    return flow.response
