@@ -20,8 +20,9 @@ script is unloaded):
 Internals touched (contract-tested in tests/unit/test_mitmcompat.py): `HttpStream.
 handle_protocol_error(self, event)` is a command generator with `self.flow` and
 `self.context.client`, yielding `SendHttp(ResponseProtocolError, client)`; the HTTP event classes'
-constructors; `_http1.make_error_response(status_code, message) -> bytes` looked up as a module
-global by `Http1Server`.
+constructors; `ResponseProtocolError.code` (an int on 11.0.x, an `ErrorCode` with
+`http_status_code()` on 12.x); `_http1.make_error_response(status_code, message) -> bytes` looked
+up as a module global by `Http1Server`.
 """
 
 from __future__ import annotations
@@ -111,6 +112,14 @@ def _make_error_response(status_code: int, message: str = "") -> bytes:
     return bytes(http1.assemble_response(response))
 
 
+def http_status(code: Any) -> int | None:
+    """The HTTP status of a protocol error's code: an int on 11.0.x (NO_RESPONSE: none), an
+    `ErrorCode` with `http_status_code()` on 12.x (None: nothing is sent)."""
+    if isinstance(code, int):
+        return None if code == status_codes.NO_RESPONSE else code
+    return code.http_status_code()
+
+
 def _wrap(handle: Callable[..., Generator[Any, Any, Any]]) -> Callable[..., Any]:
     @functools.wraps(handle)
     def handle_protocol_error(self: Any, event: Any) -> Generator[Any, Any, Any]:
@@ -142,14 +151,16 @@ def _replacement(stream: Any, command: Any) -> list[Any] | None:
     if (
         not isinstance(event, _events.ResponseProtocolError)
         or command.connection is not stream.context.client
-        or event.code == status_codes.NO_RESPONSE
     ):
         return None
+    status = http_status(event.code)
+    if status is None:
+        return None  # mitmproxy sends nothing (a killed flow, a client gone)
     flow = stream.flow
     if flow.response is not None and flow.response.stream:
         return None  # streamed: the head is out, the client gets a cut stream
     try:
-        response = responder(flow, event.code, event.message)
+        response = responder(flow, status, event.message)
     except Exception:
         logger.exception("sluicegate: error answer failed; mitmproxy's own is sent")
         return None
