@@ -30,7 +30,7 @@ from mitmproxy.net import encoding
 import sluicegate
 from sluicegate.mitm import flowstate
 from sluicegate.recording import tnetstring
-from sluicegate.recording.facts import decision, rules_fired  # re-exported
+from sluicegate.recording.facts import comment, decision, mark, rules_fired  # re-exported
 from sluicegate.recording.sealing import ALGORITHM, Sealer
 
 ANONYMOUS = "anonymous"
@@ -376,6 +376,11 @@ def snapshot(
     recorded_at = time.time() if now is None else now
     sg["recording"] = {"event": event, "recorded_at": recorded_at, "notes": notes, "errors": errors}
     state["metadata"] = meta
+    # What stock mitmweb shows of a flow besides method, path and status: who did what.
+    errored = state.get("error") is not None
+    said = comment(sg, errored)
+    state["comment"] = f"{said}\n{state['comment']}" if state.get("comment") else said
+    state["marked"] = mark(decision(sg, errored)) or state.get("marked", "")
 
     record = tnetstring.dumps(state, known)
     if _holds_literal(record, pairs):
