@@ -795,7 +795,8 @@ DEFAULT_MASKED_HEADERS = (
 class RecordingSection:
     directory: Path = setting(
         doc="Where session files go: `<identity>/<start>-<pid>-<rand>.mitm` plus a `.chain` "
-        "sidecar each. Created (mode 0700) if missing. One gateway process per directory."
+        "sidecar each. Created (mode 0700) if missing. One gateway process per directory: a "
+        "second one refuses to start (a lock, `.gateway.lock`)."
     )
     signing_key: SecretRef = setting(
         doc="Ed25519 private key (PEM) that signs the hash chain of every session. Generate one "
