@@ -12,7 +12,9 @@ The order is fixed and matters (mitmproxy calls each hook on addons in list orde
 6. StreamRedaction      redact text/event-stream responses while they stream
 7. WebSockets           refuse WebSocket upgrades unless the route allows them; redact messages
 8. CredentialInjection  inject the hidden credential last; conceal it once the request has left
-9. Recorder             LAST: write every finished flow (as the agent saw it, secrets masked)
+9. Recorder             write every finished flow (as the agent saw it, secrets masked); the last
+                        addon that may change a flow
+10. Monitoring          observes only: metrics, health and readiness, JSON logs, audit push
 
 The addons are thin adapters (addons/sluicegate/mitm/) over engines that import no mitmproxy;
 they depend on each other's per-flow state, so they run as this chain, not one by one.
@@ -21,6 +23,7 @@ they depend on each other's per-flow state, so they run as this chain, not one b
 from sluicegate.mitm.auth import CallerAuth
 from sluicegate.mitm.credentials import CredentialInjection
 from sluicegate.mitm.hardening import ProxyHardening
+from sluicegate.mitm.monitoring import Monitoring
 from sluicegate.mitm.policy import Policy
 from sluicegate.mitm.recorder import Recorder
 from sluicegate.mitm.redaction import Redaction
@@ -37,5 +40,6 @@ addons = [
     StreamRedaction(),
     WebSockets(),
     CredentialInjection(),
-    Recorder(),  # keep last
+    Recorder(),  # last of the addons that act on flows
+    Monitoring(),  # observes finished flows only
 ]

@@ -30,7 +30,13 @@ from mitmproxy.net import encoding
 import sluicegate
 from sluicegate.mitm import flowstate
 from sluicegate.recording import tnetstring
-from sluicegate.recording.facts import comment, decision, mark, rules_fired  # re-exported
+from sluicegate.recording.facts import (  # re-exported
+    comment,
+    decided_by,
+    decision,
+    mark,
+    rules_fired,
+)
 from sluicegate.recording.sealing import ALGORITHM, Sealer
 
 ANONYMOUS = "anonymous"
@@ -426,6 +432,7 @@ def audit_entry(snap: Snapshot, session: str, index: int) -> dict[str, Any]:
         "rules": rules_fired(sg),
         "decision": decision(sg, error is not None),
         "refusal": refusal.get("code") if isinstance(refusal, dict) else None,
+        **decided_by(sg),
         "error": error["msg"] if error else None,
         "duration_ms": timings.get("total_ms") if isinstance(timings, dict) else None,
         "event": sg["recording"]["event"],

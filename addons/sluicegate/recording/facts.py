@@ -133,3 +133,28 @@ def comment(sg: dict[str, Any], errored: bool) -> str:
         parts.append(f"request {sg['request_id']}")
     text = "sluicegate: " + "; ".join(parts)
     return text if len(text) <= MAX_COMMENT else text[: MAX_COMMENT - 3] + "..."
+
+
+def decided_by(sg: dict[str, Any]) -> dict[str, Any]:
+    """The policy rule that acted on the flow, who approved or denied it and why (audit-line
+    fields `policy_rule`, `approval`, `approver`, `approval_reason`; None when nobody did)."""
+    rule = approver = reason = outcome = None
+    policy = sg.get("policy")
+    if isinstance(policy, dict):
+        for phase in ("request", "response"):
+            facts = policy.get(phase)
+            if not isinstance(facts, dict) or facts.get("action") in (None, "allow"):
+                continue
+            rule = rule or facts.get("rule")
+            approval = facts.get("approval")
+            if isinstance(approval, dict) and approval.get("outcome") and outcome is None:
+                outcome = approval.get("outcome")
+                approver, reason = approval.get("by"), approval.get("reason")
+        if rule is None and isinstance(policy.get("rule"), str):
+            rule = policy["rule"]
+    return {
+        "policy_rule": rule,
+        "approval": outcome,
+        "approver": approver,
+        "approval_reason": reason,
+    }
