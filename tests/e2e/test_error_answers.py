@@ -142,3 +142,30 @@ def test_an_unparseable_request_head_gets_a_json_400(gateway: Gateway) -> None:
     error = json.loads(body)["error"]
     assert error["code"] == "bad_request" and error["type"] == "sluicegate_error"
     assert f"x-sluicegate-request-id: {error['request_id']}".encode() in head.lower()
+
+
+def test_the_gateway_used_as_a_base_url_explains_itself(gateway: Gateway) -> None:
+    """OPENAI_BASE_URL=http://gateway:port/v1 by mistake: the request is for the gateway itself."""
+    for host in ("127.0.0.1", "localhost"):
+        response = httpx.post(
+            f"http://{host}:{gateway.port}/v1/chat/completions",
+            json={"messages": []},
+            headers={"authorization": "Bearer sk-placeholder"},
+        )
+        assert_gateway_error(response, 400, "not_a_proxy_request")
+        message = response.json()["error"]["message"]
+        assert "HTTPS_PROXY=http://agent:<token>@" in message and "agent-env" in message
+
+
+def test_a_local_service_refused_gets_a_no_proxy_hint(gateway: Gateway, token: str) -> None:
+    with gateway.client(token) as client:
+        internal = client.get(f"http://localhost:{closed_port()}/health")
+        local = client.get("http://db.internal:5432/health")
+        public = client.get("http://example.com/")
+    # unrouted: deny refuses it before its address is looked at; both refusals carry the hint
+    assert_gateway_error(internal, 403, "egress_denied")
+    assert "add localhost to NO_PROXY" in internal.json()["error"]["message"]
+    assert_gateway_error(local, 403, "egress_denied")
+    assert "add db.internal to NO_PROXY" in local.json()["error"]["message"]
+    assert_gateway_error(public, 403, "egress_denied")
+    assert "NO_PROXY" not in public.json()["error"]["message"]  # no such hint for the internet

@@ -22,6 +22,7 @@ TLS verify failed, malformed upstream answers) become the gateway's JSON errors
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Set
 from typing import Any
 
@@ -34,6 +35,12 @@ from sluicegate.mitmcompat import dispatch_cache, error_answers, head_limits, pr
 logger = logging.getLogger("sluicegate.hardening")
 
 BODY_LIMIT_MARGIN = 64 * 1024
+NOT_A_BASE_URL = (
+    "This is sluicegate, an HTTPS proxy: requests go through it, not to it. Keep the SDK's own "
+    "base URL (e.g. https://api.openai.com/v1) and set HTTPS_PROXY=http://agent:<token>@"
+    "<this gateway> and its CA (`python -m sluicegate agent-env` prints the environment)."
+)
+_SELF_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "0.0.0.0", "::"})
 
 
 def unsafe_options() -> list[str]:
@@ -114,8 +121,11 @@ class ProxyHardening(GatewayAddon):
 
     @guard.fail_closed("gateway_error")
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        """Refuse heads over the limits before any addon parses them."""
+        """Refuse heads over the limits before any addon parses them; explain a request sent to
+        the gateway itself (its address used as an SDK's base URL)."""
         self._check_head(flow)
+        if addressed_to_gateway(flow):
+            raise guard.GatewayRefusal(400, "not_a_proxy_request", NOT_A_BASE_URL)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """Allowed answers carry the request id too (the agent quotes it to an operator)."""
@@ -151,3 +161,18 @@ def error_answer(flow: http.HTTPFlow, status: int, message: str) -> http.Respons
     )
     guard.answer(flow, status, code, text)
     return flow.response
+
+
+def addressed_to_gateway(flow: http.HTTPFlow) -> bool:
+    """A plain request (not in a CONNECT tunnel) for the address the gateway listens on: the
+    gateway's URL was given to an SDK as its base URL instead of as its proxy."""
+    if flow.client_conn.tls_established:
+        return False
+    sockname = flow.client_conn.sockname
+    if not sockname or flow.request.port != sockname[1]:
+        return False
+    host = flow.request.host.strip("[]").lower()
+    return host == str(sockname[0]).lower() or host in _SELF_NAMES or host == _HOSTNAME
+
+
+_HOSTNAME = socket.gethostname().lower()
