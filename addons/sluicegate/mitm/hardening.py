@@ -22,8 +22,11 @@ TLS verify failed, malformed upstream answers) become the gateway's JSON errors
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import time
 from collections.abc import Set
+from pathlib import Path
 from typing import Any
 
 from mitmproxy import ctx, http
@@ -113,6 +116,25 @@ class ProxyHardening(GatewayAddon):
     def running(self) -> None:
         # Unknown --set names are only known once every addon has declared its options.
         self.configure(set())
+        self._check_ca()
+
+    def _check_ca(self) -> None:
+        """A confdir without a CA makes mitmproxy mint a new one at start-up, which no agent
+        trusts: a mistyped `--set confdir` looks like a working gateway whose every TLS
+        handshake fails. Refused in production, a warning in development."""
+        confdir = Path(ctx.options.confdir).expanduser()
+        if not ca_minted_at_startup(confdir):
+            return
+        message = (
+            f"confdir {confdir} had no CA, so mitmproxy has just created a new one that no agent "
+            "trusts (a mistyped --set confdir?). Point confdir at the gateway's CA, or create "
+            "one on purpose first: python -m sluicegate ca init --confdir DIR"
+        )
+        if self.config is not None and self.config.gateway.environment == "production":
+            _report_once("ca", message)
+            self.config = None
+        else:
+            logger.warning("sluicegate: %s", message)
 
     @guard.fail_closed("gateway_error")
     def http_connect(self, flow: http.HTTPFlow) -> None:
@@ -176,3 +198,27 @@ def addressed_to_gateway(flow: http.HTTPFlow) -> bool:
 
 
 _HOSTNAME = socket.gethostname().lower()
+
+
+CA_FILE = "mitmproxy-ca.pem"
+
+
+def process_started() -> float | None:
+    """When this process started (Linux /proc), or None where that cannot be read. Measured on
+    the boot-time clock /proc uses, so clock adjustments since boot do not shift it."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # starttime: field 22 of stat, clock ticks after boot
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return time.time() - age
+
+
+def ca_minted_at_startup(confdir: Path) -> bool:
+    started = process_started()
+    try:
+        written = (confdir / CA_FILE).stat().st_mtime
+    except OSError:
+        return False
+    return started is not None and written >= started
