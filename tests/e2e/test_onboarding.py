@@ -318,6 +318,15 @@ def test_doctor_passes_on_the_onboarded_host(
     assert onboarding.token not in done.stdout + done.stderr
 
 
+def passes_but_for_node(done: subprocess.CompletedProcess[str]) -> bool:
+    """doctor found nothing wrong, except a Node before 24 that ignores HTTPS_PROXY anyway."""
+    failed = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("FAIL")]
+    bypassing_node = (node_major() or 24) < 24
+    return failed == (["node-proxy"] if bypassing_node else []) and done.returncode == int(
+        bypassing_node
+    )
+
+
 def node_major() -> int | None:
     node = shutil.which("node")
     if node is None:
@@ -484,11 +493,11 @@ def test_ca_rotation_keeps_agents_working(
         return doctor(env, upstream)
 
     with start(tmp_path / "gw", onboarding.config, pki) as old:
-        assert doctor_against(old).returncode == 0
+        assert passes_but_for_node(doctor_against(old))
     ok(sluicegate("ca", "rotate", "activate", "--confdir", str(confdir)))
     with start(tmp_path / "gw", onboarding.config, pki) as new:
         done = doctor_against(new)
-        assert done.returncode == 0, done.stdout
+        assert passes_but_for_node(done), done.stdout
         # Before the bundle was distributed, an agent that only knew the old CA would fail:
         old_only = tmp_path / "old-only.pem"
         retired = next((confdir / "retired").iterdir())
