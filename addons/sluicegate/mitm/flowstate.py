@@ -105,6 +105,8 @@ class FlowState:
     websocket: WebSocketChannel | None = None
     # Recorder: where the flow was written (written once).
     recorded: Receipt | None = None
+    # Monitoring: counted in the metrics (and logged) once.
+    monitored: bool = False
     # The dict `publish` last put into flow.metadata (`record` updates it in place).
     published: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
 

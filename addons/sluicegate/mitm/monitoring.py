@@ -37,7 +37,6 @@ from sluicegate.recording.store import RecordingUnavailable
 logger = logging.getLogger("sluicegate.monitoring")
 
 RECORDER = "sluicegate-recorder"
-SEEN = "monitoring.seen"
 GATEWAY_LOGGER = "sluicegate"
 
 
@@ -241,9 +240,9 @@ class Monitoring(GatewayAddon):
     def _observe(self, flow: http.HTTPFlow) -> None:
         try:
             st = flowstate.state(flow)
-            if st.private.get(SEEN):
+            if st.monitored:
                 return
-            st.private[SEEN] = True
+            st.monitored = True
             sg = flow.metadata.get("sluicegate")
             sg = dict(sg) if isinstance(sg, dict) else {"request_id": st.request_id}
             errored = flow.error is not None
