@@ -13,7 +13,9 @@ The order is fixed and matters (mitmproxy calls each hook on addons in list orde
 7. WebSockets           refuse WebSocket upgrades unless the route allows them; redact messages
 8. MessageParts         path, headers, cookies, trailers, reason phrase; upgrades, transfer codings
 9. CredentialInjection  inject the hidden credential last; conceal it once the request has left
-10. Recorder            LAST: write every finished flow (as the agent saw it, secrets masked)
+10. Recorder            write every finished flow (as the agent saw it, secrets masked); the last
+                        addon that may change a flow
+11. Monitoring          observes only: metrics, health and readiness, JSON logs, audit push
 
 The addons are thin adapters (addons/sluicegate/mitm/) over engines that import no mitmproxy;
 they depend on each other's per-flow state, so they run as this chain, not one by one.
@@ -22,6 +24,7 @@ they depend on each other's per-flow state, so they run as this chain, not one b
 from sluicegate.mitm.auth import CallerAuth
 from sluicegate.mitm.credentials import CredentialInjection
 from sluicegate.mitm.hardening import ProxyHardening
+from sluicegate.mitm.monitoring import Monitoring
 from sluicegate.mitm.parts import MessageParts
 from sluicegate.mitm.policy import Policy
 from sluicegate.mitm.recorder import Recorder
@@ -40,5 +43,6 @@ addons = [
     WebSockets(),
     MessageParts(),
     CredentialInjection(),
-    Recorder(),  # keep last
+    Recorder(),  # last of the addons that act on flows
+    Monitoring(),  # observes finished flows only
 ]

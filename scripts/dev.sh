@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # sluicegate developer entry point (see README).
 #
-#   scripts/dev.sh run     set up, then run the gateway on the embedded default (127.0.0.1:8080)
+#   scripts/dev.sh run [--port PORT] [--config FILE] [--no-install]
+#                          set up, then run the gateway on the embedded default (127.0.0.1:8080),
+#                          with the demo upstream (`python -m sluicegate demo`) on 127.0.0.1:8791
 #   scripts/dev.sh test    set up a test environment (and the MCP SDK's, $VENV-mcp): ruff, mypy,
 #                          the whole test suite, then scripts/adversarial_smoke.py
 #   scripts/dev.sh setup   only set up: virtualenv, install, local dev CA / signing key under certs/
 #
+# run options: --port (default 8080, or SLUICEGATE_PORT), --config (default config/dev.yaml, or
+# SLUICEGATE_CONFIG; relative to the checkout), --no-install (use VENV as it is, e.g. another
+# checkout's: this checkout's package is used through PYTHONPATH).
 # Environment: PYTHON (default python3; 3.11 gets mitmproxy 11.0.2, 3.12+ gets mitmproxy 12),
-# VENV (default .venv), SLUICEGATE_PORT (default 8080), SLUICEGATE_CONFIG (default config/dev.yaml).
+# VENV (default .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -15,9 +20,16 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 PORT=${SLUICEGATE_PORT:-8080}
 CONFIG=${SLUICEGATE_CONFIG:-config/dev.yaml}
+INSTALL=1
+# This checkout's package first, whichever venv runs it.
+export PYTHONPATH="$REPO/addons${PYTHONPATH:+:$PYTHONPATH}"
 
 venv() {
     local extras=$1
+    if [ "$INSTALL" = 0 ]; then
+        [ -x "$VENV/bin/mitmdump" ] || { echo "error: --no-install: no mitmdump in $VENV" >&2; exit 2; }
+        return 0
+    fi
     if [ ! -x "$VENV/bin/python" ]; then
         echo "==> creating $VENV with $("$PYTHON" --version 2>&1)"
         "$PYTHON" -m venv "$VENV"
@@ -40,6 +52,19 @@ setup() {
 }
 
 run() {
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --port) PORT=${2:?--port needs a value}; shift 2 ;;
+            --port=*) PORT=${1#--port=}; shift ;;
+            --config) CONFIG=${2:?--config needs a value}; shift 2 ;;
+            --config=*) CONFIG=${1#--config=}; shift ;;
+            --no-install) INSTALL=0; shift ;;
+            *) echo "usage: scripts/dev.sh run [--port PORT] [--config FILE] [--no-install]" >&2; exit 2 ;;
+        esac
+    done
+    case "$PORT" in ''|*[!0-9]*) echo "error: --port must be a number" >&2; exit 2 ;; esac
+    case "$CONFIG" in /*) ;; *) CONFIG="$REPO/$CONFIG" ;; esac
+    [ -f "$CONFIG" ] || { echo "error: no config file $CONFIG" >&2; exit 2; }
     setup ""
     local py="$VENV/bin/python" agent="$REPO/certs/agent"
     # The agent side of README "Onboarding an agent host", for this machine: a dev token, the CA
@@ -50,12 +75,15 @@ run() {
     "$py" -m sluicegate ca export --confdir "$REPO/certs/mitmproxy" --out "$agent/gateway-ca.pem"
     "$py" -m sluicegate agent-env --proxy "127.0.0.1:$PORT" --token-file "$agent/token" \
         --ca "$agent/gateway-ca.pem" --out "$agent/agent.env"
+    local demo_config=""
+    [ "$CONFIG" = "$REPO/config/dev.yaml" ] || demo_config=" --config $CONFIG"
     cat <<MSG
 
 sluicegate is starting on 127.0.0.1:$PORT with $CONFIG.
 On an agent host (here), in the agent's shell:
 
   . $agent/agent.env
+  $py -m sluicegate demo$demo_config      # a round trip through the gateway, with fake secrets
   $py -m sluicegate doctor
 
 agent.env holds a 12-hour dev token for group 'agents' (certs/agent/token). Mint another:
@@ -63,11 +91,16 @@ agent.env holds a 12-hour dev token for group 'agents' (certs/agent/token). Mint
 Upstream keys the gateway injects live in certs/secrets/ (never give them to the agent).
 
 MSG
+    # demo.py (the demo upstream, dev only) loads first: its option must exist when the chain
+    # checks that every sluicegate_* option is known.
     exec "$VENV/bin/mitmdump" \
         --listen-host 127.0.0.1 --listen-port "$PORT" \
         --set confdir="$REPO/certs/mitmproxy" \
+        -s "$REPO/addons/demo.py" \
+        --set sluicegate_demo="$REPO/certs/demo" \
         -s "$REPO/addons/gateway.py" \
-        --set sluicegate_config="$REPO/$CONFIG"
+        --set sluicegate_config="$CONFIG" \
+        --set ssl_verify_upstream_trusted_ca="$REPO/certs/demo/upstream-trust.pem"
 }
 
 # Tests run real redis-server processes (shared state of several replicas): install it when
@@ -126,7 +159,7 @@ test_suite() {
 }
 
 case "${1:-run}" in
-    run) shift || true; run ;;
+    run) shift || true; run "$@" ;;
     test) shift; test_suite "$@" ;;
     setup) setup "" ;;
     *) echo "usage: scripts/dev.sh [run|test|setup]" >&2; exit 2 ;;

@@ -19,6 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "sluicegate.cli.config_reference",
         "print the config reference (Markdown), generated from the schema",
     ),
+    "demo": (
+        "sluicegate.cli.demo",
+        "send fake secrets through the dev gateway to its demo upstream and show what happened",
+    ),
     "doctor": ("sluicegate.cli.doctor", "check an agent host: proxy, CA trust, token, bypass"),
     "mint-token": ("sluicegate.cli.mint_token", "mint a caller token with the dev key (dev only)"),
     "redact": ("sluicegate.cli.redact", "redact a body or JSON-lines file with the rule pack"),

@@ -197,7 +197,7 @@ def test_dns_rebinding_between_check_and_connect_does_not_reach_the_loopback(
     """The first answer (a public address) passes the early check; the connection's own lookup
     answers 127.0.0.1, and that is the address judged and connected to: refused."""
     response = plain_get(egress_gateway, token, f"http://rebind.test:{local_service.port}/echo")
-    assert response.status_code == 502
+    assert (response.status_code, code(response)) == (403, "egress_internal")
     assert local_service.received == []
     logs = egress_gateway.settled_logs()
     assert "egress refused: rebind.test" in logs

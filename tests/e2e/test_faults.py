@@ -366,8 +366,12 @@ def test_a_broken_buffered_answer_is_a_clear_error_without_any_of_it(
     with gateway.client(token) as client:
         response = client.post(raw.url(f"/{fault}"), json={})
     assert response.status_code == 502
+    error = response.json()["error"]  # our JSON error, never mitmproxy's HTML page
+    assert error["request_id"] == response.headers["x-sluicegate-request-id"]
     if fault == "truncated-gzip":
-        assert response.json()["error"]["code"] == "content_decode_failed"
+        assert error["code"] == "content_decode_failed"
+    else:
+        assert error["code"] in ("upstream_closed", "upstream_protocol_error"), error
     (flow,) = recorded_flows(gateway, f"/{fault}")
     assert flow.error is not None or flow.response.status_code == 502
     assert_clean(gateway, response.text, token=token)
@@ -485,6 +489,7 @@ def test_an_endless_upstream_response_head_is_a_502(
     with gateway.client(token) as client:
         response = client.get(raw.url("/endless-head"))
     assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_protocol_error"
     recorded_flows(gateway, "/endless-head")
 
 

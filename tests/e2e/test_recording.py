@@ -320,6 +320,33 @@ def test_client_replay_resends_the_recorded_requests_without_secrets(
         assert UPSTREAM_KEY.encode() not in got.raw()
 
 
+def test_mitmweb_shows_who_did_what_in_every_recorded_flow(recorded: Recorded) -> None:
+    """Stock mitmweb shows a flow's comment and mark: caller, route, decision, the refusal and
+    redaction counts are there, refusals are marked, and no value is."""
+    flows = recorded.flows()
+    assert flows and all(f.comment.startswith("sluicegate: ") for f in flows)
+    for flow in flows:
+        assert flow.metadata["sluicegate"]["request_id"] in flow.comment
+        assert recorded.token not in flow.comment and UPSTREAM_KEY not in flow.comment
+    chat = next(f for f in flows if f.request.path == "/v1/chat/completions")
+    assert chat.comment.startswith("sluicegate: alice@example.com (agents) via openai: allowed")
+    assert "redacted in request: " in chat.comment and "password x1" in chat.comment
+    assert chat.marked == ""
+    (refused,) = [f for f in flows if f.response and f.response.status_code == 407]
+    assert refused.marked == ":no_entry:"
+    assert "anonymous via no route: refused; 407 malformed" in refused.comment
+
+
+def test_cli_flows_print_the_refusal_reason_and_iso_times(recorded: Recorded) -> None:
+    out = sessions_cli("flows", "--dir", str(recorded.directory), "--decision", "refused").stdout
+    lines = out.splitlines()
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", lines[1]), lines
+    assert "reason: malformed" in out
+    rows = sessions_cli("flows", "--dir", str(recorded.directory), "--json").stdout.splitlines()
+    reasons = {json.loads(r)["reason"] for r in rows}
+    assert None in reasons and any(r and r.startswith("malformed") for r in reasons)
+
+
 def test_cli_lists_filters_shows_and_unseals(recorded: Recorded, keys: Keys) -> None:
     d = str(recorded.directory)
     listing = sessions_cli("list", "--dir", d, "--json")

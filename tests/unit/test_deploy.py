@@ -77,12 +77,17 @@ def test_deployment_is_hardened_and_bounded() -> None:
     assert security["capabilities"]["drop"] == ["ALL"]
     assert {"cpu", "memory"} <= gateway["resources"]["limits"].keys()
     assert {"cpu", "memory"} <= gateway["resources"]["requests"].keys()
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert gateway[probe]["tcpSocket"]["port"] == "proxy"
+    paths = {"startupProbe": "/healthz", "readinessProbe": "/readyz", "livenessProbe": "/healthz"}
+    for probe, path in paths.items():
+        assert gateway[probe]["httpGet"] == {"path": path, "port": "monitoring"}
+    ports = {p["name"]: p["containerPort"] for p in gateway["ports"]}
+    config = yaml.safe_load(one("ConfigMap")["data"]["sluicegate.yaml"])
+    assert config["monitoring"]["listen_host"] == "0.0.0.0"
+    assert ports["monitoring"] == config["monitoring"]["listen_port"]
 
 
 def test_service_reaches_the_proxy_port_over_tcp() -> None:
-    (port,) = container()["ports"]
+    (port,) = [p for p in container()["ports"] if p["name"] == "proxy"]
     (service_port,) = one("Service")["spec"]["ports"]
     assert port["name"] == service_port["targetPort"] == "proxy"
     assert service_port["protocol"] == port["protocol"] == "TCP"

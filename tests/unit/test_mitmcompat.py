@@ -23,6 +23,7 @@ from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook, _even
 from sluicegate import mitmcompat
 from sluicegate.mitmcompat import (
     dispatch_cache,
+    error_answers,
     head_limits,
     http1_protocol,
     protocol_errors,
@@ -367,3 +368,65 @@ def test_http1_trailers_are_read_by_read_body_and_never_written() -> None:
     server.stream_id = 1
     sent = list(_http1.Http1Server.send(server, _events.ResponseTrailers(1, http.Headers())))
     assert sent == []
+
+
+def test_flow_errors_reach_the_client_through_handle_protocol_error() -> None:
+    """error_answers wraps `HttpStream.handle_protocol_error(self, event)`, a command generator
+    that sends `SendHttp(ResponseProtocolError, self.context.client)`, and replaces that command
+    by a response made of ResponseHeaders / ResponseData / ResponseEndOfMessage."""
+    from mitmproxy.proxy.layers import http as http_layers
+
+    method = http_layers.HttpStream.handle_protocol_error
+    original = getattr(method, "__wrapped__", method)
+    assert inspect.isgeneratorfunction(original)
+    assert list(inspect.signature(original).parameters) == ["self", "event"]
+    source = inspect.getsource(original)
+    assert "yield SendHttp(event, self.context.client)" in source
+    # Connection failures (refused, TLS verification) come through it too.
+    assert "self.handle_protocol_error(" in inspect.getsource(
+        http_layers.HttpStream.make_server_connection
+    )
+    assert list(inspect.signature(_events.ResponseHeaders.__init__).parameters)[:4] == [
+        "self",
+        "stream_id",
+        "response",
+        "end_stream",
+    ]
+    assert list(inspect.signature(_events.ResponseData.__init__).parameters) == [
+        "self",
+        "stream_id",
+        "data",
+    ]
+    assert list(inspect.signature(http_layers.SendHttp.__init__).parameters)[:3] == [
+        "self",
+        "event",
+        "connection",
+    ]
+    error_answers.install()
+    assert getattr(http_layers.HttpStream.handle_protocol_error, error_answers._MARK, False)
+
+
+def test_http1_error_pages_come_from_the_module_level_make_error_response() -> None:
+    """error_answers replaces `_http1.make_error_response(status_code, message) -> bytes`, which
+    Http1Server looks up as a module global."""
+    source = inspect.getsource(_http1.Http1Server)
+    assert "make_error_response(event.code, event.message)" in source or (
+        "make_error_response(status, event.message)" in source  # 12.x
+    )
+    assert "make_error_response(400, str(e))" in source
+    error_answers.install()
+    raw = _http1.make_error_response(502, "Error connecting to x: refused")
+    assert raw.startswith(b"HTTP/1.1 502") and b'"code": "upstream_unreachable"' in raw
+
+
+def test_protocol_error_codes_tell_the_http_status() -> None:
+    """error_answers reads the status of a ResponseProtocolError's code (int or ErrorCode)."""
+    if hasattr(_events, "ErrorCode"):  # 12.x
+        assert error_answers.http_status(_events.ErrorCode.CONNECT_FAILED) == 502
+        assert error_answers.http_status(_events.ErrorCode.KILL) is None
+    else:
+        from mitmproxy.net.http import status_codes
+
+        assert _events.ResponseProtocolError(1, "x").code == 502
+        assert error_answers.http_status(status_codes.NO_RESPONSE) is None
+        assert error_answers.http_status(502) == 502

@@ -37,6 +37,12 @@ from sluicegate.cli.agenthost import (
 )
 
 NO_SYSTEM_CAS = "none"
+# SDKs refuse to start without an API key; the gateway injects the real one, so the agent gets a
+# placeholder (never a real key: whatever the agent sends in these headers is stripped).
+PLACEHOLDER_KEYS = {
+    "OPENAI_API_KEY": "sk-placeholder-the-gateway-injects-the-real-key",
+    "ANTHROPIC_API_KEY": "sk-ant-placeholder-the-gateway-injects-the-real-key",
+}
 
 
 def environment(proxy: Proxy, ca_file: Path, bundle_file: Path, no_proxy: str) -> dict[str, str]:
@@ -51,6 +57,8 @@ def environment(proxy: Proxy, ca_file: Path, bundle_file: Path, no_proxy: str) -
         "NO_PROXY": no_proxy,
         "no_proxy": no_proxy,
         "NODE_USE_ENV_PROXY": "1",
+        "GIT_HTTP_PROXY_AUTHMETHOD": "basic",
+        **PLACEHOLDER_KEYS,
     }
     env.update(dict.fromkeys(REPLACING_CA_VARS, str(bundle_file)))
     env.update(dict.fromkeys(ADDITIVE_CA_VARS, str(ca_file)))
@@ -79,6 +87,12 @@ def render(env: dict[str, str], fmt: str, system_source: str) -> str:
         "# Node.js >= 24 uses the proxy variables only with this set; older Node ignores them",
         "# (the agent needs its own proxy setting there).",
         line("NODE_USE_ENV_PROXY"),
+        "# git sends proxy credentials only after a 407 unless told to send them at once (its",
+        '# first CONNECT would fail with "could not read Username").',
+        line("GIT_HTTP_PROXY_AUTHMETHOD"),
+        "# Placeholders, NOT keys: SDKs want one set; the gateway strips it and injects the real",
+        "# key of the route (the agent never holds it).",
+        *(line(n) for n in PLACEHOLDER_KEYS),
         "# These REPLACE the trust store of OpenSSL-based tools, Python (ssl, requests, httpx),",
         f"# curl and git: a bundle of {system_source} plus the gateway CA.",
         *(line(n) for n in REPLACING_CA_VARS),

@@ -14,6 +14,9 @@ Checks, each with what to fix when it fails:
   trust-python  Python's default TLS context (SSL_CERT_FILE...) trusts the gateway
   trust:VAR   each CA variable that is set (REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE, ...) does too
   curl, node  the tool reaches the probe URL through the gateway / trusts it (skipped if absent)
+  node-proxy  Node's own fetch (the openai Node SDK's) goes through the gateway: Node < 24
+              ignores HTTPS_PROXY and would go straight to the API
+  git         git sends proxy credentials on its first CONNECT (GIT_HTTP_PROXY_AUTHMETHOD=basic)
   probe       a GET of the probe URL through the gateway is answered by the upstream
 
 The token comes from --token-file, else from the proxy URL's password (--proxy, HTTPS_PROXY); it
@@ -112,6 +115,25 @@ req.on('timeout', () => out({ok: false, code: 'TIMEOUT'}));
 req.on('error', (err) => out({ok: false, code: err.code || 'error'}));
 req.end();
 """
+
+# Does Node's own fetch (what the openai Node SDK uses) go through the gateway? Every answer the
+# gateway gives carries x-sluicegate-request-id; an answer without it, or a direct connection
+# error, means Node went around the proxy.
+NODE_FETCH_PROBE: Final = r"""
+const out = (o) => { process.stdout.write(JSON.stringify(o)); process.exit(0); };
+const version = process.versions.node;
+if (typeof fetch !== 'function') out({version, nofetch: true});
+const e = process.env, signal = AbortSignal.timeout(+e.SLUICEGATE_DOCTOR_TIMEOUT_MS);
+const why = (err) => (err.cause && (err.cause.code || err.cause.message)) || err.code || `${err}`;
+fetch(e.SLUICEGATE_DOCTOR_URL, {signal})
+  .then((r) => out({version, status: r.status, gateway: r.headers.has('x-sluicegate-request-id')}))
+  .catch((err) => out({version, error: why(err)}));
+"""
+NODE_TLS_ERRORS: Final = ("CERT", "SELF_SIGNED", "UNABLE_TO", "ERR_TLS")
+NODE_PROXY_FIX: Final = (
+    "Node reads HTTPS_PROXY only from version 24 on, with NODE_USE_ENV_PROXY=1 (agent-env sets "
+    "it): use Node 24+, or give the agent a proxy-aware fetch (README, 'Node.js agents')"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +274,8 @@ class Doctor:
         self._check_trust(proxy)
         self._check_curl(proxy)
         self._check_node(proxy)
+        self._check_node_proxy()
+        self._check_git()
         self._check_probe(proxy)
         return self.checks
 
@@ -267,7 +291,7 @@ class Doctor:
 
     def _skip_rest(self, reason: str) -> None:
         done = {c.name for c in self.checks}
-        for name in ("proxy", "token", "trust-python", "curl", "node", "probe"):
+        for name in ("proxy", "token", "trust-python", "curl", "node", "node-proxy", "probe"):
             if name not in done:
                 self.add(name, "skip", reason)
 
@@ -612,6 +636,90 @@ class Doctor:
                 "fail",
                 f"Node does not trust the gateway's CA: {result.get('code', '?')}",
                 "export NODE_EXTRA_CA_CERTS=<the gateway CA file> (read when node starts)",
+            )
+
+    def _check_node_proxy(self) -> None:
+        """Node before 24 ignores HTTPS_PROXY: its fetch (and the openai Node SDK) would go
+        straight to the API while every other check passes."""
+        node = self._tool("node")
+        if node is None:
+            self.add("node-proxy", "skip", "node not found on PATH")
+            return
+        env = {
+            **self.env,
+            "SLUICEGATE_DOCTOR_URL": self.probe.geturl(),
+            "SLUICEGATE_DOCTOR_TIMEOUT_MS": str(int(self.timeout * 1000)),
+        }
+        try:
+            done = subprocess.run(
+                [node, "-e", NODE_FETCH_PROBE],
+                env=env,
+                capture_output=True,
+                timeout=self.timeout + 5,
+            )
+            result = json.loads(done.stdout or b"{}")
+        except (OSError, subprocess.TimeoutExpired, ValueError) as e:
+            self.add("node-proxy", "fail", f"node did not run the check ({type(e).__name__})")
+            return
+        version = result.get("version", "?")
+        if result.get("nofetch"):
+            self.add("node-proxy", "skip", f"Node {version} has no fetch")
+        elif result.get("gateway"):
+            self.add("node-proxy", "pass", f"Node {version}'s fetch goes through the gateway")
+        elif "status" in result:
+            self.add(
+                "node-proxy",
+                "fail",
+                f"Node {version}'s fetch reached {self.probe_host} directly (HTTP "
+                f"{result['status']}, not through the gateway): a Node agent bypasses it",
+                NODE_PROXY_FIX,
+            )
+        elif any(mark in str(result.get("error", "")) for mark in NODE_TLS_ERRORS) and not any(
+            c.name == "node" and c.status == "pass" for c in self.checks
+        ):
+            # Node does not trust the gateway: a TLS failure says nothing about the route taken.
+            self.add(
+                "node-proxy",
+                "warn",
+                f"Node {version}'s fetch failed on TLS ({result.get('error')}): see the node check",
+            )
+        else:
+            self.add(
+                "node-proxy",
+                "fail",
+                f"Node {version}'s fetch tried {self.probe_host} directly and failed "
+                f"({result.get('error', '?')}): it does not use the gateway",
+                NODE_PROXY_FIX,
+            )
+
+    def _check_git(self) -> None:
+        """git sends proxy credentials only after a 407 unless told otherwise: its first CONNECT
+        then fails with "could not read Username"."""
+        git = self._tool("git")
+        if git is None:
+            self.add("git", "skip", "git not found on PATH")
+            return
+        method = self.env.get("GIT_HTTP_PROXY_AUTHMETHOD")
+        if method is None:
+            try:
+                done = subprocess.run(
+                    [git, "config", "--get", "http.proxyAuthMethod"],
+                    env=dict(self.env),
+                    capture_output=True,
+                    timeout=10,
+                )
+                method = done.stdout.decode(errors="replace").strip() or None
+            except (OSError, subprocess.TimeoutExpired):
+                method = None
+        if method == "basic":
+            self.add("git", "pass", "git sends the proxy credentials at once (basic)")
+        else:
+            self.add(
+                "git",
+                "fail",
+                f"git's proxy auth method is {method or 'anyauth (the default)'}: its first "
+                'CONNECT carries no credentials and fails ("could not read Username")',
+                "export GIT_HTTP_PROXY_AUTHMETHOD=basic (agent-env prints it)",
             )
 
     def _check_probe(self, proxy: Proxy) -> None:

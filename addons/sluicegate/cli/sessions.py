@@ -29,6 +29,7 @@ from typing import Any
 from sluicegate.recording import audit as audit_mod
 from sluicegate.recording import chain, sealing
 from sluicegate.recording import index as index_mod
+from sluicegate.recording import lock as recording_lock
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNSEALED = 0, 1, 2, 3
 
@@ -138,6 +139,7 @@ def _summary(flow: Any, session: str, index: int) -> dict[str, Any]:
         "decision": decision(sg, flow.error is not None),
         "rules": rules_fired(sg),
         "error": flow.error.msg if flow.error is not None else None,
+        "reason": _reason(sg, flow),
         **_mcp_summary(sg),
     }
 
@@ -152,6 +154,30 @@ def _mcp_summary(sg: dict[str, Any]) -> dict[str, Any]:
     if facts.get("tools_changed"):
         out["mcp_tools_changed"] = list(facts["tools_changed"])
     return out
+
+
+def _reason(sg: dict[str, Any], flow: Any) -> str | None:
+    """Why the flow was not simply allowed: the refusal, the policy rule that acted (and who
+    approved or denied it), or the error."""
+    reasons = []
+    refusal = sg.get("refusal")
+    if isinstance(refusal, dict) and refusal.get("code"):
+        reasons.append(f"{refusal['code']}: {refusal.get('message', '')}".rstrip(": "))
+    policy = sg.get("policy")
+    if isinstance(policy, dict):
+        for phase in ("request", "response"):
+            facts = policy.get(phase)
+            if isinstance(facts, dict) and facts.get("action") not in (None, "allow"):
+                text = f"{phase} rule {facts.get('rule')} ({facts.get('action')})"
+                approval = facts.get("approval")
+                if isinstance(approval, dict) and approval.get("outcome"):
+                    text += f" {approval['outcome']} by {approval.get('by')}"
+                    if approval.get("reason"):
+                        text += f": {approval['reason']}"
+                reasons.append(text)
+    if flow.error is not None and not reasons:
+        reasons.append(f"error: {flow.error.msg}")
+    return "; ".join(reasons) or None
 
 
 def _all_flows(directory: Path) -> Iterator[tuple[str, int, Any]]:
@@ -257,6 +283,7 @@ def cmd_flows(args: argparse.Namespace) -> int:
             f"{row['time']:20} {row['flow_id'][:8]:8} {status!s:>6} {row['decision']:10} "
             f"{row['identity']:20} {row['method']} {row['host']}{row['path']}"
             + (f"  [{rules}]" if rules else "")
+            + (f"\n{'':20} reason: {row['reason']}" if row["reason"] else "")
         )
     if not args.json:
         print(f"{count} flow(s)", file=sys.stderr)
@@ -348,6 +375,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 fatal=not explicit,
             )
         )
+    live = recording_lock.holder(directory)
     verdicts: dict[str, chain.Verdict] = {}
     for path in paths:
         relative = _relative(path, directory)
@@ -376,13 +404,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
         status = "failed" if any(f.fatal for f in findings) else verdict.status
         if status == "unsealed" and any(f.kind == "session_crashed" for f in findings):
             status = "crashed"
+        if status == "unsealed" and live is not None:
+            status = "live"
         print(f"{status.upper():9} {relative}  ({verdict.flows_in_chain} flow(s))")
         for finding in findings:
             print(f"          {'' if finding.fatal else 'warning: '}{finding}")
-        if status == "unsealed":
+        if status == "live" and live is not None:
             print(
-                "          not sealed: the gateway has not closed this session (still recording, "
-                "or killed without a later start to say so)"
+                f"          live: the gateway recording it is running (pid {live.get('pid')} on "
+                f"{live.get('host')}); it seals the session when it closes it"
+            )
+        elif status == "unsealed":
+            print(
+                "          not sealed, and no gateway is recording to this directory: the gateway "
+                "was killed (a later start attests the crash), or the session was cut"
             )
         report.status(status)
     if indexed is not None and not explicit:
@@ -415,7 +450,7 @@ class Report:
 
     def status(self, status: str) -> None:
         self.failed = self.failed or status == "failed"
-        self.unsealed = self.unsealed or status in ("unsealed", "crashed")
+        self.unsealed = self.unsealed or status in ("unsealed", "crashed", "live")
 
     @property
     def exit_code(self) -> int:

@@ -824,7 +824,8 @@ DEFAULT_MASKED_HEADERS = (
 class RecordingSection:
     directory: Path = setting(
         doc="Where session files go: `<identity>/<start>-<pid>-<rand>.mitm` plus a `.chain` "
-        "sidecar each. Created (mode 0700) if missing. One gateway process per directory."
+        "sidecar each. Created (mode 0700) if missing. One gateway process per directory: a "
+        "second one refuses to start (a lock, `.gateway.lock`)."
     )
     signing_key: SecretRef = setting(
         doc="Ed25519 private key (PEM) that signs the hash chain of every session. Generate one "
@@ -937,6 +938,67 @@ class McpSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class AuditWebhookSection:
+    url: SecretRef = setting(
+        doc="Where each audit line is POSTed (JSON) as it is written, for a SIEM. A secret "
+        "reference: collector URLs often carry a token."
+    )
+    timeout_seconds: float = setting(5.0, doc="Timeout of one POST.")
+    retries: int = setting(
+        5, doc="Attempts after a failed POST (backing off 0.5 s, 1 s, 2 s... up to 30 s)."
+    )
+    queue_size: int = setting(
+        10000,
+        doc="Lines waiting to be sent at most; past it the oldest are dropped (and counted in "
+        "`sluicegate_audit_push_dropped_total`). The audit log file keeps every line.",
+    )
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        if not self.timeout_seconds > 0:
+            yield "timeout_seconds", "must be positive"
+        if not 0 <= self.retries <= 100:
+            yield "retries", "must be between 0 and 100"
+        if self.queue_size < 1:
+            yield "queue_size", "must be at least 1"
+        try:
+            url = urllib.parse.urlsplit(self.url.read())
+        except (SecretUnavailable, ValueError):
+            url = None
+        if url is not None and not (
+            url.scheme == "https" or (url.scheme == "http" and _is_loopback(url.hostname or ""))
+        ):
+            yield "url", "must be an https:// URL (http only for loopback)"
+
+
+@dataclasses.dataclass(frozen=True)
+class MonitoringSection:
+    listen_host: str = setting(
+        "127.0.0.1",
+        doc="Address of the monitoring listener (`/healthz`, `/readyz`, `/metrics`; nothing "
+        "else, no secrets): `0.0.0.0` for Kubernetes probes and Prometheus on the pod IP.",
+    )
+    listen_port: int = setting(9464, doc="Its port; 0 picks a free port (logged at start-up).")
+    json_log: Path | None = setting(
+        None,
+        doc="Also write structured logs here: one JSON object per line, one per finished flow "
+        "(request id, caller, route, decision, status, rule counts; never a value) and per "
+        "gateway log record, beside mitmproxy's text log.",
+    )
+    audit_webhook: AuditWebhookSection | None = setting(
+        None, doc="Push every audit-log line to an HTTP collector as it is written."
+    )
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        try:
+            ipaddress.ip_address(self.listen_host)
+        except ValueError:
+            if self.listen_host not in _LOOPBACK_NAMES:
+                yield "listen_host", "must be an IP address (or localhost)"
+        if not 0 <= self.listen_port < 65536:
+            yield "listen_port", "must be between 0 and 65535"
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole gateway configuration."""
 
@@ -992,6 +1054,11 @@ class Config:
         None,
         doc="Web console for approvers and investigators (approvals, activity, recorded "
         "sessions), served by the approvals control listener: needs `approvals`.",
+    )
+    monitoring: MonitoringSection | None = setting(
+        None,
+        doc="Service operations: health, readiness and Prometheus metrics on a listener of "
+        "their own, structured JSON logs, audit lines pushed to a collector.",
     )
     source: Path = dataclasses.field(default=Path(), init=False, compare=False)
 

@@ -114,6 +114,8 @@ class FlowState:
     # guard.answer: the JSON body of a refusal made in `responseheaders`, for a response that
     # has no body to replace (`guard.complete_answer`).
     pending_answer: bytes | None = None
+    # Monitoring: counted in the metrics (and logged) once.
+    monitored: bool = False
     # The dict `publish` last put into flow.metadata (`record` updates it in place).
     published: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
 

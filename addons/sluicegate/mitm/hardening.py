@@ -16,24 +16,45 @@ bytes mitmproxy quotes in protocol errors and crash tracebacks out of error page
 recordings (`protocol_errors`), and caps request and response heads
 (`gateway.max_header_bytes`, `max_headers`: 431 `headers_too_large`), also while mitmproxy is
 still reading them (`head_limits`).
+
+Every answer names its request: allowed ones get `x-sluicegate-request-id` here (the gateway's
+own answers have it from `guard.answer`), and mitmproxy's own error answers (upstream unreachable,
+TLS verify failed, malformed upstream answers) become the gateway's JSON errors
+(`error_answers`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import socket
+import time
 from collections.abc import Set
+from pathlib import Path
 from typing import Any
 
 from mitmproxy import ctx, http
 
-from sluicegate.mitm import guard
+from sluicegate.mitm import flowstate, guard
 from sluicegate.mitm.base import GatewayAddon, _report_once
-from sluicegate.mitmcompat import dispatch_cache, head_limits, http1_protocol, protocol_errors
+from sluicegate.mitmcompat import (
+    dispatch_cache,
+    error_answers,
+    head_limits,
+    http1_protocol,
+    protocol_errors,
+)
 
 logger = logging.getLogger("sluicegate.hardening")
 
 BODY_LIMIT_MARGIN = 64 * 1024
+NOT_A_BASE_URL = (
+    "This is sluicegate, an HTTPS proxy: requests go through it, not to it. Keep the SDK's own "
+    "base URL (e.g. https://api.openai.com/v1) and set HTTPS_PROXY=http://agent:<token>@"
+    "<this gateway> and its CA (`python -m sluicegate agent-env` prints the environment)."
+)
+_SELF_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "0.0.0.0", "::"})
 
 
 def unsafe_options() -> list[str]:
@@ -78,6 +99,8 @@ class ProxyHardening(GatewayAddon):
         head_limits.install()
         dispatch_cache.install()
         http1_protocol.install()
+        error_answers.install()
+        error_answers.responder = error_answer
 
     def configure(self, updated: Set[str]) -> None:
         super().configure(updated)
@@ -118,6 +141,25 @@ class ProxyHardening(GatewayAddon):
     def running(self) -> None:
         # Unknown --set names are only known once every addon has declared its options.
         self.configure(set())
+        self._check_ca()
+
+    def _check_ca(self) -> None:
+        """A confdir without a CA makes mitmproxy mint a new one at start-up, which no agent
+        trusts: a mistyped `--set confdir` looks like a working gateway whose every TLS
+        handshake fails. Refused in production, a warning in development."""
+        confdir = Path(ctx.options.confdir).expanduser()
+        if not ca_minted_at_startup(confdir):
+            return
+        message = (
+            f"confdir {confdir} had no CA, so mitmproxy has just created a new one that no agent "
+            "trusts (a mistyped --set confdir?). Point confdir at the gateway's CA, or create "
+            "one on purpose first: python -m sluicegate ca init --confdir DIR"
+        )
+        if self.config is not None and self.config.gateway.environment == "production":
+            _report_once("ca", message)
+            self.config = None
+        else:
+            logger.warning("sluicegate: %s", message)
 
     @guard.fail_closed("gateway_error")
     def http_connect(self, flow: http.HTTPFlow) -> None:
@@ -126,8 +168,22 @@ class ProxyHardening(GatewayAddon):
 
     @guard.fail_closed("gateway_error")
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        """Refuse heads over the limits before any addon parses them."""
+        """Refuse heads over the limits before any addon parses them; explain a request sent to
+        the gateway itself (its address used as an SDK's base URL)."""
         self._check_head(flow)
+        if addressed_to_gateway(flow):
+            raise guard.GatewayRefusal(400, "not_a_proxy_request", NOT_A_BASE_URL)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Allowed answers carry the request id too (the agent quotes it to an operator)."""
+        if flow.response is not None:
+            flow.response.headers[guard.REQUEST_ID_HEADER] = flowstate.state(flow).request_id
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        # Answers set without a head from upstream (a later addon's own) keep theirs; this only
+        # fills in what is missing.
+        if flow.response is not None and guard.REQUEST_ID_HEADER not in flow.response.headers:
+            flow.response.headers[guard.REQUEST_ID_HEADER] = flowstate.state(flow).request_id
 
     def _check_head(self, flow: http.HTTPFlow) -> None:
         assert self.config is not None  # the guard refuses while unconfigured
@@ -158,3 +214,56 @@ def _invalid_head(where: str) -> guard.GatewayRefusal:
         f"A {where} holds a line break, NUL or other control character, which an HTTP/1.1 "
         "upstream would read as the end of the field (request smuggling); it was not forwarded.",
     )
+
+
+def error_answer(flow: http.HTTPFlow, status: int, message: str) -> http.Response | None:
+    """The JSON error mitmproxy's own error answer becomes (see mitmcompat/error_answers)."""
+    status, code, text = error_answers.classify(status, message)
+    logger.info(
+        "sluicegate: %s (%s) [request %s]: %s",
+        code,
+        status,
+        flowstate.state(flow).request_id,
+        message,
+    )
+    guard.answer(flow, status, code, text)
+    return flow.response
+
+
+def addressed_to_gateway(flow: http.HTTPFlow) -> bool:
+    """A plain request (not in a CONNECT tunnel) for the address the gateway listens on: the
+    gateway's URL was given to an SDK as its base URL instead of as its proxy."""
+    if flow.client_conn.tls_established:
+        return False
+    sockname = flow.client_conn.sockname
+    if not sockname or flow.request.port != sockname[1]:
+        return False
+    host = flow.request.host.strip("[]").lower()
+    return host == str(sockname[0]).lower() or host in _SELF_NAMES or host == _HOSTNAME
+
+
+_HOSTNAME = socket.gethostname().lower()
+
+
+CA_FILE = "mitmproxy-ca.pem"
+
+
+def process_started() -> float | None:
+    """When this process started (Linux /proc), or None where that cannot be read. Measured on
+    the boot-time clock /proc uses, so clock adjustments since boot do not shift it."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # starttime: field 22 of stat, clock ticks after boot
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return time.time() - age
+
+
+def ca_minted_at_startup(confdir: Path) -> bool:
+    started = process_started()
+    try:
+        written = (confdir / CA_FILE).stat().st_mtime
+    except OSError:
+        return False
+    return started is not None and written >= started

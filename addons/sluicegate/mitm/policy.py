@@ -42,6 +42,7 @@ from sluicegate.mitm import flowstate, guard
 from sluicegate.mitm import mcp as mcp_flows
 from sluicegate.mitm.base import GatewayAddon
 from sluicegate.mitm.console import WIRING as CONSOLE
+from sluicegate.mitm.monitoring import OPS
 from sluicegate.mitm.routing import judged_path
 from sluicegate.policy import engine
 from sluicegate.policy import mcp as mcp_policy
@@ -173,6 +174,7 @@ class Policy(GatewayAddon):
         previous, approvals = self.approvals, config.approvals
         self.approvals = approvals
         self.runtime.configure(config.state)
+        OPS.state_runtime = self.runtime  # readiness and metrics read the state backend
         service = self.runtime.approvals
         assert service is not None
         self.webhook = None
@@ -230,6 +232,9 @@ class Policy(GatewayAddon):
             )
             return
         server.mount("/console", CONSOLE)
+        server.mount("/healthz", OPS.healthz)
+        server.mount("/readyz", OPS.readyz)
+        server.mount("/metrics", OPS.metrics_handler)
         self.server = server
         logger.info("sluicegate: approvals API listening at http://%s:%s", server.host, port)
         if CONSOLE.console is not None:

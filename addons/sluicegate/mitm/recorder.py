@@ -36,6 +36,7 @@ from sluicegate.mitm.snapshot import (
     snapshot,
 )
 from sluicegate.recording import chain, sealing
+from sluicegate.recording import lock as recording_lock
 from sluicegate.recording.audit import AuditLog, Prepared
 from sluicegate.recording.store import Limits, RecordingUnavailable, SessionStore
 
@@ -81,6 +82,9 @@ class Recorder(GatewayAddon):
                     "recorded. Add one (see docs/ARCHITECTURE.md, 'Recording')."
                 )
             return
+        # One gateway process per directory: a second one refuses to start (lock.py).
+        recording_lock.acquire(section.directory)
+        recording_lock.release_others(section.directory)
         signer = chain.Signer.from_pem(section.signing_key.read())
         sealer = None
         if section.seal_to is not None:

@@ -264,14 +264,23 @@ def _egress_internal(host: str, port: int, kind: str) -> guard.GatewayRefusal:
         403,
         "egress_internal",
         f"{host}:{port} is an internal address ({kind}) that no route names; "
-        "the gateway does not forward there.",
+        f"the gateway does not forward there. {NO_PROXY_HINT.format(host=host)}",
     )
+
+
+NO_PROXY_HINT = (
+    "If the agent should reach this local service directly, add {host} to NO_PROXY and no_proxy "
+    "(`agent-env --no-proxy`); to reach it through the gateway, add a route naming it."
+)
+_LOCAL_SUFFIXES = (".local", ".localhost", ".internal", ".lan", ".home.arpa", ".svc", ".corp")
 
 
 def _egress_denied(host: str, port: int) -> guard.GatewayRefusal:
-    return guard.GatewayRefusal(
-        403, "egress_denied", f"{host}:{port} is not an allowed destination of this gateway."
-    )
+    message = f"{host}:{port} is not an allowed destination of this gateway."
+    name = host.rstrip(".").lower()
+    if "." not in name or name.endswith(_LOCAL_SUFFIXES) or ".svc." in name:
+        message += " " + NO_PROXY_HINT.format(host=host)  # looks like a local service
+    return guard.GatewayRefusal(403, "egress_denied", message)
 
 
 def _group_not_allowed(route: str) -> guard.GatewayRefusal:

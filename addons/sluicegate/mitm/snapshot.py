@@ -30,7 +30,13 @@ from mitmproxy.net import encoding
 import sluicegate
 from sluicegate.mitm import flowstate
 from sluicegate.recording import tnetstring
-from sluicegate.recording.facts import decision, rules_fired  # re-exported
+from sluicegate.recording.facts import (  # re-exported
+    comment,
+    decided_by,
+    decision,
+    mark,
+    rules_fired,
+)
 from sluicegate.recording.sealing import ALGORITHM, Sealer
 
 ANONYMOUS = "anonymous"
@@ -376,6 +382,11 @@ def snapshot(
     recorded_at = time.time() if now is None else now
     sg["recording"] = {"event": event, "recorded_at": recorded_at, "notes": notes, "errors": errors}
     state["metadata"] = meta
+    # What stock mitmweb shows of a flow besides method, path and status: who did what.
+    errored = state.get("error") is not None
+    said = comment(sg, errored)
+    state["comment"] = f"{said}\n{state['comment']}" if state.get("comment") else said
+    state["marked"] = mark(decision(sg, errored)) or state.get("marked", "")
 
     record = tnetstring.dumps(state, known)
     if _holds_literal(record, pairs):
@@ -423,6 +434,7 @@ def audit_entry(snap: Snapshot, session: str, index: int) -> dict[str, Any]:
         "rules": rules_fired(sg),
         "decision": decision(sg, error is not None),
         "refusal": refusal.get("code") if isinstance(refusal, dict) else None,
+        **decided_by(sg),
         "error": error["msg"] if error else None,
         "duration_ms": timings.get("total_ms") if isinstance(timings, dict) else None,
         "event": sg["recording"]["event"],

@@ -17,13 +17,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from sluicegate.recording.chain import Finding
 from sluicegate.recording.store import RecordingUnavailable
+
+logger = logging.getLogger("sluicegate.recorder")
 
 _GENESIS_PREFIX = b"sluicegate-audit-v1\x00"
 
@@ -54,6 +57,8 @@ class AuditLog:
         self.head = genesis(run)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._fd = self._open()
+        # Told of every line once it is written (the monitoring's push); must not raise.
+        self.on_commit: Callable[[bytes], None] | None = None
 
     def _open(self) -> int:
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
@@ -96,6 +101,11 @@ class AuditLog:
             ) from None
         self.count += 1
         self.head = prepared.hash
+        if self.on_commit is not None:
+            try:
+                self.on_commit(prepared.line)
+            except Exception:
+                logger.exception("sluicegate: audit line listener failed")
 
     def write(self, entry: dict[str, Any]) -> None:
         self.commit(self.prepare(entry))
