@@ -163,7 +163,7 @@ def openai_events(ex: Exchange) -> list[bytes]:
 
 def anthropic_events(ex: Exchange) -> list[bytes]:
     text = reply_text(ex.body)
-    message = {
+    message: dict[str, Any] = {
         "id": "msg_demo_" + secrets.token_hex(6),
         "type": "message",
         "role": "assistant",

@@ -183,4 +183,4 @@ def install() -> None:
     stream_cls = http_layers.HttpStream
     if not getattr(stream_cls.handle_protocol_error, _MARK, False):
         stream_cls.handle_protocol_error = _wrap(stream_cls.handle_protocol_error)  # type: ignore[method-assign]
-    _http1.make_error_response = _make_error_response  # type: ignore[assignment]
+    _http1.make_error_response = _make_error_response  # type: ignore[assignment,unused-ignore]

@@ -63,10 +63,10 @@ def flow_line(
     rules: Mapping[str, int],
     error: bool,
 ) -> dict[str, Any]:
-    caller = sg.get("caller") if isinstance(sg.get("caller"), Mapping) else {}
-    refusal = sg.get("refusal") if isinstance(sg.get("refusal"), Mapping) else {}
-    timings = sg.get("timings") if isinstance(sg.get("timings"), Mapping) else {}
-    stream = sg.get("stream") if isinstance(sg.get("stream"), Mapping) else {}
+    caller = _section(sg, "caller")
+    refusal = _section(sg, "refusal")
+    timings = _section(sg, "timings")
+    stream = _section(sg, "stream")
     return {
         "time": _now(),
         "level": "info",
@@ -109,3 +109,8 @@ class JsonLogHandler(logging.Handler):
             )
         except Exception:
             self.handleError(record)
+
+
+def _section(sg: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = sg.get(name)
+    return value if isinstance(value, Mapping) else {}

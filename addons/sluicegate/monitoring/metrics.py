@@ -11,7 +11,7 @@ import bisect
 import math
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -147,11 +147,14 @@ class Histogram(Metric):
         return lines
 
 
+M = TypeVar("M", bound=Metric)
+
+
 class Registry:
     def __init__(self) -> None:
         self.metrics: dict[str, Metric] = {}
 
-    def add(self, metric: Metric) -> Metric:
+    def add(self, metric: M) -> M:
         self.metrics[metric.name] = metric
         return metric
 

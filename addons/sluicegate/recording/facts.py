@@ -95,7 +95,8 @@ def comment(sg: dict[str, Any], errored: bool) -> str:
     """Who did what, in one line, for mitmweb's comment field (no values, only names and counts):
     caller and groups, route, decision, the refusal or policy rule and its approval, redaction
     counts per direction and rule, a stream cut."""
-    caller = sg.get("caller") if isinstance(sg.get("caller"), dict) else {}
+    found = sg.get("caller")
+    caller: dict[str, Any] = found if isinstance(found, dict) else {}
     who = str(caller.get("subject") or "anonymous")
     groups = caller.get("groups")
     if isinstance(groups, list) and groups:

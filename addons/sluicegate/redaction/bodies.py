@@ -200,7 +200,9 @@ def _json_documents(text: str) -> tuple[list[tuple[int, int]], int]:
     return spans, position
 
 
-def _redact_embedded_json(text: str, kind: Kind, redactor: TextRedactor) -> tuple[str, dict]:
+def _redact_embedded_json(
+    text: str, kind: Kind, redactor: TextRedactor
+) -> tuple[str, dict[str, int]]:
     """JSON documents at the start of a body that was not read as one JSON document (a
     text/plain or form label, trailing data after the document): redacted as JSON too."""
     if kind in ("json", "jsonl"):

@@ -714,8 +714,8 @@ class StreamRedactor:
         while pos <= size:
             match = scanner.pattern.search(buf, pos)
             if not final:
-                pending = scanner.sentinel.search(buf, pos, partial=True)
-                hold = pending.start() if pending is not None and pending.start() < size else None
+                attempt = scanner.sentinel.search(buf, pos, partial=True)
+                hold = attempt.start() if attempt is not None and attempt.start() < size else None
                 if match is not None and (
                     match.end() >= size or (hold is not None and hold <= match.start())
                 ):
