@@ -93,7 +93,7 @@ def stream_tokens(redactor: Redactor, text: str) -> tuple[str, float, int, dict[
 
 # Share of feeds that may hold something back. PII rules must hold each word until the next
 # one shows it is not the local part of an e-mail address, and numbers until they end. In
-# `default`, Mailchimp / Mailgun keys start with plain hex (a hex word or number is held
+# `default`, Mailchimp keys start with plain hex (a hex word or number is held
 # until the next token) and padded URL-safe base64 keys start at a quote opening a value (a
 # JSON string in an answer is held until it closes): this prose, dense in numbers and JSON,
 # holds ~21 % of its tokens, each for one more token at most.
