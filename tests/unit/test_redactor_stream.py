@@ -15,8 +15,10 @@ from sluicegate.redaction.rules import Direction, load_rule_pack, load_rule_set
 
 RULES = Path(__file__).resolve().parents[2] / "rules"
 EXAMPLES = [p.text for rule in load_rule_set([RULES]).rules for p in rule.positives]
+# Streams never decode encoded spans (see redaction/encodings.py): they are compared with
+# whole-text redaction without decoding.
 REDACTORS = {
-    profile: Redactor(load_rule_pack([RULES], profile), Direction.RESPONSE)
+    profile: Redactor(load_rule_pack([RULES], profile), Direction.RESPONSE, decode=False)
     for profile in ("default", "strict-pii")
 }
 PROSE = [
@@ -87,13 +89,15 @@ def test_clean_prose_is_released_as_it_arrives() -> None:
 
 def test_a_secret_is_held_until_decided_then_tagged() -> None:
     streamer = REDACTORS["default"].stream(max_hold=4096)
-    released = streamer.feed("token ")
+    # ("found", not "token": after a credential word the space itself is held, since
+    # `token <value>` is a credential written with a space; see credential-spaced-value)
+    released = streamer.feed("found ")
     for char in GH:
         released += streamer.feed(char)
-    assert released == "token "  # all of the token is still held back
+    assert released == "found "  # all of the token is still held back
     assert streamer.held == len(GH)
     released += streamer.feed(" done")
-    assert released == "token [REDACTED:github-token] done"
+    assert released == "found [REDACTED:github-token] done"
     assert streamer.counts == {"github-token": 1}
 
 

@@ -29,11 +29,11 @@ def test_corpus_is_vendored_with_its_notice() -> None:
 
 
 # `strict` is every rule meant for secrets (no PII); `default` leaves out the noisy ones.
-# Both meet the target: recall >= 98%, at most 2% of the negatives changed.
-@pytest.mark.parametrize(("profile", "min_recall"), [("strict", 0.98), ("default", 0.98)])
+# Both meet the target: recall >= 99%, at most 1% of the negatives changed.
+@pytest.mark.parametrize(("profile", "min_recall"), [("strict", 0.99), ("default", 0.99)])
 def test_recall_and_false_positives(profile: str, min_recall: float) -> None:
     redactor = Redactor(load_rule_pack([ROOT / "rules"], profile), Direction.REQUEST)
     caught = sum(r["secret"] not in redactor.redact_text(r["text"]).text for r in POSITIVES)
     changed = sum(redactor.redact_text(r["text"]).changed for r in NEGATIVES)
     assert caught / len(POSITIVES) >= min_recall
-    assert changed / len(NEGATIVES) <= 0.02
+    assert changed / len(NEGATIVES) <= 0.01

@@ -92,14 +92,18 @@ def stream_tokens(redactor: Redactor, text: str) -> tuple[str, float, int, dict[
 
 
 # Share of feeds that may hold something back. PII rules must hold each word until the next
-# one shows it is not the local part of an e-mail address, and numbers until they end.
-HOLD_LIMITS = [("default", 0.05), ("strict", 0.3), ("pii", 1.0), ("strict-pii", 1.0)]
+# one shows it is not the local part of an e-mail address, and numbers until they end. In
+# `default`, Mailchimp keys start with plain hex (a hex word or number is held
+# until the next token) and padded URL-safe base64 keys start at a quote opening a value (a
+# JSON string in an answer is held until it closes): this prose, dense in numbers and JSON,
+# holds ~21 % of its tokens, each for one more token at most.
+HOLD_LIMITS = [("default", 0.25), ("strict", 0.3), ("pii", 1.0), ("strict-pii", 1.0)]
 
 
 @pytest.mark.parametrize(("profile", "limit"), HOLD_LIMITS)
 def test_clean_prose_streams_token_by_token(profile: str, limit: float) -> None:
     """Prose is released as it comes, at most a word late."""
-    redactor = Redactor(load_rule_pack([RULES], profile), Direction.RESPONSE)
+    redactor = Redactor(load_rule_pack([RULES], profile), Direction.RESPONSE, decode=False)
     output, hold_rate, largest, counts = stream_tokens(redactor, PROSE * 3)
     assert output == redactor.redact_text(PROSE * 3).text
     assert OVERFLOW_RULE_ID not in counts
@@ -110,7 +114,7 @@ def test_clean_prose_streams_token_by_token(profile: str, limit: float) -> None:
 @pytest.mark.parametrize("profile", ["default", "strict-pii"])
 def test_code_streams_without_overflow(profile: str) -> None:
     """`password = getpass(...)` is held until the value is known, never past max_hold."""
-    redactor = Redactor(load_rule_pack([RULES], profile), Direction.RESPONSE)
+    redactor = Redactor(load_rule_pack([RULES], profile), Direction.RESPONSE, decode=False)
     output, _, largest, counts = stream_tokens(redactor, CODE * 3)
     assert output == redactor.redact_text(CODE * 3).text
     assert OVERFLOW_RULE_ID not in counts

@@ -33,6 +33,7 @@ from typing import Protocol
 
 import regex
 
+from sluicegate.redaction import encodings
 from sluicegate.redaction.keywords import Key, KeywordIndex
 from sluicegate.redaction.rules import (
     CONTEXT_CHARS,
@@ -41,6 +42,7 @@ from sluicegate.redaction.rules import (
     KeyRule,
     Rule,
     RulePack,
+    literal_prefixes,
     use_stream_check,
 )
 from sluicegate.redaction.validators import known_example
@@ -50,6 +52,8 @@ TAG_PATTERN = regex.compile(r"\[REDACTED:[a-z0-9]+(?:-[a-z0-9]+)*(?::[0-9a-f]{8}
 _TAG_START = "[REDACTED:"  # `in` finds it faster than the pattern's search
 # After a hold overflow, this much of the held text is kept so the rule can keep matching.
 _OVERFLOW_SEED = 256
+# Longest literal prefix a stream checks before running a rule (see `_StreamIndex`).
+_PREFIX_LIMIT = 4
 
 
 @dataclass(frozen=True)
@@ -225,8 +229,12 @@ class Redactor:
         *,
         tagger: Tagger | None = None,
         literals: Sequence[LiteralSecret] = (),
+        decode: bool = True,
     ) -> None:
         self.pack = pack
+        # Whole-text redaction also decodes encoded spans (see `encodings`); streams never do,
+        # so `decode=False` gives the whole-text twin of a stream.
+        self.decode = decode
         self.direction = Direction(direction)
         self.tagger: Tagger = tagger or plain_tag
         self._compiled = _Compiled.of(pack, self.direction)
@@ -266,6 +274,7 @@ class Redactor:
             self.direction,
             tagger=self.tagger,
             literals=[*(LiteralSecret(r, v) for v, r in self._literals.items()), *literals],
+            decode=self.decode,
         )
 
     def tag(self, rule_id: str, secret: str) -> str:
@@ -289,6 +298,11 @@ class Redactor:
     def _redact_once(self, text: str) -> tuple[str, dict[str, int]]:
         protected = [m.span() for m in TAG_PATTERN.finditer(text)] if _TAG_START in text else []
         findings = self._findings_beside(text, protected)
+        if self.decode:
+            scan = _neutralize(text, protected) if protected else text
+            findings += self._encoded_findings(
+                scan, findings, encodings.MAX_DEPTH, [encodings.MAX_DECODED]
+            )
         counts: dict[str, int] = {}
         out = _render(text, 0, len(text), findings, protected, self.tagger, counts)
         return out, counts
@@ -320,6 +334,25 @@ class Redactor:
         return StreamRedactor(self._stream_index, self.tagger, max_hold)
 
     # --- whole-text search --------------------------------------------------------------
+
+    def _encoded_findings(
+        self, text: str, found: list[_Finding], depth: int, budget: list[int]
+    ) -> list[_Finding]:
+        """Findings for the encoded spans of `text` whose decoded text holds a secret (see
+        `encodings`): the escaped characters spelling it, or a whole base64/hex block."""
+        out: list[_Finding] = []
+        for span in encodings.decoded_spans(text, budget):
+            if any(f.start <= span.start and span.end <= f.end for f in found):
+                continue  # masked whole already
+            inner = self._findings(span.text)
+            if depth > 1:
+                inner += self._encoded_findings(span.text, inner, depth - 1, budget)
+            for finding in inner:
+                if not span.keeps(finding.start, finding.end):
+                    continue
+                start, end = span.source(finding.start, finding.end)
+                out.append(_Finding(start, -end, finding.order, finding.rule_id))
+        return out
 
     def _findings(
         self, text: str, *, prefilter: bool = True, blanks: Sequence[tuple[int, int]] = ()
@@ -594,6 +627,10 @@ class _StreamIndex:
     scanners: tuple[_Scanner, ...]
     by_char: dict[str, frozenset[int]]
     non_ascii: frozenset[int]
+    # index -> (literal prefixes one of which starts every match, their proper heads): a
+    # scanner whose first character arrived is skipped when neither a whole prefix nor, at
+    # the end of the buffer, the head of one did (see `rules.literal_prefixes`).
+    prefixes: dict[int, tuple[tuple[str, ...], tuple[str, ...]]]
 
     @classmethod
     def build(cls, compiled: _Compiled, literal_scanner: _Scanner | None) -> _StreamIndex:
@@ -612,10 +649,19 @@ class _StreamIndex:
                 by_char.setdefault(char, []).append(index)
             if scanner.first.non_ascii:
                 non_ascii.append(index)
+        prefixes: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        for index, scanner in enumerate(scanners):
+            if scanner.rule is None or scanner.pattern.flags & regex.IGNORECASE:
+                continue
+            found = literal_prefixes(scanner.pattern.pattern, _PREFIX_LIMIT)
+            if found is not None and len(found) <= 8:
+                heads = {p[:k] for p in found for k in range(1, len(p))}
+                prefixes[index] = (tuple(sorted(found)), tuple(sorted(heads)))
         return cls(
             scanners,
             {char: frozenset(indexes) for char, indexes in by_char.items()},
             frozenset(non_ascii),
+            prefixes,
         )
 
 
@@ -629,6 +675,7 @@ class StreamRedactor:
         self._scanners = index.scanners
         self._by_char = index.by_char
         self._non_ascii = index.non_ascii
+        self._prefixes = index.prefixes
         self._tagger = tagger
         self._max_hold = max_hold
         self._buf = ""
@@ -666,6 +713,8 @@ class StreamRedactor:
             found = self._by_char.get(char) if char < "\x80" else self._non_ascii
             if found:
                 scans.update(found)
+        if self._prefixes and scans:
+            scans = self._gate(scans, start)
         holding = self._holding
         # Scanner 0 finds tags: it runs first so later scanners see them blanked out (and
         # rescan what a new tag changed, see `_protect`).
@@ -681,6 +730,19 @@ class StreamRedactor:
             for index in sorted((scans | holding.keys()) - {0}):
                 self._scan(index, holding.pop(index, start), final=False, view=1)
         return self._release(final=False)
+
+    def _gate(self, scans: set[int], start: int) -> set[int]:
+        """`scans` without the scanners that cannot start a match at or after `start`: no
+        literal prefix of theirs occurs there and the buffer does not end with the head of
+        one. Tags in the buffer are blanked the same way rules see them."""
+        region = self._scan_buf[max(0, start - _PREFIX_LIMIT + 1) :]
+        prefixes = self._prefixes
+        kept = set()
+        for index in scans:
+            gate = prefixes.get(index)
+            if gate is None or region.endswith(gate[1]) or any(p in region for p in gate[0]):
+                kept.add(index)
+        return kept
 
     def flush(self) -> str:
         if self._closed:
@@ -866,7 +928,7 @@ def check_rule_examples(rule: Rule) -> list[ExampleFailure]:
         failures.append(ExampleFailure(rule.id, str(rule.source), example, problem))
 
     pack = RulePack(rules=(rule,), key_rules=(), profile="rule-test")
-    redactor = Redactor(pack, min(rule.directions))
+    redactor = Redactor(pack, min(rule.directions), decode=False)  # the rule's regex alone
     for index, example in enumerate(rule.positives):
         where = f"examples.positive[{index}]"
         result = redactor.redact_text(example.text)
@@ -894,7 +956,7 @@ def check_stream_soundness(rule: Rule, redactor: Redactor | None = None) -> list
     failures: list[ExampleFailure] = []
     if redactor is None:
         pack = RulePack(rules=(rule,), key_rules=(), profile="rule-test")
-        redactor = Redactor(pack, min(rule.directions))
+        redactor = Redactor(pack, min(rule.directions), decode=False)
     for index, example in enumerate(rule.positives):
         where = f"examples.positive[{index}]"
         for match in rule.pattern.finditer(example.text):

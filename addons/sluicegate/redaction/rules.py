@@ -778,6 +778,97 @@ def _first_of_sequence(
     return first, nullable, i
 
 
+def literal_prefixes(source: str, limit: int = 4) -> frozenset[str] | None:
+    """Literal strings (2 to `limit` characters, case-sensitive) one of which every match of
+    `source` starts with, when the pattern says so plainly: leading lookarounds, then
+    literal characters, or a group of alternatives that each start so. None otherwise.
+
+    A stream uses them to skip a rule whose first character arrived without the rest of
+    its prefix (`re_` for every `r`): the first-character test is too coarse for prefixes
+    made of common letters."""
+    if _LEADING_FLAGS.match(source):
+        return None
+    try:
+        tokens = _tokens(source)
+        prefixes, _ = _prefixes_of_alternation(tokens, 0, limit)
+    except (ValueError, IndexError):
+        return None
+    if not prefixes or any(len(p) < 2 for p in prefixes):
+        return None
+    return frozenset(prefixes)
+
+
+def _prefixes_of_alternation(
+    tokens: list[tuple[str, str]], i: int, limit: int
+) -> tuple[set[str], int]:
+    """Prefixes of `seq | seq ...` from token i up to its close (raises ValueError when one
+    alternative has no literal prefix)."""
+    result: set[str] = set()
+    while True:
+        prefix, i = _prefix_of_sequence(tokens, i, limit)
+        result |= prefix
+        if i < len(tokens) and tokens[i][0] == "alt":
+            i += 1
+            continue
+        return result, i
+
+
+def _skip_group(tokens: list[tuple[str, str]], i: int) -> int:
+    """The index after the close of the group opened at token i."""
+    depth = 0
+    while i < len(tokens):
+        kind = tokens[i][0]
+        depth += kind.startswith("open:")
+        depth -= kind == "close"
+        i += 1
+        if depth == 0:
+            return i
+    raise ValueError("unbalanced group")
+
+
+def _prefix_of_sequence(tokens: list[tuple[str, str]], i: int, limit: int) -> tuple[set[str], int]:
+    """The literal prefixes of one alternative; the index of its end (alt or close)."""
+    prefixes = {""}
+    open_ended = True  # still adding characters to every prefix
+    while i < len(tokens) and tokens[i][0] not in ("alt", "close"):
+        kind, text = tokens[i]
+        quantified = i + 1 < len(tokens) and tokens[i + 1][0] == "quant"
+        if kind == "open:lookbehind" or text in ("(?=", "(?!"):
+            i = _skip_group(tokens, i)  # zero-width
+            if i < len(tokens) and tokens[i][0] == "quant":
+                raise ValueError("quantified lookaround")
+            continue
+        if not open_ended:
+            i = _skip_group(tokens, i) if kind.startswith("open:") else i + 1
+            if i < len(tokens) and tokens[i][0] == "quant":
+                i += 1
+            continue
+        if kind == "lit" and not quantified:
+            prefixes = {p + _literal_char(text) for p in prefixes}
+            i += 1
+        elif kind.startswith("open:") and text in ("(", "(?:") and not _group_quantified(tokens, i):
+            inner, j = _prefixes_of_alternation(tokens, i + 1, limit)
+            if j >= len(tokens) or tokens[j][0] != "close":
+                raise ValueError("unbalanced group")
+            prefixes = {p + q for p in prefixes for q in inner}
+            i = j + 1
+            open_ended = all(len(p) < limit for p in prefixes) and len(prefixes) <= 64
+            continue
+        else:
+            open_ended = False
+            continue
+        if any(len(p) >= limit for p in prefixes):
+            open_ended = False
+    if not all(prefixes) or "" in prefixes:
+        raise ValueError("an alternative has no literal prefix")
+    return {p[:limit] for p in prefixes}, i
+
+
+def _group_quantified(tokens: list[tuple[str, str]], i: int) -> bool:
+    end = _skip_group(tokens, i)
+    return end < len(tokens) and tokens[end][0] == "quant"
+
+
 def compile_pattern(
     source: str,
 ) -> tuple[regex.Pattern[str], regex.Pattern[str], FirstChars]:

@@ -9,10 +9,13 @@ function `str -> bool` (True: the candidate is sensitive, redact it).
 from __future__ import annotations
 
 import base64
+import functools
+import hashlib
 import math
 import re
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from urllib.parse import unquote
 
 Validator = Callable[[str], bool]
@@ -239,6 +242,9 @@ KNOWN_EXAMPLES = re.compile(
 )
 
 
+_ALNUM_RUN = re.compile(r"[a-z0-9]+")
+
+
 def known_example(value: str) -> bool:
     """A published example credential (see `KNOWN_EXAMPLES`)."""
     return KNOWN_EXAMPLES.search(value) is not None
@@ -252,6 +258,9 @@ def not_placeholder(value: str) -> bool:
     lowered = stripped.lower()
     if lowered in _PLACEHOLDER_WORDS or _TEMPLATE.match(stripped) or _MASK_RUN.search(stripped):
         return False
+    words = _ALNUM_RUN.findall(lowered)
+    if len(words) > 1 and all(w in _PLACEHOLDER_WORDS for w in words):
+        return False  # `SECRET=SECRET`, `user:password`, `token-here`: placeholder words joined
     if lowered.startswith(("my ", "your ")) and len(stripped.split()) <= 4:
         return False  # `My API Key`, `your token here`
     return not (lowered.startswith(("your", "<your", "insert", "enter")) and " " not in stripped)
@@ -334,6 +343,18 @@ def _encodes_text(value: str) -> bool:
     except (ValueError, UnicodeDecodeError):
         return False
     return decoded.isprintable() and " " in decoded and (_is_prose(decoded) or decoded.isalpha())
+
+
+def _decodes_to_text(value: str) -> bool:
+    """Standard or URL-safe base64 of printable text with spaces (a sentence, a JSON
+    document): an encoded message, not a key (random keys decode to binary)."""
+    body = value.replace("-", "+").replace("_", "/")
+    body += "=" * (-len(body) % 4)
+    try:
+        decoded = base64.b64decode(body, validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return decoded.isprintable() and (" " in decoded or decoded.startswith(("{", "[")))
 
 
 def url_password(value: str) -> bool:
@@ -464,16 +485,134 @@ _SRI = re.compile(r"^(?:sha\d{1,3}|md5)-")  # subresource integrity: a hash
 _UUID = re.compile(r"^[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$")
 
 
+_LOWER_RUN = re.compile(r"[a-z]{4,}")
+
+
+def _wordy(value: str) -> bool:
+    """Mostly runs of 4+ lowercase letters (`SponsoredProductsRemoteSearchClickPagination`):
+    words glued into a name. Random base64 rarely has such runs."""
+    return sum(len(run) for run in _LOWER_RUN.findall(value)) * 2 > len(value)
+
+
 def high_entropy_token(value: str) -> bool:
     """A random-looking token: hex with near-uniform digits, or base64 with high entropy.
 
     Git SHAs (40 hex), SHA-256 digests (64 hex) and UUIDs are ids, not secrets.
     """
-    if _UUID.match(value) or _SRI.match(value) or not token_shape(value):
+    if _UUID.match(value) or _SRI.match(value) or not token_shape(value) or _wordy(value):
         return False
     if set(value) <= _HEX:
         return len(value) not in (40, 64) and shannon_entropy(value) >= 3.0
     return shannon_entropy(value) >= 4.2
+
+
+_IMAGE_BASE64 = ("iVBORw0KGgo", "R0lGOD", "/9j/", "UklGR", "PHN2Zy", "Qk0")
+
+
+def random_token(value: str) -> bool:
+    """A long token no context names, random enough to be a key (default profile): 40+
+    characters mixing upper case, lower case and digits with high entropy, not hex (hashes,
+    ids), not a hash in SRI form, not base64 of text or of an image, not a name."""
+    if len(value) < 40 or set(value) <= _HEX or _SRI.match(value) or _UUID.match(value):
+        return False
+    if not (
+        any(c.isupper() for c in value)
+        and any(c.islower() for c in value)
+        and sum(c.isdigit() for c in value) >= 2
+    ):
+        return False
+    if value.startswith(_IMAGE_BASE64) or _decodes_to_text(value) or _wordy(value):
+        return False
+    # Random base64 of 40+ characters has ~5 bits per character; words and paths far less.
+    return shannon_entropy(value) >= min(4.6, 0.9 * math.log2(len(value)))
+
+
+# --- wallets ----------------------------------------------------------------------------
+
+_BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+_BASE58_INDEX = {c: i for i, c in enumerate(_BASE58)}
+
+
+def _base58check(value: str) -> bytes | None:
+    """The payload of a Base58Check string (its 4-byte double-SHA-256 checksum verified)."""
+    number = 0
+    for char in value:
+        digit = _BASE58_INDEX.get(char)
+        if digit is None:
+            return None
+        number = number * 58 + digit
+    pad = len(value) - len(value.lstrip("1"))
+    raw = b"\0" * pad + number.to_bytes((number.bit_length() + 7) // 8, "big")
+    payload, checksum = raw[:-4], raw[-4:]
+    if len(raw) < 5 or hashlib.sha256(hashlib.sha256(payload).digest()).digest()[:4] != checksum:
+        return None
+    return payload
+
+
+def wif_private_key(value: str) -> bool:
+    """A Bitcoin private key in Wallet Import Format: Base58Check of 0x80 (mainnet) or 0xef
+    (testnet), 32 key bytes and, for a compressed key, 0x01."""
+    payload = _base58check(value)
+    if payload is None or payload[:1] not in (b"\x80", b"\xef"):
+        return False
+    return len(payload) == 33 or (len(payload) == 34 and payload[-1] == 1)
+
+
+# Version bytes of BIP-32 extended private keys: xprv, tprv, yprv, zprv, Yprv, Zprv, uprv,
+# vprv, Uprv, Vprv.
+_XPRV_VERSIONS = frozenset(
+    bytes.fromhex(v)
+    for v in (
+        "0488ade4", "04358394", "049d7878", "04b2430c", "0295b005", "02aa7a99", "044a4e28",
+        "045f18bc", "024285b5", "02575048",
+    )
+)  # fmt: skip
+
+
+def extended_private_key(value: str) -> bool:
+    """A BIP-32 extended private key (xprv...): Base58Check of 78 bytes with a private-key
+    version and a 0x00-prefixed key."""
+    payload = _base58check(value)
+    return (
+        payload is not None
+        and len(payload) == 78
+        and payload[:4] in _XPRV_VERSIONS
+        and payload[45] == 0
+    )
+
+
+@functools.cache
+def bip39_words() -> frozenset[str]:
+    """The BIP-39 English word list (data/bip39-english.txt, 2048 words)."""
+    text = (Path(__file__).parent / "data" / "bip39-english.txt").read_text(encoding="utf-8")
+    words = frozenset(text.split())
+    if len(words) != 2048:
+        raise ValueError("the BIP-39 word list must have 2048 words")
+    return words
+
+
+def bip39_phrase(value: str) -> bool:
+    """A BIP-39 seed phrase: 12, 15, 18, 21 or 24 words, all from the English list, not one
+    word repeated (`word word word...` in documentation)."""
+    words = value.lower().split()
+    known = bip39_words()
+    return (
+        len(words) in (12, 15, 18, 21, 24)
+        and all(w in known for w in words)
+        and len(set(words)) > len(words) // 3
+    )
+
+
+def hex_private_key(value: str) -> bool:
+    """32 bytes of hex (optionally 0x-prefixed) that look random: not one repeated digit, not
+    a run such as 0123...; the key of an Ethereum / secp256k1 / ed25519 wallet."""
+    digits = value[2:] if value[:2] in ("0x", "0X") else value
+    return (
+        len(digits) == 64
+        and set(digits) <= _HEX
+        and shannon_entropy(digits.lower()) >= 3.0
+        and digits.lower() not in "0123456789abcdef" * 8
+    )
 
 
 # name -> factory(argument) -> validator. Argument-less validators take `None`.
@@ -492,6 +631,11 @@ REGISTRY: dict[str, Callable[..., Validator]] = {
     "literal_block_values": lambda _: literal_block_values,
     "key_material": lambda _: key_material,
     "high_entropy_token": lambda _: high_entropy_token,
+    "random_token": lambda _: random_token,
+    "wif_private_key": lambda _: wif_private_key,
+    "extended_private_key": lambda _: extended_private_key,
+    "bip39_phrase": lambda _: bip39_phrase,
+    "hex_private_key": lambda _: hex_private_key,
     "credential_field_value": lambda _: credential_field_value,
     "credential_field_token": lambda _: credential_field_token,
     "min_entropy": lambda arg: min_entropy(float(arg)),
