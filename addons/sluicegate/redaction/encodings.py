@@ -383,8 +383,8 @@ def decoded_spans(text: str, budget: list[int]) -> Iterator[Decoded]:
         candidates += 1
         run = text[start:end]
         if kind == "hex":
-            decoded = _decode_hex(run)
-            found = [] if decoded is None else [(0, len(run), decoded)]
+            as_hex = _decode_hex(run)
+            found = [] if as_hex is None else [(0, len(run), as_hex)]
         else:
             found = list(_decode_run(run))
         for piece_start, piece_end, decoded in found:
