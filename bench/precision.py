@@ -67,6 +67,8 @@ class Tally:
     bytes: int = 0
     files: Counter[str] = field(default_factory=Counter)  # category -> files read
     changed: Counter[str] = field(default_factory=Counter)  # category -> files changed
+    # category -> files changed by something other than a known example (the precision target)
+    changed_clean: Counter[str] = field(default_factory=Counter)
     rules: Counter[str] = field(default_factory=Counter)  # rule -> redactions (not examples)
     examples: Counter[str] = field(default_factory=Counter)  # rule -> known-example redactions
     type_changes: int = 0
@@ -93,6 +95,7 @@ class Tally:
             "json_type_changes": self.type_changes,
             "files": dict(self.files),
             "files_changed": dict(self.changed),
+            "files_changed_beyond_examples": dict(self.changed_clean),
             "per_rule": {r: n for r, n in self.rules.most_common()},
             "known_examples_per_rule": dict(self.examples),
         }
@@ -190,13 +193,17 @@ def measure(profile: str, files: list[tuple[str, str, Path]], rules: Path, show:
             continue
         tally.changed[category] += 1
         text = body.decode("utf-8", "replace") if show else ""
+        clean_change = False
         for rule_id, secret in recorder.found:
             if rule_id in EXAMPLE_RULES or KNOWN_EXAMPLES.search(secret):
                 tally.examples[rule_id] += 1
                 continue
             tally.rules[rule_id] += 1
+            clean_change = True
             if show and len(tally.samples.setdefault(rule_id, [])) < show:
                 tally.samples[rule_id].append(f"{relative}: {context(text, secret)}")
+        if clean_change:
+            tally.changed_clean[category] += 1
         if is_json and result.kind == "json":
             changes = type_changes(_loads(body.decode("utf-8")), _loads(result.body.decode()))
             if changes:
@@ -217,6 +224,8 @@ def report(tally: Tally, show: int) -> None:
     )
     changed = ", ".join(f"{c} {tally.changed[c]}/{n}" for c, n in sorted(tally.files.items()))
     print(f"  files changed: {changed}")
+    beyond = ", ".join(f"{c} {tally.changed_clean[c]}/{n}" for c, n in sorted(tally.files.items()))
+    print(f"  files changed beyond known examples: {beyond}")
     for rule_id, n in tally.rules.most_common():
         print(f"  {rule_id:<32} {n:6d}  {n / mb:8.3f}/MB")
         for sample in tally.samples.get(rule_id, [])[:show]:

@@ -22,7 +22,7 @@ from tests.conftest import UPSTREAM_KEY, UPSTREAM_KEY_ENV
 from tests.support.gateway import Gateway
 from tests.support.pki import TestCA as CA
 from tests.support.upstream import FakeUpstream, Received, Responder, sse
-from tests.support.websocket import WsClient, WsUpstream, ws_connect
+from tests.support.websocket import WsClient, WsUpstream, say, ws_connect
 
 # Credential-named fields (the rule pack's key rules) beside ordinary ones, and a text secret.
 GITHUB = "ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
@@ -222,7 +222,7 @@ def test_websocket_messages_get_the_buffered_tags(
     ws = ws_connect(gateway.port or 0, realtime, token, ca_file=str(gateway.ca_file))
     assert isinstance(ws, WsClient)
     with ws:
-        ws.send("say:" + text.encode().hex())
+        ws.send(say(text))
         down = ws.text()
         ws.send(text)
         ws.text()  # the upstream's echo
@@ -263,9 +263,9 @@ def test_a_pipe_to_shell_split_across_websocket_messages_closes_the_connection(
     assert isinstance(ws, WsClient)
     with ws:
         for piece in ("run: ", first):
-            ws.send("say:" + realtime_delta(piece).encode().hex())
+            ws.send(say(realtime_delta(piece)))
             assert json.loads(ws.text())["delta"] == piece
-        ws.send("say:" + realtime_delta(second).encode().hex())
+        ws.send(say(realtime_delta(second)))
         event = ws.receive()
     assert isinstance(event, ev.CloseConnection) and event.code == 1008
 
@@ -276,7 +276,7 @@ def test_a_pipe_to_shell_in_one_websocket_message_of_any_shape_closes_the_connec
     ws = ws_connect(gateway.port or 0, realtime, token, ca_file=str(gateway.ca_file))
     assert isinstance(ws, WsClient)
     with ws:
-        ws.send("say:" + json.dumps({"note": f"try {PIPE} now"}).encode().hex())
+        ws.send(say(json.dumps({"note": f"try {PIPE} now"})))
         event = ws.receive()
     assert isinstance(event, ev.CloseConnection) and event.code == 1008
 

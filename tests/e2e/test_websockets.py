@@ -20,7 +20,7 @@ from mitmproxy import io
 from tests.conftest import UPSTREAM_KEY, UPSTREAM_KEY_ENV
 from tests.support.gateway import REPO, Gateway, recording_section
 from tests.support.pki import TestCA as CA
-from tests.support.websocket import Rejected, WsClient, WsUpstream, ws_connect
+from tests.support.websocket import Rejected, WsClient, WsUpstream, say, say_bytes, ws_connect
 
 FAULT_SCRIPT = REPO / "tests" / "support" / "fault_injection.py"
 SECRET = "ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
@@ -87,11 +87,6 @@ def connect(gateway: Gateway, server: WsUpstream, token: str, **headers: str) ->
     client = ws_connect(gateway.port or 0, server, token, ca_file=ca, headers=headers)
     assert isinstance(client, WsClient), client
     return client
-
-
-def say(text: str) -> str:
-    """Ask the upstream to send `text` (hex-encoded, so the request itself carries no secret)."""
-    return "say:" + text.encode().hex()
 
 
 def closed_with(client: WsClient) -> int | None:
@@ -195,9 +190,9 @@ def test_binary_from_the_server_never_reaches_the_client(
     gateway: Gateway, realtime: WsUpstream, token: str
 ) -> None:
     with connect(gateway, realtime, token) as client:
-        client.send("bytes:" + SECRET.encode().hex())
+        client.send(say_bytes(SECRET.encode()))
         assert closed_with(client) == 1008
-    assert realtime.received == ["bytes:" + SECRET.encode().hex()]
+    assert realtime.received == [say_bytes(SECRET.encode())]
 
 
 def test_a_fault_in_the_message_hook_drops_the_message_and_closes(

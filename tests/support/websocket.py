@@ -35,6 +35,18 @@ class Upgrade:
     headers: dict[str, str]
 
 
+def say(text: str) -> str:
+    """A message asking the upstream to send `text`, written backwards so that the request
+    itself carries no secret (hex or base64 would not do: the gateway decodes those)."""
+    return "say:" + text[::-1]
+
+
+def say_bytes(data: bytes) -> str:
+    """A message asking the upstream to send `data` as a binary message (ASCII data, written
+    backwards like `say`)."""
+    return "bytes:" + data.decode("ascii")[::-1]
+
+
 class WsUpstream(SocketServer):
     """A threaded WebSocket server on 127.0.0.1 (TLS when given a certificate)."""
 
@@ -94,9 +106,9 @@ class WsUpstream(SocketServer):
         if isinstance(data, bytes):
             return ev.BytesMessage(data)
         if data.startswith("say:"):
-            return ev.TextMessage(bytes.fromhex(data[4:]).decode())
+            return ev.TextMessage(data[4:][::-1])
         if data.startswith("bytes:"):
-            return ev.BytesMessage(bytes.fromhex(data[6:]))
+            return ev.BytesMessage(data[6:][::-1].encode())
         if data == "echo-credential":
             return ev.TextMessage(f'{{"error": "invalid key {credential}"}}')
         return ev.TextMessage(data)
