@@ -151,9 +151,11 @@ def _redact(
     if kind == "multipart":
         return _redact_multipart(body, params, redactor, policy, depth)
     text, codec, bom = _decode(body, params.get("charset"))
-    new_text, counts, kind = _redact_text(text, kind, codec, redactor)
-    new_text, json_counts = _redact_embedded_json(new_text, kind, redactor)
-    _merge(counts, json_counts)
+    # The JSON documents a lenient reader sees go first, read as JSON (escapes decoded, keys as
+    # keys): the text or form pass then finds their tags, not the escaped spellings inside them.
+    text, counts = _redact_embedded_json(text, kind, redactor)
+    new_text, text_counts, kind = _redact_text(text, kind, codec, redactor)
+    _merge(counts, text_counts)
     _refuse_escaped_secrets(new_text, kind, redactor)
     new_body = bom + _encode(new_text, codec, kind) if counts else body
     _check_other_readings(new_body, codec, kind, redactor)
