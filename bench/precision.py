@@ -54,6 +54,7 @@ KNOWN_EXAMPLES = re.compile(
     | mF_9\.B5f-4\.1JqM                         # RFC 6750
     | QWxhZGRpbjpvcGVuIHNlc2FtZQ==              # RFC 7617 (Aladdin:open sesame)
     | eyJ0eXAiOiJKV1QiLA0KICJhbGciOiJIUzI1NiJ9  # RFC 7519
+    | VP8WictbQECKozE2SgvKb2FqJ9hisWsoMkYRTqfBrQfZ  # GitHub's documented Actions OIDC token
     | eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9\.    # jwt.io's {"alg":"HS256","typ":"JWT"}
       eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIiwiaWF0IjoxNTE2MjM5MDIyfQ
     """
