@@ -27,7 +27,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import hmac
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -284,21 +284,24 @@ class Redactor:
         """Redacted text; redacting it again changes nothing (a tag can reveal a neighbour
         that its secret hid: `IBAN<secret>` gives `IBAN[tag]`, so the passes are repeated
         until nothing more is found)."""
+        return self._rounds(text, decode=self.decode)
+
+    def _rounds(self, text: str, *, decode: bool) -> RedactionResult:
         if not text:
             return RedactionResult(text, {})
         counts: dict[str, int] = {}
         for _ in range(_MAX_ROUNDS):
-            text, found = self._redact_once(text)
+            text, found = self._redact_once(text, decode=decode)
             if not found:
                 break
             for rule_id, n in found.items():
                 counts[rule_id] = counts.get(rule_id, 0) + n
         return RedactionResult(text, counts)
 
-    def _redact_once(self, text: str) -> tuple[str, dict[str, int]]:
+    def _redact_once(self, text: str, *, decode: bool) -> tuple[str, dict[str, int]]:
         protected = [m.span() for m in TAG_PATTERN.finditer(text)] if _TAG_START in text else []
         findings = self._findings_beside(text, protected)
-        if self.decode:
+        if decode:
             scan = _neutralize(text, protected) if protected else text
             findings += self._encoded_findings(
                 scan, findings, encodings.MAX_DEPTH, [encodings.MAX_DECODED]
@@ -331,7 +334,11 @@ class Redactor:
     def stream(self, max_hold: int) -> StreamRedactor:
         if self._stream_index is None:
             self._stream_index = _StreamIndex.build(self._compiled, self._literal_scanner)
-        return StreamRedactor(self._stream_index, self.tagger, max_hold)
+        return StreamRedactor(self._stream_index, self.tagger, max_hold, self._reread)
+
+    def _reread(self, text: str) -> RedactionResult:
+        """The passes after the first, as whole text runs them (a stream's own tags)."""
+        return self._rounds(text, decode=False)
 
     # --- whole-text search --------------------------------------------------------------
 
@@ -539,6 +546,12 @@ _FILLER = "x"
 
 # Passes of `Redactor.redact_text`: each needs a finding that only a tag beside it reveals.
 _MAX_ROUNDS = 8
+# How far back a stream holds the line of text that leads to a held position (a secret a
+# neighbour hid is on its line: see `StreamRedactor`).
+_GLUE_CHARS = 256
+_LAST_SPACE = regex.compile(r"(?r)\s")
+# The last quote before a position, when it opens a value (`key: "...`, `key = '...`).
+_OPEN_VALUE = regex.compile(r"""(?r)[:=][ \t]{0,20}(["'])[^"'\n\r]*""")
 
 
 def _neutralize(text: str, spans: list[tuple[int, int]], *, bracketed: bool = False) -> str:
@@ -666,11 +679,27 @@ class _StreamIndex:
 
 
 class StreamRedactor:
-    """Incremental redaction of one text channel (see the module docstring)."""
+    """Incremental redaction of one text channel (see the module docstring).
 
-    def __init__(self, index: _StreamIndex, tagger: Tagger, max_hold: int) -> None:
+    Released text that holds a tag the stream wrote is read again as whole text reads its
+    later passes (`reread`), with the released text before it as context: a tag can reveal a
+    neighbour its secret hid (`sdk-<uuid>AGE-SECRET-KEY-1...`, or a quoted `"api_key": "..."`
+    value holding another secret). So that such a neighbour is still held, text is released
+    no nearer to a held position than the start of its non-space run or of the quoted value
+    it is in (at most `_GLUE_CHARS` back).
+    """
+
+    def __init__(
+        self,
+        index: _StreamIndex,
+        tagger: Tagger,
+        max_hold: int,
+        reread: Callable[[str], RedactionResult] | None = None,
+    ) -> None:
         if max_hold < 1:
             raise ValueError("max_hold must be positive")
+        self._reread = reread
+        self._released_tail = ""  # the last CONTEXT_CHARS released, as released
         self.counts: dict[str, int] = {}
         self._scanners = index.scanners
         self._by_char = index.by_char
@@ -839,6 +868,10 @@ class StreamRedactor:
             for start, end in spans:
                 if start < point < end:
                     point, moved = start, True
+            if point < size:  # and so does the run of text glued to what is held
+                glued = self._glued_start(point)
+                if glued < point:
+                    point, moved = glued, True
         point = max(point, self._emit)
         released = [f for f in self._findings if f.start < point]
         out = ""
@@ -847,13 +880,48 @@ class StreamRedactor:
                 self._buf, self._emit, point, released, self._protected, self._tagger,
                 self.counts,
             )  # fmt: skip
+            if released and self._reread is not None:
+                out = self._read_again(out)
             self._findings = [f for f in self._findings if f.start >= point]
             self._protected = [p for p in self._protected if p[1] > point]
             self._emit = point
         if not final and size - point > self._max_hold:
             out += self._overflow(point, min(holds, default=point))
+        if out:
+            self._released_tail = (self._released_tail + out)[-CONTEXT_CHARS:]
         self._trim()
         return out
+
+    def _glued_start(self, point: int) -> int:
+        """Where the text glued to `point` starts: its run of non-space characters, or the
+        quoted value it is in (`"api_key": "some words <secret>`), not before what was
+        released nor more than `_GLUE_CHARS` back."""
+        low = max(self._emit, point - _GLUE_CHARS)
+        value = _OPEN_VALUE.search(self._buf, low, point)
+        if value is not None and value.end() == point:
+            return value.end(1)
+        space = _LAST_SPACE.search(self._buf, low, point)
+        return space.end() if space is not None else low
+
+    def _read_again(self, out: str) -> str:
+        """`out` (released text holding new tags) after whole text's later passes, read
+        after the text released before it; what those passes would change in text already
+        released cannot be taken back, so then `out` is read again alone."""
+        assert self._reread is not None
+        tail = self._released_tail
+        again = self._reread(tail + out)
+        if not again.counts:
+            return out
+        if not again.text.startswith(tail):
+            again = self._reread(out)
+            if not again.counts:
+                return out
+            result = again.text
+        else:
+            result = again.text[len(tail) :]
+        for rule_id, n in again.counts.items():
+            self.counts[rule_id] = self.counts.get(rule_id, 0) + n
+        return result
 
     def _overflow(self, point: int, restart: int) -> str:
         """Held text grew past max_hold: replace it by a tag, never release it raw.
