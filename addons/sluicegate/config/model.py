@@ -972,6 +972,41 @@ class AuditWebhookSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class TracesSection:
+    endpoint: str = setting(
+        doc="OTLP/HTTP traces URL of a collector, e.g. `http://otel-collector:4318/v1/traces`: "
+        "one span per finished flow (caller, route, decision, refusal, status, redaction "
+        "count; never a value, path or token), OTLP's JSON encoding."
+    )
+    service_name: str = setting("sluicegate", doc="`service.name` of the spans' resource.")
+    queue_size: int = setting(
+        2048,
+        doc="Spans waiting for export at most; past it new spans are dropped (counted in "
+        "`sluicegate_trace_spans_dropped_total`). Flows never wait for the collector.",
+    )
+    batch_size: int = setting(256, doc="Spans per export request at most.")
+    flush_seconds: float = setting(1.0, doc="Export what waited this long even when fewer.")
+    timeout_seconds: float = setting(
+        5.0, doc="Timeout of one export request; a failed one is retried once, then dropped."
+    )
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        url = urllib.parse.urlsplit(self.endpoint)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            yield "endpoint", "must be an http:// or https:// URL"
+        if url.username or url.password:
+            yield "endpoint", "must not carry credentials (it is logged and shown)"
+        if self.queue_size < 1:
+            yield "queue_size", "must be at least 1"
+        if not 1 <= self.batch_size <= self.queue_size:
+            yield "batch_size", "must be between 1 and queue_size"
+        if not self.flush_seconds > 0:
+            yield "flush_seconds", "must be positive"
+        if not self.timeout_seconds > 0:
+            yield "timeout_seconds", "must be positive"
+
+
+@dataclasses.dataclass(frozen=True)
 class MonitoringSection:
     listen_host: str = setting(
         "127.0.0.1",
@@ -987,6 +1022,9 @@ class MonitoringSection:
     )
     audit_webhook: AuditWebhookSection | None = setting(
         None, doc="Push every audit-log line to an HTTP collector as it is written."
+    )
+    traces: TracesSection | None = setting(
+        None, doc="OpenTelemetry traces: a span per flow, exported only when this is set."
     )
 
     def check(self, parser: Parser) -> Iterable[tuple[str, str]]:

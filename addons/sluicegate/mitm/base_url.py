@@ -114,18 +114,28 @@ class BaseUrl(GatewayAddon):
         if self.config is not None:
             self._listen()
 
-    def running(self) -> None:
+    async def running(self) -> None:
         self._running = True
         section = self._section
         if section is None:
             return
         where = _bound()
+        if where is None:
+            # mitmproxy 12 may bring its listeners up while the script is still being
+            # configured, from the `mode` it had then; it only follows later changes once it
+            # runs. Ask it again now (nothing happens for listeners already up).
+            proxyserver: Any = ctx.master.addons.get("proxyserver")
+            await proxyserver.setup_servers()
+            where = _bound()
+        if where is None:
+            logger.error(
+                "sluicegate: base_url: the listener on %s:%s did not start (see above)",
+                section.listen_host,
+                section.listen_port,
+            )
+            return
         routes = ", ".join(f"{p} -> {r}" for p, r in sorted(section.prefixes.items()))
-        logger.info(
-            "sluicegate: base-URL listener at http://%s (%s)",
-            where or f"{section.listen_host}:{section.listen_port}",
-            routes,
-        )
+        logger.info("sluicegate: base-URL listener at http://%s (%s)", where, routes)
 
     def _listen(self) -> None:
         """Make mitmproxy's listeners match the config: ours added, moved or removed."""
