@@ -11,10 +11,13 @@ upstream. Secrets are grepped for in what the agent got, the log and the recordi
 
 from __future__ import annotations
 
+import http.server
 import json
 import re
 import socket
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,9 +45,10 @@ def base_url_port(gw: Gateway) -> int:
 
 
 class BaseUrlGateway:
-    def __init__(self, gw: Gateway, recordings: Path) -> None:
+    def __init__(self, gw: Gateway, recordings: Path, collector: Collector) -> None:
         self.gw = gw
         self.recordings = recordings
+        self.collector = collector
         self.port = base_url_port(gw)
         self.root = f"http://127.0.0.1:{self.port}"
 
@@ -59,15 +63,55 @@ class BaseUrlGateway:
         return b"".join(p.read_bytes() for p in self.recordings.rglob("*") if p.is_file())
 
 
+class Collector:
+    """An OpenTelemetry collector's OTLP/HTTP input on loopback: the spans it received."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict[str, Any]] = []
+        collector = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                for resource in body["resourceSpans"]:
+                    for scope in resource["scopeSpans"]:
+                        collector.spans.extend(scope["spans"])
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def attributes(self) -> list[dict[str, Any]]:
+        return [
+            {a["key"]: next(iter(a["value"].values())) for a in span["attributes"]}
+            for span in self.spans
+        ]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @pytest.fixture
 def base_gw(start_gateway, tmp_path: Path) -> Iterator[BaseUrlGateway]:
     recordings = tmp_path / "recordings"
+    collector = Collector()
 
     def edit(cfg: dict) -> None:
         cfg["recording"] = recording_section(recordings)
         cfg["base_url"] = {
             "listen_port": 0,
             "prefixes": {"/openai": "openai", "/internal": "internal"},
+        }
+        cfg["monitoring"] = {
+            "listen_port": 0,
+            "traces": {"endpoint": collector.url, "flush_seconds": 0.2},
         }
         cfg["policy"] = {
             "rules": [
@@ -79,7 +123,8 @@ def base_gw(start_gateway, tmp_path: Path) -> Iterator[BaseUrlGateway]:
             ]
         }
 
-    yield BaseUrlGateway(start_gateway(edit), recordings)
+    yield BaseUrlGateway(start_gateway(edit), recordings, collector)
+    collector.close()
 
 
 def sdk(root: str, api_key: str) -> openai.OpenAI:
@@ -136,6 +181,19 @@ def test_the_openai_sdk_through_the_base_url(
     for value in (token, UPSTREAM_KEY, GITHUB):
         assert value.encode() not in recorded
         assert value not in logs
+
+    # A span per flow went to the OTLP collector, naming the route and decision, no secret.
+    deadline = time.monotonic() + 20
+    while len(base_gw.collector.spans) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    spans = {a["sluicegate.request_id"]: a for a in base_gw.collector.attributes()}
+    first = spans[raw.headers[REQUEST_ID]]
+    assert first["sluicegate.route"] == "openai" and first["sluicegate.decision"] == "allowed"
+    assert first["sluicegate.base_url"] == "/openai"
+    assert first["http.response.status_code"] == "200"
+    exported = json.dumps(base_gw.collector.spans)
+    for value in (token, UPSTREAM_KEY, GITHUB):
+        assert value not in exported
 
 
 def test_policy_and_a_plain_http_route_apply_too(
