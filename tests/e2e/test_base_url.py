@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import re
+import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +31,7 @@ import pytest
 from mitmproxy import io
 
 from tests.conftest import UPSTREAM_KEY, UPSTREAM_KEY_ENV
-from tests.support.gateway import Gateway, recording_section
+from tests.support.gateway import REPO, Gateway, recording_section
 from tests.support.rule_secrets import example
 from tests.support.upstream import FakeUpstream
 
@@ -301,3 +304,114 @@ def test_a_port_in_use_stops_the_gateway_with_exit_3(base_config: dict, tmp_path
         assert gw.run_to_exit() == 3
     assert f"base_url: cannot listen on 127.0.0.1:{port}" in gw.logs
     assert "address already in use" in gw.logs
+
+
+# -- Node's openai SDK: Node before 24 ignores HTTPS_PROXY, which is what base-URL mode is for ----
+
+NODE_AGENT = r"""
+const OpenAI = require('openai');
+const client = new OpenAI({maxRetries: 0});  // OPENAI_BASE_URL and OPENAI_API_KEY from the env
+(async () => {
+  const {data, response} = await client.chat.completions.create({
+    model: 'gpt-test', messages: [{role: 'user', content: process.argv[2]}],
+  }).withResponse();
+  const stream = await client.chat.completions.create({
+    model: 'gpt-test', messages: [{role: 'user', content: 'stream please'}], stream: true,
+  });
+  let streamed = '';
+  for await (const chunk of stream) streamed += (chunk.choices[0] && chunk.choices[0].delta.content) || '';
+  process.stdout.write(JSON.stringify({
+    text: data.choices[0].message.content, streamed,
+    requestId: response.headers.get('x-sluicegate-request-id'),
+  }));
+})().catch((err) => { process.stdout.write(JSON.stringify({error: String(err)})); });
+"""
+
+
+@pytest.fixture(scope="session")
+def node_openai(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory with Node's official openai SDK installed (npm), or the test is skipped."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node and npm are not on this machine")
+    directory = tmp_path_factory.mktemp("node-openai")
+    done = subprocess.run(
+        [npm, "install", "--no-audit", "--no-fund", "--silent", "openai@4"],
+        cwd=directory,
+        capture_output=True,
+        timeout=300,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"npm could not install the openai SDK: {done.stderr[-500:]!r}")
+    return directory
+
+
+def test_the_node_openai_sdk_through_the_base_url(
+    base_gw: BaseUrlGateway, upstream: FakeUpstream, token: str, node_openai: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(
+        OPENAI_BASE_URL=f"{base_gw.root}/openai/v1",
+        OPENAI_API_KEY=token,
+        NODE_PATH=str(node_openai / "node_modules"),
+    )
+    done = subprocess.run(
+        ["node", "-e", NODE_AGENT, f"my token {GITHUB_EXAMPLE.text}"],
+        cwd=node_openai,
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    result = json.loads(done.stdout or b"{}")
+    assert "error" not in result and done.returncode == 0, (result, done.stderr)
+    assert result["text"] == "Hello from the fake model." and result["requestId"]
+    assert "Hello" in result["streamed"]
+    assert [got.path for got in upstream.received] == ["/v1/chat/completions"] * 2
+    for got in upstream.received:
+        assert got.header("authorization") == f"Bearer {UPSTREAM_KEY}"
+        assert token.encode() not in got.raw() and GITHUB.encode() not in got.raw()
+
+
+# -- doctor, in an agent environment that only has the base URL -----------------------------------
+
+
+def doctor(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sluicegate", "doctor", "--timeout", "5"],
+        env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO / "addons"), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_doctor_checks_the_base_url(
+    base_gw: BaseUrlGateway, plain_upstream: FakeUpstream, token: str
+) -> None:
+    good = doctor({"OPENAI_BASE_URL": f"{base_gw.root}/openai/v1", "OPENAI_API_KEY": token})
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "PASS  base-url:OPENAI_BASE_URL" in good.stdout
+    assert token not in good.stdout + good.stderr
+    # A prefix the gateway does not know, and an SDK pointed straight at an API (here: the
+    # plain upstream itself), which bypasses the gateway.
+    bad = doctor(
+        {
+            "OPENAI_BASE_URL": f"{base_gw.root}/nope/v1",
+            "OPENAI_API_KEY": token,
+            "ANTHROPIC_BASE_URL": plain_upstream.base_url,
+            "ANTHROPIC_API_KEY": token,
+        }
+    )
+    assert bad.returncode == 1
+    lines = bad.stdout.splitlines()
+    openai_line = next(line for line in lines if "base-url:OPENAI_BASE_URL" in line)
+    assert openai_line.startswith("FAIL") and "no such prefix" in openai_line
+    anthropic_line = next(line for line in lines if "base-url:ANTHROPIC_BASE_URL" in line)
+    assert anthropic_line.startswith("FAIL") and "bypasses it" in anthropic_line
+    # No token in the placeholder's place: the gateway says so, and doctor names the fix.
+    placeholder = doctor(
+        {"OPENAI_BASE_URL": f"{base_gw.root}/openai/v1", "OPENAI_API_KEY": "sk-placeholder-x"}
+    )
+    assert placeholder.returncode == 1 and "rejected the API key as a token" in placeholder.stdout
+    for done in (bad, placeholder):
+        assert token not in done.stdout + done.stderr
