@@ -319,7 +319,9 @@ const client = new OpenAI({maxRetries: 0});  // OPENAI_BASE_URL and OPENAI_API_K
     model: 'gpt-test', messages: [{role: 'user', content: 'stream please'}], stream: true,
   });
   let streamed = '';
-  for await (const chunk of stream) streamed += (chunk.choices[0] && chunk.choices[0].delta.content) || '';
+  for await (const chunk of stream) {
+    streamed += (chunk.choices[0] && chunk.choices[0].delta.content) || '';
+  }
   process.stdout.write(JSON.stringify({
     text: data.choices[0].message.content, streamed,
     requestId: response.headers.get('x-sluicegate-request-id'),

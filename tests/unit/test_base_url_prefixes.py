@@ -1,4 +1,5 @@
-"""Base-URL prefixes: the whole path is read canonically, then the longest prefix names the route."""
+"""Base-URL prefixes: the whole path is read canonically, then the longest prefix names its
+route."""
 
 from __future__ import annotations
 

@@ -313,4 +313,5 @@ def test_base_url_check_unreachable_and_anthropic(fake_proxy: FakeProxy) -> None
     assert "cannot reach" in checks["base-url:OPENAI_BASE_URL"].detail
     assert checks["base-url:ANTHROPIC_BASE_URL"].status == "pass"
     sent = fake_proxy.received[-1].decode()
-    assert sent.startswith("GET /anthropic/v1/models") and f"x-api-key: {TOKEN}".lower() in sent.lower()
+    assert sent.startswith("GET /anthropic/v1/models")
+    assert f"x-api-key: {TOKEN}".lower() in sent.lower()

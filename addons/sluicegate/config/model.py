@@ -1188,10 +1188,10 @@ class Config:
         if self.base_url is not None:
             by_name = {r.name: r for r in self.routes}
             for prefix, name in self.base_url.prefixes.items():
-                route = by_name.get(name)
-                if route is None:
+                prefixed = by_name.get(name)
+                if prefixed is None:
                     yield f"base_url.prefixes.{prefix}", f"no route named {name!r}"
-                elif route.host.startswith("*."):
+                elif prefixed.host.startswith("*."):
                     yield (
                         f"base_url.prefixes.{prefix}",
                         f"route {name!r} has a wildcard host: a base-URL prefix needs one upstream",

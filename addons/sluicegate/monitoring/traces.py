@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -233,10 +234,8 @@ class TraceExporter:
         while not self._closed:
             if len(self.queue) < self.batch_size:
                 self._wake.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.flush_seconds)
-                except TimeoutError:
-                    pass
             if not self.queue:
                 continue
             batch = [self.queue.popleft() for _ in range(min(self.batch_size, len(self.queue)))]
