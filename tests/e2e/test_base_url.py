@@ -179,6 +179,7 @@ def test_the_openai_sdk_through_the_base_url(
     assert meta["route"] == "openai" and meta["base_url"] == "/openai"
     assert meta["caller"]["subject"] == "agent-alice"
     assert meta["request_id"] == raw.headers[REQUEST_ID]
+    assert "via openai (base URL /openai): allowed" in flows[0].comment  # what mitmweb shows
     recorded = base_gw.recorded_bytes()
     logs = base_gw.gw.settled_logs()
     for value in (token, UPSTREAM_KEY, GITHUB):
@@ -212,7 +213,7 @@ def test_policy_and_a_plain_http_route_apply_too(
             f"{base_gw.root}/internal/echo", headers={"x-api-key": token}, json={}
         )
     assert blocked.status_code == 403 and blocked.json()["error"]["code"] == "policy_blocked"
-    assert upstream.received == []
+    assert upstream.received == []  # blocked before it left
     assert echoed.status_code == 200, echoed.text
     seen = echoed.json()
     assert seen["path"] == "/echo?x=1"
@@ -221,7 +222,17 @@ def test_policy_and_a_plain_http_route_apply_too(
     assert "authorization" not in lowered  # an http route carries no credential, nor the token
     assert anthropic_style.status_code == 200
     assert "x-api-key" not in {k.lower() for k in anthropic_style.json()["headers"]}
-    assert len(plain_upstream.received) == 2
+    # Agents may speak TLS to the listener: it presents a certificate of the gateway CA.
+    tls_root = base_gw.root.replace("http://", "https://")
+    with httpx.Client(trust_env=False, timeout=20, verify=base_gw.gw.ssl_context()) as client:
+        over_tls = client.get(f"{tls_root}/internal/echo", headers=auth)
+        openai_over_tls = client.post(
+            f"{tls_root}/openai/v1/chat/completions", headers=auth, json={"messages": []}
+        )
+    assert over_tls.status_code == 200 and over_tls.json()["path"] == "/echo"
+    assert openai_over_tls.status_code == 200, openai_over_tls.text
+    assert upstream.received[-1].header("authorization") == f"Bearer {UPSTREAM_KEY}"
+    assert len(plain_upstream.received) == 3
 
 
 def curl(*args: str) -> tuple[int, dict[str, str], dict[str, Any]]:
