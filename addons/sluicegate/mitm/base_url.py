@@ -157,8 +157,10 @@ class BaseUrl(GatewayAddon):
         try:
             ctx.options.update(mode=[m for m in modes if not is_ours(m)] + wanted)
         except exceptions.OptionsError as e:
-            assert section is not None  # removing a listener cannot conflict
-            self._cannot_listen(section, str(e))
+            if section is None:  # removing a listener: mitmproxy refused the others' modes
+                logger.error("sluicegate: base_url: cannot remove the listener: %s", e)
+            else:
+                self._cannot_listen(section, str(e))
         finally:
             self._updating = False
 
