@@ -130,6 +130,7 @@ class Monitoring(GatewayAddon):
         self.handler: JsonLogHandler | None = None
         self.push: AuditPush | None = None
         self.traces: TraceExporter | None = None
+        self._traces_section: config_mod.TracesSection | None = None
         self._running = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -225,6 +226,9 @@ class Monitoring(GatewayAddon):
 
     def _traces(self, section: config_mod.MonitoringSection | None) -> None:
         wanted = section.traces if section is not None else None
+        if wanted is not None and wanted == self._traces_section and self.traces is not None:
+            return  # a reload that leaves `traces` alone keeps the queued spans
+        self._traces_section = wanted
         if self.traces is not None:
             self.traces.close()
             self.traces = None
