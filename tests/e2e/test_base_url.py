@@ -428,3 +428,31 @@ def test_doctor_checks_the_base_url(
     assert placeholder.returncode == 1 and "rejected the API key as a token" in placeholder.stdout
     for done in (bad, placeholder):
         assert token not in done.stdout + done.stderr
+
+
+def test_a_script_reload_keeps_the_listener(
+    start_gateway, tmp_path: Path, plain_upstream: FakeUpstream, token: str
+) -> None:
+    script = tmp_path / "gateway.py"
+    shutil.copy(REPO / "addons" / "gateway.py", script)
+
+    def edit(cfg: dict) -> None:
+        cfg["base_url"] = {"listen_port": 0, "prefixes": {"/internal": "internal"}}
+
+    gw = start_gateway(edit, script=script)
+    root = f"http://127.0.0.1:{base_url_port(gw)}"
+
+    def get() -> httpx.Response:
+        with httpx.Client(trust_env=False, timeout=20) as client:
+            return client.get(f"{root}/internal/echo", headers={"authorization": f"Bearer {token}"})
+
+    assert get().status_code == 200
+    script.write_text(script.read_text() + "\n# touched\n")
+    deadline = time.monotonic() + 20
+    while gw.logs.count("Loading script") < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    assert gw.logs.count("Loading script") >= 2
+    assert get().status_code == 200
+    assert "Async handler" not in gw.logs and "Traceback" not in gw.logs
+    assert len(plain_upstream.received) == 2

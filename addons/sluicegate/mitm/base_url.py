@@ -24,6 +24,7 @@ at start-up with exit code 3 and says which setting to change.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import socket
@@ -102,6 +103,7 @@ class BaseUrl(GatewayAddon):
         self._section: config_mod.BaseUrlSection | None = None
         self._running = False
         self._updating = False
+        self._bring_up: asyncio.Task[None] | None = None
 
     def apply(self, config: config_mod.Config) -> None:
         section = config.base_url
@@ -114,19 +116,29 @@ class BaseUrl(GatewayAddon):
         if self.config is not None:
             self._listen()
 
-    async def running(self) -> None:
+    def running(self) -> None:
+        # Sync: mitmproxy calls `running` synchronously when it reloads the script.
         self._running = True
+        if self._section is None:
+            return
+        if _bound() is not None:
+            self._announce()
+            return
+        # mitmproxy 12 may bring its listeners up while the script is still being configured,
+        # from the `mode` it had then, and only follows later changes once it runs: ask it
+        # again (nothing happens for listeners already up).
+        self._bring_up = asyncio.get_running_loop().create_task(self._setup_servers())
+
+    async def _setup_servers(self) -> None:
+        proxyserver: Any = ctx.master.addons.get("proxyserver")
+        await proxyserver.setup_servers()
+        self._announce()
+
+    def _announce(self) -> None:
         section = self._section
         if section is None:
             return
         where = _bound()
-        if where is None:
-            # mitmproxy 12 may bring its listeners up while the script is still being
-            # configured, from the `mode` it had then; it only follows later changes once it
-            # runs. Ask it again now (nothing happens for listeners already up).
-            proxyserver: Any = ctx.master.addons.get("proxyserver")
-            await proxyserver.setup_servers()
-            where = _bound()
         if where is None:
             logger.error(
                 "sluicegate: base_url: the listener on %s:%s did not start (see above)",
