@@ -6,6 +6,8 @@ The order is fixed and matters (mitmproxy calls each hook on addons in list orde
 
 1. ProxyHardening       refuse unsafe mitmproxy options; refuse all traffic without a valid config
 2. CallerAuth           verify the caller's token (CONNECT / requestheaders); strip it
+   BaseUrl              base-URL listener (if configured): map the path's prefix to its route's
+                        upstream, so Routing and everything after see an ordinary request
 3. Routing              match the verified upstream to a route; egress allowlist; group check
 4. Policy               block / hold for approval / redact / rate-limit, request and response side
 5. Redaction            redact buffered bodies (and the request query), both directions
@@ -22,6 +24,7 @@ they depend on each other's per-flow state, so they run as this chain, not one b
 """
 
 from sluicegate.mitm.auth import CallerAuth
+from sluicegate.mitm.base_url import BaseUrl
 from sluicegate.mitm.credentials import CredentialInjection
 from sluicegate.mitm.hardening import ProxyHardening
 from sluicegate.mitm.monitoring import Monitoring
@@ -36,6 +39,7 @@ from sluicegate.mitm.websockets import WebSockets
 addons = [
     ProxyHardening(),
     CallerAuth(),
+    BaseUrl(),
     Routing(),
     Policy(),
     Redaction(),

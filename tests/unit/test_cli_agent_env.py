@@ -277,3 +277,63 @@ def test_agent_host_tools_need_only_the_standard_library() -> None:
         check=True,
     )
     assert done.stdout.strip() == "[]"
+
+
+# -- base-URL mode --------------------------------------------------------------------------------
+
+
+def test_base_url_only(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """An agent that cannot use a proxy: the SDKs' base URLs and the token as their API key;
+    no proxy variables, no placeholders, and (plain http on loopback) no CA needed."""
+    (tmp_path / "token").write_text(TOKEN)
+    code, out, err = run_main(
+        capsys, "--base-url", "http://127.0.0.1:8081/", "--token-file", str(tmp_path / "token")
+    )
+    assert code == 0, err
+    env = source(out)
+    env.pop("PWD", None)  # the shell's own
+    assert env == {
+        "OPENAI_BASE_URL": "http://127.0.0.1:8081/openai/v1",
+        "ANTHROPIC_BASE_URL": "http://127.0.0.1:8081/anthropic",
+        "OPENAI_API_KEY": TOKEN,
+        "ANTHROPIC_API_KEY": TOKEN,
+    }
+    assert "caller token" in err and TOKEN not in err
+
+
+def test_base_url_with_the_proxy(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, cas: tuple[bytes, bytes]
+) -> None:
+    (tmp_path / "ca.pem").write_bytes(cas[1])
+    (tmp_path / "token").write_text(TOKEN)
+    code, out, err = run_main(
+        capsys, "--proxy", "gw.internal:8080", "--base-url", "https://gw.internal:8443",
+        "--openai-prefix", "/oai", "--token-file", str(tmp_path / "token"), "--ca",
+        str(tmp_path / "ca.pem"), "--system-cas", "none",
+    )  # fmt: skip
+    assert code == 0, err
+    env = source(out)
+    assert env["OPENAI_BASE_URL"] == "https://gw.internal:8443/oai/v1"
+    assert env["OPENAI_API_KEY"] == TOKEN and env["HTTPS_PROXY"].endswith("@gw.internal:8080")
+    # The listener is reached directly, never through the proxy.
+    assert env["NO_PROXY"] == f"{agenthost.DEFAULT_NO_PROXY},gw.internal"
+    assert env["NODE_EXTRA_CA_CERTS"] == str(tmp_path / "ca.pem")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "give --proxy"),
+        (("--base-url", "https://gw:8443"), "--ca is required"),
+        (("--base-url", "http://gw:8081/openai/v1"), "no path"),
+        (("--base-url", "gw:8081"), "must be http(s)://"),
+        (("--base-url", "http://gw:8081", "--openai-prefix", "openai"), "prefix 'openai'"),
+    ],
+)
+def test_base_url_refusals(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    (tmp_path / "token").write_text(TOKEN)
+    code, out, err = run_main(capsys, *args, "--token-file", str(tmp_path / "token"))
+    assert code == 2 and out == ""
+    assert message in err and TOKEN not in err

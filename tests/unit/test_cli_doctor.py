@@ -260,3 +260,58 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
     (tmp_path / "t").write_text("")
     assert doctor.main(["--token-file", str(tmp_path / "t")]) == 2
     assert "empty" in capsys.readouterr().err
+
+
+# -- base-URL mode --------------------------------------------------------------------------------
+
+
+def base_answer(status: int, body: bytes, request_id: bool = True) -> bytes:
+    head = f"HTTP/1.1 {status} X\r\ncontent-length: {len(body)}\r\nconnection: close\r\n"
+    if request_id:
+        head += "x-sluicegate-request-id: 1234\r\n"
+    return (head + "content-type: application/json\r\n\r\n").encode() + body
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "says"),
+    [
+        (base_answer(200, b'{"data": []}'), "pass", "base-URL listener"),
+        (base_answer(200, b'{"data": []}', request_id=False), "fail", "bypasses it"),
+        (base_answer(401, gateway_error("expired")), "fail", "expired"),
+        (base_answer(404, gateway_error("base_url_unknown_prefix")), "fail", "no such prefix"),
+        (base_answer(400, gateway_error("not_a_proxy_request")), "fail", "proxy port"),
+        (base_answer(403, gateway_error("policy_blocked")), "warn", "policy_blocked"),
+    ],
+)
+def test_base_url_check(fake_proxy: FakeProxy, answer: bytes, status: str, says: str) -> None:
+    """An agent host in base-URL mode only: no HTTPS_PROXY (a warning, not a failure), and the
+    SDK's base URL is checked with its API key, which must reach the gateway and be the token."""
+    fake_proxy.response = answer
+    fake_proxy.received.clear()
+    base = f"http://127.0.0.1:{fake_proxy.port}/openai/v1"
+    env = {"PATH": "", "OPENAI_BASE_URL": base, "OPENAI_API_KEY": TOKEN}
+    checks = run(env)
+    assert checks["proxy-env"].status == "warn"
+    check = checks["base-url:OPENAI_BASE_URL"]
+    assert (check.status, says in check.detail) == (status, True), check
+    sent = fake_proxy.received[-1].decode()
+    assert sent.startswith("GET /openai/v1/models HTTP/1.1")
+    assert f"Authorization: Bearer {TOKEN}" in sent
+    assert TOKEN not in check.detail + check.fix
+
+
+def test_base_url_check_unreachable_and_anthropic(fake_proxy: FakeProxy) -> None:
+    fake_proxy.response = base_answer(200, b"{}")
+    env = {
+        "PATH": "",
+        "OPENAI_BASE_URL": f"http://127.0.0.1:{closed_port()}/openai/v1",
+        "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{fake_proxy.port}/anthropic",
+        "ANTHROPIC_API_KEY": TOKEN,
+    }
+    checks = run(env)
+    assert checks["base-url:OPENAI_BASE_URL"].status == "fail"
+    assert "cannot reach" in checks["base-url:OPENAI_BASE_URL"].detail
+    assert checks["base-url:ANTHROPIC_BASE_URL"].status == "pass"
+    sent = fake_proxy.received[-1].decode()
+    assert sent.startswith("GET /anthropic/v1/models")
+    assert f"x-api-key: {TOKEN}".lower() in sent.lower()

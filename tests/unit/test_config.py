@@ -156,3 +156,37 @@ def test_file_secret_is_reread_when_it_changes(tmp_path: Path) -> None:
     with pytest.raises(SecretUnavailable, match="cannot be read") as e:
         ref.read()
     assert "second" not in str(e.value)
+
+
+def test_base_url_section(tmp_path: Path) -> None:
+    routes = """
+    routes:
+      - {name: openai, host: api.openai.com}
+      - {name: azure, host: "*.openai.azure.com"}
+    """
+    config = load_config(
+        write(tmp_path, MINIMAL, routes, "base_url: {prefixes: {/openai: openai}}")
+    )
+    assert config.base_url is not None
+    assert (config.base_url.listen_host, config.base_url.listen_port) == ("127.0.0.1", 8081)
+    assert dict(config.base_url.prefixes) == {"/openai": "openai"}
+    assert config.base_url.token_sources == ("authorization", "x_api_key")
+    bad = """
+    base_url:
+      listen_host: gateway.example
+      listen_port: 70000
+      prefixes: {/openai: nope, openai: openai, /a/../b: openai, /azure: azure}
+    """
+    found = problems(write(tmp_path, MINIMAL, routes, bad))
+    assert "base_url.listen_host: must be an IP address (or localhost)" in found
+    assert "base_url.listen_port: must be between 0 and 65535" in found
+    assert any(p.startswith("base_url.prefixes.openai: must be `/`") for p in found)
+    assert any(p.startswith("base_url.prefixes./a/../b: must") for p in found)
+    sources = "base_url: {prefixes: {/openai: openai}, token_sources: [proxy_authorization]}"
+    found = problems(write(tmp_path, MINIMAL, routes, sources))
+    assert any(p.startswith("base_url.token_sources[0]: must be one of") for p in found)
+    # Cross-section checks run once the section itself is valid.
+    cross = "base_url: {prefixes: {/openai: nope, /azure: azure}}"
+    found = problems(write(tmp_path, MINIMAL, routes, cross))
+    assert "base_url.prefixes./openai: no route named 'nope'" in found
+    assert any("wildcard host" in p and p.startswith("base_url.prefixes./azure") for p in found)

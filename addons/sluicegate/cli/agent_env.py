@@ -2,6 +2,7 @@
 
     python -m sluicegate agent-env --proxy gateway.internal:8080 --token-file ~/.sluicegate/token \\
         --ca gateway-ca.pem [--bundle PATH] [--no-proxy LIST] [--format sh|dotenv] [--out FILE]
+    python -m sluicegate agent-env --base-url http://127.0.0.1:8081 --token-file TOKEN [...]
 
 Prints (or writes to --out, mode 0600: it holds the token) the proxy variables, with the token as
 the proxy password, and the CA variables of the common stacks. SSL_CERT_FILE, REQUESTS_CA_BUNDLE,
@@ -9,6 +10,13 @@ CURL_CA_BUNDLE and GIT_SSL_CAINFO *replace* the trust store of OpenSSL-based too
 requests, curl and git, so they point at a bundle written here: this host's system CAs followed
 by the gateway CA (with the gateway CA alone, hosts in NO_PROXY would fail TLS). Node's
 NODE_EXTRA_CA_CERTS *adds* to its built-in roots, so it gets the gateway CA file itself.
+
+`--base-url` (the gateway's base-URL listener, `base_url` in its config) is for agents that cannot
+use a proxy (Node before 24): it prints OPENAI_BASE_URL (`<url>/openai/v1`) and
+ANTHROPIC_BASE_URL (`<url>/anthropic`; other prefixes with --openai-prefix / --anthropic-prefix)
+and sets the SDKs' API keys to the caller token, which is how base-URL requests authenticate.
+Without --proxy only those are printed (and, with --ca, the CA variables); with both, the
+base-URL host is added to NO_PROXY so the proxy does not carry requests meant for the listener.
 
 `--ca` is what `python -m sluicegate ca export` wrote (several certificates during a CA rotation).
 After a rotation, deliver the new export to the same path and rerun: the variables stay the same,
@@ -18,9 +26,11 @@ the bundle is rewritten. The token is read from a file, never taken on the comma
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,13 +42,16 @@ from sluicegate.cli.agenthost import (
     Proxy,
     bundle,
     certificates,
+    no_proxy_entry,
     read_token,
     system_ca_file,
 )
+from sluicegate.egress.base_url import prefix_problem
 
 NO_SYSTEM_CAS = "none"
 # SDKs refuse to start without an API key; the gateway injects the real one, so the agent gets a
 # placeholder (never a real key: whatever the agent sends in these headers is stripped).
+BASE_URL_VARS = ("OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "OPENAI_API_KEY", "ANTHROPIC_API_KEY")
 PLACEHOLDER_KEYS = {
     "OPENAI_API_KEY": "sk-placeholder-the-gateway-injects-the-real-key",
     "ANTHROPIC_API_KEY": "sk-ant-placeholder-the-gateway-injects-the-real-key",
@@ -65,9 +78,55 @@ def environment(proxy: Proxy, ca_file: Path, bundle_file: Path, no_proxy: str) -
     return env
 
 
+@dataclasses.dataclass(frozen=True)
+class BaseUrl:
+    """The gateway's base-URL listener: `http(s)://host:port`, without a path."""
+
+    scheme: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> BaseUrl:
+        parts = urllib.parse.urlsplit(text.strip().rstrip("/"))
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise AgentHostError("--base-url must be http(s)://HOST[:PORT] (the base-URL listener)")
+        if parts.username or parts.password or parts.query or parts.fragment or parts.path:
+            raise AgentHostError(
+                "--base-url is the listener's root, http(s)://HOST:PORT: no path, user or query "
+                "(the prefixes are --openai-prefix and --anthropic-prefix)"
+            )
+        default = 443 if parts.scheme == "https" else 80
+        return cls(parts.scheme, parts.hostname, port or default)
+
+    def root(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+def base_url_environment(
+    base: BaseUrl, token: str, openai_prefix: str, anthropic_prefix: str
+) -> dict[str, str]:
+    """The SDKs' base URLs and the caller token as their API key."""
+    for prefix in (openai_prefix, anthropic_prefix):
+        if prefix_problem(prefix) is not None:
+            raise AgentHostError(f"prefix {prefix!r}: {prefix_problem(prefix)}")
+    return {
+        "OPENAI_BASE_URL": f"{base.root()}{openai_prefix}/v1",
+        "ANTHROPIC_BASE_URL": f"{base.root()}{anthropic_prefix}",
+        "OPENAI_API_KEY": token,
+        "ANTHROPIC_API_KEY": token,
+    }
+
+
 def render(env: dict[str, str], fmt: str, system_source: str) -> str:
     """Shell (`export K=V`, for `eval` or `source`) or dotenv (`K=V`, for systemd's
-    EnvironmentFile= and `docker --env-file`), with comments saying why each group is there."""
+    EnvironmentFile= and `docker --env-file`), with comments saying why each group is there.
+    Groups whose variables are absent (no proxy, no CA) are left out."""
     for name, value in env.items():
         if "\n" in value or "\r" in value:
             raise AgentHostError(f"{name} would contain a line break")
@@ -79,26 +138,42 @@ def render(env: dict[str, str], fmt: str, system_source: str) -> str:
     lines = [
         "# sluicegate agent environment (python -m sluicegate agent-env). It holds the caller",
         "# token: keep it readable by the agent's user only.",
-        "# Every HTTP(S) request goes through the gateway; the token is the proxy password.",
-        *(line(n) for n in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")),
-        "# Hosts reached directly, NOT through the gateway (never the API hosts).",
-        line("NO_PROXY"),
-        line("no_proxy"),
-        "# Node.js >= 24 uses the proxy variables only with this set; older Node ignores them",
-        "# (the agent needs its own proxy setting there).",
-        line("NODE_USE_ENV_PROXY"),
-        "# git sends proxy credentials only after a 407 unless told to send them at once (its",
-        '# first CONNECT would fail with "could not read Username").',
-        line("GIT_HTTP_PROXY_AUTHMETHOD"),
-        "# Placeholders, NOT keys: SDKs want one set; the gateway strips it and injects the real",
-        "# key of the route (the agent never holds it).",
-        *(line(n) for n in PLACEHOLDER_KEYS),
-        "# These REPLACE the trust store of OpenSSL-based tools, Python (ssl, requests, httpx),",
-        f"# curl and git: a bundle of {system_source} plus the gateway CA.",
-        *(line(n) for n in REPLACING_CA_VARS),
-        "# Node adds this to its built-in roots: the gateway CA alone.",
-        *(line(n) for n in ADDITIVE_CA_VARS),
     ]
+    if "HTTPS_PROXY" in env:
+        lines += [
+            "# Every HTTP(S) request goes through the gateway; the token is the proxy password.",
+            *(line(n) for n in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")),
+            "# Hosts reached directly, NOT through the gateway (never the API hosts).",
+            line("NO_PROXY"),
+            line("no_proxy"),
+            "# Node.js >= 24 uses the proxy variables only with this set; older Node ignores them",
+            "# (the agent needs its own proxy setting there, or the base URLs below).",
+            line("NODE_USE_ENV_PROXY"),
+            "# git sends proxy credentials only after a 407 unless told to send them at once (its",
+            '# first CONNECT would fail with "could not read Username").',
+            line("GIT_HTTP_PROXY_AUTHMETHOD"),
+        ]
+    if "OPENAI_BASE_URL" in env:
+        lines += [
+            "# Base-URL mode, for agents that cannot use a proxy: the SDKs talk to the gateway's",
+            "# base-URL listener, which forwards to the API; the caller token is their API key",
+            "# (the gateway verifies it, strips it and injects the route's real key).",
+            *(line(n) for n in BASE_URL_VARS),
+        ]
+    else:
+        lines += [
+            "# Placeholders, NOT keys: SDKs want one set; the gateway strips it and injects the",
+            "# real key of the route (the agent never holds it).",
+            *(line(n) for n in PLACEHOLDER_KEYS),
+        ]
+    if REPLACING_CA_VARS[0] in env:
+        lines += [
+            "# These REPLACE the trust store of OpenSSL-based tools, Python (ssl, requests,",
+            f"# httpx), curl and git: a bundle of {system_source} plus the gateway CA.",
+            *(line(n) for n in REPLACING_CA_VARS),
+            "# Node adds this to its built-in roots: the gateway CA alone.",
+            *(line(n) for n in ADDITIVE_CA_VARS),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -134,10 +209,22 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--proxy", required=True, help="the gateway, HOST:PORT")
+    parser.add_argument("--proxy", help="the gateway, HOST:PORT (required without --base-url)")
     parser.add_argument("--token-file", required=True, type=Path, help="file with the token")
     parser.add_argument(
-        "--ca", required=True, type=Path, help="the gateway CA certificate(s) (`ca export`)"
+        "--ca",
+        type=Path,
+        help="the gateway CA certificate(s) (`ca export`; required with --proxy or an https "
+        "--base-url)",
+    )
+    parser.add_argument(
+        "--base-url",
+        help="the gateway's base-URL listener, http(s)://HOST:PORT: print OPENAI_BASE_URL and "
+        "ANTHROPIC_BASE_URL, with the token as the SDKs' API key",
+    )
+    parser.add_argument("--openai-prefix", default="/openai", help="its OpenAI prefix (/openai)")
+    parser.add_argument(
+        "--anthropic-prefix", default="/anthropic", help="its Anthropic prefix (/anthropic)"
     )
     parser.add_argument(
         "--bundle",
@@ -181,11 +268,44 @@ def main(argv: Sequence[str]) -> int:
 
 def run(args: argparse.Namespace) -> tuple[str, list[str]]:
     """(the rendered environment, notes for stderr); writes the CA bundle."""
-    proxy = Proxy.parse(args.proxy)
-    if proxy.token is not None:
-        raise AgentHostError("give the token with --token-file, not inside --proxy")
-    proxy = proxy.with_token(read_token(args.token_file.expanduser()))
-    ca_file = args.ca.expanduser().absolute()
+    if args.proxy is None and args.base_url is None:
+        raise AgentHostError("give --proxy (the gateway's proxy), --base-url, or both")
+    base = BaseUrl.parse(args.base_url) if args.base_url is not None else None
+    if args.ca is None and (args.proxy is not None or (base and base.scheme == "https")):
+        raise AgentHostError("--ca is required: the agent must trust the gateway's CA")
+    token = read_token(args.token_file.expanduser())
+    env: dict[str, str] = {}
+    notes: list[str] = []
+    source = ""
+    if args.ca is not None:
+        ca_file = args.ca.expanduser().absolute()
+        bundle_file, source, count = _write_bundle(args, ca_file)
+        notes.append(f"CA bundle: {bundle_file} ({source} + {count} gateway CA certificate(s))")
+    if args.proxy is not None:
+        proxy = Proxy.parse(args.proxy)
+        if proxy.token is not None:
+            raise AgentHostError("give the token with --token-file, not inside --proxy")
+        no_proxy = args.no_proxy.strip()
+        if base is not None and no_proxy_entry(no_proxy, base.host, base.port) is None:
+            # Requests for the listener must not be sent to it through the proxy.
+            no_proxy = ",".join(filter(None, [no_proxy, base.host]))
+        env.update(environment(proxy.with_token(token), ca_file, bundle_file, no_proxy))
+    elif args.ca is not None:
+        env.update(dict.fromkeys(REPLACING_CA_VARS, str(bundle_file)))
+        env.update(dict.fromkeys(ADDITIVE_CA_VARS, str(ca_file)))
+    if base is not None:
+        for name in PLACEHOLDER_KEYS:
+            env.pop(name, None)
+        env.update(base_url_environment(base, token, args.openai_prefix, args.anthropic_prefix))
+        notes.append(
+            "base-URL mode: OPENAI_API_KEY and ANTHROPIC_API_KEY hold the caller token (the "
+            "gateway verifies and strips it); the real keys stay in the gateway"
+        )
+    notes.append("check this host with: python -m sluicegate doctor (in the environment above)")
+    return render(env, args.format, source), notes
+
+
+def _write_bundle(args: argparse.Namespace, ca_file: Path) -> tuple[Path, str, int]:
     gateway_certs = certificates(ca_file.read_bytes(), str(ca_file))
     bundle_file = (args.bundle or ca_file.with_name(f"{ca_file.stem}-bundle.pem")).expanduser()
     bundle_file = bundle_file.absolute()
@@ -202,9 +322,4 @@ def run(args: argparse.Namespace) -> tuple[str, list[str]]:
             )
         system, source = found.read_bytes(), f"the system CAs ({found})"
     write_public(bundle_file, bundle(system, gateway_certs))
-    env = environment(proxy, ca_file, bundle_file, args.no_proxy.strip())
-    notes = [
-        f"CA bundle: {bundle_file} ({source} + {len(gateway_certs)} gateway CA certificate(s))",
-        "check this host with: python -m sluicegate doctor (in the environment above)",
-    ]
-    return render(env, args.format, source), notes
+    return bundle_file, source, len(gateway_certs)

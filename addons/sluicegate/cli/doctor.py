@@ -18,6 +18,10 @@ Checks, each with what to fix when it fails:
               ignores HTTPS_PROXY and would go straight to the API
   git         git sends proxy credentials on its first CONNECT (GIT_HTTP_PROXY_AUTHMETHOD=basic)
   probe       a GET of the probe URL through the gateway is answered by the upstream
+  base-url:VAR  (OPENAI_BASE_URL / ANTHROPIC_BASE_URL set, or --base-url) the SDK's base URL is
+              the gateway's base-URL listener: a GET of its models endpoint, with the SDK's API
+              key (the caller token), is answered through the gateway (not straight by the API,
+              not refused: 401 names the token's problem, 404 an unknown prefix)
 
 The token comes from --token-file, else from the proxy URL's password (--proxy, HTTPS_PROXY); it
 is never printed. Exit codes: 0 no check failed (warnings allowed), 1 a check failed, 2 usage.
@@ -35,7 +39,9 @@ import socket
 import ssl
 import subprocess
 import sys
+import urllib.error
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Final, Literal
@@ -129,6 +135,15 @@ fetch(e.SLUICEGATE_DOCTOR_URL, {signal})
   .then((r) => out({version, status: r.status, gateway: r.headers.has('x-sluicegate-request-id')}))
   .catch((err) => out({version, error: why(err)}));
 """
+BASE_URL_VARS: Final = ("OPENAI_BASE_URL", "ANTHROPIC_BASE_URL")
+BASE_URL_KEY_VARS: Final = {
+    "OPENAI_BASE_URL": "OPENAI_API_KEY",
+    "ANTHROPIC_BASE_URL": "ANTHROPIC_API_KEY",
+}
+BASE_URL_FIX: Final = (
+    "export what `python -m sluicegate agent-env --base-url http://<gateway>:<base-URL port>` "
+    "prints"
+)
 NODE_TLS_ERRORS: Final = ("CERT", "SELF_SIGNED", "UNABLE_TO", "ERR_TLS")
 NODE_PROXY_FIX: Final = (
     "Node reads HTTPS_PROXY only from version 24 on, with NODE_USE_ENV_PROXY=1 (agent-env sets "
@@ -240,6 +255,7 @@ class Doctor:
         probe_url: str,
         api_hosts: Sequence[str] = DEFAULT_API_HOSTS,
         timeout: float = 10.0,
+        base_url: str | None = None,
     ) -> None:
         self.env = env
         self.explicit_proxy = proxy
@@ -253,6 +269,12 @@ class Doctor:
         self.api_hosts = api_hosts
         self.timeout = timeout
         self.checks: list[Check] = []
+        # (variable, SDK base URL): the SDKs that talk to the gateway's base-URL listener.
+        self.base_urls = [(v, env[v].strip()) for v in BASE_URL_VARS if env.get(v, "").strip()]
+        if base_url is not None:
+            self.base_urls = [("--base-url", base_url.strip())] + [
+                b for b in self.base_urls if b[0] != "OPENAI_BASE_URL"
+            ]
 
     # -- running ---------------------------------------------------------------------------
 
@@ -261,6 +283,7 @@ class Doctor:
         self._check_no_proxy()
         proxy = self.explicit_proxy or env_proxy
         if proxy is None:
+            self._check_base_urls()
             self._skip_rest("no proxy to check: set HTTPS_PROXY or pass --proxy")
             return self.checks
         token = self._token(proxy, env_proxy)
@@ -277,6 +300,7 @@ class Doctor:
         self._check_node_proxy()
         self._check_git()
         self._check_probe(proxy)
+        self._check_base_urls()
         return self.checks
 
     def add(self, name: str, status: Status, detail: str, fix: str = "") -> None:
@@ -284,8 +308,9 @@ class Doctor:
 
     def _clean(self, text: str) -> str:
         """Never print the token, even where a tool echoed it."""
-        for secret in (self.token, self.explicit_proxy and self.explicit_proxy.token):
-            if secret:
+        keys = [self.env.get(name, "").strip() for name in BASE_URL_KEY_VARS.values()]
+        for secret in (self.token, self.explicit_proxy and self.explicit_proxy.token, *keys):
+            if secret and len(secret) >= 8:
                 text = text.replace(secret, "***").replace(urllib.parse.quote(secret), "***")
         return text
 
@@ -299,6 +324,16 @@ class Doctor:
 
     def _check_proxy_env(self) -> Proxy | None:
         https = env_value(self.env, "https_proxy")
+        if https is None and self.base_urls:
+            self.add(
+                "proxy-env",
+                "warn",
+                "HTTPS_PROXY is not set: only SDKs given the gateway's base URL ("
+                + ", ".join(name for name, _ in self.base_urls)
+                + ") go through it; every other tool connects directly",
+                "export the proxy variables too (`agent-env --proxy ... --base-url ...`)",
+            )
+            return None
         if https is None:
             self.add(
                 "proxy-env",
@@ -722,6 +757,10 @@ class Doctor:
                 "export GIT_HTTP_PROXY_AUTHMETHOD=basic (agent-env prints it)",
             )
 
+    def _check_base_urls(self) -> None:
+        for variable, base in self.base_urls:
+            BaseUrlCheck(self, variable, base).run()
+
     def _check_probe(self, proxy: Proxy) -> None:
         contexts = [ssl.create_default_context()]
         if self.ca_file is not None:
@@ -780,6 +819,119 @@ class Doctor:
             self.add("probe", "pass", f"GET {url}: HTTP {answer.status} from the upstream")
 
 
+class BaseUrlCheck:
+    """GET the models endpoint of one SDK base URL, directly (no proxy), as the SDK would."""
+
+    def __init__(self, doctor: Doctor, variable: str, base: str) -> None:
+        self.doctor, self.variable, self.base = doctor, variable, base.rstrip("/")
+        self.name = f"base-url:{variable}"
+
+    def run(self) -> None:
+        parts = urllib.parse.urlsplit(self.base)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            self.doctor.add(
+                self.name, "fail", f"{self.variable} is not an http(s) URL", BASE_URL_FIX
+            )
+            return
+        anthropic = self.variable == "ANTHROPIC_BASE_URL"
+        url = self.base + ("/v1/models" if anthropic else "/models")
+        key_var = BASE_URL_KEY_VARS.get(self.variable, "OPENAI_API_KEY")
+        key = self.doctor.token or self.doctor.env.get(key_var, "").strip()
+        headers = {"accept": "application/json", "user-agent": "sluicegate-doctor"}
+        if key and anthropic:
+            headers |= {"x-api-key": key, "anthropic-version": "2023-06-01"}
+        elif key:
+            headers["authorization"] = f"Bearer {key}"
+        try:
+            answer = self._get(url, headers)
+        except (OSError, ValueError) as e:
+            why = getattr(e, "reason", None) or e
+            self.doctor.add(
+                self.name,
+                "fail",
+                f"cannot reach {self.variable}={self.base} ({why})",
+                "check the host and port of the gateway's base-URL listener (base_url in its "
+                "config), that it runs, and for https that SSL_CERT_FILE trusts the gateway CA",
+            )
+            return
+        self._judge(answer, key_var, bool(key))
+
+    def _get(self, url: str, headers: dict[str, str]) -> Answer:
+        request = urllib.request.Request(url, headers=headers)
+        context = ssl.create_default_context()
+        if self.doctor.ca_file is not None:
+            with contextlib.suppress(OSError, ssl.SSLError):
+                context.load_verify_locations(cafile=str(self.doctor.ca_file))
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+        )
+        try:
+            with opener.open(request, timeout=self.doctor.timeout) as response:
+                return Answer(
+                    response.status,
+                    {k.lower(): v for k, v in response.headers.items()},
+                    response.read(MAX_BODY),
+                )
+        except urllib.error.HTTPError as e:
+            return Answer(e.code, {k.lower(): v for k, v in e.headers.items()}, e.read(MAX_BODY))
+
+    def _judge(self, answer: Answer, key_var: str, has_key: bool) -> None:
+        where = f"{self.variable}={self.base}"
+        if REQUEST_ID_HEADER not in answer.headers:
+            self.doctor.add(
+                self.name,
+                "fail",
+                f"{where} answered HTTP {answer.status} without the gateway's request id: it is "
+                "not the gateway, so this SDK bypasses it",
+                BASE_URL_FIX,
+            )
+            return
+        error = answer.gateway_error()
+        if error is None:
+            self.doctor.add(
+                self.name,
+                "pass",
+                f"{where} is the gateway's base-URL listener (HTTP {answer.status} from the "
+                "upstream through it)",
+            )
+            return
+        code, message = error
+        if answer.status == 401:
+            fix = (
+                TOKEN_FIXES.get(code, "get a valid token for this gateway")
+                if has_key
+                else f"set {key_var} to the caller token (`agent-env --base-url` does)"
+            )
+            self.doctor.add(
+                self.name, "fail", f"the gateway rejected the API key as a token: {code}", fix
+            )
+        elif code == "base_url_unknown_prefix":
+            self.doctor.add(
+                self.name,
+                "fail",
+                f"{where}: the gateway knows no such prefix ({message})",
+                "use a prefix of the gateway's base_url.prefixes (agent-env --openai-prefix / "
+                "--anthropic-prefix)",
+            )
+        elif code == "not_a_proxy_request":
+            self.doctor.add(
+                self.name,
+                "fail",
+                f"{where} is the gateway's proxy port, not its base-URL listener",
+                "use the base_url.listen_port of the gateway's config (default 8081)",
+            )
+        else:
+            self.doctor.add(
+                self.name,
+                "warn",
+                f"{where} is the gateway, which refused the models request: {code}: {message}",
+                ROUTING_FIXES.get(code, "see the gateway's policy for this code"),
+            )
+
+
+REQUEST_ID_HEADER: Final = "x-sluicegate-request-id"
+
+
 def _netloc(text: str) -> str | None:
     try:
         return Proxy.parse(text).netloc
@@ -820,6 +972,11 @@ def build_parser() -> argparse.ArgumentParser:
         + ", ".join(DEFAULT_API_HOSTS)
         + ")",
     )
+    parser.add_argument(
+        "--base-url",
+        help="an OpenAI SDK base URL to check (default: OPENAI_BASE_URL; ANTHROPIC_BASE_URL "
+        "is checked too when set)",
+    )
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per network step")
     return parser
 
@@ -837,6 +994,7 @@ def main(argv: Sequence[str]) -> int:
             probe_url=args.probe_url,
             api_hosts=args.api_host or DEFAULT_API_HOSTS,
             timeout=args.timeout,
+            base_url=args.base_url,
         )
     except AgentHostError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -34,6 +34,7 @@ from sluicegate.config.schema import (
     setting,
 )
 from sluicegate.egress.addresses import InternalAllowance
+from sluicegate.egress.base_url import prefix_problem
 from sluicegate.egress.paths import AmbiguousPath, canonical_path
 from sluicegate.policy.conditions import HostPattern
 from sluicegate.policy.patterns import BUILTIN_PATTERNS
@@ -971,6 +972,41 @@ class AuditWebhookSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class TracesSection:
+    endpoint: str = setting(
+        doc="OTLP/HTTP traces URL of a collector, e.g. `http://otel-collector:4318/v1/traces`: "
+        "one span per finished flow (caller, route, decision, refusal, status, redaction "
+        "count; never a value, path or token), OTLP's JSON encoding."
+    )
+    service_name: str = setting("sluicegate", doc="`service.name` of the spans' resource.")
+    queue_size: int = setting(
+        2048,
+        doc="Spans waiting for export at most; past it new spans are dropped (counted in "
+        "`sluicegate_trace_spans_dropped_total`). Flows never wait for the collector.",
+    )
+    batch_size: int = setting(256, doc="Spans per export request at most.")
+    flush_seconds: float = setting(1.0, doc="Export what waited this long even when fewer.")
+    timeout_seconds: float = setting(
+        5.0, doc="Timeout of one export request; a failed one is retried once, then dropped."
+    )
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        url = urllib.parse.urlsplit(self.endpoint)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            yield "endpoint", "must be an http:// or https:// URL"
+        if url.username or url.password:
+            yield "endpoint", "must not carry credentials (it is logged and shown)"
+        if self.queue_size < 1:
+            yield "queue_size", "must be at least 1"
+        if not 1 <= self.batch_size <= self.queue_size:
+            yield "batch_size", "must be between 1 and queue_size"
+        if not self.flush_seconds > 0:
+            yield "flush_seconds", "must be positive"
+        if not self.timeout_seconds > 0:
+            yield "timeout_seconds", "must be positive"
+
+
+@dataclasses.dataclass(frozen=True)
 class MonitoringSection:
     listen_host: str = setting(
         "127.0.0.1",
@@ -987,6 +1023,9 @@ class MonitoringSection:
     audit_webhook: AuditWebhookSection | None = setting(
         None, doc="Push every audit-log line to an HTTP collector as it is written."
     )
+    traces: TracesSection | None = setting(
+        None, doc="OpenTelemetry traces: a span per flow, exported only when this is set."
+    )
 
     def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
         try:
@@ -996,6 +1035,50 @@ class MonitoringSection:
                 yield "listen_host", "must be an IP address (or localhost)"
         if not 0 <= self.listen_port < 65536:
             yield "listen_port", "must be between 0 and 65535"
+
+
+InnerTokenSource = Literal["authorization", "x_api_key", "api_key"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseUrlSection:
+    prefixes: Mapping[str, str] = setting(
+        doc="Path prefix -> route name, e.g. `/openai: openai` for "
+        "`OPENAI_BASE_URL=http://127.0.0.1:8081/openai/v1`. The prefix is removed and the rest "
+        "of the path goes to the route's upstream; authentication, routing (the route is chosen "
+        "as for a proxied request to that upstream), policy, redaction, injection and recording "
+        "are the proxy's. Unknown prefixes get 404 `base_url_unknown_prefix`."
+    )
+    listen_host: str = setting(
+        "127.0.0.1",
+        doc="Address of the base-URL listener, for agents that cannot use a proxy (Node before "
+        "24, SDKs without proxy support): they are given `http://HOST:PORT/<prefix>` as their "
+        "API's base URL. Plain HTTP carries the caller token: keep it on loopback, or have the "
+        "agents speak TLS to it (the gateway's CA, as for the proxy).",
+    )
+    listen_port: int = setting(8081, doc="Its port; 0 picks a free port (logged at start-up).")
+    token_sources: tuple[InnerTokenSource, ...] = setting(
+        ("authorization", "x_api_key"),
+        doc="Where base-URL callers put their token: the SDK's API key (`Authorization: Bearer`, "
+        "`x-api-key`, `api-key`). Missing: 401 `missing_token`.",
+    )
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        try:
+            ipaddress.ip_address(self.listen_host)
+        except ValueError:
+            if self.listen_host not in _LOOPBACK_NAMES:
+                yield "listen_host", "must be an IP address (or localhost)"
+        if not 0 <= self.listen_port < 65536:
+            yield "listen_port", "must be between 0 and 65535"
+        if not self.prefixes:
+            yield "prefixes", "must name at least one prefix"
+        for prefix in self.prefixes:
+            problem = prefix_problem(prefix)
+            if problem is not None:
+                yield f"prefixes.{prefix}", problem
+        if not self.token_sources:
+            yield "token_sources", "must name at least one header"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1055,6 +1138,12 @@ class Config:
         doc="Web console for approvers and investigators (approvals, activity, recorded "
         "sessions), served by the approvals control listener: needs `approvals`.",
     )
+    base_url: BaseUrlSection | None = setting(
+        None,
+        doc="Base-URL mode: a listener agents use as their API's base URL instead of a proxy "
+        "(mitmproxy reverse mode), with the same authentication, routing, policy, redaction, "
+        "injection and recording.",
+    )
     monitoring: MonitoringSection | None = setting(
         None,
         doc="Service operations: health, readiness and Prometheus metrics on a listener of "
@@ -1096,6 +1185,17 @@ class Config:
             yield "approvals", "required: the policy holds flows for approval"
         if self.console is not None and self.console.enabled and self.approvals is None:
             yield "console", "needs an `approvals` section (its listener and admin token)"
+        if self.base_url is not None:
+            by_name = {r.name: r for r in self.routes}
+            for prefix, name in self.base_url.prefixes.items():
+                prefixed = by_name.get(name)
+                if prefixed is None:
+                    yield f"base_url.prefixes.{prefix}", f"no route named {name!r}"
+                elif prefixed.host.startswith("*."):
+                    yield (
+                        f"base_url.prefixes.{prefix}",
+                        f"route {name!r} has a wildcard host: a base-URL prefix needs one upstream",
+                    )
 
 
 @functools.lru_cache(maxsize=4096)

@@ -5,7 +5,9 @@ Where the token comes from (`auth.token_sources`):
   http://agent:<jwt>@gateway sends it; or Bearer) on CONNECT, where it then covers every request
   inside the tunnel (HTTP/2 streams included), or on each plain-HTTP proxy request;
 - the inner request's `Authorization: Bearer`, `x-api-key` or `api-key` header, for agents that
-  use their token as the "API key" of an SDK.
+  use their token as the "API key" of an SDK;
+- on the base-URL listener (`mitm/base_url.py`), only the inner headers of
+  `base_url.token_sources`: there is no proxy to authenticate to, so a missing token is 401.
 
 A tunnel's token is kept in memory (never in the flow) and verified again for every request in
 the tunnel, so an expiring token or a key removed by a config reload takes effect at once (the
@@ -35,10 +37,12 @@ from sluicegate.auth import extract
 from sluicegate.auth.verifier import Reason, TokenRejected, TokenVerifier, token_fingerprint
 from sluicegate.mitm import flowstate, guard
 from sluicegate.mitm.base import GatewayAddon
+from sluicegate.mitm.base_url import is_base_url_flow
 
 logger = logging.getLogger("sluicegate.auth")
 
 PROXY_SOURCE: Final = "proxy_authorization"
+BASE_URL_SOURCE: Final = "base_url"
 # auth.token_sources names -> the request header the engine reads for them
 INNER_HEADERS: Final = {
     "authorization": "authorization",
@@ -91,6 +95,7 @@ class CallerAuth(GatewayAddon):
         self._verifier: TokenVerifier | None = None
         self._proxy_source = False
         self._inner_sources: tuple[str, ...] = ()
+        self._base_url_sources: tuple[str, ...] = ()
         self._prefetch: asyncio.Task[None] | None = None
 
     def apply(self, config: config_mod.Config) -> None:
@@ -98,6 +103,9 @@ class CallerAuth(GatewayAddon):
         sources = config.auth.token_sources
         self._proxy_source = PROXY_SOURCE in sources
         self._inner_sources = tuple(INNER_HEADERS[s] for s in sources if s in INNER_HEADERS)
+        base_url = config.base_url
+        base_sources = base_url.token_sources if base_url is not None else ()
+        self._base_url_sources = tuple(INNER_HEADERS[s] for s in base_sources)
 
     def running(self) -> None:
         # Load remote key sets before the first caller waits for them (failures are logged).
@@ -141,6 +149,12 @@ class CallerAuth(GatewayAddon):
         found = {name: headers[name] for name in present}
         for name in present:
             del headers[name]
+        if is_base_url_flow(flow):
+            candidate = self._inner_candidate(flow, found, self._base_url_sources)
+            if candidate is None:
+                raise self._refusal(flow, MISSING_TOKEN, BASE_URL_SOURCE, None)
+            await self._authenticate(flow, *candidate)
+            return
         candidate = self._candidate(flow, found)
         if candidate is None:
             # Outside a tunnel the agent talks to us as its proxy: ask for the proxy password.
@@ -156,11 +170,15 @@ class CallerAuth(GatewayAddon):
         proxy_value = found.get("proxy-authorization")
         if self._proxy_source and proxy_value is not None:
             return PROXY_SOURCE, self._proxy_token(flow, proxy_value)
+        return self._inner_candidate(flow, found, self._inner_sources)
+
+    def _inner_candidate(
+        self, flow: http.HTTPFlow, found: dict[str, str], sources: tuple[str, ...]
+    ) -> tuple[str, str] | None:
         try:
-            inner = extract.token_from_inner_headers(found, self._inner_sources)
+            return extract.token_from_inner_headers(found, sources)
         except TokenRejected as rejected:
             raise self._refusal(flow, rejected.reason, "inner", None) from None
-        return inner
 
     def _proxy_token(self, flow: http.HTTPFlow, value: str) -> str:
         """The token in a Proxy-Authorization value; a value that carries none is `malformed`."""
@@ -209,7 +227,12 @@ class CallerAuth(GatewayAddon):
             fingerprint or "none",
             flow.id,
         )
-        if reason == MISSING_TOKEN:
+        if reason == MISSING_TOKEN and source == BASE_URL_SOURCE:
+            message = (
+                "A caller token is required: give it to the SDK as its API key "
+                "(OPENAI_API_KEY=<token>, sent as Authorization: Bearer <token>)."
+            )
+        elif reason == MISSING_TOKEN:
             message = (
                 "A caller token is required: use it as the proxy password "
                 "(HTTPS_PROXY=http://agent:<token>@<gateway>) or as the API key."

@@ -52,7 +52,9 @@ BODY_LIMIT_MARGIN = 64 * 1024
 NOT_A_BASE_URL = (
     "This is sluicegate, an HTTPS proxy: requests go through it, not to it. Keep the SDK's own "
     "base URL (e.g. https://api.openai.com/v1) and set HTTPS_PROXY=http://agent:<token>@"
-    "<this gateway> and its CA (`python -m sluicegate agent-env` prints the environment)."
+    "<this gateway> and its CA (`python -m sluicegate agent-env` prints the environment). "
+    "Agents that cannot use a proxy use the gateway's base-URL listener instead, where it has "
+    "one (`base_url` in its config; `agent-env --base-url`)."
 )
 _SELF_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "0.0.0.0", "::"})
 

@@ -13,6 +13,8 @@ failure here is logged, never raised into mitmproxy): every finished flow is cou
 They are served on the monitoring listener (`monitoring.listen_host/port`, which may be exposed:
 it serves nothing else and no secret) and on the control listener (`/healthz`... beside `/v1`).
 `monitoring.audit_webhook` pushes every audit line (flows and people's actions) as it is written.
+`monitoring.traces` exports a span per finished flow to an OTLP/HTTP collector
+(`monitoring/traces.py`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from sluicegate.mitm.base import GatewayAddon
 from sluicegate.monitoring.jsonlog import JsonLog, JsonLogHandler, flow_line
 from sluicegate.monitoring.metrics import CONTENT_TYPE, GatewayMetrics
 from sluicegate.monitoring.push import AuditPush
+from sluicegate.monitoring.traces import TraceExporter, flow_span
 from sluicegate.recording.facts import decision, rules_fired
 from sluicegate.recording.store import RecordingUnavailable
 
@@ -126,6 +129,8 @@ class Monitoring(GatewayAddon):
         self.json_log: JsonLog | None = None
         self.handler: JsonLogHandler | None = None
         self.push: AuditPush | None = None
+        self.traces: TraceExporter | None = None
+        self._traces_section: config_mod.TracesSection | None = None
         self._running = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -136,6 +141,7 @@ class Monitoring(GatewayAddon):
         self.ops.addon = self
         self._logs(section)
         self._audit_push(section)
+        self._traces(section)
         if self._running and _listen(previous) != _listen(section):
             self._start_listener()
 
@@ -155,6 +161,7 @@ class Monitoring(GatewayAddon):
         if self.push is not None:
             self.push.close()
             self.push = None
+        self._traces(None)
         super().done()
 
     def _start_listener(self) -> None:
@@ -217,6 +224,27 @@ class Monitoring(GatewayAddon):
             )
         self._attach_push()
 
+    def _traces(self, section: config_mod.MonitoringSection | None) -> None:
+        wanted = section.traces if section is not None else None
+        if wanted is not None and wanted == self._traces_section and self.traces is not None:
+            return  # a reload that leaves `traces` alone keeps the queued spans
+        self._traces_section = wanted
+        if self.traces is not None:
+            self.traces.close()
+            self.traces = None
+        if wanted is not None:
+            metrics = self.ops.metrics
+            self.traces = TraceExporter(
+                wanted.endpoint,
+                service_name=wanted.service_name,
+                queue_size=wanted.queue_size,
+                batch_size=wanted.batch_size,
+                timeout=wanted.timeout_seconds,
+                flush_seconds=wanted.flush_seconds,
+                on_exported=lambda n: metrics.trace_spans_exported.inc(n),
+                on_dropped=lambda reason, n: metrics.trace_spans_dropped.inc(n, reason=reason),
+            )
+
     def _attach_push(self) -> None:
         audit = getattr(_recorder(), "audit", None)
         if audit is not None:
@@ -255,6 +283,22 @@ class Monitoring(GatewayAddon):
                     end = flow.response.timestamp_end
                 sg["timings"] = {"total_ms": (end - flow.request.timestamp_start) * 1000.0}
             self.ops.metrics.observe_flow(sg, status, outcome)
+            if self.traces is not None:
+                end = time.time()
+                if flow.response is not None and flow.response.timestamp_end:
+                    end = flow.response.timestamp_end
+                self.traces.add(
+                    flow_span(
+                        sg,
+                        method=flow.request.method,
+                        status=status,
+                        decision=outcome,
+                        start=flow.request.timestamp_start,
+                        end=end,
+                        errored=errored,
+                        traceparent=flow.request.headers.get("traceparent"),
+                    )
+                )
             if self.json_log is not None:
                 self.json_log.write(
                     flow_line(

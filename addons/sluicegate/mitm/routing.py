@@ -44,6 +44,7 @@ from sluicegate.egress.addresses import (
 from sluicegate.egress.paths import AmbiguousPath, RequestPath, canonical_path, prefix_covers
 from sluicegate.mitm import flowstate, guard
 from sluicegate.mitm.base import GatewayAddon
+from sluicegate.mitm.base_url import is_base_url_flow
 from sluicegate.mitmcompat import upstream_connect
 
 logger = logging.getLogger("sluicegate.routing")
@@ -63,7 +64,12 @@ class Destination:
         request = flow.request
         host = normalize_host(request.host)
         names: set[str] = set()
-        if request.scheme == "https":
+        if request.scheme == "https" and is_base_url_flow(flow):
+            # A base-URL request's host was set from its route: mitmproxy opens a connection
+            # of its own to it, verified against that host (the client's SNI, if it spoke TLS
+            # to the listener, names the gateway and is not sent upstream).
+            names = {host}
+        elif request.scheme == "https":
             # mitmproxy verifies the upstream against the server's SNI, else the client's SNI,
             # else the host; requiring all of them to fit the route covers every case.
             sni = (flow.server_conn.sni, flow.client_conn.sni)

@@ -221,6 +221,19 @@ class GatewayMetrics:
         self.audit_pushed = r.add(
             Counter("sluicegate_audit_pushed_total", "Audit lines the webhook push delivered.")
         )
+        self.trace_spans_exported = r.add(
+            Counter(
+                "sluicegate_trace_spans_exported_total",
+                "Spans the OTLP trace export delivered to the collector.",
+            )
+        )
+        self.trace_spans_dropped = r.add(
+            Counter(
+                "sluicegate_trace_spans_dropped_total",
+                "Spans the OTLP trace export dropped, by reason (queue_full, export_failed).",
+                ("reason",),
+            )
+        )
         self.latency = r.add(
             Histogram(
                 "sluicegate_request_duration_seconds",

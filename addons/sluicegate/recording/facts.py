@@ -102,6 +102,8 @@ def comment(sg: dict[str, Any], errored: bool) -> str:
     if isinstance(groups, list) and groups:
         who += f" ({', '.join(map(str, groups))})"
     route = sg.get("route") or "no route"
+    if isinstance(sg.get("base_url"), str):
+        route = f"{route} (base URL {sg['base_url']})"
     outcome = decision(sg, errored)
     parts = [f"{who} via {route}: {outcome}"]
     refusal = sg.get("refusal")
