@@ -328,10 +328,11 @@ class Redactor:
                 out += _clipped(finding, rules[finding.order], text, blanks)
         return out
 
-    def stream(self, max_hold: int) -> StreamRedactor:
+    def stream(self, max_hold: int, *, segments: bool = False) -> StreamRedactor:
+        """A stream redactor; with `segments`, its text is cut into segments (`mark`)."""
         if self._stream_index is None:
             self._stream_index = _StreamIndex.build(self._compiled, self._literal_scanner)
-        return StreamRedactor(self._stream_index, self.tagger, max_hold)
+        return StreamRedactor(self._stream_index, self.tagger, max_hold, segments=segments)
 
     # --- whole-text search --------------------------------------------------------------
 
@@ -668,7 +669,9 @@ class _StreamIndex:
 class StreamRedactor:
     """Incremental redaction of one text channel (see the module docstring)."""
 
-    def __init__(self, index: _StreamIndex, tagger: Tagger, max_hold: int) -> None:
+    def __init__(
+        self, index: _StreamIndex, tagger: Tagger, max_hold: int, *, segments: bool = False
+    ) -> None:
         if max_hold < 1:
             raise ValueError("max_hold must be positive")
         self.counts: dict[str, int] = {}
@@ -693,6 +696,15 @@ class StreamRedactor:
         self._findings: list[_Finding] = []
         self._protected: list[tuple[int, int]] = []
         self._closed = False
+        # Segments (see `mark`): where the buffer starts in the whole stream, the segment ends
+        # not released yet (stream positions), the released text of every finished segment not
+        # taken yet and of the open one, and the rules of findings that crossed a segment end.
+        self._base = 0
+        self._marks: list[int] = []
+        self._segmented = segments
+        self._done: list[str] = []
+        self._open = ""
+        self.crossings: list[str] = []
 
     @property
     def held(self) -> int:
@@ -730,6 +742,23 @@ class StreamRedactor:
             for index in sorted((scans | holding.keys()) - {0}):
                 self._scan(index, holding.pop(index, start), final=False, view=1)
         return self._release(final=False)
+
+    def mark(self) -> None:
+        """What was fed so far ends a segment (one WebSocket message): released text is cut
+        there (`take_segments`), and a finding across the cut is recorded in `crossings` (its
+        parts on both sides are tagged, so neither releases a piece of it)."""
+        if not self._segmented:
+            raise RuntimeError("mark() on a stream made without segments")
+        if not self._marks and self._emit == len(self._buf):  # all of it is out already
+            self._done.append(self._open)
+            self._open = ""
+        else:
+            self._marks.append(self._base + len(self._buf))
+
+    def take_segments(self) -> list[str]:
+        """The released text of every segment finished since the last call, in order."""
+        done, self._done = self._done, []
+        return done
 
     def _gate(self, scans: set[int], start: int) -> set[int]:
         """`scans` without the scanners that cannot start a match at or after `start`: no
@@ -778,7 +807,9 @@ class StreamRedactor:
             if not final:
                 attempt = scanner.sentinel.search(buf, pos, partial=True)
                 hold = attempt.start() if attempt is not None and attempt.start() < size else None
-                if match is not None and (
+                if index == 0 and match is not None and (hold is None or hold >= match.start()):
+                    hold = None  # a tag is final at its `]`: no longer tag starts there
+                elif match is not None and (
                     match.end() >= size or (hold is not None and hold <= match.start())
                 ):
                     hold = match.start() if hold is None else min(hold, match.start())
@@ -843,10 +874,13 @@ class StreamRedactor:
         released = [f for f in self._findings if f.start < point]
         out = ""
         if point > self._emit or released:
-            out = _render(
-                self._buf, self._emit, point, released, self._protected, self._tagger,
-                self.counts,
-            )  # fmt: skip
+            if self._segmented:
+                out = self._render_segments(point, released)
+            else:
+                out = _render(
+                    self._buf, self._emit, point, released, self._protected, self._tagger,
+                    self.counts,
+                )  # fmt: skip
             self._findings = [f for f in self._findings if f.start >= point]
             self._protected = [p for p in self._protected if p[1] > point]
             self._emit = point
@@ -854,6 +888,28 @@ class StreamRedactor:
             out += self._overflow(point, min(holds, default=point))
         self._trim()
         return out
+
+    def _render_segments(self, point: int, released: list[_Finding]) -> str:
+        """`_render` of [emit, point) cut at the segment ends in it (see `mark`)."""
+        pieces: list[str] = []
+        cursor = self._emit
+        while self._marks and self._marks[0] - self._base <= point:
+            cut = max(self._marks.pop(0) - self._base, cursor)
+            self.crossings += [f.rule_id for f in released if f.start < cut < f.end]
+            piece = _render(
+                self._buf, cursor, cut, released, self._protected, self._tagger, self.counts
+            )
+            pieces.append(piece)
+            self._done.append(self._open + piece)
+            self._open = ""
+            cursor = cut
+        if cursor < point:
+            piece = _render(
+                self._buf, cursor, point, released, self._protected, self._tagger, self.counts
+            )
+            pieces.append(piece)
+            self._open += piece
+        return "".join(pieces)
 
     def _overflow(self, point: int, restart: int) -> str:
         """Held text grew past max_hold: replace it by a tag, never release it raw.
@@ -887,6 +943,7 @@ class StreamRedactor:
         cut = min(anchors) - CONTEXT_CHARS
         if cut <= 0:
             return
+        self._base += cut
         self._buf = self._buf[cut:]
         self._scan_buf = self._scan_buf[cut:]
         self._bracket_buf = self._bracket_buf[cut:]

@@ -1,0 +1,281 @@
+"""WebSocket text messages of one direction read as one stream, so a secret split across messages
+is found (issue 14).
+
+Each message is first redacted whole by the caller (as a body). What a message adds to the
+stream is its *stream text*:
+
+  * a message that is not a JSON object (plain text, a line, a JSON scalar or array): the whole
+    message;
+  * a JSON object with a string `delta` (OpenAI realtime `response.text.delta`,
+    `response.audio_transcript.delta`, `response.function_call_arguments.delta`...): the delta,
+    one stream per (type, item, output and content index); `*audio.delta` is audio, not text;
+  * a JSON object whose `delta` object has a string `text`, `thinking` or `partial_json`
+    (Anthropic `content_block_delta`): that string, one stream per (index, delta type);
+  * a JSON object whose keys repeat: the whole message (a parser may read either value);
+  * any other JSON object: nothing (it is redacted whole, and waits only for the messages
+    before it, to keep the order).
+
+Each stream is read by a `StreamRedactor` whose segments are the messages (`mark`). A message
+whose stream text the redactor still holds back (its tail could become a secret with what comes
+next) is *held*: it is not released until a later message of its stream decides it, or `flush`
+(the caller's timer) decides it with what it has. Messages are released in arrival order: a
+decided message waits behind a held one. A finding across two messages is a split secret: the
+stream fails with `SPLIT` and releases nothing more (the caller closes the connection; no part of
+the secret was released, the head is held). A finding inside one message is tagged in it.
+
+After a `flush` the stream keeps the tail of what it released (`SEED_CHARS`): a secret whose head
+went out when the timer fired and whose rest arrives later is still found and fails the stream
+(the rest never leaves). More than `max_messages` or `max_bytes` waiting fails with `OVERFLOW`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from sluicegate.redaction.redactor import OVERFLOW_RULE_ID, Redactor, StreamRedactor
+
+SPLIT: Final = "websocket_secret_split"
+OVERFLOW: Final = "websocket_hold_overflow"
+# What a stream keeps of the text a flush released, to find a secret whose rest comes later.
+SEED_CHARS: Final = 16 * 1024
+# Streams kept per direction; past it the least recent idle one is forgotten.
+MAX_STREAMS: Final = 64
+_DELTA_FIELDS: Final = ("text", "thinking", "partial_json")
+
+Rebuild = Callable[[str], str]
+
+
+@dataclass(frozen=True)
+class StreamText:
+    """Where a message's stream text is: the stream's key, the text, how to put it back."""
+
+    key: Hashable
+    text: str
+    rebuild: Rebuild
+
+
+def _whole(text: str) -> str:
+    return text
+
+
+def stream_text(message: str) -> StreamText | None:
+    """The stream text of a (redacted) text message; None when it adds nothing to a stream."""
+    if not message.lstrip().startswith("{"):
+        return StreamText(("text",), message, _whole)
+    repeated = False
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal repeated
+        obj = dict(items)
+        repeated = repeated or len(obj) != len(items)
+        return obj
+
+    try:
+        obj = json.loads(message, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        return StreamText(("text",), message, _whole)
+    if repeated:
+        return StreamText(("text",), message, _whole)
+    if not isinstance(obj, dict):
+        return StreamText(("text",), message, _whole)
+    delta = obj.get("delta")
+    kind = obj.get("type")
+    kind_key = kind if isinstance(kind, str) else None
+    if isinstance(delta, str):
+        if kind_key is not None and kind_key.endswith("audio.delta"):
+            return None  # base64 audio
+        key = ("delta", kind_key, *(_plain(obj.get(k)) for k in _DELTA_INDEXES))
+        return StreamText(key, delta, _setter(obj, obj, "delta"))
+    if isinstance(delta, dict):
+        for name in _DELTA_FIELDS:
+            value = delta.get(name)
+            if isinstance(value, str):
+                key = ("delta-object", _plain(obj.get("index")), _plain(delta.get("type")), name)
+                return StreamText(key, value, _setter(obj, delta, name))
+    return None
+
+
+_DELTA_INDEXES: Final = ("item_id", "response_id", "output_index", "content_index", "call_id")
+
+
+def _plain(value: object) -> Hashable:
+    return value if isinstance(value, (str, int, float, bool)) or value is None else repr(value)
+
+
+def _setter(root: dict[str, Any], holder: dict[str, Any], name: str) -> Rebuild:
+    def rebuild(text: str) -> str:
+        holder[name] = text
+        return json.dumps(root, ensure_ascii=False)
+
+    return rebuild
+
+
+@dataclass
+class Released:
+    """A message the stream let go, in arrival order: `text` is what may be sent."""
+
+    seq: int
+    text: str
+    changed: bool
+    waited: bool  # it was held (not released as it arrived)
+
+
+@dataclass
+class Outcome:
+    released: list[Released] = field(default_factory=list)
+    held: bool = False  # the message just pushed is waiting
+    failure: str | None = None  # SPLIT or OVERFLOW: release nothing more, close
+    rules: tuple[str, ...] = ()  # the rules of a split secret
+
+
+@dataclass
+class _Entry:
+    seq: int
+    message: str
+    size: int
+    found: StreamText | None
+    decided: bool = False
+    out: str | None = None  # the released stream text
+
+
+@dataclass
+class _Stream:
+    redactor: StreamRedactor
+    waiting: deque[_Entry] = field(default_factory=deque)  # undecided, in order
+    seeded: int = 0  # segments before the first entry: the seed, already released
+    seed: str = ""
+
+
+class MessageStream:
+    """The text messages of one direction of one WebSocket (see the module docstring)."""
+
+    def __init__(
+        self, redactor: Redactor, *, max_messages: int = 64, max_bytes: int = 16 << 20
+    ) -> None:
+        self._redactor = redactor
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self._streams: OrderedDict[Hashable, _Stream] = OrderedDict()
+        self._queue: deque[_Entry] = deque()  # every message not released yet, in order
+        self._bytes = 0
+        self._seq = 0
+        self.failed: str | None = None
+        self.counts: dict[str, int] = {}
+        self.held = 0  # messages that had to wait
+
+    @property
+    def pending(self) -> int:
+        """Messages waiting."""
+        return len(self._queue)
+
+    def push(self, message: str, size: int | None = None) -> Outcome:
+        """Read one (already redacted) text message; what may be released now, in order."""
+        if self.failed is not None:
+            return Outcome(failure=self.failed)
+        seq = self._seq
+        self._seq += 1
+        found = stream_text(message)
+        entry = _Entry(seq, message, len(message.encode()) if size is None else size, found)
+        self._queue.append(entry)
+        self._bytes += entry.size
+        if found is None:
+            entry.decided = True
+        else:
+            stream = self._stream(found.key)
+            stream.waiting.append(entry)
+            stream.redactor.feed(found.text)
+            stream.redactor.mark()
+            failed = self._collect(stream)
+            if failed is not None:
+                return failed
+        if self.pending > self.max_messages or self._bytes > self.max_bytes:
+            return self._fail(OVERFLOW)
+        outcome = self._release(current=seq)
+        outcome.held = not any(r.seq == seq for r in outcome.released)
+        if outcome.held:
+            self.held += 1
+        return outcome
+
+    def flush(self) -> Outcome:
+        """Decide every waiting message with what its stream has (the hold timer fired)."""
+        if self.failed is not None:
+            return Outcome(failure=self.failed)
+        for key, stream in list(self._streams.items()):
+            if not stream.waiting:
+                continue
+            sent = list(stream.waiting)
+            stream.redactor.flush()
+            failed = self._collect(stream)
+            if failed is not None:
+                return failed
+            tail = "".join(e.out or "" for e in sent)
+            self._streams[key] = self._new_stream(seed=(stream.seed + tail)[-SEED_CHARS:])
+        return self._release(current=None)
+
+    def _stream(self, key: Hashable) -> _Stream:
+        stream = self._streams.get(key)
+        if stream is None:
+            if len(self._streams) >= MAX_STREAMS:
+                idle = next((k for k, s in self._streams.items() if not s.waiting), None)
+                if idle is not None:
+                    del self._streams[idle]
+            stream = self._streams[key] = self._new_stream()
+        else:
+            self._streams.move_to_end(key)
+        return stream
+
+    def _new_stream(self, seed: str = "") -> _Stream:
+        redactor = self._redactor.stream(max(self.max_bytes, SEED_CHARS) + 1, segments=True)
+        stream = _Stream(redactor, seed=seed)
+        if seed:
+            # What already went out: only a finding running from it into a later message
+            # counts (a split secret whose head left when the timer fired).
+            redactor.feed(seed)
+            redactor.mark()
+            stream.seeded = 1 - len(redactor.take_segments())
+            redactor.counts.clear()
+        return stream
+
+    def _collect(self, stream: _Stream) -> Outcome | None:
+        """Give finished segments to their messages; the failure of a split secret or overflow."""
+        redactor = stream.redactor
+        for text in redactor.take_segments():
+            if stream.seeded:
+                stream.seeded -= 1
+                redactor.counts.clear()  # the seed's own findings were counted when released
+                continue
+            entry = stream.waiting.popleft()
+            entry.out = text
+            entry.decided = True
+        if redactor.crossings:
+            return self._fail(SPLIT, tuple(sorted(set(redactor.crossings))))
+        if OVERFLOW_RULE_ID in redactor.counts:
+            return self._fail(OVERFLOW)
+        for rule, n in redactor.counts.items():
+            self.counts[rule] = self.counts.get(rule, 0) + n
+        redactor.counts.clear()
+        return None
+
+    def _release(self, current: int | None) -> Outcome:
+        outcome = Outcome()
+        while self._queue and self._queue[0].decided:
+            entry = self._queue.popleft()
+            self._bytes -= entry.size
+            text, changed = entry.message, False
+            found = entry.found
+            if found is not None and entry.out is not None and entry.out != found.text:
+                text, changed = found.rebuild(entry.out), True
+            waited = entry.seq != current
+            outcome.released.append(Released(entry.seq, text, changed, waited))
+        return outcome
+
+    def _fail(self, code: str, rules: tuple[str, ...] = ()) -> Outcome:
+        self.failed = code
+        self._queue.clear()
+        self._streams.clear()
+        self._bytes = 0
+        return Outcome(failure=code, rules=rules)
