@@ -18,7 +18,7 @@ import pytest
 import wsproto.events as ev
 
 from tests.conftest import UPSTREAM_KEY, UPSTREAM_KEY_ENV
-from tests.e2e.test_websockets import closed_with, connect, recorded, recording_bytes, ws_route
+from tests.e2e.test_websockets import connect, recorded, recording_bytes, ws_route
 from tests.support.gateway import Gateway, recording_section
 from tests.support.pki import TestCA as CA
 from tests.support.websocket import WsClient, WsUpstream, say, say_split
@@ -57,9 +57,7 @@ def gateway(
             }
         ]
     }
-    gw = Gateway(
-        config, workdir, upstream_ca=pki.cert_file, env={UPSTREAM_KEY_ENV: UPSTREAM_KEY}
-    )
+    gw = Gateway(config, workdir, upstream_ca=pki.cert_file, env={UPSTREAM_KEY_ENV: UPSTREAM_KEY})
     gw.start()
     yield gw
     gw.stop()

@@ -152,4 +152,3 @@ def _inject(
 ) -> None:
     hold.injected.append(content)
     ctx.master.commands.call("inject.websocket", flow, not from_client, content, is_text)
-
