@@ -2,8 +2,8 @@
 real gateway with a real WebSocket client and upstream.
 
 Route `realtime` allows WebSockets; messages of one direction are one stream (hold back, then
-close 1008 `websocket_secret_split`); at most 6 messages wait (`hold_messages`), for 1 s; a
-request rule with a body pattern checks the client's messages when they are released.
+close 1008 `websocket_secret_split`); at most 6 messages wait (`hold_messages`, then close), for
+1 s; a request rule with a body pattern checks the client's messages when they are released.
 """
 
 from __future__ import annotations
@@ -46,7 +46,12 @@ def gateway(
     workdir = tmp_path_factory.mktemp("websocket-split")
     config = copy.deepcopy(base_config)
     config["routes"] += [ws_route("realtime", realtime)]
-    config["websockets"] = {"routes": ["realtime"], "hold_seconds": 1.0, "hold_messages": 6}
+    config["websockets"] = {
+        "routes": ["realtime"],
+        "hold_seconds": 1.0,
+        "hold_messages": 6,
+        "hold_overflow": "close",
+    }
     config["recording"] = recording_section(workdir / "recordings")
     config["policy"] = {
         "rules": [

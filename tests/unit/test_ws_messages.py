@@ -216,14 +216,14 @@ def test_after_a_flush_clean_text_goes_on() -> None:
 
 
 def test_too_many_messages_waiting_overflow() -> None:
-    stream = MessageStream(REDACTOR, max_messages=3)
+    stream = MessageStream(REDACTOR, max_messages=3, overflow="close")
     stream.push(delta("key " + GH[:9]))
     outcomes = [stream.push(json.dumps({"type": "x", "n": n})) for n in range(3)]
     assert [o.failure for o in outcomes] == [None, None, OVERFLOW]
 
 
 def test_too_many_bytes_waiting_overflow() -> None:
-    stream = MessageStream(REDACTOR, max_bytes=2048)
+    stream = MessageStream(REDACTOR, max_bytes=2048, overflow="close")
     stream.push(delta("key " + GH[:9]))
     assert stream.push(json.dumps({"type": "x", "pad": "y" * 4000})).failure == OVERFLOW
 
@@ -241,3 +241,12 @@ def test_stream_segments_cut_the_released_text_at_each_mark() -> None:
     assert streamer.crossings == []
     with pytest.raises(RuntimeError):
         REDACTOR.stream(10).mark()
+
+
+def test_past_the_bounds_release_lets_what_waits_go_and_still_catches_the_rest() -> None:
+    stream = MessageStream(REDACTOR, max_messages=3, overflow="release")
+    stream.push(delta("key " + GH[:9]))
+    outcomes = [stream.push(json.dumps({"type": "x", "n": n})) for n in range(3)]
+    assert [len(o.released) for o in outcomes] == [0, 0, 4] and stream.forced == 1
+    assert outcomes[-1].failure is None and stream.pending == 0
+    assert stream.push(delta(GH[9:] + " ok")).failure == SPLIT  # the head left, not the rest

@@ -928,13 +928,21 @@ class WebSocketsSection:
     )
     hold_messages: int = setting(
         64,
-        doc="Most messages of one direction waiting behind a held one; past it the connection "
-        "is closed (1009 `websocket_hold_overflow`).",
+        doc="Most messages of one direction waiting behind a held one; past it, see "
+        "`hold_overflow`.",
     )
     hold_bytes: int = setting(
         16 * 1024 * 1024,
-        doc="Most bytes of one direction waiting behind a held message; past it the connection "
-        "is closed (1009 `websocket_hold_overflow`).",
+        doc="Most bytes of one direction waiting behind a held message; past it, see "
+        "`hold_overflow`.",
+    )
+    hold_overflow: Literal["release", "close"] = setting(
+        "release",
+        doc="Past `hold_messages` or `hold_bytes`: `release` what waits with what is known (as "
+        "when `hold_seconds` pass; the rest of a secret whose head went out still closes the "
+        "connection), or `close` the connection (1009 `websocket_hold_overflow`). Clean text "
+        "can wait long: a rule may match hundreds of characters, which realtime deltas of a few "
+        "characters each spread over more than 64 messages.",
     )
 
     def check(self, parser: Parser) -> Iterable[tuple[str, str]]:

@@ -97,6 +97,7 @@ class WebSocketChannel:
                 "client" if side else "server": {
                     "messages": hold.stream.held,
                     "waiting": hold.stream.pending,
+                    "forced": hold.stream.forced,
                     "redaction": dict(hold.stream.counts),
                 }
                 for side, hold in self.holds.items()

@@ -20,10 +20,10 @@ Text messages of one direction are also read as one stream (`ws_hold.py` over
 `redaction/messages.py`), so a secret split across messages is found: a message whose end could
 still become a secret is held until the next message decides it (or `websockets.hold_seconds`
 pass), a split secret closes the connection (1008 `websocket_secret_split`) before any part of it
-left, and more than `hold_messages` / `hold_bytes` waiting closes it (1009
-`websocket_hold_overflow`). Released messages are checked by the policy first: client messages by
-the request rules with body conditions, server messages by the response rules (1008
-`policy_blocked`, the rule recorded).
+left, and more than `hold_messages` / `hold_bytes` waiting releases what waits or closes it
+(1009 `websocket_hold_overflow`), per `hold_overflow`. Released messages are checked by the
+policy first: client messages by the request rules with body conditions, server messages by the
+response rules (1008 `policy_blocked`, the rule recorded).
 
 mitmproxy has no API to close a WebSocket from an addon (mitmproxy#4773). `close_websocket`
 queues a close on the flow's WebsocketLayer and wakes it with an injected, dropped message; when
@@ -242,6 +242,7 @@ class WebSockets(GatewayAddon):
             redactor,
             max_messages=self.settings.hold_messages,
             max_bytes=self.settings.hold_bytes,
+            overflow=self.settings.hold_overflow,
         )
         failure = ws_hold.arrive(flow, message, hold, self._check)
         if failure is not None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Literal
 
 from mitmproxy import ctx, http
 from mitmproxy.websocket import WebSocketMessage
@@ -43,10 +43,13 @@ def direction(
     *,
     max_messages: int,
     max_bytes: int,
+    overflow: Literal["close", "release"],
 ) -> HeldDirection:
     hold = channel.holds.get(from_client)
     if hold is None:
-        stream = MessageStream(redactor, max_messages=max_messages, max_bytes=max_bytes)
+        stream = MessageStream(
+            redactor, max_messages=max_messages, max_bytes=max_bytes, overflow=overflow
+        )
         hold = channel.holds[from_client] = HeldDirection(stream)
     return hold
 

@@ -25,7 +25,10 @@ the secret was released, the head is held). A finding inside one message is tagg
 
 After a `flush` the stream keeps the tail of what it released (`SEED_CHARS`): a secret whose head
 went out when the timer fired and whose rest arrives later is still found and fails the stream
-(the rest never leaves). More than `max_messages` or `max_bytes` waiting fails with `OVERFLOW`.
+(the rest never leaves). More than `max_messages` or `max_bytes` waiting fails with `OVERFLOW`
+(`overflow="close"`) or is released like a `flush` (`overflow="release"`): a rule that may match
+hundreds of characters (an XML credential element holds up to 400) keeps clean realtime text of
+~4-character deltas waiting for more than 64 messages.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import json
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from sluicegate.redaction.redactor import OVERFLOW_RULE_ID, Redactor, StreamRedactor
 
@@ -154,11 +157,18 @@ class MessageStream:
     """The text messages of one direction of one WebSocket (see the module docstring)."""
 
     def __init__(
-        self, redactor: Redactor, *, max_messages: int = 64, max_bytes: int = 16 << 20
+        self,
+        redactor: Redactor,
+        *,
+        max_messages: int = 64,
+        max_bytes: int = 16 << 20,
+        overflow: Literal["close", "release"] = "close",
     ) -> None:
         self._redactor = redactor
         self.max_messages = max_messages
         self.max_bytes = max_bytes
+        self.overflow = overflow
+        self.forced = 0  # releases forced by the bounds (overflow="release")
         self._streams: OrderedDict[Hashable, _Stream] = OrderedDict()
         self._queue: deque[_Entry] = deque()  # every message not released yet, in order
         self._bytes = 0
@@ -193,7 +203,12 @@ class MessageStream:
             if failed is not None:
                 return failed
         if self.pending > self.max_messages or self._bytes > self.max_bytes:
-            return self._fail(OVERFLOW)
+            if self.overflow == "close":
+                return self._fail(OVERFLOW)
+            self.forced += 1
+            forced = self.flush()
+            forced.held = False
+            return forced
         outcome = self._release(current=seq)
         outcome.held = not any(r.seq == seq for r in outcome.released)
         if outcome.held:
