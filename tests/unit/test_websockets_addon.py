@@ -143,9 +143,10 @@ def test_text_is_redacted_both_ways_and_counted(websockets: WebSockets) -> None:
     flow = accepted(websockets)
     flowstate.state(flow).scrub.append(flowstate.ScrubLiteral("injected-credential:r", INJECTED))
     up = relay(websockets, flow, f'{{"q": "{SECRET}"}}')
-    down = relay(websockets, flow, f"echo {INJECTED} and {SECRET}", from_client=False)
+    # (A message ending in a token waits for the next one: the token could go on. See ws_hold.)
+    down = relay(websockets, flow, f"echo {INJECTED} and {SECRET}.", from_client=False)
     assert up.text == f'{{"q":"{TAG}"}}' and not up.dropped
-    assert down.text == f"echo [REDACTED:injected-credential:r] and {TAG}"
+    assert down.text == f"echo [REDACTED:injected-credential:r] and {TAG}."
     assert facts(flow)["redaction"] == {
         "client": {"github-token": 1},
         "server": {"github-token": 1, "injected-credential:r": 1},
@@ -197,8 +198,8 @@ def test_request_redaction_off_leaves_client_text_alone(tmp_path: Path, idp: IdP
     with addon(tmp_path, idp, redaction={"requests": False}) as a:
         flow = accepted(a)
         up = relay(a, flow, SECRET)
-        down = relay(a, flow, SECRET, from_client=False)
-    assert up.text == SECRET and down.text == TAG
+        down = relay(a, flow, SECRET + " ", from_client=False)
+    assert up.text == SECRET and down.text == TAG + " "
 
 
 def test_any_exception_drops_the_message_and_closes(

@@ -17,29 +17,37 @@ RULES = Path(__file__).resolve().parents[2] / "rules"
 REDACTOR = Redactor(load_rule_pack([RULES], "default"), Direction.RESPONSE)
 GH = "ghp_C3J27XDCG2LmlZGEONYlgCtjfIZ4SOcMz9CP"
 TAG = "[REDACTED:github-token]"
-# Secrets the default pack finds on their own, in a stream (no decoding needed).
+# The default pack's examples: (text, the secret in it that must not survive).
 SECRETS = sorted(
     {
-        p.text
+        (p.text, p.secret or p.text)
         for rule in load_rule_set([RULES]).rules
         if rule.id in {r.id for r in REDACTOR.pack.rules_for(Direction.RESPONSE)}
         for p in rule.positives
-        if len(p.text) >= 12
+        if len(p.secret or p.text) >= 8
     }
 )
 BEFORE = ["", "Sure, here it is: ", "token ", "\n", "the value is ", " and "]
 AFTER = ["", "\n", " and more.", " ok", "\nNext step: run it."]
 
 
-def push_all(stream: MessageStream, messages: list[str]) -> tuple[list[str], Outcome | None]:
-    """Every message through the stream (each redacted whole first, as the gateway does), then
-    the timer; the released texts in order and the failure, if any."""
+def push_all(
+    stream: MessageStream, messages: list[str], timer: frozenset[int] = frozenset()
+) -> tuple[list[str], Outcome | None]:
+    """Every message through the stream (each also redacted whole, as the gateway does), the
+    timer firing after the messages numbered in `timer` and at the end; the released texts in
+    order and the failure, if any."""
     out: list[str] = []
-    for message in messages:
-        outcome = stream.push(REDACTOR.redact_text(message).text)
+    for n, message in enumerate(messages):
+        outcome = stream.push(message)
         if outcome.failure is not None:
             return out, outcome
         out += [r.text for r in outcome.released]
+        if n in timer:
+            outcome = stream.flush()
+            if outcome.failure is not None:
+                return out, outcome
+            out += [r.text for r in outcome.released]
     outcome = stream.flush()
     if outcome.failure is not None:
         return out, outcome
@@ -75,20 +83,21 @@ def anthropic(text: str, index: int = 0) -> str:
     points=st.lists(st.integers(0, 400), min_size=1, max_size=5),
     shape=st.sampled_from(["plain", "delta", "anthropic"]),
 )
-@example(secret=GH, before="token ", after="", points=[10], shape="plain")
-@example(secret=GH, before="", after=" ok", points=[4, 20, 30], shape="delta")
-@example(secret=GH, before="key: ", after="", points=[len("key: ") + 1], shape="anthropic")
+@example(secret=(GH, GH), before="token ", after="", points=[10], shape="plain")
+@example(secret=(GH, GH), before="", after=" ok", points=[4, 20, 30], shape="delta")
+@example(secret=(GH, GH), before="key: ", after="", points=[len("key: ") + 1], shape="anthropic")
 def test_any_split_of_a_secret_across_messages_never_releases_it_in_clear(
-    secret: str, before: str, after: str, points: list[int], shape: str
+    secret: tuple[str, str], before: str, after: str, points: list[int], shape: str
 ) -> None:
     wrap = {"plain": str, "delta": delta, "anthropic": anthropic}[shape]
-    whole = before + secret + after
-    assume(secret not in REDACTOR.redact_text(whole).text)  # found when not split at all
+    example_text, secret_value = secret
+    whole = before + example_text + after
+    assume(secret_value not in REDACTOR.redact_text(whole).text)  # found when not split at all
     pieces = cut(whole, points)
     released, failed = push_all(MessageStream(REDACTOR), [wrap(p) for p in pieces])
     texts = [stream_text(m) for m in released] if shape != "plain" else []
     text = "".join(t.text for t in texts if t is not None) if texts else "".join(released)
-    assert secret not in text
+    assert secret_value not in text
     if failed is None:
         assert len(released) == len(pieces)  # every message, in order
     else:
@@ -142,6 +151,15 @@ def test_a_split_secret_fails_the_stream_before_any_part_is_released(messages: l
     assert stream.push("later").failure == SPLIT  # nothing more, ever
 
 
+def test_a_value_tagged_early_by_whole_message_redaction_is_still_found_across_messages() -> None:
+    """`DISCORD_TOKEN=MTk4Nj` alone ends in a short value its message's redaction tags; the stream
+    reads the message as it arrived, so the token running into the next message is found."""
+    token = "MTk4NjIyNDgzNDcxOTI1MjQ4.4J4N6O.CZFkUUdUYXyVXtwwl6KcChuLc2i"
+    released, failed = push_all(MessageStream(REDACTOR), ["DISCORD_TOKEN=" + token[:6], token[6:]])
+    assert failed is not None and failed.failure == SPLIT
+    assert token[6:] not in "".join(released)
+
+
 def test_a_secret_inside_one_message_is_tagged_in_it() -> None:
     stream = MessageStream(REDACTOR)
     outcome = stream.push(f"key {GH} here")
@@ -157,10 +175,9 @@ def test_a_value_whose_keyword_came_in_an_earlier_message_is_tagged_in_its_own()
 
 def test_realtime_deltas_keep_their_json_and_only_the_delta_changes() -> None:
     stream = MessageStream(REDACTOR)
-    message = json.dumps({"type": "response.text.delta", "item_id": "i", "delta": f"k {GH}"})
-    # Redacted whole first, as the gateway does: the stream sees the tag and changes nothing.
-    (released,) = stream.push(REDACTOR.redact_text(message).text).released
-    assert json.loads(released.text)["delta"] == f"k {TAG}"
+    message = json.dumps({"type": "response.text.delta", "item_id": "i", "delta": f"k {GH} ok"})
+    (released,) = stream.push(message).released
+    assert json.loads(released.text)["delta"] == f"k {TAG} ok"
 
 
 def test_other_json_waits_behind_a_held_message_but_is_not_part_of_its_stream() -> None:
@@ -250,3 +267,36 @@ def test_past_the_bounds_release_lets_what_waits_go_and_still_catches_the_rest()
     assert [len(o.released) for o in outcomes] == [0, 0, 4] and stream.forced == 1
     assert outcomes[-1].failure is None and stream.pending == 0
     assert stream.push(delta(GH[9:] + " ok")).failure == SPLIT  # the head left, not the rest
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    secret=st.sampled_from(SECRETS),
+    before=st.sampled_from(BEFORE),
+    after=st.sampled_from(AFTER),
+    points=st.lists(st.integers(0, 400), min_size=1, max_size=5),
+    timer=st.frozensets(st.integers(0, 5)),
+)
+@example(secret=(GH, GH), before="token ", after=" ok", points=[10], timer=frozenset({0}))
+@example(
+    secret=('<add key="ClearTextPassword" value="Nuget-Feed%Pa55" />', "Nuget-Feed%Pa55"),
+    before=" and ",
+    after=" and more.",
+    points=[55],
+    timer=frozenset({0}),
+)
+def test_the_timer_firing_between_pieces_never_lets_a_secret_out_unnoticed(
+    secret: tuple[str, str], before: str, after: str, points: list[int], timer: frozenset[int]
+) -> None:
+    """The timer releases what it has: a secret whose rule needs the text after it (a closing
+    quote) can leave then (see the README's limits), but the stream then fails as soon as that
+    text comes, and nothing after it is released."""
+    example_text, secret_value = secret
+    whole = before + example_text + after
+    assume(secret_value not in REDACTOR.redact_text(whole).text)
+    pieces = cut(whole, points)
+    released, failed = push_all(MessageStream(REDACTOR), pieces, timer)
+    if secret_value in "".join(released):
+        assert failed is not None and failed.failure == SPLIT
+    if failed is not None:
+        assert failed.failure == SPLIT

@@ -53,6 +53,7 @@ from sluicegate.policy.engine import Policy
 from sluicegate.policy.views import BodyViews
 from sluicegate.redaction import messages
 from sluicegate.redaction.bodies import BodyPolicy, BodyRefused, redact_body
+from sluicegate.redaction.redactor import Redactor
 from sluicegate.redaction.runtime import RedactionRuntime
 from sluicegate.runtime import build_policy, for_config
 from sluicegate.shapes.events import MessageReader
@@ -225,6 +226,7 @@ class WebSockets(GatewayAddon):
             if self._check(flow, True, message.text) is not None:
                 raise MessageFailed(POLICY_CODE)
             return
+        raw = message.text
         try:
             result = await _off_loop(
                 len(message.content), redact_body, message.content, None, redactor, TEXT_POLICY
@@ -240,11 +242,12 @@ class WebSockets(GatewayAddon):
             channel,
             message.from_client,
             redactor,
+            functools.partial(_redact_text, redactor),
             max_messages=self.settings.hold_messages,
             max_bytes=self.settings.hold_bytes,
             overflow=self.settings.hold_overflow,
         )
-        failure = ws_hold.arrive(flow, message, hold, self._check)
+        failure = ws_hold.arrive(flow, message, raw, hold, self._check)
         if failure is not None:
             raise MessageFailed(failure)
         from_client = message.from_client
@@ -331,6 +334,11 @@ class WebSockets(GatewayAddon):
             channel.scanner.decision = response_policy.stream_decisions[-1]
             return POLICY_CODE
         return None
+
+
+def _redact_text(redactor: Redactor, text: str) -> str:
+    """A message rebuilt with a stream's tags, redacted whole again as it was the first time."""
+    return redact_body(text.encode(), None, redactor, TEXT_POLICY).body.decode()
 
 
 def _blocked() -> guard.GatewayRefusal:

@@ -40,6 +40,7 @@ def direction(
     channel: WebSocketChannel,
     from_client: bool,
     redactor: Redactor,
+    redact: Callable[[str], str],
     *,
     max_messages: int,
     max_bytes: int,
@@ -48,7 +49,11 @@ def direction(
     hold = channel.holds.get(from_client)
     if hold is None:
         stream = MessageStream(
-            redactor, max_messages=max_messages, max_bytes=max_bytes, overflow=overflow
+            redactor,
+            redact=redact,
+            max_messages=max_messages,
+            max_bytes=max_bytes,
+            overflow=overflow,
         )
         hold = channel.holds[from_client] = HeldDirection(stream)
     return hold
@@ -66,10 +71,11 @@ def take_injected(channel: WebSocketChannel, message: WebSocketMessage) -> bool:
 
 
 def arrive(
-    flow: http.HTTPFlow, message: WebSocketMessage, hold: HeldDirection, check: Check
+    flow: http.HTTPFlow, message: WebSocketMessage, raw: str, hold: HeldDirection, check: Check
 ) -> str | None:
-    """Read a (redacted) text message into its direction's stream; the code to close with."""
-    outcome = hold.stream.push(message.text, len(message.content))
+    """Read a text message into its direction's stream (`raw`: as it arrived; `message` holds
+    it redacted whole); the code to close with."""
+    outcome = hold.stream.push(raw, message.text, len(raw.encode()))
     return _apply(flow, hold, message.from_client, outcome, message, check)
 
 
@@ -135,7 +141,7 @@ def _apply(
         and len(released) == 1
         and not released[0].waited
     ):
-        if released[0].changed:
+        if released[0].text != current.text:
             current.text = released[0].text
         return None  # passes live, as it arrived
     if current is not None:

@@ -1,8 +1,8 @@
 """WebSocket text messages of one direction read as one stream, so a secret split across messages
 is found (issue 14).
 
-Each message is first redacted whole by the caller (as a body). What a message adds to the
-stream is its *stream text*:
+Each message is redacted whole (as a body: `redact`, the caller's, or the text redactor), and its
+*stream text*, read from the message as it arrived, goes to a stream:
 
   * a message that is not a JSON object (plain text, a line, a JSON scalar or array): the whole
     message;
@@ -21,14 +21,22 @@ next) is *held*: it is not released until a later message of its stream decides 
 (the caller's timer) decides it with what it has. Messages are released in arrival order: a
 decided message waits behind a held one. A finding across two messages is a split secret: the
 stream fails with `SPLIT` and releases nothing more (the caller closes the connection; no part of
-the secret was released, the head is held). A finding inside one message is tagged in it.
+the secret was released, the head is held). A finding inside one message that only the text
+around it revealed is tagged in it: the message is rebuilt with the stream's output and redacted
+whole again. Otherwise the message is released as redacted whole.
 
-After a `flush` the stream keeps the tail of what it released (`SEED_CHARS`): a secret whose head
-went out when the timer fired and whose rest arrives later is still found and fails the stream
-(the rest never leaves). More than `max_messages` or `max_bytes` waiting fails with `OVERFLOW`
-(`overflow="close"`) or is released like a `flush` (`overflow="release"`): a rule that may match
-hundreds of characters (an XML credential element holds up to 400) keeps clean realtime text of
-~4-character deltas waiting for more than 64 messages.
+The stream reads the messages as they arrived, not their redacted form: redacting a message
+alone decides its end too early (`TOKEN=MTk4Nj` at the end of a message is a short value, tagged,
+and a tag ends every match), which would let the rest of the value out in the next message.
+
+`flush` releases every waiting message as a copy of its stream would if the stream ended there
+(`StreamRedactor.fork`), and the stream goes on: when it later decides those messages, what it
+would release must be what was released. If not (a secret whose head went out when the timer
+fired and whose rest arrives now, or a value the text after it shows to be a secret) the stream
+fails with `SPLIT`, so the rest never leaves. More than `max_messages` or `max_bytes` waiting
+fails with `OVERFLOW` (`overflow="close"`) or is released like a `flush`
+(`overflow="release"`): a rule that may match hundreds of characters (an XML credential element
+holds up to 400) keeps clean realtime text of ~4-character deltas waiting for over 64 messages.
 """
 
 from __future__ import annotations
@@ -43,8 +51,6 @@ from sluicegate.redaction.redactor import OVERFLOW_RULE_ID, Redactor, StreamReda
 
 SPLIT: Final = "websocket_secret_split"
 OVERFLOW: Final = "websocket_hold_overflow"
-# What a stream keeps of the text a flush released, to find a secret whose rest comes later.
-SEED_CHARS: Final = 16 * 1024
 # Streams kept per direction; past it the least recent idle one is forgotten.
 MAX_STREAMS: Final = 64
 _DELTA_FIELDS: Final = ("text", "thinking", "partial_json")
@@ -138,7 +144,8 @@ class Outcome:
 @dataclass
 class _Entry:
     seq: int
-    message: str
+    message: str  # as it arrived
+    redacted: str  # redacted whole
     size: int
     found: StreamText | None
     decided: bool = False
@@ -149,8 +156,8 @@ class _Entry:
 class _Stream:
     redactor: StreamRedactor
     waiting: deque[_Entry] = field(default_factory=deque)  # undecided, in order
-    seeded: int = 0  # segments before the first entry: the seed, already released
-    seed: str = ""
+    # Messages a flush released before the stream decided them: what was released, in order.
+    early: deque[str] = field(default_factory=deque)
 
 
 class MessageStream:
@@ -160,11 +167,13 @@ class MessageStream:
         self,
         redactor: Redactor,
         *,
+        redact: Callable[[str], str] | None = None,
         max_messages: int = 64,
         max_bytes: int = 16 << 20,
         overflow: Literal["close", "release"] = "close",
     ) -> None:
         self._redactor = redactor
+        self._redact = redact or (lambda text: redactor.redact_text(text).text)
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.overflow = overflow
@@ -182,14 +191,18 @@ class MessageStream:
         """Messages waiting."""
         return len(self._queue)
 
-    def push(self, message: str, size: int | None = None) -> Outcome:
-        """Read one (already redacted) text message; what may be released now, in order."""
+    def push(self, message: str, redacted: str | None = None, size: int | None = None) -> Outcome:
+        """Read one text message as it arrived (`redacted`: the caller redacted it whole already);
+        what may be released now, in order."""
         if self.failed is not None:
             return Outcome(failure=self.failed)
         seq = self._seq
         self._seq += 1
         found = stream_text(message)
-        entry = _Entry(seq, message, len(message.encode()) if size is None else size, found)
+        if redacted is None:
+            redacted = self._redact(message)
+        size = len(message.encode()) if size is None else size
+        entry = _Entry(seq, message, redacted, size, found)
         self._queue.append(entry)
         self._bytes += entry.size
         if found is None:
@@ -219,23 +232,31 @@ class MessageStream:
         """Decide every waiting message with what its stream has (the hold timer fired)."""
         if self.failed is not None:
             return Outcome(failure=self.failed)
-        for key, stream in list(self._streams.items()):
+        for stream in self._streams.values():
             if not stream.waiting:
                 continue
-            sent = list(stream.waiting)
-            stream.redactor.flush()
-            failed = self._collect(stream)
-            if failed is not None:
-                return failed
-            tail = "".join(e.out or "" for e in sent)
-            self._streams[key] = self._new_stream(seed=(stream.seed + tail)[-SEED_CHARS:])
+            twin = stream.redactor.fork()
+            twin.flush()
+            if twin.crossings:
+                return self._fail(SPLIT, tuple(sorted(set(twin.crossings))))
+            segments = twin.take_segments()
+            early, segments = segments[: len(stream.early)], segments[len(stream.early) :]
+            if early != list(stream.early):  # the timer let out what is a secret
+                return self._fail(SPLIT, tuple(sorted(twin.counts)) or (SPLIT,))
+            for entry, text in zip(stream.waiting, segments, strict=True):
+                entry.out = text
+                entry.decided = True
+                stream.early.append(text)
+            stream.waiting.clear()
         return self._release(current=None)
 
     def _stream(self, key: Hashable) -> _Stream:
         stream = self._streams.get(key)
         if stream is None:
             if len(self._streams) >= MAX_STREAMS:
-                idle = next((k for k, s in self._streams.items() if not s.waiting), None)
+                idle = next(
+                    (k for k, s in self._streams.items() if not s.waiting and not s.early), None
+                )
                 if idle is not None:
                     del self._streams[idle]
             stream = self._streams[key] = self._new_stream()
@@ -243,25 +264,17 @@ class MessageStream:
             self._streams.move_to_end(key)
         return stream
 
-    def _new_stream(self, seed: str = "") -> _Stream:
-        redactor = self._redactor.stream(max(self.max_bytes, SEED_CHARS) + 1, segments=True)
-        stream = _Stream(redactor, seed=seed)
-        if seed:
-            # What already went out: only a finding running from it into a later message
-            # counts (a split secret whose head left when the timer fired).
-            redactor.feed(seed)
-            redactor.mark()
-            stream.seeded = 1 - len(redactor.take_segments())
-            redactor.counts.clear()
-        return stream
+    def _new_stream(self) -> _Stream:
+        redactor = self._redactor.stream(self.max_bytes + 1, segments=True)
+        return _Stream(redactor)
 
     def _collect(self, stream: _Stream) -> Outcome | None:
         """Give finished segments to their messages; the failure of a split secret or overflow."""
         redactor = stream.redactor
         for text in redactor.take_segments():
-            if stream.seeded:
-                stream.seeded -= 1
-                redactor.counts.clear()  # the seed's own findings were counted when released
+            if stream.early:
+                if text != stream.early.popleft():  # the timer let out what is a secret
+                    return self._fail(SPLIT, tuple(sorted(redactor.counts)) or (SPLIT,))
                 continue
             entry = stream.waiting.popleft()
             entry.out = text
@@ -280,10 +293,11 @@ class MessageStream:
         while self._queue and self._queue[0].decided:
             entry = self._queue.popleft()
             self._bytes -= entry.size
-            text, changed = entry.message, False
+            text = entry.redacted
             found = entry.found
             if found is not None and entry.out is not None and entry.out != found.text:
-                text, changed = found.rebuild(entry.out), True
+                text = self._redact(found.rebuild(entry.out))
+            changed = text != entry.message
             waited = entry.seq != current
             outcome.released.append(Released(entry.seq, text, changed, waited))
         return outcome

@@ -25,6 +25,7 @@ new characters are run (see `rules.FirstChars`).
 from __future__ import annotations
 
 import bisect
+import copy
 import hashlib
 import hmac
 from collections.abc import Iterable, Sequence
@@ -754,6 +755,20 @@ class StreamRedactor:
             self._open = ""
         else:
             self._marks.append(self._base + len(self._buf))
+
+    def fork(self) -> StreamRedactor:
+        """An independent copy of this stream as it is now: its `flush` says what this stream
+        would release if it ended here, and this stream goes on."""
+        twin = copy.copy(self)
+        twin._holding = dict(self._holding)
+        twin._bracket_holding = dict(self._bracket_holding)
+        twin._findings = list(self._findings)
+        twin._protected = list(self._protected)
+        twin._marks = list(self._marks)
+        twin._done = list(self._done)
+        twin.counts = dict(self.counts)
+        twin.crossings = list(self.crossings)
+        return twin
 
     def take_segments(self) -> list[str]:
         """The released text of every segment finished since the last call, in order."""
