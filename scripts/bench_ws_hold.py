@@ -96,8 +96,8 @@ def timing(redactor: Redactor, messages: list[str], rounds: int) -> tuple[float,
     for _ in range(rounds):
         start = time.perf_counter()
         stream = MessageStream(redactor, overflow="release")
-        for m in redacted:
-            stream.push(m)
+        for m, r in zip(messages, redacted, strict=True):
+            stream.push(m, r)
         stream_times.append(time.perf_counter() - start)
         start = time.perf_counter()
         for m in messages:

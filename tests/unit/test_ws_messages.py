@@ -300,3 +300,16 @@ def test_the_timer_firing_between_pieces_never_lets_a_secret_out_unnoticed(
         assert failed is not None and failed.failure == SPLIT
     if failed is not None:
         assert failed.failure == SPLIT
+
+
+def test_a_fork_flushes_a_copy_and_the_stream_goes_on() -> None:
+    streamer = REDACTOR.stream(1 << 20, segments=True)
+    streamer.feed("key " + GH[:9])
+    streamer.mark()
+    twin = streamer.fork()
+    twin.flush()
+    assert twin.take_segments() == ["key " + GH[:9]]
+    assert streamer.take_segments() == []  # still held in the stream itself
+    streamer.feed(GH[9:] + " ok")
+    streamer.mark()
+    assert streamer.crossings == ["github-token"] and twin.crossings == []
