@@ -225,3 +225,17 @@ def test_a_client_message_a_request_rule_blocks_closes_with_the_rule(
     found = facts(gateway, "split-policy")
     assert found["closed_by_gateway"] == "policy_blocked"
     assert found["policy_rule"] == "no-shell-pipes-up"
+
+
+def test_a_value_the_timer_let_out_closes_when_the_text_deciding_it_comes(
+    gateway: Gateway, realtime: WsUpstream, token: str
+) -> None:
+    """A documented limit: the timer releases `value="...` without its closing quote (no rule
+    can decide it yet); when the quote comes the connection is closed and nothing more passes."""
+    head = ' and <add key="ClearTextPassword" value="Nuget-Feed%Pa55'
+    with connect(gateway, realtime, token, **{"x-test-marker": "split-quote"}) as client:
+        client.send(say_split([head, '" /> and more.'], pause=2.0))
+        got, code = texts_until_close(client)
+    assert code == 1008 and got == [head]
+    found = facts(gateway, "split-quote")
+    assert found["closed_by_gateway"] == "websocket_secret_split"
