@@ -7,6 +7,9 @@ test drives from the client side:
 - text `bytes:<hex>`      the server sends the bytes as a binary message
 - text `echo-credential`  the server sends the credential it received on the upgrade (as upstreams
                           quote a bad key in errors)
+- text `split:<text>`     the server sends each piece of the text (written backwards, pieces
+                          separated by U+001E) as its own text message (`say_split`)
+- text `slow:<s>:<text>`  the same, sleeping `<s>` seconds between the pieces
 - any other text / bytes  echoed back unchanged
 """
 
@@ -16,6 +19,7 @@ import dataclasses
 import socket
 import ssl
 import threading
+import time
 from typing import Any
 
 import wsproto
@@ -45,6 +49,16 @@ def say_bytes(data: bytes) -> str:
     """A message asking the upstream to send `data` as a binary message (ASCII data, written
     backwards like `say`)."""
     return "bytes:" + data.decode("ascii")[::-1]
+
+
+SEPARATOR = "\x1e"
+
+
+def say_split(pieces: list[str], pause: float | None = None) -> str:
+    """A message asking the upstream to send `pieces` as separate messages (backwards, as `say`),
+    pausing `pause` seconds between them."""
+    text = SEPARATOR.join(pieces)[::-1]
+    return f"slow:{pause}:{text}" if pause is not None else "split:" + text
 
 
 class WsUpstream(SocketServer):
@@ -85,6 +99,19 @@ class WsUpstream(SocketServer):
                     elif isinstance(event, ev.Message):
                         with self._lock:
                             self.received.append(event.data)
+                        data = event.data
+                        if isinstance(data, str) and data.startswith(("split:", "slow:")):
+                            pause = 0.0
+                            if data.startswith("slow:"):
+                                _, seconds, data = data.split(":", 2)
+                                pause = float(seconds)
+                            else:
+                                data = data[6:]
+                            for n, piece in enumerate(data[::-1].split(SEPARATOR)):
+                                if n and pause:
+                                    time.sleep(pause)
+                                sock.sendall(ws.send(ev.TextMessage(piece)))
+                            continue
                         sock.sendall(ws.send(self._answer(event.data, credential)))
                     elif isinstance(event, ev.CloseConnection):
                         with self._lock:

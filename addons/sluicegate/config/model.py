@@ -920,6 +920,39 @@ class WebSocketsSection:
         doc="Binary messages on allowed routes cannot be redacted: `block` drops the message and "
         "closes the connection (1008, policy violation); `pass` forwards them unredacted.",
     )
+    hold_seconds: float = setting(
+        1.0,
+        doc="Text messages of one direction are one stream: a message whose end could still "
+        "become a secret with the next message is held until the next message decides it, or "
+        "this long after the last message (then released with what is known, redacted). A "
+        "secret split across messages closes the connection (1008 `websocket_secret_split`).",
+    )
+    hold_messages: int = setting(
+        64,
+        doc="Most messages of one direction waiting behind a held one; past it, see "
+        "`hold_overflow`.",
+    )
+    hold_bytes: int = setting(
+        16 * 1024 * 1024,
+        doc="Most bytes of one direction waiting behind a held message; past it, see "
+        "`hold_overflow`.",
+    )
+    hold_overflow: Literal["release", "close"] = setting(
+        "release",
+        doc="Past `hold_messages` or `hold_bytes`: `release` what waits with what is known (as "
+        "when `hold_seconds` pass; the rest of a secret whose head went out still closes the "
+        "connection), or `close` the connection (1009 `websocket_hold_overflow`). Clean text "
+        "can wait long: a rule may match hundreds of characters, which realtime deltas of a few "
+        "characters each spread over more than 64 messages.",
+    )
+
+    def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
+        if not 0 < self.hold_seconds <= 60:
+            yield "hold_seconds", "must be more than 0 and at most 60"
+        if self.hold_messages < 1:
+            yield "hold_messages", "must be at least 1"
+        if self.hold_bytes < 1024:
+            yield "hold_bytes", "must be at least 1024"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,8 @@ the state of flows in flight.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import dataclasses
 import weakref
 from typing import Any
@@ -21,6 +23,7 @@ from sluicegate.egress.paths import RequestPath
 from sluicegate.policy.mcp import McpFlow
 from sluicegate.policy.stream import ResponsePolicy, ResponseScanner
 from sluicegate.recording.store import Receipt
+from sluicegate.redaction.messages import MessageStream
 from sluicegate.redaction.redactor import LiteralSecret as ScrubLiteral
 from sluicegate.redaction.redactor import Redactor
 from sluicegate.shapes.events import MessageReader
@@ -48,6 +51,16 @@ class Injected:
 
 
 @dataclasses.dataclass
+class HeldDirection:
+    """One direction's messages read as a stream (see `mitm/ws_hold.py`)."""
+
+    stream: MessageStream
+    # What the gateway injected and has not seen come back through the hook yet, in order.
+    injected: collections.deque[bytes] = dataclasses.field(default_factory=collections.deque)
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclasses.dataclass
 class WebSocketChannel:
     """What the gateway did on one WebSocket connection (counts are recorded, never content)."""
 
@@ -62,6 +75,9 @@ class WebSocketChannel:
     # The response rules' scanner over the server's messages (created on the first one).
     scanner: ResponseScanner | None = None
     reader: MessageReader | None = None  # the text channels of its JSON messages
+    # Text messages as a stream, per direction (True: from the client); see mitm/ws_hold.py.
+    holds: dict[bool, HeldDirection] = dataclasses.field(default_factory=dict)
+    policy_rule: str | None = None  # the request rule that closed it (client messages)
 
     def facts(self) -> dict[str, Any]:
         facts: dict[str, Any] = {
@@ -74,6 +90,18 @@ class WebSocketChannel:
             facts["closed_by_gateway"] = self.closed
         if self.scanner is not None and self.scanner.decision is not None:
             facts["policy_rule"] = self.scanner.decision.rule_id
+        if self.policy_rule is not None:
+            facts["policy_rule"] = self.policy_rule
+        if self.holds:
+            facts["held"] = {
+                "client" if side else "server": {
+                    "messages": hold.stream.held,
+                    "waiting": hold.stream.pending,
+                    "forced": hold.stream.forced,
+                    "redaction": dict(hold.stream.counts),
+                }
+                for side, hold in self.holds.items()
+            }
         return facts
 
 

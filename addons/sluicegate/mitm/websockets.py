@@ -16,6 +16,15 @@ message over `gateway.max_body_bytes`, any exception) is dropped and the connect
 their content, so the recording (written at `websocket_end` by the Recorder) holds the redacted
 messages and no original.
 
+Text messages of one direction are also read as one stream (`ws_hold.py` over
+`redaction/messages.py`), so a secret split across messages is found: a message whose end could
+still become a secret is held until the next message decides it (or `websockets.hold_seconds`
+pass), a split secret closes the connection (1008 `websocket_secret_split`) before any part of it
+left, and more than `hold_messages` / `hold_bytes` waiting releases what waits or closes it
+(1009 `websocket_hold_overflow`), per `hold_overflow`. Released messages are checked by the
+policy first: client messages by the request rules with body conditions, server messages by the
+response rules (1008 `policy_blocked`, the rule recorded).
+
 mitmproxy has no API to close a WebSocket from an addon (mitmproxy#4773). `close_websocket`
 queues a close on the flow's WebsocketLayer and wakes it with an injected, dropped message; when
 that is impossible (no live layer) the flow stays marked closed and every later message is dropped.
@@ -35,13 +44,18 @@ from mitmproxy.websocket import WebSocketMessage
 from wsproto.frame_protocol import CloseReason
 
 from sluicegate.config import Config, WebSocketsSection
-from sluicegate.mitm import flowstate, guard
+from sluicegate.mitm import flowstate, guard, ws_hold
 from sluicegate.mitm.base import GatewayAddon
+from sluicegate.mitm.policy import flow_context
 from sluicegate.mitmcompat.websocket_close import close_websocket
+from sluicegate.policy.decisions import Action
+from sluicegate.policy.engine import Policy
 from sluicegate.policy.views import BodyViews
+from sluicegate.redaction import messages
 from sluicegate.redaction.bodies import BodyPolicy, BodyRefused, redact_body
+from sluicegate.redaction.redactor import Redactor
 from sluicegate.redaction.runtime import RedactionRuntime
-from sluicegate.runtime import for_config
+from sluicegate.runtime import build_policy, for_config
 from sluicegate.shapes.events import MessageReader
 
 logger = logging.getLogger("sluicegate.websockets")
@@ -60,6 +74,8 @@ CLOSE_CODES: Final = {
     BINARY_BLOCKED: CloseReason.POLICY_VIOLATION,
     TOO_LARGE: CloseReason.MESSAGE_TOO_BIG,
     ERROR_CODE: CloseReason.INTERNAL_ERROR,
+    messages.SPLIT: CloseReason.POLICY_VIOLATION,
+    messages.OVERFLOW: CloseReason.MESSAGE_TOO_BIG,
 }
 # Request headers only a WebSocket handshake sends (mitmproxy upgrades on Sec-WebSocket-Version).
 _HANDSHAKE_HEADERS: Final = ("sec-websocket-key", "sec-websocket-version")
@@ -104,6 +120,8 @@ def message_fail_closed(fn: MessageHook) -> Callable[[WebSockets, http.HTTPFlow]
             _drop(message, channel, channel.closed)
             flowstate.record(flow, "websocket", channel.facts())
             return
+        if ws_hold.take_injected(channel, message):
+            return  # released after waiting: read when it arrived
         channel.messages += 1
         try:
             if self.config is None:
@@ -144,10 +162,12 @@ class WebSockets(GatewayAddon):
     def __init__(self) -> None:
         self.settings = WebSocketsSection()
         self.runtime: RedactionRuntime | None = None
+        self.policy: Policy | None = None
 
     def apply(self, config: Config) -> None:
         self.runtime = for_config(config)
         self.settings = config.websockets
+        self.policy = build_policy(config.policy)
 
     def allowed(self, flow: http.HTTPFlow) -> bool:
         route = flowstate.state(flow).route
@@ -189,6 +209,11 @@ class WebSockets(GatewayAddon):
         if not message.is_text:
             if self.settings.binary == "block":
                 raise MessageFailed(BINARY_BLOCKED)
+            hold = channel.holds.get(message.from_client)
+            if hold is not None:
+                failure = ws_hold.behind(flow, message, hold, self._check)
+                if failure is not None:
+                    raise MessageFailed(failure)
             return
         side = "client" if message.from_client else "server"
         if message.from_client:
@@ -198,7 +223,10 @@ class WebSockets(GatewayAddon):
                 channel.response_redactor = runtime.for_response(flowstate.state(flow).scrub)
             redactor = channel.response_redactor
         if redactor is None:  # redaction.requests: false
+            if self._check(flow, True, message.text) is not None:
+                raise MessageFailed(POLICY_CODE)
             return
+        raw = message.text
         try:
             result = await _off_loop(
                 len(message.content), redact_body, message.content, None, redactor, TEXT_POLICY
@@ -210,36 +238,107 @@ class WebSockets(GatewayAddon):
         counts = channel.counts[side]
         for rule, n in result.counts.items():
             counts[rule] = counts.get(rule, 0) + n
-        if not message.from_client:
-            self._check_response_rules(flow, message, channel)
+        hold = ws_hold.direction(
+            channel,
+            message.from_client,
+            redactor,
+            functools.partial(_redact_text, redactor),
+            max_messages=self.settings.hold_messages,
+            max_bytes=self.settings.hold_bytes,
+            overflow=self.settings.hold_overflow,
+        )
+        failure = ws_hold.arrive(flow, message, raw, hold, self._check)
+        if failure is not None:
+            raise MessageFailed(failure)
+        from_client = message.from_client
+        ws_hold.arm(hold, self.settings.hold_seconds, lambda: self._expired(flow, from_client))
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        """No hold timer outlives the connection (messages still waiting are not sent)."""
+        channel = flowstate.state(flow).websocket
+        if channel is not None:
+            ws_hold.stop(channel)
+            flowstate.record(flow, "websocket", channel.facts())
+
+    def _expired(self, flow: http.HTTPFlow, from_client: bool) -> None:
+        """The hold timer: release what waits, with what is known; fail closed."""
+        channel = flowstate.state(flow).websocket
+        if channel is None or channel.closed is not None or not flow.live:
+            return
+        hold = channel.holds[from_client]
+        hold.timer = None
+        try:
+            failure = ws_hold.expire(flow, hold, from_client, self._check)
+        except Exception as exc:
+            logger.error(
+                "sluicegate: %s: hold timer raised %s [request %s]",
+                ERROR_CODE,
+                type(exc).__name__,
+                flow.id,
+            )
+            failure = ERROR_CODE
+        if failure is not None:
+            logger.warning(
+                "sluicegate: %s: closed the WebSocket after held messages [request %s]",
+                failure,
+                flow.id,
+            )
+            channel.closed = failure
+            close_websocket(flow, CLOSE_CODES.get(failure, CloseReason.POLICY_VIOLATION), failure)
+        flowstate.record(flow, "websocket", channel.facts())
+
+    def _check(self, flow: http.HTTPFlow, from_client: bool, text: str) -> str | None:
+        """A message about to be released, checked by the policy: the close code, or None."""
+        channel = _channel(flow)
+        if from_client:
+            return self._check_request_rules(flow, text, channel)
+        return self._check_response_rules(flow, text, channel)
+
+    def _check_request_rules(self, flow: http.HTTPFlow, text: str, channel: Channel) -> str | None:
+        """Client messages are requests' bodies to the request rules with body conditions
+        (rules without them decided the upgrade already); any action but allow closes (1008):
+        a message cannot wait for an approver or be rewritten."""
+        policy = self.policy
+        if policy is None or not any(r.when.needs_body for r in policy.request_rules):
+            return None
+        decision = policy.decide_request(flow_context(flow), BodyViews.of(text.encode()))
+        if decision.is_default or not policy.rule(decision.rule_id).when.needs_body:
+            return None
+        if decision.action is Action.ALLOW:
+            return None
+        channel.policy_rule = decision.rule_id
+        return POLICY_CODE
 
     @staticmethod
-    def _check_response_rules(
-        flow: http.HTTPFlow, message: WebSocketMessage, channel: Channel
-    ) -> None:
+    def _check_response_rules(flow: http.HTTPFlow, text: str, channel: Channel) -> str | None:
         """Server messages are a stream: the flow's response rules read them as they read an SSE
         stream (one scanner across the connection's messages, so a command split over messages
         is still found), after redaction; a match drops the message and closes (1008)."""
         response_policy = flowstate.state(flow).response_policy
         if response_policy is None:
-            return
+            return None
         if channel.scanner is None:
             channel.scanner = response_policy.stream()
             channel.reader = MessageReader()
             if channel.scanner.feed("") is not None:
-                raise MessageFailed(POLICY_CODE)
+                return POLICY_CODE
         assert channel.reader is not None
-        text = message.text
         # A known event shape: its text channels, joined across messages (as for SSE).
         generated = channel.reader.read(text)
         if generated:
             if channel.scanner.feed(generated) is not None:
-                raise MessageFailed(POLICY_CODE)
-            return
+                return POLICY_CODE
+            return None
         # Any other message on its own: its raw text and its decoded JSON strings.
-        if response_policy.scan_views(BodyViews.of(message.content)) is not None:
+        if response_policy.scan_views(BodyViews.of(text.encode())) is not None:
             channel.scanner.decision = response_policy.stream_decisions[-1]
-            raise MessageFailed(POLICY_CODE)
+            return POLICY_CODE
+        return None
+
+
+def _redact_text(redactor: Redactor, text: str) -> str:
+    """A message rebuilt with a stream's tags, redacted whole again as it was the first time."""
+    return redact_body(text.encode(), None, redactor, TEXT_POLICY).body.decode()
 
 
 def _blocked() -> guard.GatewayRefusal:

@@ -25,6 +25,7 @@ new characters are run (see `rules.FirstChars`).
 from __future__ import annotations
 
 import bisect
+import copy
 import hashlib
 import hmac
 from collections.abc import Callable, Iterable, Sequence
@@ -331,10 +332,13 @@ class Redactor:
                 out += _clipped(finding, rules[finding.order], text, blanks)
         return out
 
-    def stream(self, max_hold: int) -> StreamRedactor:
+    def stream(self, max_hold: int, *, segments: bool = False) -> StreamRedactor:
+        """A stream redactor; with `segments`, its text is cut into segments (`mark`)."""
         if self._stream_index is None:
             self._stream_index = _StreamIndex.build(self._compiled, self._literal_scanner)
-        return StreamRedactor(self._stream_index, self.tagger, max_hold, self._reread)
+        return StreamRedactor(
+            self._stream_index, self.tagger, max_hold, self._reread, segments=segments
+        )
 
     def _reread(self, text: str) -> RedactionResult:
         """The passes after the first, as whole text runs them (a stream's own tags)."""
@@ -695,6 +699,8 @@ class StreamRedactor:
         tagger: Tagger,
         max_hold: int,
         reread: Callable[[str], RedactionResult] | None = None,
+        *,
+        segments: bool = False,
     ) -> None:
         if max_hold < 1:
             raise ValueError("max_hold must be positive")
@@ -722,6 +728,15 @@ class StreamRedactor:
         self._findings: list[_Finding] = []
         self._protected: list[tuple[int, int]] = []
         self._closed = False
+        # Segments (see `mark`): where the buffer starts in the whole stream, the segment ends
+        # not released yet (stream positions), the released text of every finished segment not
+        # taken yet and of the open one, and the rules of findings that crossed a segment end.
+        self._base = 0
+        self._marks: list[int] = []
+        self._segmented = segments
+        self._done: list[str] = []
+        self._open = ""
+        self.crossings: list[str] = []
 
     @property
     def held(self) -> int:
@@ -759,6 +774,37 @@ class StreamRedactor:
             for index in sorted((scans | holding.keys()) - {0}):
                 self._scan(index, holding.pop(index, start), final=False, view=1)
         return self._release(final=False)
+
+    def mark(self) -> None:
+        """What was fed so far ends a segment (one WebSocket message): released text is cut
+        there (`take_segments`), and a finding across the cut is recorded in `crossings` (its
+        parts on both sides are tagged, so neither releases a piece of it)."""
+        if not self._segmented:
+            raise RuntimeError("mark() on a stream made without segments")
+        if not self._marks and self._emit == len(self._buf):  # all of it is out already
+            self._done.append(self._open)
+            self._open = ""
+        else:
+            self._marks.append(self._base + len(self._buf))
+
+    def fork(self) -> StreamRedactor:
+        """An independent copy of this stream as it is now: its `flush` says what this stream
+        would release if it ended here, and this stream goes on."""
+        twin = copy.copy(self)
+        twin._holding = dict(self._holding)
+        twin._bracket_holding = dict(self._bracket_holding)
+        twin._findings = list(self._findings)
+        twin._protected = list(self._protected)
+        twin._marks = list(self._marks)
+        twin._done = list(self._done)
+        twin.counts = dict(self.counts)
+        twin.crossings = list(self.crossings)
+        return twin
+
+    def take_segments(self) -> list[str]:
+        """The released text of every segment finished since the last call, in order."""
+        done, self._done = self._done, []
+        return done
 
     def _gate(self, scans: set[int], start: int) -> set[int]:
         """`scans` without the scanners that cannot start a match at or after `start`: no
@@ -807,7 +853,9 @@ class StreamRedactor:
             if not final:
                 attempt = scanner.sentinel.search(buf, pos, partial=True)
                 hold = attempt.start() if attempt is not None and attempt.start() < size else None
-                if match is not None and (
+                if index == 0 and match is not None and (hold is None or hold >= match.start()):
+                    hold = None  # a tag is final at its `]`: no longer tag starts there
+                elif match is not None and (
                     match.end() >= size or (hold is not None and hold <= match.start())
                 ):
                     hold = match.start() if hold is None else min(hold, match.start())
@@ -876,12 +924,15 @@ class StreamRedactor:
         released = [f for f in self._findings if f.start < point]
         out = ""
         if point > self._emit or released:
-            out = _render(
-                self._buf, self._emit, point, released, self._protected, self._tagger,
-                self.counts,
-            )  # fmt: skip
-            if released and self._reread is not None:
-                out = self._read_again(out)
+            if self._segmented:
+                out = self._render_segments(point, released)
+            else:
+                out = _render(
+                    self._buf, self._emit, point, released, self._protected, self._tagger,
+                    self.counts,
+                )  # fmt: skip
+                if released and self._reread is not None:
+                    out = self._read_again(out)
             self._findings = [f for f in self._findings if f.start >= point]
             self._protected = [p for p in self._protected if p[1] > point]
             self._emit = point
@@ -923,6 +974,28 @@ class StreamRedactor:
             self.counts[rule_id] = self.counts.get(rule_id, 0) + n
         return result
 
+    def _render_segments(self, point: int, released: list[_Finding]) -> str:
+        """`_render` of [emit, point) cut at the segment ends in it (see `mark`)."""
+        pieces: list[str] = []
+        cursor = self._emit
+        while self._marks and self._marks[0] - self._base <= point:
+            cut = max(self._marks.pop(0) - self._base, cursor)
+            self.crossings += [f.rule_id for f in released if f.start < cut < f.end]
+            piece = _render(
+                self._buf, cursor, cut, released, self._protected, self._tagger, self.counts
+            )
+            pieces.append(piece)
+            self._done.append(self._open + piece)
+            self._open = ""
+            cursor = cut
+        if cursor < point:
+            piece = _render(
+                self._buf, cursor, point, released, self._protected, self._tagger, self.counts
+            )
+            pieces.append(piece)
+            self._open += piece
+        return "".join(pieces)
+
     def _overflow(self, point: int, restart: int) -> str:
         """Held text grew past max_hold: replace it by a tag, never release it raw.
 
@@ -955,6 +1028,7 @@ class StreamRedactor:
         cut = min(anchors) - CONTEXT_CHARS
         if cut <= 0:
             return
+        self._base += cut
         self._buf = self._buf[cut:]
         self._scan_buf = self._scan_buf[cut:]
         self._bracket_buf = self._bracket_buf[cut:]
