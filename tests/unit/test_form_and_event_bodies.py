@@ -496,3 +496,20 @@ def test_a_stream_declaring_a_charset_it_cannot_be_read_in_is_refused(
         )
         streaming.responseheaders(latin)  # ASCII-compatible: read (non-UTF-8 bytes cut it)
         assert callable(latin.response.stream)
+
+
+def test_a_binary_upload_under_a_credential_name_is_not_replaced_but_a_key_file_is(
+    redactor: Redactor,
+) -> None:
+    image = upload("api_key", "key.png", PNG, "image/png")
+    pem = f"-----BEGIN PRIVATE KEY-----\n{API_KEY}\n-----END PRIVATE KEY-----\n".encode()
+    key_file = upload("private_key", "id.key", pem, "application/octet-stream")
+    result = redact_body(multipart(image, key_file), MULTIPART, redactor, PASS_BINARY)
+    parsed = form.MultipartForm.parse(result.body, BOUNDARY)
+    assert parsed.part_body(parsed.parts[0]) == PNG
+    assert API_KEY.encode() not in result.body and b"PRIVATE KEY" not in result.body
+
+
+def test_the_readme_states_the_pre_check_size_the_gateway_uses() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert f"a body over {redaction_mod.SSE_MAX_BYTES:,} bytes: 503 `redaction_timeout`" in readme

@@ -612,13 +612,19 @@ def _redact_part(
     part_body: bytes, part: form.Part, strings: JsonStrings, policy: BodyPolicy, depth: int
 ) -> tuple[bytes, dict[str, int]]:
     """One part's (transfer-decoded) body: a credential field masked whole by its key rule (the
-    same `StringPolicy` answer a JSON key gets), anything else redacted by the part's type."""
+    same `StringPolicy` answer a JSON key gets), anything else redacted by the part's type.
+
+    The key rule reads text: a part typed as text, or whose bytes decode as text (a key file
+    labelled application/octet-stream). Binary content (an image under a field named `api_key`)
+    is never replaced by a tag: it follows the binary policy and passes byte-identical."""
     name = part.name
     rule = form.key_rule(strings, name) if name else None
     if rule is not None and part_body:
         _, part_params = media_type(part.content_type)
-        value, _, _ = _decode(part_body, part_params.get("charset"))
-        masked = strings.masked(rule, value)
+        text, _, _ = _try_decode(part_body, part_params.get("charset"))
+        if text is None and classify(part.content_type) not in ("binary", "unknown"):
+            text = part_body.decode("latin-1")  # text by its type: read it the lenient way
+        masked = strings.masked(rule, text) if text is not None else None
         if masked is not None:
             return masked[0].encode("ascii"), dict(masked[1])
     result = _redact(part_body, part.content_type, strings.redactor, policy, depth + 1)
