@@ -513,3 +513,9 @@ def test_a_binary_upload_under_a_credential_name_is_not_replaced_but_a_key_file_
 def test_the_readme_states_the_pre_check_size_the_gateway_uses() -> None:
     readme = (REPO / "README.md").read_text()
     assert f"a body over {redaction_mod.SSE_MAX_BYTES:,} bytes: 503 `redaction_timeout`" in readme
+
+
+def test_the_sse_engine_stops_at_its_budget(redactor: Redactor) -> None:
+    body = chat("ghp_" * 8) * 2000  # adversarial deltas: ~100 µs/byte
+    policy = BodyPolicy(sse_budget_seconds=0.05)
+    assert refused(body, "text/event-stream", redactor, policy) == "redaction_timeout"

@@ -20,6 +20,7 @@ Counts per rule go to `flow.metadata["sluicegate"]["redaction"]`; matched values
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Literal, TypeVar
@@ -160,12 +161,16 @@ class Redaction(GatewayAddon):
         flowstate.keep_original(flow, part, body)
         try:
             content_type = single_content_type(message.headers.get_all("content-type"))
-            if classify(content_type) == "sse" and len(body) > SSE_MAX_BYTES:
-                raise _over_budget()
-            result = await _off_loop(
-                len(body), redact_body, body, content_type, redactor, runtime.body_policy
-            )
+            policy = runtime.body_policy
+            if classify(content_type) == "sse":
+                if len(body) > SSE_MAX_BYTES:
+                    raise _over_budget()
+                # The engine stops at the budget too, rather than running on after the refusal.
+                policy = dataclasses.replace(policy, sse_budget_seconds=BUDGET_SECONDS)
+            result = await _off_loop(len(body), redact_body, body, content_type, redactor, policy)
         except BodyRefused as e:
+            if e.code == "redaction_timeout":
+                raise _over_budget() from None
             raise _refusal(part, e.code, limit, e.message) from None
         if result.changed or "content-encoding" in message.headers:
             if "content-encoding" in message.headers:

@@ -25,6 +25,7 @@ import functools
 import json
 import re
 import string
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -79,6 +80,9 @@ class BodyPolicy:
     # `redaction.max_hold_chars`), and the largest event.
     sse_max_hold: int = 4096
     sse_max_event_bytes: int = 8 << 20
+    # Most seconds the SSE engine may spend on one buffered body (None: no limit); past it the
+    # body is refused (`redaction_timeout`) and the work stops, instead of running on unseen.
+    sse_budget_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -212,11 +216,21 @@ def _sse_pass(
         max_event_bytes=policy.sse_max_event_bytes,
         strings=JsonStrings(redactor),
     )
+    budget = policy.sse_budget_seconds
+    deadline = None if budget is None else time.monotonic() + budget
+    out: list[bytes] = []
     try:
-        out = engine.feed(data) + engine.finish()
+        for start in range(0, len(data), _SSE_SLICE):
+            out.append(engine.feed(data[start : start + _SSE_SLICE]))
+            if deadline is not None and time.monotonic() > deadline:
+                raise BodyRefused("redaction_timeout", "the event stream took too long to redact")
+        out.append(engine.finish())
     except SseError as exc:
         raise BodyRefused(exc.code, "the event stream cannot be redacted") from None
-    return out, engine.counts
+    return b"".join(out), engine.counts
+
+
+_SSE_SLICE = 16 * 1024  # bytes fed to the engine between two looks at the clock
 
 
 def event_stream_charset(charset: str | None) -> str | None:
