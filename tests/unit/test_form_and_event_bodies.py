@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,8 @@ from urllib.parse import parse_qsl, quote_plus, unquote_plus
 
 import pytest
 import regex
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.test import tflow, tutils
 
@@ -519,3 +522,44 @@ def test_the_sse_engine_stops_at_its_budget(redactor: Redactor) -> None:
     body = chat("ghp_" * 8) * 2000  # adversarial deltas: ~100 µs/byte
     policy = BodyPolicy(sse_budget_seconds=0.05)
     assert refused(body, "text/event-stream", redactor, policy) == "redaction_timeout"
+
+
+# -- properties ----------------------------------------------------------------------------------
+
+@functools.cache
+def cached_redactor(direction: Direction) -> Redactor:
+    return Redactor(load_rule_pack(RULES), direction)
+
+
+FORM_TEXT = st.text(alphabet=st.sampled_from("ab=&+%7eE9xC3A9 ~[]"), max_size=40)
+
+
+@given(text=FORM_TEXT)
+@settings(max_examples=200, deadline=None)
+def test_a_form_rewritten_without_changes_is_the_same_text(text: str) -> None:
+    parsed = form.UrlEncodedForm.parse(text)
+    assert parsed.rewrite(lambda name, value: None) == text
+    assert parsed.rewrite(lambda name, value: (name, value)) == text
+
+
+@given(text=FORM_TEXT)
+@settings(max_examples=100, deadline=None)
+def test_a_form_without_secrets_leaves_byte_identical(text: str) -> None:
+    redactor = cached_redactor(Direction.REQUEST)
+    result = redact_body(text.encode(), FORM, redactor, BodyPolicy())
+    assert result.body == text.encode() or result.counts
+
+
+@given(cuts=st.lists(st.integers(min_value=1, max_value=400), max_size=8))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_a_buffered_event_stream_equals_the_stream_chunked_anyhow(cuts: list[int]) -> None:
+    redactor = cached_redactor(Direction.RESPONSE)
+    body = split_secret_stream()
+    buffered = redact_body(body, "text/event-stream", redactor, BodyPolicy())
+    engine = SseRedactor(lambda: redactor.stream(4096), strings=JsonStrings(redactor))
+    out, last = [], 0
+    for cut in sorted({c % len(body) for c in cuts}):
+        out.append(engine.feed(body[last:cut]))
+        last = cut
+    out.append(engine.feed(body[last:]) + engine.finish())
+    assert (b"".join(out), engine.counts) == (buffered.body, buffered.counts)
