@@ -526,6 +526,7 @@ def test_the_sse_engine_stops_at_its_budget(redactor: Redactor) -> None:
 
 # -- properties ----------------------------------------------------------------------------------
 
+
 @functools.cache
 def cached_redactor(direction: Direction) -> Redactor:
     return Redactor(load_rule_pack(RULES), direction)
