@@ -93,7 +93,12 @@ def build_redaction(config: Config) -> RedactionRuntime:
         request=Redactor(pack, Direction.REQUEST, tagger=tagger) if section.requests else None,
         response=Redactor(pack, Direction.RESPONSE, tagger=tagger) if section.responses else None,
         response_scrub_only=Redactor(no_rules, Direction.RESPONSE, tagger=tagger),
-        body_policy=BodyPolicy(binary=section.binary_bodies, unknown=section.unknown_content_types),
+        body_policy=BodyPolicy(
+            binary=section.binary_bodies,
+            unknown=section.unknown_content_types,
+            sse_max_hold=section.max_hold_chars,
+            sse_max_event_bytes=min(8 << 20, config.gateway.max_body_bytes),
+        ),
         max_hold=section.max_hold_chars,
         max_body_bytes=config.gateway.max_body_bytes,
     )

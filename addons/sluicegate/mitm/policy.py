@@ -697,6 +697,9 @@ class Policy(GatewayAddon):
             ) from None
 
 
+PREVIEW_SSE_SECONDS = 2.0
+
+
 class PreviewRedaction:
     """Redacted, bounded previews of held bodies, for approvers.
 
@@ -711,7 +714,11 @@ class PreviewRedaction:
             config.redaction, requests=True, responses=True, binary_bodies="block"
         )
         self.runtime = builders.build_redaction(dataclasses.replace(config, redaction=redaction))
-        self.policy = bodies.BodyPolicy(binary="block", unknown="text")
+        # A buffered event stream runs through the SSE engine, slow on adversarial deltas: a
+        # preview stops at PREVIEW_SSE_SECONDS ("not shown") rather than holding up the hold.
+        self.policy = bodies.BodyPolicy(
+            binary="block", unknown="text", sse_budget_seconds=PREVIEW_SSE_SECONDS
+        )
         self.chars = chars
 
     def text(

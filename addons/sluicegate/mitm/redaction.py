@@ -20,6 +20,7 @@ Counts per rule go to `flow.metadata["sluicegate"]["redaction"]`; matched values
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Literal, TypeVar
@@ -32,6 +33,7 @@ from sluicegate.mitm.base import GatewayAddon
 from sluicegate.redaction.bodies import (
     BodyPolicy,
     BodyRefused,
+    classify,
     media_type,
     redact_body,
     single_content_type,
@@ -53,6 +55,16 @@ THREAD_BYTES = 4 * 1024
 # Most time a body's redaction may take on its worker thread; past it the message is refused
 # (503 redaction_timeout), never forwarded unredacted.
 BUDGET_SECONDS = 10.0
+# A buffered text/event-stream body runs through the SSE engine, whose cost per byte is higher
+# than a plain body's (an event per few bytes of deltas, each channel scanned as it streams):
+# scripts/bench_sse_body.py measured 0.1-8.8 µs/byte for the ordinary shapes (text data lines
+# the worst) on a loaded 2-core machine, rounded up here. A body whose size predicts more than
+# the budget (with the safety factor: a loaded machine, other flows) is refused before any work
+# is done. Adversarial deltas (keyword and token prefixes in every delta) measured ~100 µs/byte:
+# below this size they still meet the run-time budget (the same 503) rather than this check.
+SSE_US_PER_BYTE = 10.0
+SSE_SAFETY = 2.0
+SSE_MAX_BYTES = int(BUDGET_SECONDS * 1e6 / (SSE_US_PER_BYTE * SSE_SAFETY))
 EVENT_STREAM = "text/event-stream"
 _FORM = "application/x-www-form-urlencoded"
 _QUERY_POLICY = BodyPolicy()  # a query string is always form-encoded text
@@ -149,10 +161,16 @@ class Redaction(GatewayAddon):
         flowstate.keep_original(flow, part, body)
         try:
             content_type = single_content_type(message.headers.get_all("content-type"))
-            result = await _off_loop(
-                len(body), redact_body, body, content_type, redactor, runtime.body_policy
-            )
+            policy = runtime.body_policy
+            if classify(content_type) == "sse":
+                if len(body) > SSE_MAX_BYTES:
+                    raise _over_budget()
+                # The engine stops at the budget too, rather than running on after the refusal.
+                policy = dataclasses.replace(policy, sse_budget_seconds=BUDGET_SECONDS)
+            result = await _off_loop(len(body), redact_body, body, content_type, redactor, policy)
         except BodyRefused as e:
+            if e.code == "redaction_timeout":
+                raise _over_budget() from None
             raise _refusal(part, e.code, limit, e.message) from None
         if result.changed or "content-encoding" in message.headers:
             if "content-encoding" in message.headers:
@@ -236,9 +254,12 @@ async def _off_loop(size: int, fn: Callable[..., T], *args: object) -> T:
     try:
         return await asyncio.wait_for(asyncio.to_thread(fn, *args), BUDGET_SECONDS)
     except TimeoutError:
-        raise guard.GatewayRefusal(
-            503,
-            "redaction_timeout",
-            "The gateway could not redact this message within its time budget; nothing was "
-            "forwarded.",
-        ) from None
+        raise _over_budget() from None
+
+
+def _over_budget() -> guard.GatewayRefusal:
+    return guard.GatewayRefusal(
+        503,
+        "redaction_timeout",
+        "The gateway could not redact this message within its time budget; nothing was forwarded.",
+    )

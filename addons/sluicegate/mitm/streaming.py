@@ -37,6 +37,7 @@ from sluicegate.mitm import flowstate, guard
 from sluicegate.mitm.base import GatewayAddon
 from sluicegate.policy.decisions import Decision
 from sluicegate.policy.stream import ResponseScanner, sse_error_event
+from sluicegate.redaction.bodies import event_stream_charset, media_type
 from sluicegate.redaction.json_redact import JsonStrings
 from sluicegate.redaction.runtime import RedactionRuntime
 from sluicegate.redaction.sse import SseRedactor, error_event
@@ -240,6 +241,14 @@ class StreamRedaction(GatewayAddon):
                 "The upstream's stream uses a content encoding the gateway cannot decode, so it "
                 "cannot be redacted; nothing was forwarded.",
             ) from None
+        charset = media_type(response.headers.get("content-type"))[1].get("charset")
+        if event_stream_charset(charset) is None:
+            raise guard.GatewayRefusal(
+                502,
+                "charset_mismatch",
+                "The upstream's stream declares a charset the gateway cannot read as UTF-8, so "
+                "it cannot be redacted; nothing was forwarded.",
+            )
         st = flowstate.state(flow)
         redactor = runtime.for_response(st.scrub)
         max_hold = runtime.max_hold

@@ -6,12 +6,12 @@ import contextlib
 import dataclasses
 import functools
 import json
-import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
 import regex
 
+from sluicegate.shapes import form
 from sluicegate.shapes.events import generated_text
 
 # -- what the policy sees of a flow ------------------------------------------------------------
@@ -22,9 +22,11 @@ class BodyViews:
     """The texts of a body that patterns run over.
 
     The raw text, plus the decoded string values of a JSON body (so `\\n` escapes are newlines
-    again), the decoded values of a form body, or the generated text of a buffered SSE body (every
-    text channel of its events, read by the content model of shapes/events.py as streams are,
-    joined, so a command split over many deltas is whole again). A pattern is found when it
+    again), the decoded fields of a form body (URL-encoded, or a multipart body's text parts,
+    transfer encodings decoded; read by shapes/form.py as redaction reads them), or the
+    generated text of a buffered SSE body (every text channel of its events, read by the
+    content model of shapes/events.py as streams are, joined, so a command split over many
+    deltas is whole again). A pattern is found when it
     matches often enough in any one view, so re-encoding a secret inside JSON does not hide it.
     """
 
@@ -39,9 +41,12 @@ class BodyViews:
         if "json" in ctype or _looks_like_json(raw):
             with contextlib.suppress(ValueError, RecursionError):
                 views.append("\n".join(_json_strings(json.loads(raw))))
-        elif "application/x-www-form-urlencoded" in ctype:
-            pairs = urllib.parse.parse_qsl(raw, keep_blank_values=True)
-            views.append("\n".join(f"{k}={v}" for k, v in pairs))
+        elif form.FORM_TYPE in ctype:
+            fields = form.UrlEncodedForm.parse(raw).fields()
+            views.append("\n".join(f"{k}={v}" for k, v in fields))
+        elif ctype.startswith("multipart/"):
+            fields = form.text_fields(content, _params(content_type or ""), is_text=_is_text)
+            views.append("\n".join(f"{k}={v}" for k, v in fields))
         elif "text/event-stream" in ctype:
             views.append(generated_text(content))
         return cls(size=len(content), views=tuple(views))
@@ -57,6 +62,26 @@ class BodyViews:
     @functools.cached_property
     def _lowered(self) -> tuple[str, ...]:
         return tuple(v.lower() for v in self.views)
+
+
+def _params(content_type: str) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for param in content_type.split(";")[1:]:
+        name, sep, value = param.partition("=")
+        if sep:
+            params[name.strip().lower()] = value.strip().strip('"')
+    return params
+
+
+def _is_text(part_type: str) -> bool:
+    """A multipart part a pattern can read: text, JSON, XML, forms (never files' bytes)."""
+    media = part_type.split(";", 1)[0].strip().lower()
+    return (
+        media.startswith("text/")
+        or "json" in media
+        or media.endswith("xml")
+        or media == form.FORM_TYPE
+    )
 
 
 def _looks_like_json(text: str) -> bool:

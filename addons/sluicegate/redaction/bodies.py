@@ -20,24 +20,24 @@ refusal raises `BodyRefused` with a stable code.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import codecs
 import functools
 import json
-import quopri
 import re
 import string
+import time
 from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import quote_plus, unquote_plus
 
-from sluicegate.redaction.json_redact import JsonRedactionError, redact_json_text
-from sluicegate.redaction.memo import MemoRedactor, TextRedactor, key_rule_for
-from sluicegate.redaction.redactor import TAG_PATTERN
-from sluicegate.shapes import decoding
+from sluicegate.redaction.json_redact import JsonRedactionError, JsonStrings, redact_json_text
+from sluicegate.redaction.memo import MemoRedactor, TextRedactor
+from sluicegate.redaction.sse import SseError, SseRedactor
+from sluicegate.shapes import decoding, form
 
-Kind = Literal["empty", "json", "jsonl", "text", "form", "multipart", "binary", "unknown"]
+Kind = Literal[
+    "empty", "json", "jsonl", "sse", "text", "form", "multipart", "binary", "unknown"
+]  # fmt: skip
+EVENT_STREAM = "text/event-stream"
 
 _JSON_TYPES = {"application/json", "text/json", "application/json-seq"}
 _JSONL_TYPES = {
@@ -59,7 +59,6 @@ _BINARY_TYPES = {
     "application/x-msgpack", "application/cbor", "application/vnd.apache.parquet",
     "application/x-sqlite3", "application/java-archive",
 }  # fmt: skip
-_MULTIPART_DEPTH = 2
 
 
 class BodyRefused(Exception):
@@ -77,6 +76,13 @@ class BodyPolicy:
     binary: Literal["pass", "block"] = "block"
     # No or unrecognised Content-Type: redact as text (trying JSON first), pass or block.
     unknown: Literal["text", "pass", "block"] = "text"
+    # Buffered text/event-stream bodies: what each text channel may hold back (as in streams,
+    # `redaction.max_hold_chars`), and the largest event.
+    sse_max_hold: int = 4096
+    sse_max_event_bytes: int = 8 << 20
+    # Most seconds the SSE engine may spend on one buffered body (None: no limit); past it the
+    # body is refused (`redaction_timeout`) and the work stops, instead of running on unseen.
+    sse_budget_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,8 @@ def classify(content_type: str | None) -> Kind:
         return "json"
     if media in _JSONL_TYPES:
         return "jsonl"
+    if media == EVENT_STREAM:
+        return "sse"
     if media == "application/x-www-form-urlencoded":
         return "form"
     if media.startswith("multipart/"):
@@ -150,6 +158,8 @@ def _redact(
         return _redact_passed(body, kind, params.get("charset"), redactor)
     if kind == "multipart":
         return _redact_multipart(body, params, redactor, policy, depth)
+    if kind == "sse":
+        return _redact_event_stream(body, params.get("charset"), redactor, policy)
     text, codec, bom = _decode(body, params.get("charset"))
     # The JSON documents a lenient reader sees go first, read as JSON (escapes decoded, keys as
     # keys): the text or form pass then finds their tags, not the escaped spellings inside them.
@@ -160,6 +170,103 @@ def _redact(
     new_body = bom + _encode(new_text, codec, kind) if counts else body
     _check_other_readings(new_body, codec, kind, redactor)
     return BodyResult(new_body, bool(counts), counts, kind)
+
+
+def _redact_event_stream(
+    body: bytes, charset: str | None, redactor: TextRedactor, policy: BodyPolicy
+) -> BodyResult:
+    """A buffered text/event-stream body through the SSE engine (redaction/sse.py over
+    shapes/events.py), as a stream of the same bytes would be: events parsed once, deltas and
+    tool-call arguments through their channels, every other field through buffered JSON's
+    string policy. Events the engine leaves alone stay byte-identical.
+
+    SSE is UTF-8 (the engine reads nothing else). A declared ASCII-compatible charset (latin-1,
+    windows-1252...) is honoured: the body is read in it, redacted, and written back in it, and
+    the UTF-8 reading of the result (EventSource ignores the charset) must show no secret
+    either. Any other reading the engine cannot honour (UTF-16/32 by label, byte-order mark or
+    NUL pattern; UTF-7, EBCDIC, an unknown charset) is refused: `charset_mismatch`.
+    """
+    codec = _event_stream_codec(body, charset)
+    data = body if codec == "utf-8" else body.decode(codec).encode("utf-8")
+    out, counts = _sse_pass(data, redactor, policy)
+    if codec != "utf-8":
+        try:
+            out = out.decode("utf-8").encode(codec, _JSON_ESCAPE)
+        except UnicodeError:
+            raise BodyRefused(
+                "charset_mismatch", "the redacted stream cannot be written in its charset"
+            ) from None
+        if (
+            not out.isascii()
+            and _sse_pass(out.decode("utf-8", "replace").encode(), redactor, policy)[1]
+        ):
+            raise BodyRefused("charset_mismatch", "the UTF-8 reading of the body shows a secret")
+    if out == body:
+        return BodyResult(body, False, counts, "sse")
+    return BodyResult(out, True, counts, "sse")
+
+
+def _sse_pass(
+    data: bytes, redactor: TextRedactor, policy: BodyPolicy
+) -> tuple[bytes, dict[str, int]]:
+    full = redactor.redactor if isinstance(redactor, MemoRedactor) else redactor
+    max_hold = policy.sse_max_hold
+    engine = SseRedactor(
+        lambda: full.stream(max_hold),
+        max_event_bytes=policy.sse_max_event_bytes,
+        strings=JsonStrings(redactor),
+    )
+    budget = policy.sse_budget_seconds
+    deadline = None if budget is None else time.monotonic() + budget
+    out: list[bytes] = []
+    try:
+        for start in range(0, len(data), _SSE_SLICE):
+            out.append(engine.feed(data[start : start + _SSE_SLICE]))
+            if deadline is not None and time.monotonic() > deadline:
+                raise BodyRefused("redaction_timeout", "the event stream took too long to redact")
+        out.append(engine.finish())
+    except SseError as exc:
+        raise BodyRefused(exc.code, "the event stream cannot be redacted") from None
+    return b"".join(out), engine.counts
+
+
+_SSE_SLICE = 16 * 1024  # bytes fed to the engine between two looks at the clock
+
+
+def event_stream_charset(charset: str | None) -> str | None:
+    """The codec an event stream declared as `charset` is read in, when the SSE engine can
+    honour it: UTF-8 (no charset, UTF-8, ASCII) or an ASCII-compatible one; None when it cannot
+    (UTF-16/32, UTF-7, EBCDIC, an unknown name). Streams read UTF-8 only (see the README)."""
+    if not charset:
+        return "utf-8"
+    try:
+        codec = codecs.lookup(charset).name
+    except LookupError:
+        return None
+    if codec in ("utf-8", "utf-8-sig", "ascii"):
+        return "utf-8"
+    if not _ascii_compatible(codec) or codec.startswith(("utf-16", "utf-32", "utf-7")):
+        return None
+    return codec
+
+
+def _event_stream_codec(body: bytes, charset: str | None) -> str:
+    """The charset the SSE engine reads `body` in: UTF-8, or a declared ASCII-compatible one
+    (pure ASCII bodies read the same in both: UTF-8). Refuses what it cannot honour."""
+    if _sniff(body) is not None:
+        raise BodyRefused("charset_mismatch", "the event stream is UTF-16/32, not UTF-8")
+    codec = event_stream_charset(charset)
+    if codec is None:
+        raise BodyRefused(
+            "charset_mismatch", "the event stream's charset cannot be read as UTF-8 text"
+        )
+    if codec == "utf-8" or body.isascii():
+        return "utf-8"
+    try:
+        body.decode(codec)
+    except UnicodeDecodeError:
+        raise BodyRefused("charset_mismatch", "the event stream does not decode") from None
+    return codec
 
 
 def _redact_passed(
@@ -464,36 +571,10 @@ def _redact_lines(text: str, redactor: TextRedactor) -> tuple[str, dict[str, int
 
 
 def _redact_form(text: str, codec: str, redactor: TextRedactor) -> tuple[str, dict[str, int]]:
-    """application/x-www-form-urlencoded: decode each pair, redact, re-encode changed ones."""
-    counts: dict[str, int] = {}
-    pairs = text.split("&")
-    for index, pair in enumerate(pairs):
-        raw_name, sep, raw_value = pair.partition("=")
-        name = unquote_plus(raw_name, encoding=codec, errors="surrogateescape")
-        value = unquote_plus(raw_value, encoding=codec, errors="surrogateescape")
-        rule = key_rule_for(redactor, name)
-        if rule is not None and rule.accepts_value(value) and not TAG_PATTERN.fullmatch(value):
-            name_result = redactor.redact_text(name)  # the name itself can carry a secret too
-            new_name, new_value = name_result.text, redactor.tag(rule.id, value)
-            _merge(counts, name_result.counts)
-            _merge(counts, {rule.id: 1})
-        else:
-            name_result, value_result = redactor.redact_text(name), redactor.redact_text(value)
-            if not (name_result.changed or value_result.changed):
-                continue
-            new_name, new_value = name_result.text, value_result.text
-            _merge(counts, name_result.counts)
-            _merge(counts, value_result.counts)
-        pairs[index] = _form_quote(new_name, codec) + sep + _form_quote(new_value, codec)
-    return "&".join(pairs), counts
-
-
-def _form_quote(text: str, codec: str) -> str:
-    return quote_plus(text, safe="", encoding=codec, errors="surrogateescape")
-
-
-_PART_HEAD_END = b"\r\n\r\n"
-_DISPOSITION_PARAM = re.compile(r';\s*([\w*-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))')
+    """application/x-www-form-urlencoded (and query strings): each field read through the form
+    model (shapes/form.py) with buffered JSON's string policy, so a field name is a JSON key."""
+    new_text, counts = form.redact_urlencoded(text, codec, JsonStrings(redactor))
+    return new_text, dict(counts)
 
 
 def _redact_multipart(
@@ -501,21 +582,28 @@ def _redact_multipart(
 ) -> BodyResult:
     """multipart/form-data: each part redacted by its own type; boundaries kept byte for byte.
 
-    A part whose field name matches a key rule is masked whole; binary parts (file uploads)
-    follow the binary policy. Everything between part bodies (preamble, part headers with their
-    field names and file names, epilogue) is redacted as text, delimiters kept.
+    A part whose field name a key rule names is masked whole, as the same key in JSON would be
+    (shapes/form.py); other parts are redacted by their own type and charset (binary ones, file
+    uploads, follow the binary policy and are passed byte-identical). Everything between part
+    bodies (preamble, part headers with their field names and file names, epilogue) is redacted
+    as text, delimiters kept.
     """
-    boundary = params.get("boundary")
-    if not boundary:
-        raise BodyRefused("multipart_no_boundary", "multipart body without a boundary")
-    if depth >= _MULTIPART_DEPTH:
-        raise BodyRefused("multipart_too_deep", "multipart nested too deeply")
-    delimiter = b"--" + boundary.encode("latin-1")
-    parts = _split_multipart(body, delimiter)
-    counts: dict[str, int] = {}
-    out: list[bytes] = []
-    cursor = 0
-    boundary_line = delimiter.decode("latin-1")
+    try:
+        if params.get("boundary") and depth >= form.MAX_DEPTH:
+            raise form.FormError("multipart_too_deep", "multipart nested too deeply")
+        multipart = form.MultipartForm.parse(body, params.get("boundary"))
+        strings = JsonStrings(redactor)
+        counts: dict[str, int] = {}
+        new_bodies: dict[int, bytes] = {}
+        for index, part in enumerate(multipart.parts):
+            decoded = multipart.part_body(part)
+            new_decoded, part_counts = _redact_part(decoded, part, strings, policy, depth)
+            if part_counts:
+                new_bodies[index] = multipart.encoded(part, new_decoded)
+                _merge(counts, part_counts)
+    except form.FormError as exc:
+        raise BodyRefused(exc.code, exc.message) from None
+    boundary_line = "--" + multipart.boundary
 
     def framing(segment: bytes) -> bytes:
         """Redact text outside the part bodies; refuse if a tag would eat a delimiter."""
@@ -528,115 +616,33 @@ def _redact_multipart(
         _merge(counts, result.counts)
         return result.text.encode("latin-1")
 
-    for head_start, body_start, body_end in parts:
-        headers = _part_headers(body[head_start:body_start])
-        part = body[body_start:body_end]
-        transfer = headers.get("content-transfer-encoding", "").lower()
-        if transfer in ("", "7bit", "8bit", "binary"):
-            new_part, part_counts = _redact_part(part, headers, redactor, policy, depth)
-        elif transfer in ("base64", "quoted-printable"):
-            decoded = _transfer_decode(part, transfer)
-            new_decoded, part_counts = _redact_part(decoded, headers, redactor, policy, depth)
-            new_part = _transfer_encode(new_decoded, transfer, part) if part_counts else part
-        else:
-            raise BodyRefused(
-                "multipart_transfer_encoding", "a multipart part's transfer encoding is unknown"
-            )
-        _merge(counts, part_counts)
-        out += [framing(body[cursor:body_start]), new_part]
-        cursor = body_end
-    out.append(framing(body[cursor:]))
+    new_body = multipart.rebuild(new_bodies, framing)
     if not counts:
         return BodyResult(body, False, {}, "multipart")
-    return BodyResult(b"".join(out), True, counts, "multipart")
+    return BodyResult(new_body, True, counts, "multipart")
 
 
 def _redact_part(
-    part: bytes, headers: dict[str, str], redactor: TextRedactor, policy: BodyPolicy, depth: int
+    part_body: bytes, part: form.Part, strings: JsonStrings, policy: BodyPolicy, depth: int
 ) -> tuple[bytes, dict[str, int]]:
-    """One part's (transfer-decoded) body, redacted by its field name and its own type."""
-    disposition = headers.get("content-disposition", "")
-    name = _disposition_param(disposition, "name")
-    rule = key_rule_for(redactor, name) if name else None
-    if rule is not None and part and rule.accepts_value(part.decode("latin-1")):
-        return redactor.tag(rule.id, part.decode("latin-1")).encode("ascii"), {rule.id: 1}
-    part_type = headers.get("content-type")
-    if part_type is None:
-        # RFC 7578: text/plain for fields; a file without a type is binary.
-        has_file = _disposition_param(disposition, "filename") is not None
-        part_type = "application/octet-stream" if has_file else "text/plain"
-    result = _redact(part, part_type, redactor, policy, depth + 1)
+    """One part's (transfer-decoded) body: a credential field masked whole by its key rule (the
+    same `StringPolicy` answer a JSON key gets), anything else redacted by the part's type.
+
+    The key rule reads text: a part typed as text, or whose bytes decode as text (a key file
+    labelled application/octet-stream). Binary content (an image under a field named `api_key`)
+    is never replaced by a tag: it follows the binary policy and passes byte-identical."""
+    name = part.name
+    rule = form.key_rule(strings, name) if name else None
+    if rule is not None and part_body:
+        _, part_params = media_type(part.content_type)
+        text, _, _ = _try_decode(part_body, part_params.get("charset"))
+        if text is None and classify(part.content_type) not in ("binary", "unknown"):
+            text = part_body.decode("latin-1")  # text by its type: read it the lenient way
+        masked = strings.masked(rule, text) if text is not None else None
+        if masked is not None:
+            return masked[0].encode("ascii"), dict(masked[1])
+    result = _redact(part_body, part.content_type, strings.redactor, policy, depth + 1)
     return result.body, result.counts
-
-
-def _transfer_decode(part: bytes, transfer: str) -> bytes:
-    """A base64 or quoted-printable part as its receiver decodes it; malformed base64 is
-    refused (lenient decoders would read something the rules did not see)."""
-    if transfer == "quoted-printable":
-        return quopri.decodestring(part)
-    try:
-        return base64.b64decode(b"".join(part.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise BodyRefused("multipart_malformed", "a base64 part does not decode") from None
-
-
-def _transfer_encode(data: bytes, transfer: str, original: bytes) -> bytes:
-    """Encoded again as it came (base64 lines of 76 characters if it had line breaks)."""
-    if transfer == "quoted-printable":
-        encoded = quopri.encodestring(data)
-        return encoded.replace(b"\n", b"\r\n") if b"\r\n" in original else encoded
-    encoded = base64.b64encode(data)
-    if b"\n" not in original.strip():
-        return encoded
-    return b"\r\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76))
-
-
-def _split_multipart(body: bytes, delimiter: bytes) -> list[tuple[int, int, int]]:
-    """(headers start, body start, body end) of each part; raises on a malformed body."""
-    if body.startswith(delimiter):
-        position = 0
-    else:
-        position = body.find(b"\r\n" + delimiter)
-        if position < 0:
-            raise BodyRefused("multipart_malformed", "multipart boundary not found")
-        position += 2
-    parts: list[tuple[int, int, int]] = []
-    while True:
-        after = position + len(delimiter)
-        if body[after : after + 2] == b"--":
-            return parts  # closing delimiter; the epilogue stays as it is
-        if body[after : after + 2] != b"\r\n":
-            raise BodyRefused("multipart_malformed", "bad multipart delimiter line")
-        head_start = after + 2
-        if body.startswith(b"\r\n", head_start):
-            head_end = head_start - 2  # a part without headers
-        else:
-            head_end = body.find(_PART_HEAD_END, head_start)
-        if head_end < 0:
-            raise BodyRefused("multipart_malformed", "multipart part without header end")
-        body_start = head_end + len(_PART_HEAD_END)
-        next_delimiter = body.find(b"\r\n" + delimiter, body_start)
-        if next_delimiter < 0:
-            raise BodyRefused("multipart_malformed", "multipart body not terminated")
-        parts.append((head_start, body_start, next_delimiter))
-        position = next_delimiter + 2
-
-
-def _part_headers(raw: bytes) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for line in raw.decode("latin-1").split("\r\n"):
-        name, sep, value = line.partition(":")
-        if sep:
-            headers[name.strip().lower()] = value.strip()
-    return headers
-
-
-def _disposition_param(disposition: str, name: str) -> str | None:
-    for match in _DISPOSITION_PARAM.finditer(disposition):
-        if match.group(1).lower() == name:
-            quoted = match.group(2)
-            return quoted.replace('\\"', '"') if quoted is not None else match.group(3)
-    return None
 
 
 def _merge(total: dict[str, int], counts: dict[str, int]) -> None:
