@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from sluicegate.redaction import hsfollow, prefilter
 from sluicegate.redaction.keywords import Key, KeywordIndex
-from sluicegate.redaction.redactor import Redactor, _Compiled
-from sluicegate.redaction.rules import Direction, load_rule_pack, load_rule_set
+from sluicegate.redaction.redactor import Redactor, _Compiled, _first_literal, _windowed_matches
+from sluicegate.redaction.rules import Direction, Rule, load_rule_pack, load_rule_set
 from tests.unit.test_keywords import PACK_KEYS, naive
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -210,3 +210,41 @@ def test_same_findings_on_examples_and_corpus(
             assert gated.hits(text, folded) == gated.python_hits(text, folded)
             ascii_texts += text.isascii()
     assert ascii_texts > 1000  # the gated path was the one taken
+
+
+# --- rules tried where their literal prefix is ---------------------------------------------
+
+PREFIXED = [
+    (rule, prefix)
+    for rule in RULE_SET.rules
+    if rule.keywords and (prefix := _first_literal(rule)) is not None and len(prefix) > 1
+]
+
+
+OTHER_TEXTS = [e.text for r in RULE_SET.rules for e in r.positives]
+
+
+def test_some_rules_have_a_literal_prefix() -> None:
+    assert len(PREFIXED) >= 20
+    assert any(prefix == "re_" for _, prefix in PREFIXED)
+
+
+@pytest.mark.parametrize("rule_prefix", PREFIXED, ids=lambda rp: rp[0].id)
+def test_windowed_matches_by_prefix_are_those_by_first_character(
+    rule_prefix: tuple[Rule, str],
+) -> None:
+    """A rule tried only where its literal prefix occurs finds, around any anchors, the
+    matches it finds when tried at every occurrence of its first character."""
+    rule, prefix = rule_prefix
+    own = [e.text for e in rule.positives] + list(rule.negatives)
+    own += [f"{prefix[0]} {e.text}{prefix[0]}{prefix}" for e in rule.positives]
+    before, after = rule.window
+    for text in own + OTHER_TEXTS:
+        # windows merged over the whole text, or in runs
+        grids = [list(range(0, len(text) + 1, step)) for step in (1, 40, 300)]
+        if text in own:  # one window ending and starting everywhere
+            grids += [[at] for at in range(-after, len(text) + before + 1)]
+        for anchors in grids:
+            by_prefix = _windowed_matches(rule, prefix, text, anchors)
+            by_char = _windowed_matches(rule, prefix[0], text, anchors)
+            assert [m.span() for m in by_prefix] == [m.span() for m in by_char], text
