@@ -205,9 +205,13 @@ class HyperscanKeywords:
             keyword, length, match = gate.keyword, gate.length, gate.match
             ends: list[int] = []
             spans.sort()
-            position = 0  # occurrences before this one have been checked
+            # Occurrences before `position` have been checked, and so have those ending by
+            # `covered` that start in a later span (an earlier span, starting no later,
+            # held them): each character is searched once however many ends a start has.
+            position = covered = 0
             for low, high in spans:
-                index = find(keyword, max(low, position), high)
+                index = find(keyword, max(low, position, covered - length + 1), high)
+                covered = max(covered, high)
                 while index >= 0:
                     matched = match(haystack, index + length)  # type: ignore[arg-type]
                     if matched is not None:
