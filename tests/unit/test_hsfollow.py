@@ -98,6 +98,21 @@ def test_untranslatable_follows_stay_with_python() -> None:
         assert index.hits(text, text.lower()) == index.python_hits(text, text.lower())
 
 
+def test_follows_hyperscan_refuses_stay_with_python() -> None:
+    """A translation Hyperscan will not compile with start-of-match tracking (a bounded repeat
+    then an unbounded one, repeated) fails the one-compilation attempt; the index is then built
+    follow by follow, and that follow is checked in Python."""
+    refused = re.compile(r"(?:[\w.-]{0,64}[ \t]+['\"]){2}z")
+    source = hsfollow.follow_source("key", refused, True)
+    assert source is not None and not prefilter._compiles(source)
+    keys: list[Key] = [("key", refused), ("key", re.compile("[ =]+x")), ("ghp_", None)]
+    index = KeywordIndex([*keys, ("token", None), ("xoxb-", None)])
+    fast = index._prefilter()
+    assert fast is not None and fast.gated == 1
+    for text in ("key  ' a 'z key = x", "KEY.a '  b'z", "ghp_ key  x"):
+        assert index.hits(text, text.lower()) == index.python_hits(text, text.lower())
+
+
 def _anchored_match(source: str, data: bytes) -> bool:
     database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
     database.compile(expressions=[b"^" + source.encode("ascii")], ids=[0], elements=1)

@@ -99,7 +99,11 @@ class HyperscanKeywords:
     """One compiled database of a keyword index's keywords (and of their follows, where
     hsfollow.py translates them); `hits` as KeywordIndex.hits."""
 
-    def __init__(self, words: Sequence[Word], *, gate_follows: bool = True) -> None:
+    def __init__(
+        self, words: Sequence[Word], *, gate_follows: bool = True, check_each: bool = False
+    ) -> None:
+        """`check_each`: compile each follow expression alone first and leave those Hyperscan
+        refuses to the Python check (else one refusal fails the whole database)."""
         assert hyperscan is not None
         expressions: list[bytes] = []
         flags: list[int] = []
@@ -111,7 +115,7 @@ class HyperscanKeywords:
                 source = (
                     hsfollow.follow_source(keyword, follow, in_folded) if gate_follows else None
                 )
-                if source is not None and _compiles(source):
+                if source is not None and (not check_each or _compiles(source)):
                     gated.append((follow, source))
                 else:
                     unchecked.append(follow)
@@ -141,17 +145,16 @@ class HyperscanKeywords:
             return None
         if any(not keyword or not keyword.isascii() for keyword, *_ in words):
             return None
-        gate = follows_compiled()
-        try:
-            return cls(words, gate_follows=gate)
-        except hyperscan.error:  # pragma: no cover - a database Hyperscan refuses: stay exact
-            pass
-        if gate:  # pragma: no cover - the follows' database refused as a whole: keywords only
+        # Every follow at once (one compilation, the usual case), else each one tried alone
+        # (a follow expression Hyperscan refuses stays with Python), else keywords only.
+        attempts = [{"gate_follows": True}, {"gate_follows": True, "check_each": True}]
+        attempts = attempts if follows_compiled() else []
+        for options in [*attempts, {"gate_follows": False}]:
             try:
-                return cls(words, gate_follows=False)
+                return cls(words, **options)
             except hyperscan.error:
-                pass
-        return None  # pragma: no cover
+                continue
+        return None  # pragma: no cover - a keyword database Hyperscan refuses: stay exact
 
     def _scratch(self) -> Any:
         scratch = getattr(self._local, "scratch", None)
