@@ -252,10 +252,16 @@ def _escape_regions(text: str) -> Iterator[tuple[int, int]]:
 
 # What every escape that hides a character starts with (`\n` alone hides nothing).
 _ESCAPE_NEEDLES = ("%", "&", "\\u", "\\x", "\\U")
+_BACKSLASH_ESCAPE = re.compile(r"\\[uxU]")
 
 
 def _escape_starts(text: str) -> bool:
-    return "%" in text or "&" in text or "\\u" in text or "\\x" in text or "\\U" in text
+    """Whether `text` holds one of `_ESCAPE_NEEDLES`. Most texts hold none: one-character
+    needles are found by memchr, and the backslash ones only looked for where there is a
+    backslash, in one pass (three two-character searches cost ten times as much)."""
+    if "%" in text or "&" in text:
+        return True
+    return "\\" in text and _BACKSLASH_ESCAPE.search(text) is not None
 
 
 def _hiding_escapes(text: str) -> Iterator[re.Match[str]]:

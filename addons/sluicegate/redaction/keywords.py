@@ -28,12 +28,12 @@ With the optional `hyperscan` package, ASCII texts are scanned once for every ke
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from sluicegate.redaction.hsfollow import ignoring_case
 from sluicegate.redaction.prefilter import HyperscanKeywords
 
 # Rough frequency of characters in code, JSON and prose, per mille (case-sensitive).
@@ -123,15 +123,9 @@ class _Word:
     def follow_hits(self, haystack: str, start: int, hits: dict[Key, list[int]]) -> None:
         """Record the follows matching after an occurrence at `start` (found in Python)."""
         for follow in self.follows:
-            match = _ignoring_case(follow).match(haystack, start + len(self.keyword))
+            match = ignoring_case(follow).match(haystack, start + len(self.keyword))
             if match is not None:
                 hits.setdefault((self.keyword, follow), []).append(match.end())
-
-
-@functools.cache
-def _ignoring_case(follow: re.Pattern[str]) -> re.Pattern[str]:
-    # Follows are matched in the lowercased text, so they always ignore case.
-    return re.compile(follow.pattern, follow.flags | re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -281,10 +275,7 @@ class KeywordIndex:
         # Each word is in one pass or one find; its follows are matched in that copy's text.
         in_folded = {e.word.keyword: h.folded for _, h, entries in scans for e in entries}
         in_folded.update((word.keyword, folded) for word, folded in finds)
-        self._words = [
-            (w.keyword, w.plain, w.follow_hits if w.follows else None, in_folded[w.keyword])
-            for w in words
-        ]
+        self._words = [(w.keyword, w.plain, w.follows, in_folded[w.keyword]) for w in words]
         # Built at the first scan (rule self-tests build many small indexes, never scanned
         # much), and only where the passes here would be several.
         self._fast: HyperscanKeywords | None = None

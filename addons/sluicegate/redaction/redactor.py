@@ -176,7 +176,9 @@ class _Compiled:
     # run.
     by_key: dict[Key, tuple[int, ...]]
     unkeyed: tuple[int, ...]
-    # per rule: its only possible first character (found with `str.find`), if it has one
+    # per rule: its only possible first character, or the one literal prefix every match
+    # starts with (found with `str.find`: `re_` is tried where `re_` is, not at every `r`),
+    # if it has one
     first_char: tuple[str | None, ...]
 
     @classmethod
@@ -196,12 +198,7 @@ class _Compiled:
             for keyword in rule.keywords:
                 by_key.setdefault((keyword, rule.followed_by), []).append(order)
         unkeyed = tuple(order for order, rule in enumerate(rules) if not rule.keywords)
-        first_char = tuple(
-            next(iter(rule.first.ascii))
-            if len(rule.first.ascii) == 1 and not rule.first.non_ascii
-            else None
-            for rule in rules
-        )
+        first_char = tuple(_first_literal(rule) for rule in rules)
         return cls(
             rules,
             scanners,
@@ -408,6 +405,22 @@ def _anchors(rule: Rule, hits: dict[Key, list[int]]) -> list[int]:
     return sorted(p for positions in found for p in positions)
 
 
+def _first_literal(rule: Rule) -> str | None:
+    """What every match of the rule starts with, if that is one string: its one literal
+    prefix (`rules.literal_prefixes`, case-sensitive patterns only) or its one possible
+    first character; None if neither."""
+    if len(rule.first.ascii) != 1 or rule.first.non_ascii:
+        return None
+    char = next(iter(rule.first.ascii))
+    if not rule.plain.flags & regex.IGNORECASE:
+        found = literal_prefixes(rule.plain.pattern, _PREFIX_LIMIT)
+        if found is not None and len(found) == 1:
+            (prefix,) = found
+            if prefix.startswith(char):
+                return prefix
+    return char
+
+
 def _windowed_matches(
     rule: Rule, first_char: str | None, text: str, anchors: list[int]
 ) -> list[regex.Match[str]]:
@@ -415,8 +428,9 @@ def _windowed_matches(
     (sorted; see `_anchors`).
 
     Windows around consecutive anchors are merged into runs; in a run, the rule is tried
-    (anchored, on the full text) only where one of its first characters occurs, found with
-    `str.find` when there is just one, else with the rule's `finder`.
+    (anchored, on the full text) only where its matches can start: where its one literal
+    prefix or first character occurs (`first_char`, found with `str.find`) when it has one,
+    else where its rule's `finder` finds one of its first characters.
     """
     before, after = rule.window
     match_at = rule.plain.match
@@ -435,7 +449,7 @@ def _windowed_matches(
             position = low if low > 0 else 0
         while position <= high:
             if first_char is not None:
-                start = find(first_char, position, high + 1)
+                start = find(first_char, position, high + len(first_char))
                 if start < 0:
                     break
                 match = match_at(text, start)
