@@ -20,8 +20,9 @@ Counts per rule go to `flow.metadata["sluicegate"]["redaction"]`; matched values
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Literal, TypeVar
 
 from mitmproxy import http
@@ -32,11 +33,15 @@ from sluicegate.mitm.base import GatewayAddon
 from sluicegate.redaction.bodies import (
     BodyPolicy,
     BodyRefused,
+    BodyResult,
     media_type,
     redact_body,
     single_content_type,
 )
 from sluicegate.redaction.memo import MemoRedactor
+from sluicegate.redaction.offload import RedactionTimeout, RedactionUnavailable
+from sluicegate.redaction.redactor import LiteralSecret
+from sluicegate.redaction.rules import Direction
 from sluicegate.redaction.runtime import RedactionRuntime
 from sluicegate.runtime import for_config
 from sluicegate.shapes import decoding
@@ -48,11 +53,10 @@ Part = Literal["request", "response"]
 # Bodies (and query strings) larger than this are decoded and redacted on a worker thread, so
 # one body does not stall every other flow on the event loop: the rules' worst case is linear,
 # a few µs per character on adversarial text, so this much stays well under 50 ms on the loop
-# (scripts/bench_loop_lag.py). A thread yields the GIL between rule searches.
+# (scripts/bench_loop_lag.py). A thread yields the GIL between rule searches. Bodies larger
+# than `redaction.process_bytes` are redacted by a worker process instead (redaction/offload.py):
+# outside this interpreter's GIL, and killed when over budget.
 THREAD_BYTES = 4 * 1024
-# Most time a body's redaction may take on its worker thread; past it the message is refused
-# (503 redaction_timeout), never forwarded unredacted.
-BUDGET_SECONDS = 10.0
 EVENT_STREAM = "text/event-stream"
 _FORM = "application/x-www-form-urlencoded"
 _QUERY_POLICY = BodyPolicy()  # a query string is always form-encoded text
@@ -68,6 +72,20 @@ class Redaction(GatewayAddon):
 
     def apply(self, config: Config) -> None:
         self.runtime = for_config(config)
+        if self.runtime.offload is not None:
+            # Start the workers now, not on the first large body (without a running event
+            # loop yet: `running`, or the first large body).
+            with contextlib.suppress(RuntimeError):
+                self.runtime.offload.warm()
+
+    def running(self) -> None:
+        if self.runtime is not None and self.runtime.offload is not None:
+            self.runtime.offload.warm()
+
+    def done(self) -> None:
+        if self.runtime is not None and self.runtime.offload is not None:
+            self.runtime.offload.stop()
+        super().done()
 
     # -- request side -----------------------------------------------------------------------------
 
@@ -90,7 +108,7 @@ class Redaction(GatewayAddon):
         redactor = runtime.request_text_redactor(flowstate.state(flow).caller)
         if redactor is None:
             return
-        counts = await _off_loop(len(request.data.path), _redact_query, request, redactor)
+        counts = await self._redact_query(request, redactor)
         body_counts = await self._redact_message(flow, request, "request", redactor)
         _record(flow, "request", _merged(counts, body_counts))
 
@@ -141,16 +159,19 @@ class Redaction(GatewayAddon):
         limit = runtime.max_body_bytes
         encoding = message.headers.get("content-encoding")
         try:
-            body = await _off_loop(len(raw), decoding.decode_body, raw, encoding, limit)
+            body = await _off_loop(
+                len(raw), runtime.budget_seconds, decoding.decode_body, raw, encoding, limit
+            )
         except decoding.BodyTooLarge:
             raise _refusal(part, _too_large_code(part), limit) from None
         except decoding.DecodingError as e:
             raise _refusal(part, e.code, limit) from None
         flowstate.keep_original(flow, part, body)
+        scrub = flowstate.state(flow).scrub if part == "response" else ()
         try:
             content_type = single_content_type(message.headers.get_all("content-type"))
-            result = await _off_loop(
-                len(body), redact_body, body, content_type, redactor, runtime.body_policy
+            result = await self._redact_body(
+                body, content_type, part, redactor, runtime.body_policy, scrub
             )
         except BodyRefused as e:
             raise _refusal(part, e.code, limit, e.message) from None
@@ -167,16 +188,46 @@ class Redaction(GatewayAddon):
             )
         return result.counts
 
+    async def _redact_query(self, request: http.Request, redactor: MemoRedactor) -> dict[str, int]:
+        """Redact the query string's decoded names and values; the path stays byte for byte."""
+        path, sep, query = request.data.path.partition(b"?")
+        if not sep or not query:
+            return {}
+        # A query is form data; forms are never refused.
+        result = await self._redact_body(query, _FORM, "request", redactor, _QUERY_POLICY, ())
+        if result.changed:
+            request.data.path = path + b"?" + result.body
+        return result.counts
 
-def _redact_query(request: http.Request, redactor: MemoRedactor) -> dict[str, int]:
-    """Redact the query string's decoded names and values; the path stays byte for byte."""
-    path, sep, query = request.data.path.partition(b"?")
-    if not sep or not query:
-        return {}
-    result = redact_body(query, _FORM, redactor, _QUERY_POLICY)  # forms are never refused
-    if result.changed:
-        request.data.path = path + b"?" + result.body
-    return result.counts
+    async def _redact_body(
+        self,
+        body: bytes,
+        content_type: str | None,
+        part: Part,
+        redactor: MemoRedactor,
+        policy: BodyPolicy,
+        scrub: Iterable[LiteralSecret],
+    ) -> BodyResult:
+        """`redact_body` of `body`: on the loop when small, else a worker process (or thread)."""
+        runtime = self._runtime()
+        pool = runtime.offload
+        if pool is None or len(body) <= runtime.process_bytes:
+            return await _off_loop(
+                len(body), runtime.budget_seconds, redact_body, body, content_type, redactor, policy
+            )
+        direction = Direction.REQUEST if part == "request" else Direction.RESPONSE
+        literals = [LiteralSecret(s.rule_id, s.value) for s in scrub]
+        try:
+            return await pool.redact(body, content_type, direction, policy, literals)
+        except RedactionTimeout:
+            raise _timeout() from None
+        except RedactionUnavailable:
+            raise guard.GatewayRefusal(
+                503,
+                "redaction_unavailable",
+                "The gateway's redaction worker failed while redacting this message; nothing "
+                "was forwarded.",
+            ) from None
 
 
 def _is_event_stream(response: http.Response) -> bool:
@@ -229,16 +280,19 @@ def _record(flow: http.HTTPFlow, part: Part, counts: dict[str, int]) -> None:
     flowstate.count_redactions(flow, part, counts)
 
 
-async def _off_loop(size: int, fn: Callable[..., T], *args: object) -> T:
+async def _off_loop(size: int, budget: float, fn: Callable[..., T], *args: object) -> T:
     """`fn(*args)`, on a worker thread with a time budget when `size` is large."""
     if size <= THREAD_BYTES:
         return fn(*args)
     try:
-        return await asyncio.wait_for(asyncio.to_thread(fn, *args), BUDGET_SECONDS)
+        return await asyncio.wait_for(asyncio.to_thread(fn, *args), budget)
     except TimeoutError:
-        raise guard.GatewayRefusal(
-            503,
-            "redaction_timeout",
-            "The gateway could not redact this message within its time budget; nothing was "
-            "forwarded.",
-        ) from None
+        raise _timeout() from None
+
+
+def _timeout() -> guard.GatewayRefusal:
+    return guard.GatewayRefusal(
+        503,
+        "redaction_timeout",
+        "The gateway could not redact this message within its time budget; nothing was forwarded.",
+    )
