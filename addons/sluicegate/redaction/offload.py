@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -49,6 +50,8 @@ from typing import Any
 from sluicegate.redaction.bodies import BodyPolicy, BodyRefused, BodyResult, redact_body
 from sluicegate.redaction.redactor import KeyedTagger, LiteralSecret, Redactor, Tagger, plain_tag
 from sluicegate.redaction.rules import Direction, RulePack, RuleSource, pack_from_sources
+
+logger = logging.getLogger("sluicegate.redaction.offload")
 
 PROTOCOL = 1
 # How long a new worker may take to import the engines and compile the rule pack.
@@ -188,6 +191,10 @@ class OffloadPool:
         for slot in self._slots:
             slot.warm()
 
+    def rewarm(self) -> None:
+        if not self.closed:
+            self.warm()
+
     async def ready(self) -> None:
         """Wait until every worker has started (raises `RedactionUnavailable` if one cannot)."""
         self.warm()
@@ -265,6 +272,8 @@ class _Slot:
         self.busy = False
 
     def warm(self) -> None:
+        if self.worker is not None and not self.busy and not self.worker.alive():
+            self.discard()  # died while idle
         if self.pool.closed or self.worker is not None or self.starting is not None:
             return
         if time.monotonic() - self.pool.failed_at < RESTART_BACKOFF_SECONDS:
@@ -315,6 +324,9 @@ class _Slot:
             reason = str(e) if isinstance(e, _StartFailed) else type(e).__name__
             pool.failed_at = time.monotonic()
             pool.failure = reason
+            logger.error("sluicegate: a redaction worker could not start: %s", reason)
+            # Try again after the back-off (jobs meanwhile fail at once: 503).
+            asyncio.get_running_loop().call_later(RESTART_BACKOFF_SECONDS * 1.1, pool.rewarm)
             raise RedactionUnavailable(f"a redaction worker could not start: {reason}") from None
         finally:
             self.starting = None
@@ -330,12 +342,20 @@ class _Slot:
             async with asyncio.timeout(self.pool.budget_seconds):
                 reply = await worker.call(header, body)
         except TimeoutError:
+            self.busy = False
+            logger.warning(
+                "sluicegate: redaction worker %d killed: over its %.3g s budget",
+                worker.pid,
+                self.pool.budget_seconds,
+            )
             self.discard()
-            self.warm()
+            self.pool.warm()
             raise RedactionTimeout("the body was not redacted within the budget") from None
         except (OSError, _ProtocolError):
+            self.busy = False
+            logger.error("sluicegate: redaction worker %d died during a job", worker.pid)
             self.discard()
-            self.warm()
+            self.pool.warm()  # this one, and any other that died with it
             raise RedactionUnavailable("the redaction worker died") from None
         except BaseException:
             self.discard()  # cancelled mid-job: its answer would be read by the next job
