@@ -360,3 +360,24 @@ def test_a_closed_pool_refuses_and_its_workers_exit(loop: asyncio.AbstractEventL
     assert all(gone(pid) for pid in pids)
     with pytest.raises(RedactionUnavailable):
         run(loop, pool.redact(b"x", "text/plain", Direction.REQUEST, BodyPolicy()))
+
+
+def test_a_worker_remembers_clean_texts_per_caller_and_still_finds_literals(
+    loop: asyncio.AbstractEventLoop, pool: OffloadPool
+) -> None:
+    """Workers keep clean texts per caller as the gateway process does; a remembered text that
+    holds a flow's literal is still redacted (memo.MemoRedactor's exactness)."""
+    body = f"{FILLER} the key is {KEY} today".encode()
+    policy = BodyPolicy()
+
+    def job(literals: list[LiteralSecret], scope: str) -> BodyResult:
+        return run(
+            loop, pool.redact(body, "text/plain", Direction.RESPONSE, policy, literals, scope)
+        )
+
+    for _ in range(3):  # both workers see it, clean, for caller "a"
+        assert job([], "a").changed is False
+    with_literal = job(LITERALS, "a")
+    assert with_literal == in_process(body, "text/plain", Direction.RESPONSE, policy, LITERALS)
+    assert KEY.encode() not in with_literal.body
+    assert with_literal.counts == {"injected-credential:openai": 1}

@@ -27,6 +27,7 @@ from typing import Literal, TypeVar
 
 from mitmproxy import http
 
+from sluicegate.auth.caller import Caller
 from sluicegate.config import Config
 from sluicegate.mitm import flowstate, guard
 from sluicegate.mitm.base import GatewayAddon
@@ -42,7 +43,7 @@ from sluicegate.redaction.memo import MemoRedactor
 from sluicegate.redaction.offload import RedactionTimeout, RedactionUnavailable
 from sluicegate.redaction.redactor import LiteralSecret
 from sluicegate.redaction.rules import Direction
-from sluicegate.redaction.runtime import RedactionRuntime
+from sluicegate.redaction.runtime import RedactionRuntime, scope_of
 from sluicegate.runtime import for_config
 from sluicegate.shapes import decoding
 
@@ -108,7 +109,7 @@ class Redaction(GatewayAddon):
         redactor = runtime.request_text_redactor(flowstate.state(flow).caller)
         if redactor is None:
             return
-        counts = await self._redact_query(request, redactor)
+        counts = await self._redact_query(request, redactor, flowstate.state(flow).caller)
         body_counts = await self._redact_message(flow, request, "request", redactor)
         _record(flow, "request", _merged(counts, body_counts))
 
@@ -167,11 +168,12 @@ class Redaction(GatewayAddon):
         except decoding.DecodingError as e:
             raise _refusal(part, e.code, limit) from None
         flowstate.keep_original(flow, part, body)
-        scrub = flowstate.state(flow).scrub if part == "response" else ()
+        st = flowstate.state(flow)
+        scrub = st.scrub if part == "response" else ()
         try:
             content_type = single_content_type(message.headers.get_all("content-type"))
             result = await self._redact_body(
-                body, content_type, part, redactor, runtime.body_policy, scrub
+                body, content_type, part, redactor, runtime.body_policy, scrub, st.caller
             )
         except BodyRefused as e:
             raise _refusal(part, e.code, limit, e.message) from None
@@ -188,13 +190,17 @@ class Redaction(GatewayAddon):
             )
         return result.counts
 
-    async def _redact_query(self, request: http.Request, redactor: MemoRedactor) -> dict[str, int]:
+    async def _redact_query(
+        self, request: http.Request, redactor: MemoRedactor, caller: Caller | None
+    ) -> dict[str, int]:
         """Redact the query string's decoded names and values; the path stays byte for byte."""
         path, sep, query = request.data.path.partition(b"?")
         if not sep or not query:
             return {}
         # A query is form data; forms are never refused.
-        result = await self._redact_body(query, _FORM, "request", redactor, _QUERY_POLICY, ())
+        result = await self._redact_body(
+            query, _FORM, "request", redactor, _QUERY_POLICY, (), caller
+        )
         if result.changed:
             request.data.path = path + b"?" + result.body
         return result.counts
@@ -207,6 +213,7 @@ class Redaction(GatewayAddon):
         redactor: MemoRedactor,
         policy: BodyPolicy,
         scrub: Iterable[LiteralSecret],
+        caller: Caller | None,
     ) -> BodyResult:
         """`redact_body` of `body`: on the loop when small, else a worker process (or thread)."""
         runtime = self._runtime()
@@ -217,8 +224,9 @@ class Redaction(GatewayAddon):
             )
         direction = Direction.REQUEST if part == "request" else Direction.RESPONSE
         literals = [LiteralSecret(s.rule_id, s.value) for s in scrub]
+        scope = scope_of(caller)
         try:
-            return await pool.redact(body, content_type, direction, policy, literals)
+            return await pool.redact(body, content_type, direction, policy, literals, scope)
         except RedactionTimeout:
             raise _timeout() from None
         except RedactionUnavailable:

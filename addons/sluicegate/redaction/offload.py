@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from sluicegate.redaction.bodies import BodyPolicy, BodyRefused, BodyResult, redact_body
+from sluicegate.redaction.memo import CleanTexts, MemoRedactor
 from sluicegate.redaction.redactor import KeyedTagger, LiteralSecret, Redactor, Tagger, plain_tag
 from sluicegate.redaction.rules import Direction, RulePack, RuleSource, pack_from_sources
 
@@ -208,9 +209,11 @@ class OffloadPool:
         direction: Direction,
         policy: BodyPolicy,
         literals: Sequence[LiteralSecret] = (),
+        scope: str = "",
     ) -> BodyResult:
         """`bodies.redact_body(body, content_type, <the runtime's redactor>, policy)` with the
-        parent's rules for `direction` plus `literals`, in a worker process."""
+        parent's rules for `direction` plus `literals`, in a worker process. `scope` is whose
+        clean texts the worker may remember (`memo.MemoRedactor`, per caller as in-process)."""
         if self.closed:
             raise RedactionUnavailable("the offload pool is closed")
         header = {
@@ -220,6 +223,7 @@ class OffloadPool:
             "binary": policy.binary,
             "unknown": policy.unknown,
             "literals": [[s.rule_id, s.value] for s in literals],
+            "scope": scope,
         }
         free = self._bind()
         try:
@@ -492,6 +496,9 @@ class _Redactors:
         self._with_literals: OrderedDict[tuple[str, tuple[LiteralSecret, ...]], Redactor] = (
             OrderedDict()
         )
+        # Clean texts per caller, as the parent keeps them (`runtime.RedactionRuntime.clean`).
+        self.clean = {direction: CleanTexts() for direction in Direction}
+        self.pack = pack
 
     def for_job(self, direction: str, literals: tuple[LiteralSecret, ...]) -> Redactor:
         if direction == Direction.REQUEST:
@@ -512,7 +519,17 @@ class _Redactors:
 
     def job(self, header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
         literals = tuple(LiteralSecret(str(r), str(v)) for r, v in header.get("literals", ()))
-        redactor = self.for_job(str(header["direction"]), literals)
+        direction = Direction(str(header["direction"]))
+        # As `runtime.RedactionRuntime.*_text_redactor`: responses without rules remember nothing.
+        remembers = direction == Direction.REQUEST or self.responses
+        redactor = MemoRedactor(
+            self.for_job(direction, literals),
+            self.pack if remembers else self.scrub_only.pack,
+            direction,
+            self.clean[direction] if remembers else None,
+            str(header.get("scope", "")),
+            literals=[literal.value for literal in literals],
+        )
         policy = BodyPolicy(binary=header["binary"], unknown=header["unknown"])
         try:
             result = redact_body(body, header.get("content_type"), redactor, policy)

@@ -80,7 +80,7 @@ class RedactionRuntime:
             self.request.pack,
             Direction.REQUEST,
             self.clean[Direction.REQUEST],
-            _scope(caller),
+            scope_of(caller),
         )
 
     def response_text_redactor(
@@ -95,11 +95,11 @@ class RedactionRuntime:
             Direction.RESPONSE,
             # Without response rules only literals are looked for, on every text: no memo.
             self.clean[Direction.RESPONSE] if self.response is not None else None,
-            _scope(caller),
+            scope_of(caller),
             literals=[s.value for s in literals],
         )
 
 
-def _scope(caller: Caller | None) -> str:
+def scope_of(caller: Caller | None) -> str:
     """Whose remembered texts: one caller never benefits from another's (no timing oracle)."""
     return "" if caller is None else f"{caller.issuer}\0{caller.subject}"
