@@ -1,7 +1,8 @@
 """A small caller's latency while another caller sends 8 MB bodies: redaction in worker
 processes vs in the gateway process vs bare mitmdump.
 
-    python -m bench offload [--rounds 5] [--seconds 4] [--mb 8] [--smoke]
+    python -m bench offload [--rounds 5] [--seconds 6] [--mb 8] [--period 2] [--repeated]
+                            [--smoke]
 
 Three proxies on loopback, the same HTTPS upstream (bench/upstream.py): bare `mitmdump`; the
 gateway with `redaction.worker_processes: 2` (the default: bodies over `process_bytes` are
@@ -11,17 +12,21 @@ a thread of the gateway process, which shares the interpreter lock with the even
 default rule pack both ways, recording on).
 
 Per round and proxy: one caller sends small chat requests back to back on a keep-alive
-connection for `--seconds` while a second caller sends chat requests of `--mb` MB (prose and a
-few secrets) back to back on another; then the small caller alone for a second (idle). Printed:
-the small caller's p50 / p99 / max latency under load and idle, the large requests completed,
-and the gateway's CPU (the workers' included). Rounds alternate the proxies' order; medians of
-the rounds.
+connection for `--seconds` while a second caller sends chat requests of `--mb` MB on another
+(prose and a few secrets; new text in every turn of every request, or with `--repeated` the
+same turns but the first, as a resent conversation, which the memo of clean texts makes cheap),
+one starting every `--period` seconds on every proxy (or when the previous one ends, if later);
+then the small caller alone for a second (idle). Printed: the small caller's p50 / p99 / max
+latency under load and idle, the large requests completed and their time, and the proxy's CPU
+(its live redaction workers' included). Rounds alternate the proxies' order; medians of the
+rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -58,8 +63,10 @@ SECRETS = (
 PROXIES = ("bare", "in-process", "processes")
 
 
-def large_body(size: int) -> bytes:
-    """A chat request of ~`size` bytes: turns of prose, a secret every ~256 KB."""
+def large_body(size: int, fresh: bool) -> bytes:
+    """A chat request of ~`size` bytes: turns of prose, a secret every ~256 KB. With `fresh`
+    every turn carries the request's number (a new document each time: nothing for the memo of
+    clean texts); without, only the first turn does (a conversation resent with a new turn)."""
     turns: list[dict[str, str]] = []
     total = 0
     index = 0
@@ -67,11 +74,20 @@ def large_body(size: int) -> bytes:
         text = PROSE * 40
         if index % 20 == 0:
             text += f" use {SECRETS[(index // 20) % len(SECRETS)]} next"
-        text = f"{COUNTER.decode()} {text}" if index == 0 else text
+        if fresh or index == 0:
+            text = f"{COUNTER.decode()} {text}"
         turns.append({"role": "user", "content": text})
         total += len(text) + 40
         index += 1
     return json.dumps({"model": "gpt-bench", "messages": turns}).encode()
+
+
+class Numbered(Requests):
+    """Every counter in the body replaced by the request's number."""
+
+    def next(self) -> bytes:
+        self.sent += 1
+        return self.template.replace(COUNTER, b"%011d" % self.sent)
 
 
 @dataclass
@@ -106,7 +122,12 @@ def tree_cpu(pid: int) -> float:
 
 
 async def measure(
-    proxy: Process, target: Target, seconds: float, large: Requests, small: Requests
+    proxy: Process,
+    target: Target,
+    seconds: float,
+    period: float,
+    large: Requests,
+    small: Requests,
 ) -> Sample:
     sample = Sample()
     quick = await Conn.open(target)
@@ -119,6 +140,7 @@ async def measure(
     async def sender() -> None:
         while not stop.is_set():
             start = time.perf_counter()
+            next_at = start + period
             response = await big.request(post(target, CHAT, large.next()))
             if response.status != 200:
                 sample.errors += 1
@@ -126,6 +148,10 @@ async def measure(
                 return
             sample.large_seconds.append(time.perf_counter() - start)
             sample.large_done += 1
+            # The same pace on every proxy: bare mitmdump would relay far more bodies in the
+            # window otherwise, and its small caller would wait behind more relaying.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, next_at - time.perf_counter()))
 
     async def caller(into: list[float], until: float) -> None:
         while time.perf_counter() < until:
@@ -164,12 +190,20 @@ def ms(value: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="rounds per proxy (interleaved)")
-    parser.add_argument("--seconds", type=float, default=4.0, help="loaded window per round")
+    parser.add_argument("--seconds", type=float, default=6.0, help="loaded window per round")
     parser.add_argument("--mb", type=float, default=8.0, help="size of the large bodies (MB)")
+    parser.add_argument(
+        "--period", type=float, default=2.0, help="a large body starts every PERIOD seconds"
+    )
+    parser.add_argument(
+        "--repeated",
+        action="store_true",
+        help="large bodies repeat but for their first turn (a resent conversation)",
+    )
     parser.add_argument("--smoke", action="store_true", help="1 round, 256 KB, 1 s: shape only")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.rounds, args.seconds, args.mb = 1, 1.0, 0.25
+        args.rounds, args.seconds, args.mb, args.period = 1, 1.0, 0.25, 0.25
     size = int(args.mb * 1024 * 1024)
 
     work = Path(tempfile.mkdtemp(prefix="sluicegate-bench-offload-"))
@@ -184,16 +218,18 @@ def main(argv: list[str] | None = None) -> None:
             proxies[name] = env.start_gateway(gateway_config(env, upstream.port, workers), name)
             started.append(proxies[name])
         tls = env.client_tls()
-        large_template = large_body(size)
+        large_template = large_body(size, fresh=not args.repeated)
         print(
             f"small caller vs a caller sending {len(large_template) / 1e6:.1f} MB chat bodies "
+            f"({'repeated' if args.repeated else 'new text in every turn'}) "
             f"(mitmproxy {version.VERSION}, {os.cpu_count()} CPUs, loopback); "
-            f"{args.rounds} rounds x {args.seconds:g} s, interleaved; medians of rounds"
+            f"one every {args.period:g} s; {args.rounds} rounds x {args.seconds:g} s, interleaved; "
+            "medians of rounds"
         )
         time.sleep(3.0)  # the workers finish starting (they compile the rule pack)
         samples: dict[str, list[Sample]] = {name: [] for name in PROXIES}
         small = Requests(SMALL_BODY)
-        large = Requests(large_template)
+        large = Numbered(large_template)
         for index in range(args.rounds):
             order = PROXIES if index % 2 == 0 else tuple(reversed(PROXIES))
             for name in order:
@@ -201,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
                 token = None if name == "bare" else env.token
                 target = Target(proxy.port, "127.0.0.1", upstream.port, token, tls)
                 samples[name].append(
-                    asyncio.run(measure(proxy, target, args.seconds, large, small))
+                    asyncio.run(measure(proxy, target, args.seconds, args.period, large, small))
                 )
         print()
         print(

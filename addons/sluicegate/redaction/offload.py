@@ -362,7 +362,10 @@ class _Slot:
             self.pool.warm()  # this one, and any other that died with it
             raise RedactionUnavailable("the redaction worker died") from None
         except BaseException:
-            self.discard()  # cancelled mid-job: its answer would be read by the next job
+            self.busy = False
+            # Cancelled mid-job (the client left): its answer would be read by the next job.
+            # The next job starts a new worker (not now: the loop may be shutting down).
+            self.discard()
             raise
         finally:
             self.busy = False
