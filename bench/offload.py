@@ -9,7 +9,7 @@ gateway with `redaction.worker_processes: 2` (the default: bodies over `process_
 redacted in worker processes); the gateway with `worker_processes: 0` (large bodies redacted on
 a thread of the gateway process, which shares the interpreter lock with the event loop: what
 "in-loop" costs the other callers). Full chain in both gateways (auth, injected credential,
-default rule pack both ways, recording on).
+default rule pack both ways, recording on unless `--no-recording`).
 
 Per round and proxy: one caller sends small chat requests back to back on a keep-alive
 connection for `--seconds` while a second caller sends chat requests of `--mb` MB on another
@@ -110,6 +110,16 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def tree_cpu(pid: int) -> float:
     """CPU seconds of a process and its running children (live redaction workers)."""
     total = cpu_seconds(pid)
@@ -175,8 +185,8 @@ async def measure(
     return sample
 
 
-def gateway_config(env: BenchEnv, upstream_port: int, workers: int) -> Path:
-    path = env.config(upstream_port)
+def gateway_config(env: BenchEnv, upstream_port: int, workers: int, recording: bool) -> Path:
+    path = env.config(upstream_port, recording=recording)
     cfg = yaml.safe_load(path.read_text())
     cfg["redaction"]["worker_processes"] = workers
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -200,6 +210,9 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="large bodies repeat but for their first turn (a resent conversation)",
     )
+    parser.add_argument(
+        "--no-recording", action="store_true", help="gateways without a recording section"
+    )
     parser.add_argument("--smoke", action="store_true", help="1 round, 256 KB, 1 s: shape only")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -215,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
         proxies = {"bare": env.start_bare()}
         started.append(proxies["bare"])
         for name, workers in (("in-process", 0), ("processes", 2)):
-            proxies[name] = env.start_gateway(gateway_config(env, upstream.port, workers), name)
+            config = gateway_config(env, upstream.port, workers, not args.no_recording)
+            proxies[name] = env.start_gateway(config, name)
             started.append(proxies[name])
         tls = env.client_tls()
         large_template = large_body(size, fresh=not args.repeated)
@@ -265,6 +279,11 @@ def main(argv: list[str] | None = None) -> None:
             if bad:
                 print(f"{name} logged {len(bad)} error line(s), e.g.: {bad[0].strip()}")
         print(f"\nsmall requests sent: {small.sent}")
+        for name in PROXIES:
+            pids = [proxies[name].pid, *children(proxies[name].pid)]
+            sizes = [rss(pid) for pid in pids]
+            workers = ", ".join(f"{size / 2**20:.0f}" for size in sizes[1:]) or "none"
+            print(f"RSS MiB, {name}: proxy {sizes[0] / 2**20:.0f}; workers {workers}")
     finally:
         for process in reversed(started):
             process.stop()

@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -161,11 +162,15 @@ def test_a_worker_redacts_exactly_as_the_gateway_process(
             assert secret.encode() not in got.body
 
 
-def test_the_workers_run_in_their_own_processes(pool: OffloadPool) -> None:
+def test_the_workers_run_in_their_own_processes_without_our_environment(
+    pool: OffloadPool,
+) -> None:
     pids = pool.pids()
     assert len(pids) == 2 and os.getpid() not in pids
     for pid in pids:
-        assert os.getppid() != pid and pid > 0
+        assert Path(f"/proc/{pid}/environ").read_bytes() == b""  # no credential env vars
+        assert Path(f"/proc/{pid}/stat").read_text().split(") ")[1].split()[1] == str(os.getpid())
+        assert b"-I" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
 
 
 def test_jobs_run_side_by_side_on_both_workers(
@@ -233,7 +238,8 @@ def test_a_tagger_with_another_key_is_another_fingerprint() -> None:
     keyed = WorkerSetup(PACK, True, True, TAG_KEY).fingerprint()
     other = WorkerSetup(PACK, True, True, TAG_KEY[::-1]).fingerprint()
     no_responses = WorkerSetup(PACK, True, False, TAG_KEY).fingerprint()
-    assert len({plain, keyed, other, no_responses}) == 4
+    no_decoding = WorkerSetup(PACK, True, True, TAG_KEY, decode=False).fingerprint()
+    assert len({plain, keyed, other, no_responses, no_decoding}) == 5
     assert TAG_KEY.hex() not in keyed
 
 

@@ -114,7 +114,9 @@ class WorkerSetup:
             raise ValueError("a rule pack built without its rule files' texts cannot be offloaded")
 
     def fingerprint(self) -> str:
-        return setup_fingerprint(self.pack, _tagger(self.tag_key), self.requests, self.responses)
+        return setup_fingerprint(
+            self.pack, _tagger(self.tag_key), self.requests, self.responses, self.decode
+        )
 
     def message(self) -> dict[str, Any]:
         return {
@@ -132,11 +134,15 @@ class WorkerSetup:
         }
 
 
-def setup_fingerprint(pack: RulePack, tagger: Tagger, requests: bool, responses: bool) -> str:
+def setup_fingerprint(
+    pack: RulePack, tagger: Tagger, requests: bool, responses: bool, decode: bool = True
+) -> str:
     """What redaction a process does: the pack's fingerprint, the tagger's output on a probe
-    (the key's effect, never the key), which directions have rules."""
+    (the key's effect, never the key), which directions have rules, whether encoded spans are
+    decoded."""
     digest = hashlib.sha256()
-    for part in (pack.fingerprint(), tagger(*_PROBE), str(requests), str(responses)):
+    parts = (pack.fingerprint(), tagger(*_PROBE), str(requests), str(responses), str(decode))
+    for part in parts:
         digest.update(part.encode() + b"\0")
     return digest.hexdigest()
 
@@ -402,6 +408,7 @@ class _Worker:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,  # nothing a worker knows goes to a log
+                env={},  # none of the gateway's environment (credentials live there)
                 start_new_session=True,  # a terminal's ^C is for the gateway, which kills it
             )  # fmt: skip
         except BaseException:
@@ -495,7 +502,9 @@ class _Redactors:
         self.response = Redactor(pack, Direction.RESPONSE, tagger=self.tagger, decode=decode)
         no_rules = RulePack(rules=(), key_rules=(), profile="none")
         self.scrub_only = Redactor(no_rules, Direction.RESPONSE, tagger=self.tagger)
-        self.fingerprint = setup_fingerprint(pack, self.tagger, self.requests, self.responses)
+        self.fingerprint = setup_fingerprint(
+            pack, self.tagger, self.requests, self.responses, decode
+        )
         self._with_literals: OrderedDict[tuple[str, tuple[LiteralSecret, ...]], Redactor] = (
             OrderedDict()
         )
