@@ -544,6 +544,9 @@ def test_the_chain_shares_one_redaction_runtime(config_files: dict[str, Path]) -
     other = Redaction()
     with configured(other, config=config_files["binary-pass"]):
         assert other.runtime is not None and other.runtime is not first
+        # The old config's worker pool is closed for good (its workers end after their jobs).
+        assert first.offload is not None and first.offload.closed
+        assert other.runtime.offload is not None and not other.runtime.offload.closed
 
 
 # -- large bodies: worker processes ---------------------------------------------------------------
