@@ -20,6 +20,10 @@ then the small caller alone for a second (idle). Printed: the small caller's p50
 latency under load and idle, the large requests completed and their time, and the proxy's CPU
 (its live redaction workers' included). Rounds alternate the proxies' order; medians of the
 rounds.
+
+Section `lag` measures the redaction paths without the proxies (less noise from the machine):
+the worst delays of a 1 ms heartbeat on an event loop while that loop's process redacts one
+large body in a worker process, on a thread, or does nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +45,7 @@ from mitmproxy import version
 
 from bench.gateway import COUNTER, SMALL_BODY, Requests
 from bench.lib import (
+    ROOT,
     BenchEnv,
     Conn,
     Process,
@@ -185,6 +191,85 @@ async def measure(
     return sample
 
 
+async def lag_while(work: Awaitable[object]) -> tuple[float, list[float]]:
+    """Seconds `work` took, and how late each 1 ms heartbeat on this event loop woke
+    meanwhile (seconds)."""
+    lags: list[float] = []
+    done = False
+
+    async def beat() -> None:
+        while not done:
+            start = time.perf_counter()
+            await asyncio.sleep(0.001)
+            lags.append(time.perf_counter() - start - 0.001)
+
+    heartbeat = asyncio.ensure_future(beat())
+    start = time.perf_counter()
+    await work
+    elapsed = time.perf_counter() - start
+    done = True
+    await heartbeat
+    return elapsed, lags
+
+
+def section_lag(rounds: int, size: int) -> None:
+    """The gateway's redaction paths alone, in this process: an event loop with a 1 ms
+    heartbeat while one large body is redacted by a worker process (`OffloadPool`), on a thread
+    (`worker_processes: 0`), or nothing happens (the machine's own noise)."""
+    import sluicegate.redaction  # noqa: F401  (registers the stream check)
+    from sluicegate.redaction.bodies import BodyPolicy, redact_body
+    from sluicegate.redaction.offload import OffloadPool, WorkerSetup
+    from sluicegate.redaction.redactor import Redactor
+    from sluicegate.redaction.rules import Direction, load_rule_pack
+
+    pack = load_rule_pack([ROOT / "rules"])
+    redactor = Redactor(pack, Direction.REQUEST)
+    bodies = Numbered(large_body(size, fresh=True))
+    policy = BodyPolicy()
+    results: dict[str, list[tuple[float, list[float]]]] = {
+        "worker process": [],
+        "thread": [],
+        "idle": [],
+    }
+
+    async def run() -> None:
+        pool = OffloadPool(WorkerSetup(pack, True, True), workers=1, budget_seconds=120.0)
+        await pool.ready()
+        try:
+            for index in range(rounds):
+                order = list(results) if index % 2 == 0 else list(reversed(results))
+                for name in order:
+                    body = bodies.next()
+                    if name == "worker process":
+                        work: Awaitable[object] = pool.redact(
+                            body, "application/json", Direction.REQUEST, policy
+                        )
+                    elif name == "thread":
+                        work = asyncio.to_thread(
+                            redact_body, body, "application/json", redactor, policy
+                        )
+                    else:
+                        work = asyncio.sleep(0.5)
+                    results[name].append(await lag_while(work))
+        finally:
+            pool.stop()
+
+    asyncio.run(run())
+    print(
+        f"\n## event-loop lag while one {size / 1e6:.1f} MB body is redacted (1 ms heartbeat, "
+        f"this process; {rounds} rounds, medians)"
+    )
+    print("| path | body s | lag p50 ms | lag p99 ms | lag max ms |")
+    print("|---|---|---|---|---|")
+    for name, runs in results.items():
+        print(
+            f"| {name} | {median([e for e, _ in runs]):.2f} "
+            f"| {ms(median([percentile(lags, 0.5) for _, lags in runs]))} "
+            f"| {ms(median([percentile(lags, 0.99) for _, lags in runs]))} "
+            f"| {ms(median([max(lags, default=float('nan')) for _, lags in runs]))} |"
+        )
+
+
 def gateway_config(env: BenchEnv, upstream_port: int, workers: int, recording: bool) -> Path:
     path = env.config(upstream_port, recording=recording)
     cfg = yaml.safe_load(path.read_text())
@@ -213,11 +298,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-recording", action="store_true", help="gateways without a recording section"
     )
+    parser.add_argument(
+        "--only", default="proxies,lag", help="sections: proxies (through mitmdump), lag"
+    )
     parser.add_argument("--smoke", action="store_true", help="1 round, 256 KB, 1 s: shape only")
     args = parser.parse_args(argv)
     if args.smoke:
         args.rounds, args.seconds, args.mb, args.period = 1, 1.0, 0.25, 0.25
     size = int(args.mb * 1024 * 1024)
+    sections = {name.strip() for name in args.only.split(",")}
+    if "lag" in sections:
+        section_lag(args.rounds, size)
+    if "proxies" not in sections:
+        return
 
     work = Path(tempfile.mkdtemp(prefix="sluicegate-bench-offload-"))
     env = BenchEnv(work)
