@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sluicegate.redaction.bodies import BodyPolicy, BodyRefused, BodyResult, redact_body
 from sluicegate.redaction.offload import (
@@ -387,3 +389,46 @@ def test_a_worker_remembers_clean_texts_per_caller_and_still_finds_literals(
     assert with_literal == in_process(body, "text/plain", Direction.RESPONSE, policy, LITERALS)
     assert KEY.encode() not in with_literal.body
     assert with_literal.counts == {"injected-credential:openai": 1}
+
+
+FRAGMENTS = [
+    OPENAI.text, GITHUB.text, AWS.text, KEY, "password=hunter2-Secret!9", '"token": "',
+    "\\u0067hp_", "ghp_", "[REDACTED:github-token]", "é", "\u2028", "\\", '"', "\n", " ",
+    "the build passed", "{", "}", "=", "&", "%20", "\ufeff", "\x00",
+]  # fmt: skip
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    pieces=st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=12), max_size=40),
+    content_type=st.sampled_from(
+        ["application/json", "text/plain", "application/x-www-form-urlencoded", None]
+    ),
+    direction=st.sampled_from(list(Direction)),
+    wrap_json=st.booleans(),
+)
+def test_worker_and_gateway_process_agree_on_any_body(
+    loop: asyncio.AbstractEventLoop,
+    pool: OffloadPool,
+    pieces: list[str],
+    content_type: str | None,
+    direction: Direction,
+    wrap_json: bool,
+) -> None:
+    text = "".join(pieces)
+    body = (json.dumps({"content": text}) if wrap_json else text).encode("utf-8", "surrogatepass")
+    literals = LITERALS if direction == Direction.RESPONSE else []
+    policy = BodyPolicy()
+    expected = in_process(body, content_type, direction, policy, literals)
+    try:
+        got: BodyResult | BodyRefused = run(
+            loop, pool.redact(body, content_type, direction, policy, literals, "caller")
+        )
+    except BodyRefused as e:
+        got = e
+    if isinstance(expected, BodyRefused):
+        assert isinstance(got, BodyRefused) and got.code == expected.code
+    else:
+        assert got == expected
