@@ -4,8 +4,9 @@ Two tables. First, the redaction engine alone on adversarial texts (keyword runs
 repeated, PEM BEGIN lines without an END, credential keys with no value, tag and token prefixes
 repeated...) at 4, 16 and 64 KiB: milliseconds per body and the growth from 16 to 64 KiB (4 is
 linear, 16 would be quadratic). Second, the way the gateway runs it (`mitm.redaction._off_loop`:
-on the loop up to THREAD_BYTES, else on a worker thread with a time budget) next to a heartbeat
-task on the same asyncio loop: the worst lag the heartbeat saw while each body was redacted.
+on the loop up to THREAD_BYTES, on a thread up to `redaction.process_bytes`, else in a worker
+process, with a time budget) next to a heartbeat task on the same asyncio loop: the worst lag
+the heartbeat saw while each body was redacted.
 
     .venv/bin/python scripts/bench_loop_lag.py [--sizes 4,16,64] [--profile default]
 """
@@ -25,10 +26,13 @@ sys.path[:0] = [str(ROOT / "addons"), str(ROOT)]
 
 from sluicegate.mitm import redaction as redaction_addon  # noqa: E402
 from sluicegate.redaction.bodies import BodyPolicy, redact_body  # noqa: E402
+from sluicegate.redaction.offload import OffloadPool, WorkerSetup  # noqa: E402
 from sluicegate.redaction.redactor import Redactor  # noqa: E402
 from sluicegate.redaction.rules import Direction, load_rule_pack  # noqa: E402
 
 BUDGET_MS = 50.0
+PROCESS_BYTES = 16384  # redaction.process_bytes' default
+BUDGET_SECONDS = 10.0  # redaction.budget_seconds' default
 
 # name -> (content type, the repeated unit)
 ADVERSARIAL: dict[str, tuple[str, str]] = {
@@ -107,28 +111,36 @@ def main() -> int:
 
     print(
         f"\ngateway path: worst event-loop lag (ms) while one body is redacted "
-        f"(on the loop up to {redaction_addon.THREAD_BYTES} bytes, else a worker thread)"
+        f"(on the loop up to {redaction_addon.THREAD_BYTES} bytes, a thread up to "
+        f"{PROCESS_BYTES}, else a worker process)"
     )
     print(header.replace("growth", "over 50 ms?") + "\n|" + "---|" * (len(sizes) + 2))
     failures = 0
 
     async def run() -> None:
         nonlocal failures
+        pool = OffloadPool(WorkerSetup(pack, True, True), workers=1, budget_seconds=BUDGET_SECONDS)
+        await pool.ready()
         for name, (content_type, unit) in ADVERSARIAL.items():
             lags = []
             for size in [*sizes, redaction_addon.THREAD_BYTES]:
                 body = body_of(unit, size)
 
                 async def work(body: bytes = body, content_type: str = content_type) -> None:
+                    if len(body) > PROCESS_BYTES:  # as mitm/redaction.py's _redact_body
+                        await pool.redact(body, content_type, Direction.REQUEST, policy)
+                        return
                     await redaction_addon._off_loop(
-                        len(body), redact_body, body, content_type, redactor, policy
-                    )
+                        len(body), BUDGET_SECONDS, redact_body, body, content_type, redactor,
+                        policy,
+                    )  # fmt: skip
 
                 lags.append(await lag_while(work))
             over = max(lags) > BUDGET_MS
             failures += over
             cells = " | ".join(f"{lag:.1f}" for lag in lags[: len(sizes)])
             print(f"| {name} | {cells} | {'YES' if over else 'no'} (at limit {lags[-1]:.1f}) |")
+        pool.stop()
 
     asyncio.run(run())
     return 1 if failures else 0

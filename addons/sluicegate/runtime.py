@@ -14,6 +14,7 @@ from sluicegate.policy.patterns import BUILTIN_PATTERNS, Pattern, _compile
 from sluicegate.policy.ratelimit import Limit
 from sluicegate.policy.rules import RateLimitRule, Rule
 from sluicegate.redaction.bodies import BodyPolicy
+from sluicegate.redaction.offload import OffloadPool, WorkerSetup
 from sluicegate.redaction.redactor import KeyedTagger, Redactor, Tagger
 from sluicegate.redaction.rules import Direction, RulePack, load_rule_pack
 from sluicegate.redaction.runtime import RedactionRuntime
@@ -73,6 +74,8 @@ def for_config(config: Config) -> RedactionRuntime:
         return shared[1]
     runtime = build_redaction(config)
     _shared = (config, runtime)
+    if shared is not None and shared[1].offload is not None:
+        shared[1].offload.close()  # its workers end once their jobs are done
     return runtime
 
 
@@ -85,10 +88,19 @@ def build_redaction(config: Config) -> RedactionRuntime:
             list(section.rules), section.profile, enable=section.enable, disable=section.disable
         )
     tagger: Tagger | None = None
+    tag_key: bytes | None = None
     if section.tag == "keyed":
         assert section.tag_key is not None
-        tagger = KeyedTagger(section.tag_key.read().encode())
+        tag_key = section.tag_key.read().encode()
+        tagger = KeyedTagger(tag_key)
     no_rules = RulePack(rules=(), key_rules=(), profile="none")
+    offload = None
+    if section.worker_processes > 0:
+        offload = OffloadPool(
+            WorkerSetup(pack, section.requests, section.responses, tag_key),
+            workers=section.worker_processes,
+            budget_seconds=section.budget_seconds,
+        )
     return RedactionRuntime(
         request=Redactor(pack, Direction.REQUEST, tagger=tagger) if section.requests else None,
         response=Redactor(pack, Direction.RESPONSE, tagger=tagger) if section.responses else None,
@@ -101,6 +113,9 @@ def build_redaction(config: Config) -> RedactionRuntime:
         ),
         max_hold=section.max_hold_chars,
         max_body_bytes=config.gateway.max_body_bytes,
+        offload=offload,
+        process_bytes=section.process_bytes,
+        budget_seconds=section.budget_seconds,
     )
 
 

@@ -158,10 +158,12 @@ def test_only_changed_pairs_are_re_encoded(redactor: Redactor) -> None:
     assert result.body == b"x=%7e&password=%5BREDACTED%3Akey-password%5D&y=a+b"
 
 
-def test_the_query_string_goes_through_the_form_model(redactor: Redactor, pack: RulePack) -> None:
+def test_the_query_string_goes_through_the_form_model(tmp_path: Path, idp: TestIdP) -> None:
     path = f"/v1/search?q=a+b&api_key={API_KEY}&user%5Bpassword%5D={quote_plus(PASSWORD)}"
     request = tutils.treq(path=path.encode())
-    counts = redaction_mod._redact_query(request, redactor)
+    with redaction_addon(tmp_path, idp) as addon:
+        assert addon.runtime is not None and addon.runtime.request is not None
+        counts = asyncio.run(addon._redact_query(request, addon.runtime.request, None))
     assert counts == {"key-api-key": 1, "key-password": 1}
     assert request.path.startswith("/v1/search?q=a+b&api_key=%5BREDACTED%3Akey-api-key%5D&")
     assert API_KEY not in request.path and quote_plus(PASSWORD) not in request.path
@@ -454,16 +456,17 @@ def test_a_buffered_event_stream_request_is_redacted_by_the_addon(
 def test_an_event_stream_over_the_predicted_budget_is_refused_before_any_work(
     tmp_path: Path, idp: TestIdP, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert (
-        int(
-            redaction_mod.BUDGET_SECONDS
-            * 1e6
-            / (redaction_mod.SSE_US_PER_BYTE * redaction_mod.SSE_SAFETY)
-        )
-        == redaction_mod.SSE_MAX_BYTES
+    assert redaction_mod.sse_max_bytes(10.0) == int(
+        10.0 * 1e6 / (redaction_mod.SSE_US_PER_BYTE * redaction_mod.SSE_SAFETY)
     )
     body = split_secret_stream()
-    monkeypatch.setattr(redaction_mod, "SSE_MAX_BYTES", len(body) - 1)
+    budgets: list[float] = []
+
+    def just_below(budget_seconds: float) -> int:
+        budgets.append(budget_seconds)
+        return len(body) - 1
+
+    monkeypatch.setattr(redaction_mod, "sse_max_bytes", just_below)
 
     def must_not_run(*args: object) -> None:
         raise AssertionError("redacted although the size predicts the budget is exceeded")
@@ -474,6 +477,7 @@ def test_an_event_stream_over_the_predicted_budget_is_refused_before_any_work(
         asyncio.run(addon.request(flow))
         assert refusal(flow) == (503, "redaction_timeout")
         assert GITHUB.secret.encode() not in flow.response.content
+        assert budgets == [10.0]  # the configured budget (the default)
 
 
 @pytest.mark.parametrize("charset", ["utf-16", "UTF-32", "utf-7", "x-unknown"])
@@ -515,7 +519,9 @@ def test_a_binary_upload_under_a_credential_name_is_not_replaced_but_a_key_file_
 
 def test_the_readme_states_the_pre_check_size_the_gateway_uses() -> None:
     readme = (REPO / "README.md").read_text()
-    assert f"a body over {redaction_mod.SSE_MAX_BYTES:,} bytes: 503 `redaction_timeout`" in readme
+    default = redaction_mod.sse_max_bytes(10.0)  # redaction.budget_seconds' default
+    assert f"a body over {default:,} bytes: 503 `redaction_timeout`" in readme
+    assert f"{redaction_mod.sse_max_bytes(1.0):,} bytes per second of budget" in readme
 
 
 def test_the_sse_engine_stops_at_its_budget(redactor: Redactor) -> None:

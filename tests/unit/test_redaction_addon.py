@@ -45,6 +45,8 @@ CONFIGS = {
     "binary-pass": {"binary_bodies": "pass"},
     "requests-off": {"requests": False},
     "responses-off": {"responses": False},
+    "tight-budget": {"budget_seconds": 0.05},
+    "no-workers": {"worker_processes": 0},
 }
 
 
@@ -542,3 +544,76 @@ def test_the_chain_shares_one_redaction_runtime(config_files: dict[str, Path]) -
     other = Redaction()
     with configured(other, config=config_files["binary-pass"]):
         assert other.runtime is not None and other.runtime is not first
+        # The old config's worker pool is closed for good (its workers end after their jobs).
+        assert first.offload is not None and first.offload.closed
+        assert other.runtime.offload is not None and not other.runtime.offload.closed
+
+
+# -- large bodies: worker processes ---------------------------------------------------------------
+
+FILLER = "the build passed; nothing else to report. " * 500  # ~21 KB, over process_bytes
+# Adversarial text: ~3.7 µs per byte with the default pack (~0.23 s at 63 KB, under LIMIT:
+# well over the tight budget of 0.05 s).
+SLOW = b"api_key=" * 7_900
+
+
+def test_a_large_request_is_redacted_by_a_worker_process_as_in_process(
+    make_addon: MakeAddon,
+) -> None:
+    addon = make_addon("default")
+    runtime = addon.runtime
+    assert runtime is not None and runtime.offload is not None and runtime.request is not None
+    body = chat(f"{FILLER} {OPENAI.text} {GITHUB.text}")
+    assert len(body) > runtime.process_bytes
+    query = f"/v1/chat/completions?q={FILLER}&token={GITHUB.text}".replace(" ", "+")
+    flow = send(addon, request_flow(compress(body, "gzip"), encoding="gzip", path=query))
+    assert flow.response is None
+    assert runtime.offload.pids(), "no worker process ran"
+    expected = redact_body(body, "application/json", runtime.request, runtime.body_policy)
+    assert flow.request.raw_content == expected.body
+    assert OPENAI.secret.encode() not in expected.body
+    assert GITHUB.secret not in flow.request.path
+    assert redaction_facts(flow)["request"] == {
+        "openai-api-key": 1,
+        "github-token": 1,
+        "key-token": 1,  # the query's token field
+    }
+
+
+def test_a_large_response_loses_the_injected_key_in_a_worker_too(make_addon: MakeAddon) -> None:
+    addon = make_addon("default")
+    body = answer(f"{FILLER} Incorrect API key: {KEY} and {GITHUB.text}")
+    flow = receive(addon, scrubbed_flow(body))
+    assert addon.runtime is not None and addon.runtime.offload is not None
+    assert addon.runtime.offload.pids()
+    assert flow.response is not None and flow.response.status_code == 200
+    content = flow.response.content
+    assert content is not None and KEY.encode() not in content
+    assert GITHUB.secret.encode() not in content
+    assert redaction_facts(flow)["response"] == {SCRUB_ID: 1, "github-token": 1}
+
+
+@pytest.mark.parametrize("part", ["request", "response"])
+def test_a_runaway_over_budget_is_refused_and_nothing_passes(
+    make_addon: MakeAddon, part: str
+) -> None:
+    addon = make_addon("tight-budget")
+    runtime = addon.runtime
+    assert runtime is not None and runtime.offload is not None
+    body = SLOW + GITHUB.text.encode()
+    if part == "request":
+        flow = send(addon, request_flow(body, content_type="text/plain"))
+    else:
+        flow = receive(addon, with_response(request_flow(), body, content_type="text/plain"))
+    assert refusal(flow) == (503, "redaction_timeout")
+    assert flow.response is not None and GITHUB.secret.encode() not in flow.response.content
+    error = json.loads(flow.response.content)["error"]
+    assert "nothing was forwarded" in error["message"] and error["type"] == "sluicegate_error"
+
+
+def test_without_worker_processes_large_bodies_stay_on_a_thread(make_addon: MakeAddon) -> None:
+    addon = make_addon("no-workers")
+    assert addon.runtime is not None and addon.runtime.offload is None
+    flow = send(addon, request_flow(chat(f"{FILLER} {OPENAI.text}")))
+    assert flow.response is None
+    assert OPENAI.secret.encode() not in (flow.request.raw_content or b"")

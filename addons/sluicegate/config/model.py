@@ -378,6 +378,25 @@ class RedactionSection:
     unknown_content_types: Literal["text", "pass", "block"] = setting(
         "text", doc="Bodies with a content type that is neither JSON, text nor form data."
     )
+    worker_processes: int = setting(
+        2,
+        doc="Worker processes that redact buffered bodies larger than `process_bytes`, so a "
+        "large body never stalls other callers on the event loop. `0`: on a thread of the gateway "
+        "process instead (it shares the interpreter lock with the event loop, and a runaway "
+        "cannot be stopped, only abandoned).",
+    )
+    process_bytes: int = setting(
+        16384,
+        doc="Buffered bodies (after content decoding) and query strings larger than this many "
+        "bytes are redacted by a worker process (smaller ones: on the event loop, over 4 KiB on a "
+        "thread).",
+    )
+    budget_seconds: float = setting(
+        10.0,
+        doc="Most time one body's redaction may take, waiting for a free worker included. Past it "
+        "the worker is killed and the message refused (503 `redaction_timeout`); a worker that "
+        "dies gives 503 `redaction_unavailable`. Nothing is forwarded either way.",
+    )
 
     # The compiled rule pack, built once while the config is validated (not a config key).
     pack: RulePack | None = dataclasses.field(default=None, init=False, compare=False, repr=False)
@@ -387,6 +406,12 @@ class RedactionSection:
             yield "tag_key", "required when tag is `keyed`"
         if self.max_hold_chars < 256:
             yield "max_hold_chars", "must be at least 256"
+        if not 0 <= self.worker_processes <= 64:
+            yield "worker_processes", "must be between 0 and 64"
+        if self.process_bytes < 4096:
+            yield "process_bytes", "must be at least 4096"
+        if not 0 < self.budget_seconds <= 3600:
+            yield "budget_seconds", "must be more than 0 and at most 3600"
         missing = False
         for i, path in enumerate(self.rules):
             if not path.exists():

@@ -711,7 +711,11 @@ class PreviewRedaction:
 
     def __init__(self, config: Config, chars: int) -> None:
         redaction = dataclasses.replace(
-            config.redaction, requests=True, responses=True, binary_bodies="block"
+            config.redaction,
+            requests=True,
+            responses=True,
+            binary_bodies="block",
+            worker_processes=0,  # previews are bounded and rare: no worker processes
         )
         self.runtime = builders.build_redaction(dataclasses.replace(config, redaction=redaction))
         # A buffered event stream runs through the SSE engine, slow on adversarial deltas: a

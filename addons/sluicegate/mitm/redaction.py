@@ -20,26 +20,32 @@ Counts per rule go to `flow.metadata["sluicegate"]["redaction"]`; matched values
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Literal, TypeVar
 
 from mitmproxy import http
 
+from sluicegate.auth.caller import Caller
 from sluicegate.config import Config
 from sluicegate.mitm import flowstate, guard
 from sluicegate.mitm.base import GatewayAddon
 from sluicegate.redaction.bodies import (
     BodyPolicy,
     BodyRefused,
+    BodyResult,
     classify,
     media_type,
     redact_body,
     single_content_type,
 )
 from sluicegate.redaction.memo import MemoRedactor
-from sluicegate.redaction.runtime import RedactionRuntime
+from sluicegate.redaction.offload import RedactionTimeout, RedactionUnavailable
+from sluicegate.redaction.redactor import LiteralSecret
+from sluicegate.redaction.rules import Direction
+from sluicegate.redaction.runtime import RedactionRuntime, scope_of
 from sluicegate.runtime import for_config
 from sluicegate.shapes import decoding
 
@@ -50,11 +56,10 @@ Part = Literal["request", "response"]
 # Bodies (and query strings) larger than this are decoded and redacted on a worker thread, so
 # one body does not stall every other flow on the event loop: the rules' worst case is linear,
 # a few µs per character on adversarial text, so this much stays well under 50 ms on the loop
-# (scripts/bench_loop_lag.py). A thread yields the GIL between rule searches.
+# (scripts/bench_loop_lag.py). A thread yields the GIL between rule searches. Bodies larger
+# than `redaction.process_bytes` are redacted by a worker process instead (redaction/offload.py):
+# outside this interpreter's GIL, and killed when over budget.
 THREAD_BYTES = 4 * 1024
-# Most time a body's redaction may take on its worker thread; past it the message is refused
-# (503 redaction_timeout), never forwarded unredacted.
-BUDGET_SECONDS = 10.0
 # A buffered text/event-stream body runs through the SSE engine, whose cost per byte is higher
 # than a plain body's (an event per few bytes of deltas, each channel scanned as it streams):
 # scripts/bench_sse_body.py measured 0.1-8.8 µs/byte for the ordinary shapes (text data lines
@@ -64,7 +69,13 @@ BUDGET_SECONDS = 10.0
 # below this size they still meet the run-time budget (the same 503) rather than this check.
 SSE_US_PER_BYTE = 10.0
 SSE_SAFETY = 2.0
-SSE_MAX_BYTES = int(BUDGET_SECONDS * 1e6 / (SSE_US_PER_BYTE * SSE_SAFETY))
+
+
+def sse_max_bytes(budget_seconds: float) -> int:
+    """The largest buffered event-stream body the redaction budget is expected to cover."""
+    return int(budget_seconds * 1e6 / (SSE_US_PER_BYTE * SSE_SAFETY))
+
+
 EVENT_STREAM = "text/event-stream"
 _FORM = "application/x-www-form-urlencoded"
 _QUERY_POLICY = BodyPolicy()  # a query string is always form-encoded text
@@ -80,6 +91,20 @@ class Redaction(GatewayAddon):
 
     def apply(self, config: Config) -> None:
         self.runtime = for_config(config)
+        if self.runtime.offload is not None:
+            # Start the workers now, not on the first large body (without a running event
+            # loop yet: `running`, or the first large body).
+            with contextlib.suppress(RuntimeError):
+                self.runtime.offload.warm()
+
+    def running(self) -> None:
+        if self.runtime is not None and self.runtime.offload is not None:
+            self.runtime.offload.warm()
+
+    def done(self) -> None:
+        if self.runtime is not None and self.runtime.offload is not None:
+            self.runtime.offload.stop()
+        super().done()
 
     # -- request side -----------------------------------------------------------------------------
 
@@ -102,7 +127,7 @@ class Redaction(GatewayAddon):
         redactor = runtime.request_text_redactor(flowstate.state(flow).caller)
         if redactor is None:
             return
-        counts = await _off_loop(len(request.data.path), _redact_query, request, redactor)
+        counts = await self._redact_query(request, redactor, flowstate.state(flow).caller)
         body_counts = await self._redact_message(flow, request, "request", redactor)
         _record(flow, "request", _merged(counts, body_counts))
 
@@ -153,24 +178,30 @@ class Redaction(GatewayAddon):
         limit = runtime.max_body_bytes
         encoding = message.headers.get("content-encoding")
         try:
-            body = await _off_loop(len(raw), decoding.decode_body, raw, encoding, limit)
+            body = await _off_loop(
+                len(raw), runtime.budget_seconds, decoding.decode_body, raw, encoding, limit
+            )
         except decoding.BodyTooLarge:
             raise _refusal(part, _too_large_code(part), limit) from None
         except decoding.DecodingError as e:
             raise _refusal(part, e.code, limit) from None
         flowstate.keep_original(flow, part, body)
+        st = flowstate.state(flow)
+        scrub = st.scrub if part == "response" else ()
         try:
             content_type = single_content_type(message.headers.get_all("content-type"))
             policy = runtime.body_policy
             if classify(content_type) == "sse":
-                if len(body) > SSE_MAX_BYTES:
-                    raise _over_budget()
+                if len(body) > sse_max_bytes(runtime.budget_seconds):
+                    raise _timeout()
                 # The engine stops at the budget too, rather than running on after the refusal.
-                policy = dataclasses.replace(policy, sse_budget_seconds=BUDGET_SECONDS)
-            result = await _off_loop(len(body), redact_body, body, content_type, redactor, policy)
+                policy = dataclasses.replace(policy, sse_budget_seconds=runtime.budget_seconds)
+            result = await self._redact_body(
+                body, content_type, part, redactor, policy, scrub, st.caller
+            )
         except BodyRefused as e:
             if e.code == "redaction_timeout":
-                raise _over_budget() from None
+                raise _timeout() from None
             raise _refusal(part, e.code, limit, e.message) from None
         if result.changed or "content-encoding" in message.headers:
             if "content-encoding" in message.headers:
@@ -185,16 +216,52 @@ class Redaction(GatewayAddon):
             )
         return result.counts
 
+    async def _redact_query(
+        self, request: http.Request, redactor: MemoRedactor, caller: Caller | None
+    ) -> dict[str, int]:
+        """Redact the query string's decoded names and values; the path stays byte for byte."""
+        path, sep, query = request.data.path.partition(b"?")
+        if not sep or not query:
+            return {}
+        # A query is form data; forms are never refused.
+        result = await self._redact_body(
+            query, _FORM, "request", redactor, _QUERY_POLICY, (), caller
+        )
+        if result.changed:
+            request.data.path = path + b"?" + result.body
+        return result.counts
 
-def _redact_query(request: http.Request, redactor: MemoRedactor) -> dict[str, int]:
-    """Redact the query string's decoded names and values; the path stays byte for byte."""
-    path, sep, query = request.data.path.partition(b"?")
-    if not sep or not query:
-        return {}
-    result = redact_body(query, _FORM, redactor, _QUERY_POLICY)  # forms are never refused
-    if result.changed:
-        request.data.path = path + b"?" + result.body
-    return result.counts
+    async def _redact_body(
+        self,
+        body: bytes,
+        content_type: str | None,
+        part: Part,
+        redactor: MemoRedactor,
+        policy: BodyPolicy,
+        scrub: Iterable[LiteralSecret],
+        caller: Caller | None,
+    ) -> BodyResult:
+        """`redact_body` of `body`: on the loop when small, else a worker process (or thread)."""
+        runtime = self._runtime()
+        pool = runtime.offload
+        if pool is None or len(body) <= runtime.process_bytes:
+            return await _off_loop(
+                len(body), runtime.budget_seconds, redact_body, body, content_type, redactor, policy
+            )
+        direction = Direction.REQUEST if part == "request" else Direction.RESPONSE
+        literals = [LiteralSecret(s.rule_id, s.value) for s in scrub]
+        scope = scope_of(caller)
+        try:
+            return await pool.redact(body, content_type, direction, policy, literals, scope)
+        except RedactionTimeout:
+            raise _timeout() from None
+        except RedactionUnavailable:
+            raise guard.GatewayRefusal(
+                503,
+                "redaction_unavailable",
+                "The gateway's redaction worker failed while redacting this message; nothing "
+                "was forwarded.",
+            ) from None
 
 
 def _is_event_stream(response: http.Response) -> bool:
@@ -247,17 +314,17 @@ def _record(flow: http.HTTPFlow, part: Part, counts: dict[str, int]) -> None:
     flowstate.count_redactions(flow, part, counts)
 
 
-async def _off_loop(size: int, fn: Callable[..., T], *args: object) -> T:
+async def _off_loop(size: int, budget: float, fn: Callable[..., T], *args: object) -> T:
     """`fn(*args)`, on a worker thread with a time budget when `size` is large."""
     if size <= THREAD_BYTES:
         return fn(*args)
     try:
-        return await asyncio.wait_for(asyncio.to_thread(fn, *args), BUDGET_SECONDS)
+        return await asyncio.wait_for(asyncio.to_thread(fn, *args), budget)
     except TimeoutError:
-        raise _over_budget() from None
+        raise _timeout() from None
 
 
-def _over_budget() -> guard.GatewayRefusal:
+def _timeout() -> guard.GatewayRefusal:
     return guard.GatewayRefusal(
         503,
         "redaction_timeout",

@@ -29,6 +29,7 @@ Pattern conventions (see rules/README.md):
 from __future__ import annotations
 
 import enum
+import hashlib
 import re
 import string
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -176,6 +177,14 @@ class KeyRule:
         return direction in self.directions
 
 
+@dataclass(frozen=True)
+class RuleSource:
+    """One rule file as it was read: its path and its text (what a pack is rebuilt from)."""
+
+    path: str
+    text: str
+
+
 @dataclass(frozen=True, eq=False)
 class RuleSet:
     """Everything the rule files define, before profile selection."""
@@ -183,6 +192,8 @@ class RuleSet:
     rules: tuple[Rule, ...]
     key_rules: tuple[KeyRule, ...]
     files: tuple[Path, ...]
+    # The files' texts as read, so another process can rebuild the identical set.
+    sources: tuple[RuleSource, ...] = ()
 
     @property
     def every_rule(self) -> tuple[Rule | KeyRule, ...]:
@@ -205,12 +216,63 @@ class RulePack:
     profile: str
     # Per-direction compiled helpers, built lazily by the redactor.
     cache: dict[Any, Any] = field(default_factory=dict, repr=False)
+    # What the pack was selected from (`pack_from_sources` rebuilds it in another process):
+    # the rule files' texts and the selection.
+    sources: tuple[RuleSource, ...] = ()
+    enable: tuple[str, ...] = ()
+    disable: tuple[str, ...] = ()
+
+    def fingerprint(self) -> str:
+        """SHA-256 of what the compiled pack does: every rule's id, pattern, flags, keywords,
+        window, validators, directions, key rules. Two processes that built packs with the same
+        fingerprint redact alike (the parent and an offload worker check it)."""
+        cached = self.cache.get(_FINGERPRINT)
+        if isinstance(cached, str):
+            return cached
+        digest = hashlib.sha256(self.profile.encode())
+        for rule in self.rules:
+            _feed(
+                digest,
+                "rule", rule.id, rule.pattern.pattern, rule.pattern.flags, rule.plain.pattern,
+                rule.group, rule.keywords,
+                rule.followed_by.pattern if rule.followed_by is not None else None,
+                rule.window, [_validator_name(v) for v in rule.validators],
+                sorted(rule.directions), sorted(rule.first.ascii), rule.first.non_ascii,
+            )  # fmt: skip
+        for key_rule in self.key_rules:
+            _feed(
+                digest,
+                "key", key_rule.id, key_rule.key.pattern, key_rule.key.flags,
+                sorted(key_rule.directions),
+                [_validator_name(v) for v in key_rule.value_validators],
+            )  # fmt: skip
+        value = digest.hexdigest()
+        self.cache[_FINGERPRINT] = value
+        return value
 
     def rules_for(self, direction: Direction) -> tuple[Rule, ...]:
         return tuple(rule for rule in self.rules if rule.applies_to(direction))
 
     def key_rules_for(self, direction: Direction) -> tuple[KeyRule, ...]:
         return tuple(rule for rule in self.key_rules if rule.applies_to(direction))
+
+
+_FINGERPRINT = "rules.fingerprint"
+
+
+def _validator_name(check: object) -> str:
+    """A validator's stable name (module-level functions, or `functools.partial` of one)."""
+    func = getattr(check, "func", None)
+    if func is not None:
+        args = getattr(check, "args", ())
+        keywords = sorted(getattr(check, "keywords", {}).items())
+        return f"{_validator_name(func)}{args!r}{keywords!r}"
+    return f"{getattr(check, '__module__', '')}.{getattr(check, '__name__', repr(check))}"
+
+
+def _feed(digest: Any, *parts: object) -> None:
+    digest.update(repr(parts).encode("utf-8", "surrogatepass"))
+    digest.update(b"\0")
 
 
 def rule_files(paths: Sequence[Path]) -> list[Path]:
@@ -236,8 +298,16 @@ def load_rule_set(paths: Sequence[Path], *, check_streams: bool = True) -> RuleS
     whole-text redaction does (a rule that differs could release part of a secret in a stream):
     a rule that fails is a load error.
     """
-    files = rule_files(paths)
-    documents = [(file, _read_file(file)) for file in files]
+    sources = tuple(RuleSource(str(file), _read_text(file)) for file in rule_files(paths))
+    return rule_set_from_sources(sources, check_streams=check_streams)
+
+
+def rule_set_from_sources(sources: Sequence[RuleSource], *, check_streams: bool = True) -> RuleSet:
+    """`load_rule_set` of rule files already read (`RuleSet.sources` of another process)."""
+    if not sources:
+        raise RuleFileError(Path("."), "", "no rule files found")
+    files = [Path(source.path) for source in sources]
+    documents = [(file, _parse_yaml(file, s.text)) for file, s in zip(files, sources, strict=True)]
     fragments = _collect_fragments(documents)
     rules: list[Rule] = []
     key_rules: list[KeyRule] = []
@@ -256,7 +326,7 @@ def load_rule_set(paths: Sequence[Path], *, check_streams: bool = True) -> RuleS
             seen[item.id] = file
         rules += file_rules
         key_rules += file_key_rules
-    rule_set = RuleSet(tuple(rules), tuple(key_rules), tuple(files))
+    rule_set = RuleSet(tuple(rules), tuple(key_rules), tuple(files), tuple(sources))
     if check_streams:
         _check_streams(rule_set)
     return rule_set
@@ -333,6 +403,9 @@ def select(
         rules=tuple(r for r in rule_set.rules if chosen(r)),
         key_rules=tuple(r for r in rule_set.key_rules if chosen(r)),
         profile=profile,
+        sources=rule_set.sources,
+        enable=tuple(enable),
+        disable=tuple(disable),
     )
 
 
@@ -344,6 +417,20 @@ def load_rule_pack(
     disable: Collection[str] = (),
 ) -> RulePack:
     return select(load_rule_set(paths), profile, enable=enable, disable=disable)
+
+
+def pack_from_sources(
+    sources: Sequence[RuleSource],
+    profile: str,
+    *,
+    enable: Collection[str] = (),
+    disable: Collection[str] = (),
+    check_streams: bool = False,
+) -> RulePack:
+    """The pack `load_rule_pack` made of these rule files' texts, rebuilt without reading any
+    file (an offload worker; the stream check already passed where the texts were read)."""
+    rule_set = rule_set_from_sources(sources, check_streams=check_streams)
+    return select(rule_set, profile, enable=enable, disable=disable)
 
 
 # --- parsing ---------------------------------------------------------------------------
@@ -399,11 +486,14 @@ def _names(keys: Iterable[str]) -> str:
     return ", ".join(sorted(keys))
 
 
-def _read_file(file: Path) -> object:
+def _read_text(file: Path) -> str:
     try:
-        text = file.read_text(encoding="utf-8")
+        return file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RuleFileError(file, "", f"cannot read: {exc.__class__.__name__}") from None
+
+
+def _parse_yaml(file: Path, text: str) -> object:
     try:
         return strict_yaml.load(text)
     except yaml.YAMLError as exc:

@@ -5,9 +5,10 @@ was validated). Per flow, the response redactor gains the flow's scrub literals 
 credential in all its encodings, the caller's token) so upstream echoes of them never reach the
 agent. Redactors with literals cost a regex compilation each; the same caller on the same route
 has the same literals on every request, so they are kept (a few, least recently used out).
-Buffered bodies, WebSocket messages and the strings of SSE events are redacted through
-`memo.MemoRedactor`, which skips texts the rules already found clean for the same caller (see there
-why that is exact).
+Buffered bodies over `process_bytes` are redacted by `offload`'s worker processes, which
+rebuild the same redactors. Other buffered bodies, WebSocket messages and the strings of SSE
+events are redacted through `memo.MemoRedactor`, which skips texts the rules already found
+clean for the same caller (see there why that is exact).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Iterable
 from sluicegate.auth.caller import Caller
 from sluicegate.redaction.bodies import BodyPolicy
 from sluicegate.redaction.memo import CleanTexts, MemoRedactor
+from sluicegate.redaction.offload import OffloadPool
 from sluicegate.redaction.redactor import LiteralSecret, Redactor
 from sluicegate.redaction.redactor import LiteralSecret as ScrubLiteral
 from sluicegate.redaction.rules import Direction
@@ -35,6 +37,11 @@ class RedactionRuntime:
     body_policy: BodyPolicy
     max_hold: int
     max_body_bytes: int
+    # Bodies over `process_bytes` go to `offload` (None: a thread of this process); either way
+    # a body's redaction may take `budget_seconds`.
+    offload: OffloadPool | None = dataclasses.field(default=None, compare=False)
+    process_bytes: int = 16384
+    budget_seconds: float = 10.0
     # Texts the rules left unchanged, per caller (request and response rules differ).
     clean: dict[Direction, CleanTexts] = dataclasses.field(
         default_factory=lambda: {d: CleanTexts() for d in Direction}, compare=False
@@ -73,7 +80,7 @@ class RedactionRuntime:
             self.request.pack,
             Direction.REQUEST,
             self.clean[Direction.REQUEST],
-            _scope(caller),
+            scope_of(caller),
         )
 
     def response_text_redactor(
@@ -88,11 +95,11 @@ class RedactionRuntime:
             Direction.RESPONSE,
             # Without response rules only literals are looked for, on every text: no memo.
             self.clean[Direction.RESPONSE] if self.response is not None else None,
-            _scope(caller),
+            scope_of(caller),
             literals=[s.value for s in literals],
         )
 
 
-def _scope(caller: Caller | None) -> str:
+def scope_of(caller: Caller | None) -> str:
     """Whose remembered texts: one caller never benefits from another's (no timing oracle)."""
     return "" if caller is None else f"{caller.issuer}\0{caller.subject}"
