@@ -186,13 +186,64 @@ def test_ready_reports_missing_directory_and_low_disk(tmp_path: Path) -> None:
     store.ready()
     shutil.rmtree(store.directory)  # the run's index lives in it too
     with pytest.raises(RecordingUnavailable) as e:
-        store.ready()
+        store.ready(max_age=0)
     assert e.value.code == "recording_dir_missing"
     store.directory.mkdir()
     store.limits = Limits(**{**store.limits.__dict__, "min_free_bytes": 2**62})
     with pytest.raises(RecordingUnavailable) as e:
         store.ready()
     assert e.value.code == "disk_low"
+
+
+class Monotonic:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_ready_reuses_a_passed_check_for_at_most_a_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = make_store(tmp_path)
+    store.monotonic = mono = Monotonic()
+    checks = {"n": 0}
+    real_statvfs = os.statvfs
+
+    def counting_statvfs(path: Any) -> Any:
+        checks["n"] += 1
+        return real_statvfs(path)
+
+    monkeypatch.setattr(store_mod.os, "statvfs", counting_statvfs)
+    store.ready()
+    for _ in range(50):
+        store.ready()
+    assert checks["n"] == 1  # one environment check for 51 requests within the second
+
+    shutil.rmtree(store.directory)
+    mono.now += 0.5
+    store.ready()  # still trusted: the write would fail and refuse instead
+    mono.now += store_mod.READY_TTL - 0.5
+    with pytest.raises(RecordingUnavailable) as e:
+        store.ready()  # the second is over: checked again
+    assert e.value.code == "recording_dir_missing"
+    with pytest.raises(RecordingUnavailable):
+        store.ready()  # a problem is never cached as a pass
+    assert checks["n"] == 1  # is_dir failed first: statvfs not reached
+
+
+def test_a_failed_write_invalidates_the_cached_check(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    store.monotonic = Monotonic()
+    store.ready()
+    shutil.rmtree(store.directory)
+    store.directory.write_text("a file where the directory was")
+    with pytest.raises(RecordingUnavailable):
+        store.write("alice", *record())
+    with pytest.raises(RecordingUnavailable) as e:
+        store.ready()  # same instant, but the failure makes it look again
+    assert e.value.code in ("recording_dir_missing", "write_failed")
 
 
 def test_audit_log_lines_survive_rotation_by_rename(tmp_path: Path) -> None:

@@ -30,6 +30,11 @@ logger = logging.getLogger("sluicegate.recorder")
 
 SESSION_SUFFIX = ".mitm"
 _PROBE_INTERVAL = 0.5
+# How long a passed environment check (directory there and writable, free space) is trusted by
+# `ready()`: three system calls per request were a measurable part of a small flow's cost. A
+# directory that vanishes within this window fails the write instead, which closes the session,
+# answers 503 and makes the next `ready()` check again.
+READY_TTL = 1.0
 
 
 class RecordingUnavailable(Exception):
@@ -191,6 +196,8 @@ class SessionStore:
         self.sessions: dict[str, Session] = {}
         self._failure: RecordingUnavailable | None = None
         self._next_probe = 0.0
+        self._env_ok_until = 0.0  # time.monotonic() until which the environment passed
+        self.monotonic: Callable[[], float] = time.monotonic
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.index = RunIndex(
             directory, signer, gateway=gateway, now=clock(), fsync=limits.fsync, audit_log=audit_log
@@ -203,9 +210,15 @@ class SessionStore:
 
     # -- health -----------------------------------------------------------------------------
 
-    def ready(self) -> None:
-        """Raise RecordingUnavailable unless a flow could be recorded now. Called per request."""
+    def ready(self, max_age: float = READY_TTL) -> None:
+        """Raise RecordingUnavailable unless a flow could be recorded now. Called per request:
+        a passed environment check is reused for `max_age` seconds (0: check now, as /readyz
+        does); a problem is never cached, and a failed write invalidates the check."""
+        now = self.monotonic()
+        if max_age > 0 and self._failure is None and now < self._env_ok_until:
+            return
         problem = self._environment_problem()
+        self._env_ok_until = now + min(max_age, READY_TTL) if problem is None else 0.0
         if problem is None and self._failure is not None:
             problem = self._probe()
         if problem is not None:
@@ -254,6 +267,7 @@ class SessionStore:
         """Remember a failure so `ready()` refuses until a probe write succeeds."""
         self._failure = RecordingUnavailable(code, message)
         self._next_probe = time.monotonic() + _PROBE_INTERVAL
+        self._env_ok_until = 0.0
         return self._failure
 
     # -- writing ----------------------------------------------------------------------------
