@@ -160,8 +160,9 @@ def test_failed_write_leaves_no_partial_record_and_refuses_until_a_probe_works(
     path = store.directory / first.session
     with path.open("rb") as f:
         assert len(list(io.FlowReader(f).stream())) == 1  # truncated back, still loadable
-    verdict = verify(store, first.session)  # the seal could not be written either
-    assert verdict.status == "unsealed" and verdict.findings == []
+    verdict = verify(store, first.session)  # the seal could not be written either, nor a head
+    assert verdict.status == "unsealed"
+    assert [(f.kind, f.index) for f in verdict.findings] == [("unsigned_tail", 0)]
 
     store._next_probe = 0.0
     with pytest.raises(RecordingUnavailable):

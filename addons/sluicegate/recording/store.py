@@ -1,7 +1,8 @@
 """Session files on disk: one per identity and time window, rotated, retained, never lost quietly.
 
-Each record is written with one unbuffered `write` and then its signed chain line, so a crash or a
-`kill -9` loses at most the flows still in flight (the kernel keeps what was written). `fsync`
+Each record is written with one unbuffered `write` and then its chain line (and, every 256 flows or
+second, a signed head: chain.py), so a crash or a `kill -9` loses at most the flows still in flight
+(the kernel keeps what was written); flows after the last signed head verify as an unsigned tail. `fsync`
 additionally survives power loss, at a per-flow cost. A failed write truncates the partial record
 away, closes the session and raises `RecordingUnavailable`; the recorder then refuses traffic (or
 logs loudly) until `ready()` sees writes work again.
@@ -129,9 +130,12 @@ class Session:
     ) -> Receipt:
         prev_head = self.writer.head
         entry = self.writer.append(flow_id, record, audit)
+        lines = chain.dump_line(entry)
+        if self.writer.head_due(now):  # one signature per 256 flows or per second
+            lines += chain.dump_line(self.writer.signed_head(now))
         try:
             _write_all(self.fd, record)
-            _write_all(self.chain_fd, chain.dump_line(entry))
+            _write_all(self.chain_fd, lines)
             if fsync:
                 os.fsync(self.fd)
                 os.fsync(self.chain_fd)
@@ -141,6 +145,14 @@ class Session:
             raise
         self.last_write = now
         return Receipt(self.relative, entry["index"], entry["offset"])
+
+    def sign_head(self, now: float, fsync: bool) -> None:
+        """Sign the head if flows wait for it (a quiet session: the tick calls this)."""
+        if self.closed or not self.writer.head_due(now):
+            return
+        _write_all(self.chain_fd, chain.dump_line(self.writer.signed_head(now)))
+        if fsync:
+            os.fsync(self.chain_fd)
 
     def _truncate_back(self, offset: int) -> None:
         """Remove a partial record so the file stays loadable by mitmproxy."""
@@ -327,13 +339,21 @@ class SessionStore:
                 logger.error("sluicegate: recording: cannot index the seal of %s", session.relative)
 
     def tick(self) -> None:
-        """Close sessions past their age or idle time (signing their head); checkpoint the
-        sessions that grew and the audit log in the index."""
+        """Close sessions past their age or idle time (signing their head), sign the heads of
+        the others if flows wait for a signature; checkpoint the sessions that grew and the
+        audit log in the index."""
         now = self.clock()
         for identity, session in list(self.sessions.items()):
             reason = session.due(now, self.limits)
             if reason is not None:
                 self._close(identity, reason, now)
+                continue
+            try:
+                session.sign_head(now, self.limits.fsync)
+            except OSError:
+                logger.error("sluicegate: recording: cannot sign the head of %s", session.relative)
+                self._close(identity, "write_failed", now)
+                self.fail("write_failed", "a chain head could not be written")
         self.checkpoint(now)
 
     def checkpoint(self, now: float | None = None) -> None:
