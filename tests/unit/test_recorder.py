@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import errno
 import gzip
 import json
@@ -468,13 +469,11 @@ def test_continue_mode_forwards_and_logs_loudly(env, broken_disk, caplog) -> Non
 
 def test_missing_directory_refuses_before_forwarding(env) -> None:
     e, _ = env
-    clock = {"now": 100.0}
-    e.addon.store.monotonic = lambda: clock["now"]
+    e.addon.store.monotonic = lambda: 100.0  # the passed check stays fresh: existence is not
     run(e.addon, authenticated_flow())
     for path in sorted(e.dir.rglob("*"), reverse=True):
         path.rmdir() if path.is_dir() else path.unlink()
     e.dir.rmdir()
-    clock["now"] += store_mod.READY_TTL  # the passed check is a second old: checked again
     f = tflow.tflow()
     e.addon.requestheaders(f)
     assert f.response is not None and f.response.status_code == 503
@@ -484,16 +483,14 @@ def test_missing_directory_refuses_before_forwarding(env) -> None:
     assert g.response is None
 
 
-def test_directory_gone_within_the_cached_second_withholds_the_response(env) -> None:
-    """The request passed a check less than a second old; its record cannot be written, so
-    the answer is withheld (503) and the next request is checked again and refused."""
+def test_disk_low_within_the_cached_second_withholds_the_response(env, broken_disk) -> None:
+    """The request passed a free-space check less than a second old; its record cannot be
+    written, so the answer is withheld (503) and the next request is checked again."""
     e, _ = env
     e.addon.store.monotonic = lambda: 100.0  # the clock stands still: the check stays cached
     run(e.addon, authenticated_flow())
-    for path in sorted(e.dir.rglob("*"), reverse=True):
-        path.rmdir() if path.is_dir() else path.unlink()
-    e.dir.rmdir()
-    e.dir.write_text("a file where the recording directory was")
+    e.addon.store.limits = dataclasses.replace(e.addon.store.limits, min_free_bytes=2**62)
+    broken_disk(True)
     f = authenticated_flow()
     e.addon.requestheaders(f)
     assert f.response is not None and f.response.status_code == 200  # not refused: forwarded

@@ -220,18 +220,32 @@ def test_ready_reuses_a_passed_check_for_at_most_a_second(
     store.ready()
     for _ in range(50):
         store.ready()
-    assert checks["n"] == 1  # one environment check for 51 requests within the second
+    assert checks["n"] == 1  # one free-space check for 51 requests within the second
 
-    shutil.rmtree(store.directory)
+    store.limits = Limits(**{**store.limits.__dict__, "min_free_bytes": 2**62})
     mono.now += 0.5
-    store.ready()  # still trusted: the write would fail and refuse instead
+    store.ready()  # still trusted: a write that fails would refuse instead
     mono.now += store_mod.READY_TTL - 0.5
     with pytest.raises(RecordingUnavailable) as e:
         store.ready()  # the second is over: checked again
-    assert e.value.code == "recording_dir_missing"
+    assert e.value.code == "disk_low"
     with pytest.raises(RecordingUnavailable):
         store.ready()  # a problem is never cached as a pass
-    assert checks["n"] == 1  # is_dir failed first: statvfs not reached
+    assert checks["n"] == 3
+
+
+def test_a_vanished_directory_is_refused_at_once_despite_the_cache(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    store.monotonic = Monotonic()  # the clock stands still: the passed check stays fresh
+    store.ready()
+    shutil.rmtree(store.directory)
+    store.directory.write_text("a file where the directory was")
+    with pytest.raises(RecordingUnavailable) as e:
+        store.ready()
+    assert e.value.code == "recording_dir_missing"
+    store.directory.unlink()
+    store.directory.mkdir()
+    store.ready()
 
 
 def test_a_failed_write_invalidates_the_cached_check(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,10 +32,12 @@ logger = logging.getLogger("sluicegate.recorder")
 
 SESSION_SUFFIX = ".mitm"
 _PROBE_INTERVAL = 0.5
-# How long a passed environment check (directory there and writable, free space) is trusted by
-# `ready()`: three system calls per request were a measurable part of a small flow's cost. A
-# directory that vanishes within this window fails the write instead, which closes the session,
-# answers 503 and makes the next `ready()` check again.
+# How long a passed check of the directory's permissions and free space is trusted by `ready()`:
+# three system calls per request were a measurable part of a small flow's cost. That the
+# directory is still there is checked on every request (one `stat`), so a vanished directory is
+# still refused before anything is forwarded; a disk that fills or a mode that changes within
+# the window fails the write instead, which closes the session, withholds the answer (503) and
+# makes the next `ready()` check everything again.
 READY_TTL = 1.0
 
 
@@ -224,10 +227,16 @@ class SessionStore:
 
     def ready(self, max_age: float = READY_TTL) -> None:
         """Raise RecordingUnavailable unless a flow could be recorded now. Called per request:
-        a passed environment check is reused for `max_age` seconds (0: check now, as /readyz
-        does); a problem is never cached, and a failed write invalidates the check."""
+        the directory's existence is checked each time, a passed check of its permissions and
+        free space is reused for `max_age` seconds (0: check all now, as /readyz does); a
+        problem is never cached, and a failed write invalidates the check."""
         now = self.monotonic()
         if max_age > 0 and self._failure is None and now < self._env_ok_until:
+            if self._directory_missing():
+                self._env_ok_until = 0.0
+                raise RecordingUnavailable(
+                    "recording_dir_missing", "the recording directory is missing"
+                )
             return
         problem = self._environment_problem()
         self._env_ok_until = now + min(max_age, READY_TTL) if problem is None else 0.0
@@ -238,6 +247,12 @@ class SessionStore:
         if self._failure is not None:
             logger.warning("sluicegate: recording works again (%s cleared)", self._failure.code)
             self._failure = None
+
+    def _directory_missing(self) -> bool:
+        try:
+            return not stat.S_ISDIR(os.stat(self.directory).st_mode)
+        except OSError:
+            return True
 
     def _environment_problem(self) -> RecordingUnavailable | None:
         if not self.directory.is_dir():
