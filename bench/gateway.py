@@ -114,6 +114,9 @@ class Round:
         """Answered requests per second (refusals, counted in `refused`, are not answers)."""
         return self.requests / self.seconds if self.seconds else 0.0
 
+    def refused_total(self) -> int:
+        return sum(self.refused.values())
+
     @property
     def cpu_us_per_request(self) -> float:
         return self.proxy_cpu / self.requests * 1e6 if self.requests else float("nan")
