@@ -1,13 +1,16 @@
-"""Where a small request's CPU goes, in the gateway and in bare mitmdump, through real sockets.
+"""Where a request's (or an SSE event's) CPU goes, in the gateway and in bare mitmdump.
 
-    python -m bench profile_proxy [--clients 10] [--seconds 8] [--top 25] [--json FILE]
+    python -m bench profile_proxy [--load small|sse|deltas] [--clients 10] [--seconds 8]
+                                  [--top 25] [--json FILE]
 
 Runs bare `mitmdump` and the gateway (`-s addons/gateway.py`, the full chain: token auth on
 CONNECT, a route with an injected key, the default rule pack both ways, recording on), drives the
-same closed loop of small JSON chat requests over HTTPS/CONNECT keep-alive through each (one
-after the other, the same load), with cProfile on the proxy's event loop only while the load
-runs (`bench/_profile_addon.py`, loaded into both, switched by signals: start-up and warm-up stay
-out), and adds up every function's own time by where it lives:
+same load through each (one after the other): a closed loop of small JSON chat requests over
+HTTPS/CONNECT keep-alive (`--load small`), or SSE streams one after the other, of 2,000 unpaced
+one-word events (`sse`) or of 4 KiB deltas (`deltas`; bare streams with stream_large_bodies=1),
+with cProfile on the proxy's event loop only while the load runs (`bench/_profile_addon.py`,
+loaded into both, switched by signals: start-up and warm-up stay out), and adds up every
+function's own time by where it lives:
 
 - `sluicegate: <package>`: our addons and engines (`mitm`, `redaction`, `recording`, ...);
 - `mitmproxy: dispatch` (addonmanager, hooks), `mitmproxy: proxy layers` (proxy/), `mitmproxy:
@@ -36,8 +39,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.gateway import CHAT, SMALL_BODY, Bench, Requests
-from bench.lib import UPSTREAM_KEY, UPSTREAM_KEY_ENV, BenchEnv, Process, post, start_mitmdump
+from bench.gateway import CHAT, SMALL_BODY, Bench, Requests, Round
+from bench.gateway import FIRST_TOKEN as FIRST
+from bench.lib import (
+    UPSTREAM_KEY,
+    UPSTREAM_KEY_ENV,
+    BenchEnv,
+    Conn,
+    Process,
+    get,
+    post,
+    start_mitmdump,
+)
 
 MITM_PARTS = (
     ("mitmproxy/addonmanager.py", "mitmproxy: dispatch"),
@@ -124,10 +137,14 @@ def profile_by_category(path: Path) -> tuple[dict[str, float], list[tuple[float,
 PROFILER = Path(__file__).resolve().parent / "_profile_addon.py"
 
 
-def start_profiled(env: BenchEnv, name: str, upstream_port: int, out: Path) -> Process:
+def start_profiled(
+    env: BenchEnv, name: str, upstream_port: int, out: Path, stream: bool = False
+) -> Process:
     """Bare mitmdump or the gateway, with the profiler script loaded first (it has no hooks)."""
     args = [*env.common_args(), "-s", str(PROFILER)]
     environ = {"BENCH_PROFILE_OUT": str(out)}
+    if name == "bare" and stream:
+        args += ["--set", "stream_large_bodies=1"]  # so bare streams too
     if name == "gateway":
         config = env.config(upstream_port)
         args += ["-s", str(env.gateway_script), "--set", f"sluicegate_config={config}"]
@@ -135,23 +152,65 @@ def start_profiled(env: BenchEnv, name: str, upstream_port: int, out: Path) -> P
     return start_mitmdump(name, args, env.work, environ)
 
 
-def run(env: BenchEnv, clients: int, seconds: float, work: Path) -> dict[str, Any]:
+LOADS = {
+    # name: (what one unit is, units per request, query of the stream; None: small requests)
+    "small": ("request", 1, None),
+    "sse": ("event", 2000, "/sse?n=2000"),
+    "deltas": ("4 KiB delta", 500, "/sse?n=500&delta=4096"),
+}
+
+
+async def stream_loop(bench: Bench, proc: Process, path: str, seconds: float) -> Round:
+    """Streams one after the other on one connection for `seconds`: CPU and count."""
+    target = bench.target(proc)
+    conn = await Conn.open(target)
+    await conn.stream(get(target, "/sse?n=3"), FIRST)
+    result = Round()
+    before = proc.cpu()
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        await conn.stream(get(target, path), FIRST)
+        result.requests += 1
+    result.seconds = time.perf_counter() - start
+    result.proxy_cpu = proc.cpu() - before
+    await conn.close()
+    return result
+
+
+def measure(
+    bench: Bench,
+    proc: Process,
+    clients: int,
+    requests: Requests,
+    path: str | None,
+    seconds: float,
+) -> Round:
+    if path is None:
+        return asyncio.run(bench.closed_loop(proc, clients, seconds, requests))
+    return asyncio.run(stream_loop(bench, proc, path, seconds))
+
+
+def run(
+    env: BenchEnv, clients: int, seconds: float, work: Path, load: str = "small"
+) -> dict[str, Any]:
     upstream = env.start_upstream()
     out: dict[str, Any] = {}
     try:
         for name in ("bare", "gateway"):
             profile = work / f"{name}.prof"
-            proc = start_profiled(env, name, upstream.port, profile)
+            _, per_request, path = LOADS[load]
+            proc = start_profiled(env, name, upstream.port, profile, stream=path is not None)
             try:
                 # The proxies' CA exists once the first one started.
                 bench = Bench(env, upstream, argparse.Namespace(quick=False))
                 requests = Requests(post(bench.target(proc), CHAT, SMALL_BODY))
-                asyncio.run(bench.closed_loop(proc, clients, 1.0, requests))  # warm-up
+                load_args = (bench, proc, clients, requests, path)
+                measure(*load_args, 1.0)  # warm-up
                 # Unprofiled first: the real CPU per request the profile's shares divide up.
-                plain = asyncio.run(bench.closed_loop(proc, clients, seconds, requests))
+                plain = measure(*load_args, seconds)
                 os.kill(proc.pid, signal.SIGUSR1)
                 time.sleep(0.2)
-                result = asyncio.run(bench.closed_loop(proc, clients, seconds, requests))
+                result = measure(*load_args, seconds)
                 os.kill(proc.pid, signal.SIGUSR2)
                 deadline = time.monotonic() + 30
                 while not profile.exists() and time.monotonic() < deadline:
@@ -163,15 +222,15 @@ def run(env: BenchEnv, clients: int, seconds: float, work: Path) -> dict[str, An
             totals, ours = profile_by_category(profile)
             # The profile covers the measured window, and the warm-up requests of each
             # connection (one each) inside closed_loop.
-            served = result.requests + result.refused_total() + clients
+            served = result.requests + result.refused_total() + (clients if path is None else 0)
             profiled = sum(totals.values())
-            cpu = plain.cpu_us_per_request
+            cpu = plain.cpu_us_per_request / per_request
             out[name] = {
                 "requests": plain.requests,
                 "refused": plain.refused,
                 "rps": plain.rps,
                 "cpu_us_per_request": cpu,
-                "profiled_us_per_request": profiled / served * 1e6,
+                "profiled_us_per_request": profiled / served / per_request * 1e6,
                 # Each category's share of the profiled time, applied to the unprofiled CPU.
                 "us": {k: v / profiled * cpu for k, v in totals.items()},
                 "ours_top": [(t / profiled * cpu, f) for t, f in ours],
@@ -188,16 +247,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=25, help="our functions to list")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     parser.add_argument("--smoke", action="store_true", help="a second per proxy (CI)")
+    parser.add_argument(
+        "--load",
+        choices=sorted(LOADS),
+        default="small",
+        help="small JSON requests (default), SSE streams of 2,000 one-word events, or of 4 KiB "
+        "deltas (bare mitmdump streams them too); figures per request, event or delta",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.seconds, args.top = 1.0, 5
     load = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="sluicegate-bench-profile-"))
     try:
-        figures = run(BenchEnv(work), args.clients, args.seconds, work)
+        figures = run(BenchEnv(work), args.clients, args.seconds, work, args.load)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     bare, gateway = figures["bare"], figures["gateway"]
+    unit = LOADS[args.load][0]
     print(
         f"load {load:.1f} at start, {os.getloadavg()[0]:.1f} at end; {args.clients} clients, "
         f"{args.seconds:g} s per proxy unprofiled, then as long under cProfile (one proxy after "
@@ -207,26 +274,26 @@ def main(argv: list[str] | None = None) -> int:
         f = figures[name]
         refused = f" ({sum(f['refused'].values())} refused)" if f["refused"] else ""
         print(
-            f"{name:8} {f['requests']} requests{refused}, {f['rps']:.0f} req/s, "
-            f"{f['cpu_us_per_request']:.0f} µs CPU per request (unprofiled, /proc); profiled "
-            f"loop time {f['profiled_us_per_request']:.0f} µs per request"
+            f"{name:8} {f['requests']} requests{refused}, {f['rps']:.1f} req/s, "
+            f"{f['cpu_us_per_request']:.1f} µs CPU per {unit} (unprofiled, /proc); profiled "
+            f"loop time {f['profiled_us_per_request']:.0f} µs per {unit}"
         )
     ratio = gateway["cpu_us_per_request"] / bare["cpu_us_per_request"]
-    print(f"gateway / bare CPU per request: {ratio:.2f}x")
+    print(f"gateway / bare CPU per {unit}: {ratio:.2f}x")
     labels = sorted(set(bare["us"]) | set(gateway["us"]), key=lambda k: -gateway["us"].get(k, 0.0))
     total_b, total_g = bare["cpu_us_per_request"], gateway["cpu_us_per_request"]
     print(
-        "\n| CPU per request, by where it goes (µs: profile share x unprofiled CPU) "
+        f"\n| CPU per {unit}, by where it goes (µs: profile share x unprofiled CPU) "
         "| bare | gateway | added | share of gateway |"
     )
     print("|---|---|---|---|---|")
     for label in labels:
         b, g = bare["us"].get(label, 0.0), gateway["us"].get(label, 0.0)
-        if max(b, g) < 1:
+        if max(b, g) < total_g / 200:
             continue
-        print(f"| {label} | {b:.0f} | {g:.0f} | {g - b:+.0f} | {g / total_g:.0%} |")
-    print(f"| total | {total_b:.0f} | {total_g:.0f} | {total_g - total_b:+.0f} | 100% |")
-    print("\nour functions with the most own time (µs per request, same scale):")
+        print(f"| {label} | {b:.1f} | {g:.1f} | {g - b:+.1f} | {g / total_g:.0%} |")
+    print(f"| total | {total_b:.1f} | {total_g:.1f} | {total_g - total_b:+.1f} | 100% |")
+    print(f"\nour functions with the most own time (µs per {unit}, same scale):")
     for micros, function in gateway["ours_top"][: args.top]:
         print(f"  {micros:7.1f}  {function}")
     if args.json:
