@@ -21,6 +21,10 @@ load hits both alike. Rows:
   sends adversarial bodies (large JSON of many small strings, keyword-dense text, one long
   string), minus that small request's median latency when the gateway is idle.
 
+A 503 from the gateway (refused in time: a redaction budget, recording unavailable) is not a
+benchmark failure: it is counted by its error code, left out of the figures and named in the row
+(a refused SSE round is repeated); any other unexpected answer stops the run.
+
 `--readme FILE` rewrites the table between the `<!-- bench readme -->` markers of FILE.
 """
 
