@@ -278,7 +278,7 @@ def rechain(entries: list[dict]) -> list[dict]:
 
 @pytest.mark.parametrize("sealed", [True, False])
 def test_v2_rewritten_and_rechained_flow_lines_fail_the_signed_head(sealed: bool) -> None:
-    records, text, ids = build(5, sealed=sealed, head_every=2, audit=True)
+    records, text, _ = build(5, sealed=sealed, head_every=2, audit=True)
     entries = lines_of(text)
     entries[1]["audit"] = "forged"  # flow #0's audit hash, so an edited audit line would match
     verdict = check(records, text_of(rechain(entries)))
@@ -289,7 +289,7 @@ def test_v2_rewritten_and_rechained_flow_lines_fail_the_signed_head(sealed: bool
 
 
 def test_v2_record_and_its_line_replaced_together_fail_the_signed_head() -> None:
-    records, text, ids = build(4, head_every=2)
+    records, text, _ = build(4, head_every=2)
     forged = record(b"forged flow")
     records[1] = forged
     entries = lines_of(text)

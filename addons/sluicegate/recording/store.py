@@ -1,11 +1,11 @@
 """Session files on disk: one per identity and time window, rotated, retained, never lost quietly.
 
-Each record is written with one unbuffered `write` and then its chain line (and, every 256 flows or
-second, a signed head: chain.py), so a crash or a `kill -9` loses at most the flows still in flight
-(the kernel keeps what was written); flows after the last signed head verify as an unsigned tail. `fsync`
-additionally survives power loss, at a per-flow cost. A failed write truncates the partial record
-away, closes the session and raises `RecordingUnavailable`; the recorder then refuses traffic (or
-logs loudly) until `ready()` sees writes work again.
+Each record is written with one unbuffered `write` and then its chain line (and, every 256 flows
+or second, a signed head: chain.py), so a crash or a `kill -9` loses at most the flows still in
+flight (the kernel keeps what was written); flows after the last signed head verify as an
+unsigned tail. `fsync` additionally survives power loss, at a per-flow cost. A failed write
+truncates the partial record away, closes the session and raises `RecordingUnavailable`; the
+recorder then refuses traffic (or logs loudly) until `ready()` sees writes work again.
 
 No mitmproxy here: records arrive as bytes.
 """

@@ -1,13 +1,14 @@
 """mitmproxy's flow file encoding (typed netstrings), the same bytes, written faster.
 
 `mitmproxy.io.tnetstring.dumps` is the reference: every record must be byte-for-byte what it
-writes, so that stock mitmproxy reads the session files and the chain hashes what was written
-(a property test compares the two on arbitrary values). Three things make this one cheaper per
-flow: dispatch on the exact type first (subclasses follow the reference's `isinstance` rules),
-fewer Python calls per value (scalars encoded in their container's loop, mapping keys from a
-cache, a header field's pair of byte strings in one step), and `known` encodings: containers whose bytes the caller already has (a connection's state, the
-same for every flow of a keep-alive connection) are copied in instead of being encoded again.
-No mitmproxy import: the recording package stays usable without it.
+writes, so that stock mitmproxy reads the session files and the chain hashes what was written (a
+property test compares the two on arbitrary values). Three things make this one cheaper per flow:
+dispatch on the exact type first (subclasses follow the reference's `isinstance` rules), fewer
+Python calls per value (scalars encoded in their container's loop, mapping keys from a cache, a
+header field's pair of byte strings in one step), and `known` encodings: containers whose bytes the
+caller already has (a connection's state, the same for every flow of a keep-alive connection) are
+copied in instead of being encoded again. No mitmproxy import: the recording package stays usable
+without it.
 
 Note the reference's order for mappings: it writes the pairs last first (it builds the output
 backwards), so this does the same.
