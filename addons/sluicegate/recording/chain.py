@@ -484,7 +484,8 @@ def verify(
             Finding(
                 "unsigned_tail",
                 f"flows #{signed} to #{len(flows) - 1} follow the last signed head: consistent, "
-                "but not proven until the gateway signs a head (it was stopped, or is running)",
+                "but not proven (anyone who can write the files could have written or changed "
+                "them); the gateway signs a head within a second, so it was stopped, or is running",
                 index=signed,
                 flow_id=flows[signed].get("flow_id"),
                 fatal=False,
