@@ -107,10 +107,15 @@ class Round:
     proxy_cpu: float = 0.0
     client_cpu: float = 0.0
     upstream_cpu: float = 0.0
+    refused: dict[str, int] = field(default_factory=dict)  # "503 <code>" -> answers
 
     @property
     def rps(self) -> float:
+        """Answered requests per second (refusals, counted in `refused`, are not answers)."""
         return self.requests / self.seconds if self.seconds else 0.0
+
+    def refused_total(self) -> int:
+        return sum(self.refused.values())
 
     @property
     def cpu_us_per_request(self) -> float:
@@ -139,17 +144,18 @@ class Bench:
         """`clients` keep-alive connections sending requests back to back for `seconds`."""
         target = self.target(proxy)
         conns = await asyncio.gather(*(Conn.open(target) for _ in range(clients)))
-        for conn in conns:  # warm: TLS to the upstream, the first request on each tunnel
-            await _ok(conn.request(requests.next()))
         result = Round()
+        for conn in conns:  # warm: TLS to the upstream, the first request on each tunnel
+            await _ok(conn.request(requests.next()), result.refused)
+        result.refused.clear()
         deadline = 0.0
 
         async def worker(conn: Conn) -> None:
             while time.perf_counter() < deadline:
                 raw = requests.next()
                 start = time.perf_counter()
-                await _ok(conn.request(raw))
-                result.latencies.append(time.perf_counter() - start)
+                if await _ok(conn.request(raw), result.refused):
+                    result.latencies.append(time.perf_counter() - start)
 
         cpu = (proxy.cpu(), time.process_time(), self.upstream.cpu())
         start = time.perf_counter()
@@ -167,17 +173,18 @@ class Bench:
     async def serial(self, proxy: Process, requests: Requests, count: int) -> Round:
         """One connection, `count` requests one after the other."""
         conn = await Conn.open(self.target(proxy))
-        await _ok(conn.request(requests.next()))
         result = Round()
+        await _ok(conn.request(requests.next()), result.refused)
+        result.refused.clear()
         cpu = proxy.cpu()
         start = time.perf_counter()
         for _ in range(count):
             raw = requests.next()
             t0 = time.perf_counter()
-            await _ok(conn.request(raw))
-            result.latencies.append(time.perf_counter() - t0)
+            if await _ok(conn.request(raw), result.refused):
+                result.latencies.append(time.perf_counter() - t0)
         result.seconds = time.perf_counter() - start
-        result.requests = count
+        result.requests = len(result.latencies)
         result.proxy_cpu = proxy.cpu() - cpu
         await conn.close()
         return result
@@ -210,10 +217,35 @@ class Bench:
         return [(first, total) for first, total, _ in results]
 
 
-async def _ok(pending: Awaitable[Response]) -> None:
+async def _ok(pending: Awaitable[Response], refused: dict[str, int] | None = None) -> bool:
+    """Whether the answer is a 200. A 503 (the gateway refusing in time: a redaction budget,
+    recording unavailable, an overloaded machine) is counted in `refused` by its error code and
+    the benchmark goes on; any other answer is a broken setup and stops it."""
     response = await pending
-    if response.status != 200:
-        raise SystemExit(f"unexpected status {response.status}: {response.body[:300]!r}")
+    if response.status == 200:
+        return True
+    if response.status == 503 and refused is not None:
+        key = f"503 {error_code(response.body)}"
+        refused[key] = refused.get(key, 0) + 1
+        return False
+    raise SystemExit(f"unexpected status {response.status}: {response.body[:300]!r}")
+
+
+def error_code(body: bytes) -> str:
+    """The gateway's stable error code in a JSON error answer, or "?"."""
+    try:
+        code = json.loads(body)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return "?"
+    return code if isinstance(code, str) else "?"
+
+
+def merge_refused(rounds: Iterable[Round]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in rounds:
+        for key, count in r.refused.items():
+            out[key] = out.get(key, 0) + count
+    return out
 
 
 def interleave(

@@ -21,6 +21,10 @@ load hits both alike. Rows:
   sends adversarial bodies (large JSON of many small strings, keyword-dense text, one long
   string), minus that small request's median latency when the gateway is idle.
 
+A 503 from the gateway (refused in time: a redaction budget, recording unavailable) is not a
+benchmark failure: it is counted by its error code, left out of the figures and named in the row
+(a refused SSE round is repeated); any other unexpected answer stops the run.
+
 `--readme FILE` rewrites the table between the `<!-- bench readme -->` markers of FILE.
 """
 
@@ -44,8 +48,27 @@ from typing import Any
 
 from mitmproxy import version
 
-from bench.gateway import CHAT, SMALL_BODY, Bench, Requests, interleave
-from bench.lib import ROOT, BenchEnv, Conn, Process, Target, get, median, percentile, post
+from bench.gateway import (
+    CHAT,
+    SMALL_BODY,
+    Bench,
+    Requests,
+    error_code,
+    interleave,
+    merge_refused,
+)
+from bench.lib import (
+    ROOT,
+    BenchEnv,
+    Conn,
+    HttpError,
+    Process,
+    Target,
+    get,
+    median,
+    percentile,
+    post,
+)
 from bench.redact import code, prose
 from sluicegate.redaction.bodies import BodyPolicy, redact_body
 from sluicegate.redaction.redactor import Redactor
@@ -94,6 +117,14 @@ def fmt(value: float, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
+def refusals(refused: dict[str, int]) -> str:
+    """A row's note on answers that were refusals (503s), which the figures leave out."""
+    if not refused:
+        return ""
+    listed = ", ".join(f"{n} x {key}" for key, n in sorted(refused.items()))
+    return f" (refused, not counted: {listed})"
+
+
 # -- proxy rows ------------------------------------------------------------------------------
 
 
@@ -101,6 +132,7 @@ def throughput(bench: Bench, proxies: dict[str, Process], sizes: Sizes) -> list[
     rows = []
     requests = Requests(post(bench.target(proxies["bare"]), CHAT, SMALL_BODY))
     cpu: dict[str, list[float]] = {"bare": [], "gateway": []}
+    refused: dict[str, dict[str, int]] = {}
     for clients in (10, 50):
         runs = interleave(
             proxies,
@@ -112,12 +144,13 @@ def throughput(bench: Bench, proxies: dict[str, Process], sizes: Sizes) -> list[
         rps = {n: median([r.rps for r in rs]) for n, rs in runs.items()}
         for n, rs in runs.items():
             cpu[n] += [r.cpu_us_per_request for r in rs]
+            refused[n] = merge_refused(rs)
         ratio = rps["gateway"] / rps["bare"]
         rows.append(
             Row(
                 f"small JSON requests, HTTPS/CONNECT keep-alive, {clients} clients",
-                f"{fmt(rps['bare'])} req/s",
-                f"{fmt(rps['gateway'])} req/s",
+                f"{fmt(rps['bare'])} req/s{refusals(refused['bare'])}",
+                f"{fmt(rps['gateway'])} req/s{refusals(refused['gateway'])}",
                 f"{ratio:.2f}x",
                 ">= 0.90x",
                 ratio >= 0.90,
@@ -147,9 +180,10 @@ def latency(bench: Bench, proxies: dict[str, Process], sizes: Sizes) -> list[Row
     p50 = {n: median([percentile(r.latencies, 0.5) * 1e3 for r in rs]) for n, rs in runs.items()}
     p99 = {n: median([percentile(r.latencies, 0.99) * 1e3 for r in rs]) for n, rs in runs.items()}
     a50, a99 = p50["gateway"] - p50["bare"], p99["gateway"] - p99["bare"]
+    refused = merge_refused(runs["gateway"])
     return [
         Row(
-            "one client, one small request at a time, p50 / p99",
+            "one client, one small request at a time, p50 / p99" + refusals(refused),
             f"{p50['bare']:.2f} / {p99['bare']:.2f} ms",
             f"{p50['gateway']:.2f} / {p99['gateway']:.2f} ms",
             f"{a50:+.2f} / {a99:+.2f} ms",
@@ -171,16 +205,19 @@ def sse(bench: Bench, env: BenchEnv, gateway: Process, sizes: Sizes) -> list[Row
     bare = env.start_bare("bare-stream", stream=True)
     proxies = {"bare": bare, "gateway": gateway}
     rounds = max(3, sizes.rounds)
+    refused: dict[str, int] = {}
     try:
         one = _interleaved_values(
             proxies,
             rounds,
             lambda p: asyncio.run(_one_stream(bench.target(p), f"/sse?n={sizes.events}"))[0],
+            refused,
         )
         many = _interleaved_values(
             proxies,
             max(1, rounds // 2),
             lambda p: max(t for _, t in asyncio.run(bench.streams(p, sizes.streams, sizes.events))),
+            refused,
         )
         delta = 4096
         count = sizes.delta_mb * 1_000_000 // (delta + 200)
@@ -189,9 +226,11 @@ def sse(bench: Bench, env: BenchEnv, gateway: Process, sizes: Sizes) -> list[Row
             total, size = asyncio.run(_one_stream(bench.target(p), f"/sse?n={count}&delta={delta}"))
             return size / total / 1e6
 
-        mbs = _interleaved_values(proxies, max(1, rounds // 2), rate)
+        mbs = _interleaved_values(proxies, max(1, rounds // 2), rate, refused)
     finally:
         bare.stop()
+    if refused:
+        print(f"SSE rounds refused (503) and repeated: {refused}", flush=True)
     r1 = one["gateway"] / one["bare"]
     r50 = many["gateway"] / many["bare"]
     return [
@@ -223,14 +262,38 @@ def sse(bench: Bench, env: BenchEnv, gateway: Process, sizes: Sizes) -> list[Row
 
 
 def _interleaved_values(
-    proxies: dict[str, Process], rounds: int, measure: Callable[[Process], float]
+    proxies: dict[str, Process],
+    rounds: int,
+    measure: Callable[[Process], float],
+    refused: dict[str, int] | None = None,
 ) -> dict[str, float]:
+    """Medians of interleaved rounds. A round answered 503 is counted in `refused` and left
+    out (and repeated, up to as many times again); one that never succeeds stops the bench."""
     values: dict[str, list[float]] = {n: [] for n in proxies}
+    refused = {} if refused is None else refused
+
+    def once(name: str) -> float | None:
+        try:
+            return measure(proxies[name])
+        except HttpError as e:
+            if e.status != 503:
+                raise
+            key = f"{name} 503"
+            refused[key] = refused.get(key, 0) + 1
+            return None
+
     for name in proxies:  # warm-up, not counted
-        measure(proxies[name])
+        once(name)
     for i in range(rounds):
         for name in list(proxies) if i % 2 == 0 else list(reversed(proxies)):
-            values[name].append(measure(proxies[name]))
+            for _ in range(2):
+                value = once(name)
+                if value is not None:
+                    values[name].append(value)
+                    break
+    for name, got in values.items():
+        if not got:
+            raise SystemExit(f"{name}: every round was refused (503): {refused}")
     return {n: median(v) for n, v in values.items()}
 
 
@@ -256,8 +319,9 @@ def adversarial_bodies(megabytes: float) -> dict[str, bytes]:
     }
 
 
-async def _stall(target: Target, adversarial: bytes, probe: bytes) -> tuple[float, float]:
-    """(median idle latency, worst latency while `adversarial` is in flight) of probes, ms."""
+async def _stall(target: Target, adversarial: bytes, probe: bytes) -> tuple[float, float, str]:
+    """(median idle latency, worst latency while `adversarial` is in flight) of probes, ms;
+    and how the adversarial body was answered ("200", or "503 <code>" when refused)."""
     prober = await Conn.open(target)
     sender = await Conn.open(target)
     idle = []
@@ -280,9 +344,12 @@ async def _stall(target: Target, adversarial: bytes, probe: bytes) -> tuple[floa
     await task
     await prober.close()
     await sender.close()
-    if response.status >= 500:
+    answer = "200"
+    if response.status == 503:  # refused within the time budget: fail closed, not a bench error
+        answer = f"503 {error_code(response.body)}"
+    elif response.status != 200:
         raise SystemExit(f"adversarial body answered {response.status}: {response.body[:200]!r}")
-    return median(idle) * 1e3, max(busy) * 1e3
+    return median(idle) * 1e3, max(busy or [0.0]) * 1e3, answer
 
 
 def loop_stall(bench: Bench, proxies: dict[str, Process], sizes: Sizes) -> list[Row]:
@@ -292,14 +359,16 @@ def loop_stall(bench: Bench, proxies: dict[str, Process], sizes: Sizes) -> list[
     parts = []
     for label, body in bodies.items():
         stalls: dict[str, float] = {}
+        answers: dict[str, str] = {}
         for name in ("bare", "gateway"):
             target = bench.target(proxies[name])
             raw = post(target, CHAT, body)
             probe = post(target, CHAT, SMALL_BODY)
-            idle, worst = asyncio.run(_stall(target, raw, probe))
+            idle, worst, answers[name] = asyncio.run(_stall(target, raw, probe))
             stalls[name] = worst - idle
         worst_gateway = max(worst_gateway, stalls["gateway"])
-        parts.append(f"{label}: bare {stalls['bare']:.0f}, gateway {stalls['gateway']:.0f}")
+        said = "" if answers["gateway"] == "200" else f" (answered {answers['gateway']})"
+        parts.append(f"{label}: bare {stalls['bare']:.0f}, gateway {stalls['gateway']:.0f}{said}")
     rows.append(
         Row(
             f"worst stall of another caller during one adversarial {sizes.adversarial_mb:g} MB "

@@ -4,8 +4,9 @@
 
 Starts a local HTTPS upstream (the test suite's fake OpenAI API), two `mitmdump -s
 addons/gateway.py` processes with the same config except `recording:`, and drives the same
-chat-completions load through each, alternating rounds so machine noise hits both alike. Prints
-requests/s for each and the ratio. Numbers are noisy on small machines; compare ratios.
+chat-completions load through each, alternating rounds (and their order) so machine noise hits
+both alike. Prints requests/s for each and the ratio of the medians (and of the best rounds).
+Numbers are noisy on small machines; compare ratios.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import concurrent.futures
 import copy
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -92,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         for gw in gateways.values():
             gw.start()
             drive(gw, url, token, args.concurrency * 4, args.concurrency)  # warm up
-        for _ in range(args.rounds):
-            for name, gw in gateways.items():
+        for i in range(args.rounds):  # interleaved: off first on even rounds, on first on odd
+            order = list(gateways.items())
+            for name, gw in order if i % 2 == 0 else reversed(order):
                 rates[name].append(drive(gw, url, token, args.requests, args.concurrency))
     finally:
         for gw in gateways.values():
@@ -101,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         upstream.close()
         plain.close()
     best = {name: max(values) for name, values in rates.items()}
+    middle = {name: statistics.median(values) for name, values in rates.items()}
     recorded = sum(p.stat().st_size for p in (work / "recordings").rglob("*.mitm"))
     flows = (args.requests // args.concurrency) * args.concurrency * args.rounds
     print(
@@ -110,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("off", "on"):
         runs = ", ".join(f"{r:7.1f}" for r in rates[name])
         print(f"recording {name:3}: {runs}  req/s  (best {best[name]:.1f})")
+    print(f"ratio on/off (medians of rounds): {middle['on'] / middle['off']:.3f}")
     print(f"ratio on/off (best rounds): {best['on'] / best['off']:.3f}")
     print(f"recorded: {recorded / max(flows, 1):.0f} bytes per flow")
     if not os.environ.get("SLUICEGATE_BENCH_KEEP"):

@@ -59,3 +59,35 @@ def test_every_row_of_the_readme_table_is_measured(smoke: tuple[str, list[dict]]
             assert row["met"] in (True, False), row
     assert "| what | bare mitmdump | gateway | ratio / added | target |" in stdout
     assert "gateway logged" not in stdout
+
+
+def run_bench(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_recorder_bench_measures_every_part_and_checks_the_encoding() -> None:
+    out = run_bench("recorder", "--smoke")
+    for part in ("Recorder.response", "snapshot", "flow encoding", "session write", "audit line"):
+        assert part in out, out
+    match = re.search(r"(\d+) records byte-identical to mitmproxy's.*ours ([\d.]+) µs/flow", out)
+    assert match and int(match.group(1)) == 200 and float(match.group(2)) > 0, out
+
+
+def test_profile_bench_splits_both_proxies_cpu(tmp_path: Path) -> None:
+    figures = tmp_path / "profile.json"
+    out = run_bench("profile_proxy", "--smoke", "--json", str(figures))
+    data = json.loads(figures.read_text())
+    for name in ("bare", "gateway"):
+        assert data[name]["requests"] > 0 and data[name]["cpu_us_per_request"] > 0
+        assert sum(data[name]["us"].values()) == pytest.approx(data[name]["cpu_us_per_request"])
+    assert not any(k.startswith("sluicegate") for k in data["bare"]["us"])
+    assert any(k.startswith("sluicegate: ") for k in data["gateway"]["us"])
+    assert "gateway / bare CPU per request" in out

@@ -264,7 +264,10 @@ def cut_session_tail(session: Path, flows: int = 1) -> None:
     sidecar = Path(f"{session}{chain.CHAIN_SUFFIX}")
     lines = sidecar.read_text().splitlines(keepends=True)
     kept = [line for line in lines if json.loads(line)["type"] != "seal"]
-    sidecar.write_text("".join(kept[: len(kept) - flows]))
+    removed = 0
+    while removed < flows:  # the last flow lines and the signed heads after them
+        removed += json.loads(kept.pop())["type"] == "flow"
+    sidecar.write_text("".join(kept))
 
 
 def test_a_cut_session_tail_is_not_mistaken_for_a_crash(
@@ -323,6 +326,45 @@ def test_a_crash_is_told_apart_from_a_cut_after_the_next_start(
     cut = verify(directory, key)
     assert cut.returncode == 1, cut.stdout
     assert "session_cut" in cut.stdout
+
+
+def test_flows_killed_before_their_signed_head_are_an_unsigned_tail(
+    tmp_path: Path, base_config: dict, pki: TestCA, token: str, plain_upstream: FakeUpstream
+) -> None:
+    """Chain v2 signs a head per 256 flows or per second: flows written less than a second
+    before a kill -9 have none. `sessions verify` says so (exit 3), never calls it tampering."""
+    directory = tmp_path / "rec"
+    key = signing_key(directory)
+    gw = start_recording(tmp_path / "gw", base_config, pki, directory)
+    traffic(gw, token, plain_upstream)  # the session opens with the first flow: no head due yet
+    gw.stop(signal.SIGKILL)
+    (session,) = directory.glob("*/*.mitm")
+    sidecar = Path(f"{session}{chain.CHAIN_SUFFIX}")
+    types = [json.loads(line)["type"] for line in sidecar.read_text().splitlines()]
+    assert types == ["open", "flow", "flow", "flow"], types
+    out = sessions_cli("verify", "--no-index", "--public-key", str(key), str(session))
+    assert out.returncode == 3, out.stdout
+    assert "unsigned_tail" in out.stdout and "FAILED" not in out.stdout
+
+
+def test_a_quiet_session_gets_its_head_signed_within_seconds(
+    tmp_path: Path, base_config: dict, pki: TestCA, token: str, plain_upstream: FakeUpstream
+) -> None:
+    directory = tmp_path / "rec"
+    key = signing_key(directory)
+    gw = start_recording(tmp_path / "gw", base_config, pki, directory)
+    traffic(gw, token, plain_upstream)
+    time.sleep(2.5)  # the recorder's tick signs heads that are due
+    gw.stop(signal.SIGKILL)
+    (session,) = directory.glob("*/*.mitm")
+    out = verify(directory, key)
+    assert out.returncode == 3, out.stdout  # unsealed: killed
+    assert "unsigned_tail" not in out.stdout and "FAILED" not in out.stdout
+    lines = [
+        json.loads(line) for line in Path(f"{session}{chain.CHAIN_SUFFIX}").read_text().splitlines()
+    ]
+    assert lines[-1]["type"] == "head" and lines[-1]["count"] == 3
+    assert sum(line["type"] == "flow" and "sig" not in line for line in lines) == 3
 
 
 def test_an_earlier_run_deleted_whole_is_found(

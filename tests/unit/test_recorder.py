@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import errno
 import gzip
 import json
@@ -468,6 +469,7 @@ def test_continue_mode_forwards_and_logs_loudly(env, broken_disk, caplog) -> Non
 
 def test_missing_directory_refuses_before_forwarding(env) -> None:
     e, _ = env
+    e.addon.store.monotonic = lambda: 100.0  # the passed check stays fresh: existence is not
     run(e.addon, authenticated_flow())
     for path in sorted(e.dir.rglob("*"), reverse=True):
         path.rmdir() if path.is_dir() else path.unlink()
@@ -479,6 +481,25 @@ def test_missing_directory_refuses_before_forwarding(env) -> None:
     g = tflow.tflow()
     e.addon.requestheaders(g)
     assert g.response is None
+
+
+def test_disk_low_within_the_cached_second_withholds_the_response(env, broken_disk) -> None:
+    """The request passed a free-space check less than a second old; its record cannot be
+    written, so the answer is withheld (503) and the next request is checked again."""
+    e, _ = env
+    e.addon.store.monotonic = lambda: 100.0  # the clock stands still: the check stays cached
+    run(e.addon, authenticated_flow())
+    e.addon.store.limits = dataclasses.replace(e.addon.store.limits, min_free_bytes=2**62)
+    broken_disk(True)
+    f = authenticated_flow()
+    e.addon.requestheaders(f)
+    assert f.response is not None and f.response.status_code == 200  # not refused: forwarded
+    e.addon.response(f)
+    assert f.response is not None and f.response.status_code == 503
+    assert json.loads(f.response.content)["error"]["code"] == "recording_unavailable"
+    g = tflow.tflow()
+    e.addon.requestheaders(g)
+    assert g.response is not None and g.response.status_code == 503
 
 
 def test_low_disk_refuses_before_forwarding(env) -> None:

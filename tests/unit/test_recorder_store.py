@@ -160,8 +160,9 @@ def test_failed_write_leaves_no_partial_record_and_refuses_until_a_probe_works(
     path = store.directory / first.session
     with path.open("rb") as f:
         assert len(list(io.FlowReader(f).stream())) == 1  # truncated back, still loadable
-    verdict = verify(store, first.session)  # the seal could not be written either
-    assert verdict.status == "unsealed" and verdict.findings == []
+    verdict = verify(store, first.session)  # the seal could not be written either, nor a head
+    assert verdict.status == "unsealed"
+    assert [(f.kind, f.index) for f in verdict.findings] == [("unsigned_tail", 0)]
 
     store._next_probe = 0.0
     with pytest.raises(RecordingUnavailable):
@@ -186,13 +187,78 @@ def test_ready_reports_missing_directory_and_low_disk(tmp_path: Path) -> None:
     store.ready()
     shutil.rmtree(store.directory)  # the run's index lives in it too
     with pytest.raises(RecordingUnavailable) as e:
-        store.ready()
+        store.ready(max_age=0)
     assert e.value.code == "recording_dir_missing"
     store.directory.mkdir()
     store.limits = Limits(**{**store.limits.__dict__, "min_free_bytes": 2**62})
     with pytest.raises(RecordingUnavailable) as e:
         store.ready()
     assert e.value.code == "disk_low"
+
+
+class Monotonic:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_ready_reuses_a_passed_check_for_at_most_a_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = make_store(tmp_path)
+    store.monotonic = mono = Monotonic()
+    checks = {"n": 0}
+    real_statvfs = os.statvfs
+
+    def counting_statvfs(path: Any) -> Any:
+        checks["n"] += 1
+        return real_statvfs(path)
+
+    monkeypatch.setattr(store_mod.os, "statvfs", counting_statvfs)
+    store.ready()
+    for _ in range(50):
+        store.ready()
+    assert checks["n"] == 1  # one free-space check for 51 requests within the second
+
+    store.limits = Limits(**{**store.limits.__dict__, "min_free_bytes": 2**62})
+    mono.now += 0.5
+    store.ready()  # still trusted: a write that fails would refuse instead
+    mono.now += store_mod.READY_TTL - 0.5
+    with pytest.raises(RecordingUnavailable) as e:
+        store.ready()  # the second is over: checked again
+    assert e.value.code == "disk_low"
+    with pytest.raises(RecordingUnavailable):
+        store.ready()  # a problem is never cached as a pass
+    assert checks["n"] == 3
+
+
+def test_a_vanished_directory_is_refused_at_once_despite_the_cache(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    store.monotonic = Monotonic()  # the clock stands still: the passed check stays fresh
+    store.ready()
+    shutil.rmtree(store.directory)
+    store.directory.write_text("a file where the directory was")
+    with pytest.raises(RecordingUnavailable) as e:
+        store.ready()
+    assert e.value.code == "recording_dir_missing"
+    store.directory.unlink()
+    store.directory.mkdir()
+    store.ready()
+
+
+def test_a_failed_write_invalidates_the_cached_check(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    store.monotonic = Monotonic()
+    store.ready()
+    shutil.rmtree(store.directory)
+    store.directory.write_text("a file where the directory was")
+    with pytest.raises(RecordingUnavailable):
+        store.write("alice", *record())
+    with pytest.raises(RecordingUnavailable) as e:
+        store.ready()  # same instant, but the failure makes it look again
+    assert e.value.code in ("recording_dir_missing", "write_failed")
 
 
 def test_audit_log_lines_survive_rotation_by_rename(tmp_path: Path) -> None:

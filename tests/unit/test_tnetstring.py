@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from mitmproxy import http
 from mitmproxy.io import tnetstring as reference
 from mitmproxy.test import tflow
 
@@ -82,6 +83,54 @@ def test_odd_values_follow_the_reference() -> None:
         with pytest.raises(Exception) as theirs:
             reference.dumps(bad)
         assert type(ours.value) is type(theirs.value)
+
+
+header_fields = st.lists(
+    st.tuples(st.binary(max_size=20), st.binary(max_size=20))
+    | st.tuples(st.binary(max_size=5), st.text(max_size=5) | st.integers() | st.none())
+    | st.tuples(st.binary(max_size=5)),
+    max_size=6,
+)
+
+
+@given(header_fields, st.dictionaries(st.text(max_size=8), values, max_size=6))
+def test_header_fields_and_inline_scalars_are_the_reference_bytes(
+    fields: list[Any], mapping: dict[str, Any]
+) -> None:
+    """The fast paths (a pair of byte strings in one step, scalars in their container's loop,
+    cached keys) against the reference, including pairs that must not take the fast path."""
+    document = {"headers": fields, "trailers": tuple(fields), "meta": mapping, "list": [mapping]}
+    assert tnetstring.dumps(document) == reference.dumps(document)
+    assert tnetstring.dumps(document) == reference.dumps(document)  # keys now from the cache
+
+
+def test_key_cache_is_bounded_and_exact_past_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tnetstring, "_KEYS", {})
+    monkeypatch.setattr(tnetstring, "_KEYS_MAX", 3)
+    document = {f"key-{i}-\u00e9": i for i in range(10)}
+    assert tnetstring.dumps(document) == reference.dumps(document)
+    assert len(tnetstring._KEYS) == 3
+    assert tnetstring.dumps(document) == reference.dumps(document)
+
+
+def test_every_kind_of_recorded_flow_is_the_reference_bytes() -> None:
+    """Flow states as the recorder encodes them: HTTP with trailers, errors, websockets."""
+    flows = [
+        tflow.tflow(resp=True),
+        tflow.tflow(err=True),
+        tflow.twebsocketflow(),
+        tflow.tflow(resp=True, ws=True),
+    ]
+    with_trailers = tflow.tflow(resp=True)
+    with_trailers.request.trailers = http.Headers([(b"x-sum", b"1")])
+    with_trailers.response.trailers = http.Headers([(b"x-sum", b"2"), (b"x-sum", b"3")])
+    flows.append(with_trailers)
+    for flow in flows:
+        flow.metadata["sluicegate"] = {"caller": {"groups": ["a"]}, "timings": {"total_ms": 1.5}}
+        state = flow.get_state()
+        assert tnetstring.dumps(state) == reference.dumps(state)
+        conns = {id(state[k]): reference.dumps(state[k]) for k in ("client_conn", "server_conn")}
+        assert tnetstring.dumps(state, conns) == reference.dumps(state)
 
 
 @given(values)

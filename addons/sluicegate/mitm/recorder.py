@@ -242,7 +242,7 @@ class Recorder(GatewayAddon):
         entries: list[dict[str, Any]] = []
 
         def audit_line(session: str, index: int) -> str:
-            # The audit line is built first: its hash goes into the flow's signed chain entry.
+            # The audit line is built first: its hash is chained into the flow's chain entry.
             entries.append(audit_entry(snap, session, index))
             line = audit.prepare(entries[-1])
             prepared.append(line)

@@ -6,10 +6,11 @@ reopened when it was rotated away (logrotate `create` or a manual move).
 
 Every line carries the gateway run that wrote it (`run`, see index.py), its place in that run's
 sequence (`seq`) and the SHA-256 of the run's previous line (`prev`), so a line removed or inserted
-breaks the sequence. A line is not signed itself: the hash of each line is in the signed chain
-entry of the flow it describes (`audit` in the session's `.chain`), and the run's index signs the
-log's line count and head every second and at the end. So an edited line no longer matches its
-flow's signed entry, and lines cut from the end fall short of the signed count.
+breaks the sequence. A line is not signed itself: the hash of each line is in the chain entry of
+the flow it describes (`audit` in the session's `.chain`, chained and covered by the next signed
+head), and the run's index signs the log's line count and head every second and at the end. So
+an edited line no longer matches its flow's entry, and lines cut from the end fall short of the
+signed count.
 """
 
 from __future__ import annotations

@@ -2,10 +2,17 @@
 
 A session file (`*.mitm`) stays a plain mitmproxy flow dump that stock tools load. Beside it, a
 sidecar (`*.mitm.chain`, JSON lines) holds one entry per record: where it starts, its length, the
-SHA-256 of its bytes and a chain hash linking it to the previous entry. Every line is signed with
-the gateway's Ed25519 key, so the sidecar cannot be rewritten without the key, and a final `seal`
-line (on rotation and shutdown) signs the head and the flow count, so the tail cannot be cut off
-unnoticed. A session that was never sealed (the gateway was killed) still verifies entry by entry.
+SHA-256 of its bytes and a chain hash linking it to the previous entry. A final `seal` line (on
+rotation and shutdown) signs the head and the flow count, so the tail cannot be cut off
+unnoticed. A session that was never sealed (the gateway was killed) still verifies.
+
+Version 1 signs every flow line with the gateway's Ed25519 key (~33 us per flow). Version 2 (what
+the gateway writes) chains every field of a flow line (offset, length, digest, audit hash) into
+the chain hash and signs a `head` line (count, head, bytes) every `HEAD_EVERY_FLOWS` flows or
+`HEAD_EVERY_SECONDS`, whichever comes first, and at the seal: a signed head covers every flow
+before it, so the sidecar still cannot be rewritten without the key. Flows after the last signed
+head of an unsealed session (the gateway was killed, or is still running) are reported as an
+`unsigned_tail`: consistent, but not yet proven. Both versions verify.
 
 Verification compares the records found in the file with the chain and says which flow was
 modified, removed, inserted or moved, by index and flow id.
@@ -25,8 +32,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-CHAIN_VERSION = 1
+CHAIN_VERSION = 2
+VERSIONS = (1, 2)
 CHAIN_SUFFIX = ".chain"
+HEAD_EVERY_FLOWS = 256
+HEAD_EVERY_SECONDS = 1.0
 _GENESIS_PREFIX = b"sluicegate-chain-v1\x00"
 
 
@@ -50,8 +60,35 @@ def genesis(session_id: str) -> str:
 
 
 def link(prev: str, index: int, flow_id: str, digest: str) -> str:
-    """The chain hash after appending record `index` (flow `flow_id`, SHA-256 `digest`)."""
+    """Version 1: the chain hash after appending record `index` (flow `flow_id`, SHA-256
+    `digest`); the rest of the line is covered by its signature."""
     return hashlib.sha256(f"{prev}\n{index}\n{flow_id}\n{digest}".encode()).hexdigest()
+
+
+def link_v2(
+    prev: str, index: int, flow_id: str, digest: str, offset: int, length: int, audit: str | None
+) -> str:
+    """Version 2: the chain hash after record `index`, over every field of its unsigned line, so
+    the next signed head covers them all."""
+    fields = f"v2\n{prev}\n{index}\n{flow_id}\n{digest}\n{offset}\n{length}\n{audit or ''}"
+    return hashlib.sha256(fields.encode()).hexdigest()
+
+
+def entry_link(version: int, prev: str, index: int, entry: dict[str, Any]) -> str:
+    """The chain hash a flow line of a chain of `version` should carry after `prev`."""
+    flow_id, digest = str(entry.get("flow_id")), str(entry.get("sha256"))
+    if version == 1:
+        return link(prev, index, flow_id, digest)
+    audit = entry.get("audit")
+    return link_v2(
+        prev,
+        index,
+        flow_id,
+        digest,
+        entry.get("offset", -1) if type(entry.get("offset")) is int else -1,
+        entry.get("length", -1) if type(entry.get("length")) is int else -1,
+        audit if isinstance(audit, str) else None,
+    )
 
 
 def public_key_id(key: Ed25519PublicKey) -> str:
@@ -117,22 +154,42 @@ def load_public_key(pem: str | bytes) -> Ed25519PublicKey:
 
 
 class ChainWriter:
-    """Builds the signed sidecar lines of one session, in write order. No I/O."""
+    """Builds the sidecar lines of one session, in write order. No I/O.
 
-    def __init__(self, session_id: str, signer: Signer, *, identity: str, created: float) -> None:
+    Version 2 (the default): `append` gives an unsigned flow line; `head_due` says when a signed
+    `head` line is owed (`signed_head` builds it). Version 1 signs every flow line."""
+
+    def __init__(
+        self,
+        session_id: str,
+        signer: Signer,
+        *,
+        identity: str,
+        created: float,
+        version: int = CHAIN_VERSION,
+        head_every_flows: int = HEAD_EVERY_FLOWS,
+        head_every_seconds: float = HEAD_EVERY_SECONDS,
+    ) -> None:
+        if version not in VERSIONS:
+            raise ValueError(f"unknown chain version {version}")
         self.session_id = session_id
         self.signer = signer
         self.identity = identity
         self.created = created
+        self.version = version
+        self.head_every_flows = head_every_flows
+        self.head_every_seconds = head_every_seconds
         self.head = genesis(session_id)
         self.count = 0
         self.size = 0
+        self.signed_count = 0  # flows covered by a signature (v1: every one)
+        self.signed_at = created
 
     def opening(self) -> dict[str, Any]:
         return self.signer.signed(
             {
                 "type": "open",
-                "version": CHAIN_VERSION,
+                "version": self.version,
                 "session": self.session_id,
                 "identity": self.identity,
                 "created": self.created,
@@ -144,9 +201,8 @@ class ChainWriter:
 
     def append(self, flow_id: str, record: bytes, audit: str | None = None) -> dict[str, Any]:
         """The entry for `record`, written at the current end of the session file. `audit`: the
-        hash of the flow's audit-log line, which the signature then covers too."""
+        hash of the flow's audit-log line, which the chain (v2) or the signature (v1) covers."""
         digest = hashlib.sha256(record).hexdigest()
-        chained = link(self.head, self.count, flow_id, digest)
         fields: dict[str, Any] = {
             "type": "flow",
             "index": self.count,
@@ -154,14 +210,21 @@ class ChainWriter:
             "offset": self.size,
             "length": len(record),
             "sha256": digest,
-            "chain": chained,
         }
+        if self.version == 1:
+            fields["chain"] = link(self.head, self.count, flow_id, digest)
+        else:
+            fields["chain"] = link_v2(
+                self.head, self.count, flow_id, digest, self.size, len(record), audit
+            )
         if audit is not None:
             fields["audit"] = audit
-        entry = self.signer.signed(fields)
-        self.head = chained
+        entry = self.signer.signed(fields) if self.version == 1 else fields
+        self.head = fields["chain"]
         self.count += 1
         self.size += len(record)
+        if self.version == 1:
+            self.signed_count = self.count
         return entry
 
     def undo(self, entry: dict[str, Any], prev_head: str) -> None:
@@ -169,9 +232,36 @@ class ChainWriter:
         self.head = prev_head
         self.count -= 1
         self.size -= entry["length"]
+        self.signed_count = min(self.signed_count, self.count)
+
+    def head_due(self, now: float) -> bool:
+        """Whether flows wait for a signed head: `head_every_flows` of them, or the oldest
+        signature is `head_every_seconds` old."""
+        unsigned = self.count - self.signed_count
+        return unsigned > 0 and (
+            unsigned >= self.head_every_flows or now - self.signed_at >= self.head_every_seconds
+        )
+
+    def signed_head(self, time: float) -> dict[str, Any]:
+        """A signed `head` line covering every flow so far (v2)."""
+        line = self.signer.signed(
+            {
+                "type": "head",
+                "count": self.count,
+                "head": self.head,
+                "bytes": self.size,
+                "time": time,
+            }
+        )
+        self.mark_signed(time)
+        return line
+
+    def mark_signed(self, time: float) -> None:
+        self.signed_count = self.count
+        self.signed_at = time
 
     def seal(self, reason: str, time: float) -> dict[str, Any]:
-        return self.signer.signed(
+        line = self.signer.signed(
             {
                 "type": "seal",
                 "count": self.count,
@@ -181,6 +271,8 @@ class ChainWriter:
                 "time": time,
             }
         )
+        self.mark_signed(time)
+        return line
 
 
 def dump_line(entry: dict[str, Any]) -> bytes:
@@ -215,7 +307,7 @@ def split_records(data: bytes) -> tuple[list[tuple[int, int]], int | None]:
 class Finding:
     """One problem found by verification, located by flow index and id where possible."""
 
-    kind: str  # modified | removed | inserted | moved | unchained_tail | bad_signature | ...
+    kind: str  # modified | removed | inserted | moved | unchained_tail | unsigned_tail | ...
     message: str
     index: int | None = None
     flow_id: str | None = None
@@ -307,20 +399,27 @@ def verify(
         findings.append(Finding("no_opening", "the chain has no signed opening line"))
         return Verdict(None, 0, 0, False, None, False, findings)
     session = str(opening.get("session"))
+    version = opening.get("version")
+    if version not in VERSIONS:
+        findings.append(Finding("chain_version", f"unknown chain version {version!r}"))
+        version = CHAIN_VERSION
     key, key_trusted = _chain_key(opening, trusted_key, findings)
     flows: list[dict[str, Any]] = []
     heads: list[str] = []
     audit: dict[int, str] = {}
     seal: dict[str, Any] | None = None
+    signed = 0  # flows covered by a signature
     head = genesis(session)
     if opening.get("genesis") != head:
         findings.append(Finding("bad_genesis", "the chain does not start from this session"))
     for position, entry in enumerate(entries):
-        if key is not None and not signature_ok(key, entry):
+        kind = entry.get("type")
+        signs = kind != "flow" or version == 1
+        if signs and key is not None and not signature_ok(key, entry):
             findings.append(
                 Finding(
                     "bad_signature",
-                    f"chain line {position + 1} ({entry.get('type')}) is not signed by the key",
+                    f"chain line {position + 1} ({kind}) is not signed by the key",
                     index=entry.get("index"),
                     flow_id=entry.get("flow_id"),
                 )
@@ -329,7 +428,6 @@ def verify(
             continue
         if seal is not None:
             findings.append(Finding("after_seal", f"chain line {position + 1} follows the seal"))
-        kind = entry.get("type")
         if kind == "flow":
             expected_index = len(flows)
             if entry.get("index") != expected_index:
@@ -341,7 +439,7 @@ def verify(
                         flow_id=entry.get("flow_id"),
                     )
                 )
-            head = link(head, expected_index, str(entry.get("flow_id")), str(entry.get("sha256")))
+            head = entry_link(version, head, expected_index, entry)
             if entry.get("chain") != head:
                 findings.append(
                     Finding(
@@ -353,8 +451,23 @@ def verify(
                 )
             flows.append(entry)
             heads.append(head)
+            if version == 1:
+                signed = len(flows)
             if isinstance(entry.get("audit"), str):
                 audit[expected_index] = entry["audit"]
+        elif kind == "head" and version != 1:
+            if entry.get("count") != len(flows) or entry.get("head") != head:
+                findings.append(
+                    Finding(
+                        "head_mismatch",
+                        f"signed head on chain line {position + 1} covers "
+                        f"{entry.get('count')} flow(s) with another chain hash than the "
+                        f"{len(flows)} before it: the flow lines were rewritten",
+                        index=len(flows) - 1 if flows else None,
+                    )
+                )
+            else:
+                signed = len(flows)
         elif kind == "seal":
             seal = entry
         else:
@@ -364,6 +477,18 @@ def verify(
             Finding(
                 "seal_mismatch",
                 f"the seal covers {seal.get('count')} flows, the chain has {len(flows)}",
+            )
+        )
+    elif seal is None and signed < len(flows):
+        findings.append(
+            Finding(
+                "unsigned_tail",
+                f"flows #{signed} to #{len(flows) - 1} follow the last signed head: consistent, "
+                "but not proven (anyone who can write the files could have written or changed "
+                "them); the gateway signs a head within a second, so it was stopped, or is running",
+                index=signed,
+                flow_id=flows[signed].get("flow_id"),
+                fatal=False,
             )
         )
 

@@ -1,10 +1,11 @@
 """Session files on disk: one per identity and time window, rotated, retained, never lost quietly.
 
-Each record is written with one unbuffered `write` and then its signed chain line, so a crash or a
-`kill -9` loses at most the flows still in flight (the kernel keeps what was written). `fsync`
-additionally survives power loss, at a per-flow cost. A failed write truncates the partial record
-away, closes the session and raises `RecordingUnavailable`; the recorder then refuses traffic (or
-logs loudly) until `ready()` sees writes work again.
+Each record is written with one unbuffered `write` and then its chain line (and, every 256 flows
+or second, a signed head: chain.py), so a crash or a `kill -9` loses at most the flows still in
+flight (the kernel keeps what was written); flows after the last signed head verify as an
+unsigned tail. `fsync` additionally survives power loss, at a per-flow cost. A failed write
+truncates the partial record away, closes the session and raises `RecordingUnavailable`; the
+recorder then refuses traffic (or logs loudly) until `ready()` sees writes work again.
 
 No mitmproxy here: records arrive as bytes.
 """
@@ -19,6 +20,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +32,13 @@ logger = logging.getLogger("sluicegate.recorder")
 
 SESSION_SUFFIX = ".mitm"
 _PROBE_INTERVAL = 0.5
+# How long a passed check of the directory's permissions and free space is trusted by `ready()`:
+# three system calls per request were a measurable part of a small flow's cost. That the
+# directory is still there is checked on every request (one `stat`), so a vanished directory is
+# still refused before anything is forwarded; a disk that fills or a mode that changes within
+# the window fails the write instead, which closes the session, withholds the answer (503) and
+# makes the next `ready()` check everything again.
+READY_TTL = 1.0
 
 
 class RecordingUnavailable(Exception):
@@ -124,9 +133,12 @@ class Session:
     ) -> Receipt:
         prev_head = self.writer.head
         entry = self.writer.append(flow_id, record, audit)
+        lines = chain.dump_line(entry)
+        if self.writer.head_due(now):  # one signature per 256 flows or per second
+            lines += chain.dump_line(self.writer.signed_head(now))
         try:
             _write_all(self.fd, record)
-            _write_all(self.chain_fd, chain.dump_line(entry))
+            _write_all(self.chain_fd, lines)
             if fsync:
                 os.fsync(self.fd)
                 os.fsync(self.chain_fd)
@@ -136,6 +148,14 @@ class Session:
             raise
         self.last_write = now
         return Receipt(self.relative, entry["index"], entry["offset"])
+
+    def sign_head(self, now: float, fsync: bool) -> None:
+        """Sign the head if flows wait for it (a quiet session: the tick calls this)."""
+        if self.closed or not self.writer.head_due(now):
+            return
+        _write_all(self.chain_fd, chain.dump_line(self.writer.signed_head(now)))
+        if fsync:
+            os.fsync(self.chain_fd)
 
     def _truncate_back(self, offset: int) -> None:
         """Remove a partial record so the file stays loadable by mitmproxy."""
@@ -191,6 +211,8 @@ class SessionStore:
         self.sessions: dict[str, Session] = {}
         self._failure: RecordingUnavailable | None = None
         self._next_probe = 0.0
+        self._env_ok_until = 0.0  # time.monotonic() until which the environment passed
+        self.monotonic: Callable[[], float] = time.monotonic
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.index = RunIndex(
             directory, signer, gateway=gateway, now=clock(), fsync=limits.fsync, audit_log=audit_log
@@ -203,9 +225,21 @@ class SessionStore:
 
     # -- health -----------------------------------------------------------------------------
 
-    def ready(self) -> None:
-        """Raise RecordingUnavailable unless a flow could be recorded now. Called per request."""
+    def ready(self, max_age: float = READY_TTL) -> None:
+        """Raise RecordingUnavailable unless a flow could be recorded now. Called per request:
+        the directory's existence is checked each time, a passed check of its permissions and
+        free space is reused for `max_age` seconds (0: check all now, as /readyz does); a
+        problem is never cached, and a failed write invalidates the check."""
+        now = self.monotonic()
+        if max_age > 0 and self._failure is None and now < self._env_ok_until:
+            if self._directory_missing():
+                self._env_ok_until = 0.0
+                raise RecordingUnavailable(
+                    "recording_dir_missing", "the recording directory is missing"
+                )
+            return
         problem = self._environment_problem()
+        self._env_ok_until = now + min(max_age, READY_TTL) if problem is None else 0.0
         if problem is None and self._failure is not None:
             problem = self._probe()
         if problem is not None:
@@ -213,6 +247,12 @@ class SessionStore:
         if self._failure is not None:
             logger.warning("sluicegate: recording works again (%s cleared)", self._failure.code)
             self._failure = None
+
+    def _directory_missing(self) -> bool:
+        try:
+            return not stat.S_ISDIR(os.stat(self.directory).st_mode)
+        except OSError:
+            return True
 
     def _environment_problem(self) -> RecordingUnavailable | None:
         if not self.directory.is_dir():
@@ -254,6 +294,7 @@ class SessionStore:
         """Remember a failure so `ready()` refuses until a probe write succeeds."""
         self._failure = RecordingUnavailable(code, message)
         self._next_probe = time.monotonic() + _PROBE_INTERVAL
+        self._env_ok_until = 0.0
         return self._failure
 
     # -- writing ----------------------------------------------------------------------------
@@ -313,13 +354,21 @@ class SessionStore:
                 logger.error("sluicegate: recording: cannot index the seal of %s", session.relative)
 
     def tick(self) -> None:
-        """Close sessions past their age or idle time (signing their head); checkpoint the
-        sessions that grew and the audit log in the index."""
+        """Close sessions past their age or idle time (signing their head), sign the heads of
+        the others if flows wait for a signature; checkpoint the sessions that grew and the
+        audit log in the index."""
         now = self.clock()
         for identity, session in list(self.sessions.items()):
             reason = session.due(now, self.limits)
             if reason is not None:
                 self._close(identity, reason, now)
+                continue
+            try:
+                session.sign_head(now, self.limits.fsync)
+            except OSError:
+                logger.error("sluicegate: recording: cannot sign the head of %s", session.relative)
+                self._close(identity, "write_failed", now)
+                self.fail("write_failed", "a chain head could not be written")
         self.checkpoint(now)
 
     def checkpoint(self, now: float | None = None) -> None:
