@@ -347,6 +347,76 @@ def test_flows_killed_before_their_signed_head_are_an_unsigned_tail(
     assert "unsigned_tail" in out.stdout and "FAILED" not in out.stdout
 
 
+def index_types(directory: Path) -> list[list[str]]:
+    return [
+        [json.loads(line)["type"] for line in path.read_text().splitlines()]
+        for path in sorted((directory / "index").glob("*.index"))
+    ]
+
+
+def killed_before_the_first_checkpoint(
+    tmp_path: Path, base_config: dict, pki: TestCA, token: str, plain_upstream: FakeUpstream
+) -> Path:
+    """A recording directory whose only run was killed (-9) right after its first flows, before
+    the recorder's first tick (1 s after start) checkpointed anything. A race with that tick: a
+    loaded machine may lose it a few times in a row; then the run's index is cut back to its
+    lines before the first checkpoint, which is what a kill a moment earlier leaves."""
+    for attempt in range(3):
+        directory = tmp_path / f"rec{attempt}"
+        gw = start_recording(tmp_path / f"gw{attempt}", base_config, pki, directory)
+        traffic(gw, token, plain_upstream, n=2)
+        gw.stop(signal.SIGKILL)
+        if index_types(directory) == [["open", "session"]]:
+            return directory
+    (index,) = (directory / "index").glob("*.index")
+    lines = index.read_bytes().splitlines(keepends=True)
+    index.write_bytes(b"".join(line for line in lines if b'"checkpoint"' not in line))
+    assert index_types(directory) == [["open", "session"]]
+    return directory
+
+
+def test_a_kill_before_the_first_checkpoint_is_a_crash_not_an_unknown_run(
+    tmp_path: Path, base_config: dict, pki: TestCA, token: str, plain_upstream: FakeUpstream
+) -> None:
+    """Killed less than a second after its first flows, a run has signed only its opening: no
+    checkpoint of its audit lines yet. Whole-directory `sessions verify` reports the crash
+    (exit 3, the audit lines an unsigned tail), before and after the next start, and never
+    `audit_unknown_run` (tampering). Audit lines of a run no index opened still are."""
+    directory = killed_before_the_first_checkpoint(
+        tmp_path, base_config, pki, token, plain_upstream
+    )
+    key = signing_key(directory)
+    audit_lines = (directory / "audit.jsonl").read_bytes().splitlines()
+    (killed_run,) = {json.loads(line)["run"] for line in audit_lines}
+    assert len(audit_lines) == 2
+    killed = verify(directory, key)
+    assert killed.returncode == 3, killed.stdout
+    assert "audit_unknown_run" not in killed.stdout and "FAILED" not in killed.stdout
+    assert "audit_unsigned_tail" in killed.stdout
+    assert "still running, or killed" in killed.stdout
+
+    second = start_recording(tmp_path / "gw-next", base_config, pki, directory)
+    traffic(second, token, plain_upstream)
+    assert second.stop(signal.SIGTERM) == 0
+    out = verify(directory, key)
+    assert out.returncode == 3, out.stdout
+    assert "CRASHED" in out.stdout and "FAILED" not in out.stdout
+    assert "audit_unknown_run" not in out.stdout and "audit_unsigned_tail" in out.stdout
+
+    # The same lines under a run no index of this directory opened: forged (or copied here).
+    forged_run = "20200101T000000Z-1-abcdef"
+    edit_audit(
+        directory,
+        lambda lines: [
+            *lines,
+            *(line.replace(killed_run.encode(), forged_run.encode()) for line in lines[:2]),
+        ],
+    )
+    forged = verify(directory, key)
+    assert forged.returncode == 1, forged.stdout
+    assert f"audit_unknown_run: 2 audit line(s) of run {forged_run}" in forged.stdout
+
+
 def test_a_quiet_session_gets_its_head_signed_within_seconds(
     tmp_path: Path, base_config: dict, pki: TestCA, token: str, plain_upstream: FakeUpstream
 ) -> None:

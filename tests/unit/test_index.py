@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +14,10 @@ from hypothesis import strategies as st
 from mitmproxy.io import tnetstring
 from mitmproxy.test import tflow
 
+from sluicegate.cli import sessions as sessions_cli
 from sluicegate.recording import chain, index
-from sluicegate.recording.audit import AuditLog, AuditRun, verify_audit
+from sluicegate.recording.audit import AuditLog, AuditRun, signed_runs, verify_audit
+from sluicegate.recording.audit import genesis as audit_genesis
 from sluicegate.recording.store import Limits, SessionStore
 
 SIGNER = chain.Signer.generate()
@@ -32,7 +36,15 @@ def record() -> tuple[str, bytes]:
     return f.id, tnetstring.dumps(f.get_state())
 
 
-def run_once(directory: Path, flows: int = 2, identities: tuple[str, ...] = ("alice",)) -> str:
+def run_once(
+    directory: Path,
+    flows: int = 2,
+    identities: tuple[str, ...] = ("alice",),
+    *,
+    killed: bool = False,
+) -> str:
+    """One gateway run; `killed`: stopped (kill -9) before its first checkpoint, so its index
+    holds its opening and its sessions only."""
     store = SessionStore(directory, SIGNER, LIMITS, audit_log=directory / "audit.jsonl")
     audit = AuditLog(directory / "audit.jsonl", run=store.index.run)
     store.audit_state = lambda: audit.state
@@ -46,8 +58,14 @@ def run_once(directory: Path, flows: int = 2, identities: tuple[str, ...] = ("al
 
             store.write(identity, *record(), line)
             audit.commit(prepared[-1])
-    store.checkpoint()
-    store.close()
+    if killed:  # what the kernel keeps of a process killed now: what it wrote, nothing more
+        for session in store.sessions.values():
+            os.close(session.fd)
+            os.close(session.chain_fd)
+        store.index.close()
+    else:
+        store.checkpoint()
+        store.close()
     audit.close()
     return store.index.run
 
@@ -148,7 +166,7 @@ def audit_setup(tmp_path: Path) -> tuple[list[bytes], dict[str, AuditRun], dict[
     run = run_once(tmp_path, flows=4)
     verdict = index.verify_index(tmp_path, SIGNER.public_key)
     assert verdict is not None
-    runs = {r.name: AuditRun(*r.audit, r.audit_final, r.state) for r in verdict.runs if r.audit}
+    runs = signed_runs(verdict.runs)
     anchors = {
         (str(v.session), i): h for v in verdicts(tmp_path).values() for i, h in v.audit.items()
     }
@@ -219,3 +237,102 @@ def test_a_flow_without_its_audit_line_is_reported(tmp_path: Path) -> None:
     (last,) = [place for place in anchors if place[1] == 3]
     findings, _ = verify_audit(lines, runs, {**anchors, (last[0], 4): "0" * 64}, sessions)
     assert "audit_line_missing" in {f.kind for f in findings}
+
+
+# -- a run killed before its first checkpoint, and runs no index opened ---------------------------
+
+
+def verify_cli(directory: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    key = directory.parent / f"{directory.name}.pub.pem"
+    key.write_bytes(SIGNER.public_pem())
+    code = sessions_cli.main(["verify", "--dir", str(directory), "--public-key", str(key)])
+    return code, capsys.readouterr().out
+
+
+def forge(line: bytes, run: str, **changes: Any) -> bytes:
+    entry = {**json.loads(line), "run": run, **changes}
+    return json.dumps(entry, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_an_unsigned_tail(tmp_path: Path) -> None:
+    run = run_once(tmp_path, flows=3, killed=True)
+    verdict = index.verify_index(tmp_path, SIGNER.public_key)
+    assert verdict is not None and [r.audit for r in verdict.runs] == [None]
+    lines = (tmp_path / "audit.jsonl").read_bytes().splitlines()
+    anchors = {
+        (str(v.session), i): h for v in verdicts(tmp_path).values() for i, h in v.audit.items()
+    }
+    findings, checked = verify_audit(lines, signed_runs(verdict.runs), anchors)
+    assert checked == 3 and not kinds(findings)
+    assert [(f.kind, f.fatal) for f in findings] == [("audit_unsigned_tail", False)]
+    assert f"run {run}: audit lines seq 0 to 2" in str(findings[0])
+    # Its lines still chain from the run's genesis: one removed, moved or edited is tampering.
+    edited = forge(lines[0], run, index=7)
+    for tampered in ([lines[0], lines[2]], [lines[1], lines[0], lines[2]], [edited, *lines[1:]]):
+        assert "audit_broken" in kinds(verify_audit(tampered, signed_runs(verdict.runs), {})[0])
+
+
+def test_verify_reports_a_killed_run_as_a_crash_and_a_forged_run_as_tampering(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory = tmp_path / "rec"
+    run_once(directory, flows=2, killed=True)
+    code, out = verify_cli(directory, capsys)
+    assert code == sessions_cli.EXIT_UNSEALED, out
+    assert "audit_unsigned_tail" in out and "audit_unknown_run" not in out
+    assert "FAILED" not in out
+
+    # Lines appended by hand under a run this directory's index never opened (a made-up name,
+    # or a run copied from another gateway's directory): tampering, whatever they chain to.
+    audit = directory / "audit.jsonl"
+    lines = audit.read_bytes().splitlines()
+    forged_run = "20200101T000000Z-1-abcdef"
+    first = forge(lines[0], forged_run, seq=0, prev=audit_genesis(forged_run), index=99)
+    audit.write_bytes(audit.read_bytes() + first)
+    code, out = verify_cli(directory, capsys)
+    assert code == sessions_cli.EXIT_FAILED, out
+    assert f"FAILED    audit_unknown_run: 1 audit line(s) of run {forged_run}" in out
+
+
+def test_a_run_copied_from_another_directory_is_unknown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    run_once(here)
+    foreign = run_once(elsewhere, killed=True)  # same key, even: the index is what knows runs
+    with (here / "audit.jsonl").open("ab") as f:
+        f.write((elsewhere / "audit.jsonl").read_bytes())
+    code, out = verify_cli(here, capsys)
+    assert code == sessions_cli.EXIT_FAILED, out
+    assert f"audit_unknown_run: 2 audit line(s) of run {foreign}" in out
+
+
+def test_lines_claiming_a_run_sealed_without_an_audit_log_are_inserted(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path, SIGNER, LIMITS)  # no audit log: its seal signs no audit state
+    store.close()
+    verdict = index.verify_index(tmp_path, SIGNER.public_key)
+    assert verdict is not None
+    runs = signed_runs(verdict.runs)
+    assert runs[store.index.run].final
+    run = store.index.run
+    line = forge(b'{"identity":"alice"}', run, seq=0, prev=audit_genesis(run))
+    findings, _ = verify_audit([line], runs, {})
+    assert "audit_inserted" in kinds(findings)
+
+
+def test_with_fsync_a_run_is_on_disk_before_its_first_audit_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Power loss must not leave audit lines of a run whose index file's name was lost."""
+    synced: list[Path] = []
+    monkeypatch.setattr(index, "_fsync_directory", synced.append)
+    fsynced = dataclasses.replace(LIMITS, fsync=True)
+    store = SessionStore(tmp_path / "rec", SIGNER, fsynced)
+    assert synced == [tmp_path / "rec" / "index", tmp_path / "rec"]
+    store.close()
+    synced.clear()
+    SessionStore(tmp_path / "rec", SIGNER, fsynced).close()
+    assert synced == [tmp_path / "rec" / "index"]  # the directory existed already
+    synced.clear()
+    SessionStore(tmp_path / "other", SIGNER, LIMITS).close()
+    assert synced == []

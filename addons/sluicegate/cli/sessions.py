@@ -511,11 +511,7 @@ def _verify_audit(
     lines: list[bytes] = []
     for path in files:
         lines += path.read_bytes().splitlines()
-    runs = {
-        run.name: audit_mod.AuditRun(run.audit[0], run.audit[1], run.audit_final, run.state)
-        for run in indexed.runs
-        if run.audit is not None
-    }
+    runs = audit_mod.signed_runs(indexed.runs)
     anchors = {
         (str(v.session), index): digest
         for v in verdicts.values()
@@ -528,6 +524,8 @@ def _verify_audit(
     print(f"{'AUDIT':9} {names}  ({checked} line(s), {verdict})")
     for finding in findings:
         report.add(finding)
+        if finding.kind == "audit_unsigned_tail":
+            report.unsealed = True  # a run killed (or running): consistent, not sealed
 
 
 def verify_session(path: Path, trusted: Any) -> chain.Verdict:

@@ -10,7 +10,9 @@ breaks the sequence. A line is not signed itself: the hash of each line is in th
 the flow it describes (`audit` in the session's `.chain`, chained and covered by the next signed
 head), and the run's index signs the log's line count and head every second and at the end. So
 an edited line no longer matches its flow's entry, and lines cut from the end fall short of the
-signed count.
+signed count. Lines after a run's last signed count (a run killed, even before its first
+checkpoint, or still running) are consistent but unproven: an `audit_unsigned_tail` warning. A
+run no index opened is `audit_unknown_run`: tampering.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sluicegate.recording.chain import Finding
+from sluicegate.recording.index import Run
 from sluicegate.recording.store import RecordingUnavailable
 
 logger = logging.getLogger("sluicegate.recorder")
@@ -126,6 +129,18 @@ class AuditRun:
     head: str
     final: bool  # from the run's seal: no line may follow
     state: str  # sealed | crashed | open
+
+
+def signed_runs(runs: Iterable[Run]) -> dict[str, AuditRun]:
+    """What each indexed run signed about its audit lines. Every run the index opened counts:
+    its signed opening starts its audit sequence at (0, genesis), so a run killed before its
+    first checkpoint is known (its lines are an unsigned tail), while a run no index opened is
+    not. A run sealed without an audit state wrote no audit log: no line may claim it."""
+    out: dict[str, AuditRun] = {}
+    for run in runs:
+        count, head = run.audit if run.audit is not None else (0, genesis(run.name))
+        out[run.name] = AuditRun(count, head, run.audit_final or run.sealed, run.state)
+    return out
 
 
 def verify_audit(
@@ -249,6 +264,21 @@ def _check_run(
             Finding(
                 "audit_inserted",
                 f"run {run} ended after {signed.count} audit line(s); {expected_seq} are here",
+            )
+        )
+    elif expected_seq > signed.count:
+        how = (
+            "it stopped without closing (crash or kill)"
+            if signed.state == "crashed"
+            else "it is running, or was killed"
+        )
+        out.append(
+            Finding(
+                "audit_unsigned_tail",
+                f"run {run}: audit lines seq {max(signed.count, first_seq)} to {expected_seq - 1} "
+                "follow its last signed checkpoint: consistent, but not proven (anyone who can "
+                f"write the log could have written or changed them); {how}",
+                fatal=False,
             )
         )
     return out

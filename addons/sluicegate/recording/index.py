@@ -17,6 +17,11 @@ linked to the one before (`seq`, `prev` = SHA-256 of the previous line as writte
 - `deleted`: sessions retention is about to delete;
 - `seal`: the run ended cleanly (shutdown or reload), with the audit log's count and head.
 
+The `open` line is written (and with `fsync`, made durable with the file's name) before the run
+opens its audit log, so every audit line names a run whose signed opening is already on disk: a
+run killed before its first checkpoint is known (its audit lines start at the run's genesis and
+verify as an unsigned tail), and audit lines of a run no index opened are forged or copied.
+
 `verify_index` reads every index of a directory and says, run by run, what must be on disk; the
 CLI (`sessions verify`) compares that with the session files and the audit log. What a local
 index cannot show: the newest run deleted whole with all its sessions (nothing after it refers to
@@ -122,6 +127,14 @@ def _audit_location(directory: Path, audit_log: Path | None) -> str | None:
         return str(path)
 
 
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _first_line(path: Path) -> dict[str, Any] | None:
     try:
         with path.open("rb") as f:
@@ -146,6 +159,7 @@ class RunIndex:
         audit_log: Path | None = None,
     ) -> None:
         index_dir = directory / INDEX_DIR
+        created_dir = not index_dir.is_dir()
         index_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         stamp = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
         self.run = f"{stamp}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -158,6 +172,10 @@ class RunIndex:
         previous = latest_run(index_dir)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
         self._fd = os.open(self.path, flags, 0o600)
+        if fsync:  # the file's name too: a run's audit lines must never outlive its index
+            _fsync_directory(index_dir)
+            if created_dir:
+                _fsync_directory(directory)
         self.append(
             {
                 "type": "open",
