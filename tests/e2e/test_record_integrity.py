@@ -28,7 +28,7 @@ import httpx
 import pytest
 from mitmproxy import io
 
-from sluicegate.recording import chain
+from sluicegate.recording import chain, index
 from tests.conftest import UPSTREAM_KEY, UPSTREAM_KEY_ENV
 from tests.support.gateway import REPO, Gateway, recording_section
 from tests.support.pki import TestCA
@@ -358,9 +358,10 @@ def killed_before_the_first_checkpoint(
     tmp_path: Path, base_config: dict, pki: TestCA, token: str, plain_upstream: FakeUpstream
 ) -> Path:
     """A recording directory whose only run was killed (-9) right after its first flows, before
-    the recorder's first tick (1 s after start) checkpointed anything. A race with that tick: a
-    loaded machine may lose it a few times in a row; then the run's index is cut back to its
-    lines before the first checkpoint, which is what a kill a moment earlier leaves."""
+    the recorder's first tick (1 s after start) checkpointed anything. A race with that tick,
+    which a loaded machine may lose a few times in a row: then the run's index is written again
+    without its checkpoints (re-chained and signed with the gateway's key), which is what the
+    gateway would have left had its tick come a moment later."""
     for attempt in range(3):
         directory = tmp_path / f"rec{attempt}"
         gw = start_recording(tmp_path / f"gw{attempt}", base_config, pki, directory)
@@ -368,9 +369,16 @@ def killed_before_the_first_checkpoint(
         gw.stop(signal.SIGKILL)
         if index_types(directory) == [["open", "session"]]:
             return directory
-    (index,) = (directory / "index").glob("*.index")
-    lines = index.read_bytes().splitlines(keepends=True)
-    index.write_bytes(b"".join(line for line in lines if b'"checkpoint"' not in line))
+    (path,) = (directory / "index").glob("*.index")
+    run = path.name.removesuffix(".index")
+    signer = chain.Signer.from_pem(signing_key(directory).read_bytes())
+    kept = [json.loads(line) for line in path.read_text().splitlines()]
+    head, lines = index.genesis(run), []
+    for seq, entry in enumerate(e for e in kept if e["type"] != "checkpoint"):
+        unsigned = {k: v for k, v in entry.items() if k != "sig"}
+        lines.append(chain.dump_line(signer.signed({**unsigned, "seq": seq, "prev": head})))
+        head = index.line_hash(lines[-1])
+    path.write_bytes(b"".join(lines))
     assert index_types(directory) == [["open", "session"]]
     return directory
 
