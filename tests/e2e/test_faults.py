@@ -801,3 +801,25 @@ def test_a_full_disk_never_loses_a_flow_silently(
     assert all(code == "recording_unavailable" for _, code in refused), refused
     assert set(answered) <= recorded, "a flow the agent got an answer for is not recorded"
     assert "disk_full" in gw.logs
+
+
+def test_a_stream_too_costly_to_redact_is_cut_not_left_to_hold_the_event_loop(
+    gateway: Gateway, raw: RawUpstream, token: str
+) -> None:
+    # Deltas made to keep rules' partial matches open: each costs the stream redactor more than
+    # the last (every feed rescans what is held). Unbudgeted, 2,000 of them held mitmproxy's
+    # event loop, which every caller shares, for over a minute; the budget cuts the stream.
+    def handler(sock: socket.socket, _: RawRequest) -> None:
+        sock.sendall(stream_head() + chunk(sse_event("fine, ")))
+        for _ in range(2000):
+            sock.sendall(chunk(sse_event("api_key=")))
+        sock.sendall(chunk(sse_event(f"after {SECRET}")) + chunk(DONE) + LAST_CHUNK)
+
+    raw.handle("/sse-costly", handler)
+    got, error = fetch_stream(gateway, token, raw.url("/sse-costly"))
+    assert error is None
+    assert b'"fine, ' in got and b"after" not in got
+    assert error_codes(got) == ["redaction_timeout"]
+    (flow,) = recorded_flows(gateway, "/sse-costly")
+    assert flow.metadata["sluicegate"]["stream"]["cut"] == "redaction_timeout"
+    assert_clean(gateway, got, token=token)

@@ -11,7 +11,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sluicegate.redaction.echo import echo_literals
-from sluicegate.redaction.redactor import OVERFLOW_RULE_ID, LiteralSecret, Redactor
+from sluicegate.redaction.redactor import OVERFLOW_RULE_ID, LiteralSecret, Redactor, StreamTooSlow
 from sluicegate.redaction.rules import Direction, load_rule_pack, load_rule_set
 
 RULES = Path(__file__).resolve().parents[2] / "rules"
@@ -193,3 +193,27 @@ def test_literals_alone_stream_like_whole_text() -> None:
 def test_max_hold_must_be_positive() -> None:
     with pytest.raises(ValueError):
         REDACTORS["default"].stream(max_hold=0)
+
+
+@pytest.mark.parametrize("profile", sorted(REDACTORS))
+def test_a_stream_too_costly_to_redact_is_cut_and_releases_nothing_held(profile: str) -> None:
+    # Each `api_key=` keeps partial matches open back to the first: every feed rescans what is
+    # held, so unbudgeted the 2,000 feeds took minutes of one thread (the event loop's).
+    streamer = REDACTORS[profile].stream(max_hold=4096)
+    released = streamer.feed("Sure. ")
+    with pytest.raises(StreamTooSlow) as info:
+        for _ in range(2000):
+            released += streamer.feed("api_key=")
+    assert info.value.code == "redaction_timeout"
+    assert released.count("api_key=") < 2000  # cut before the end
+    assert streamer.flush() == ""  # what was held is never released
+    with pytest.raises(RuntimeError):
+        streamer.feed("more")
+
+
+def test_ordinary_text_in_one_large_piece_or_in_tokens_is_never_cut() -> None:
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()[:65536]
+    for profile, redactor in REDACTORS.items():
+        whole = redactor.redact_text(text).text
+        assert stream(redactor, [text])[0] == whole, profile
+        assert stream(redactor, split(text, random.Random(3), 2, 6))[0] == whole, profile

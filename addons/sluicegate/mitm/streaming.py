@@ -39,6 +39,7 @@ from sluicegate.policy.decisions import Decision
 from sluicegate.policy.stream import ResponseScanner, sse_error_event
 from sluicegate.redaction.bodies import event_stream_charset, media_type
 from sluicegate.redaction.json_redact import JsonStrings
+from sluicegate.redaction.redactor import StreamTooSlow
 from sluicegate.redaction.runtime import RedactionRuntime
 from sluicegate.redaction.sse import SseRedactor, error_event
 from sluicegate.runtime import for_config
@@ -175,7 +176,7 @@ class StreamSession:
         return sse_error_event(decision, self.request_id)
 
     def _failed(self, exc: Exception) -> bytes:
-        known = isinstance(exc, DecodingError | SseError)
+        known = isinstance(exc, DecodingError | SseError | StreamTooSlow)
         code = getattr(exc, "code", STREAM_ERROR_CODE) if known else STREAM_ERROR_CODE
         # Never the exception text: it may carry response data.
         where = "; ".join(

@@ -53,7 +53,7 @@ from sluicegate.policy.engine import Policy
 from sluicegate.policy.views import BodyViews
 from sluicegate.redaction import messages
 from sluicegate.redaction.bodies import BodyPolicy, BodyRefused, redact_body
-from sluicegate.redaction.redactor import Redactor
+from sluicegate.redaction.redactor import Redactor, StreamTooSlow
 from sluicegate.redaction.runtime import RedactionRuntime
 from sluicegate.runtime import build_policy, for_config
 from sluicegate.shapes.events import MessageReader
@@ -74,6 +74,7 @@ CLOSE_CODES: Final = {
     BINARY_BLOCKED: CloseReason.POLICY_VIOLATION,
     TOO_LARGE: CloseReason.MESSAGE_TOO_BIG,
     ERROR_CODE: CloseReason.INTERNAL_ERROR,
+    StreamTooSlow.code: CloseReason.INTERNAL_ERROR,
     messages.SPLIT: CloseReason.POLICY_VIOLATION,
     messages.OVERFLOW: CloseReason.MESSAGE_TOO_BIG,
 }
@@ -129,7 +130,7 @@ def message_fail_closed(fn: MessageHook) -> Callable[[WebSockets, http.HTTPFlow]
             if guard.fault_injector is not None:
                 guard.fault_injector(FAULT_POINT, flow)
             await fn(self, flow, message, channel)
-        except MessageFailed as exc:
+        except (MessageFailed, StreamTooSlow) as exc:
             logger.warning(
                 "sluicegate: %s: dropped a %s message and closed the WebSocket [request %s]",
                 exc.code,

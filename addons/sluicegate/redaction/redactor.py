@@ -28,9 +28,10 @@ import bisect
 import copy
 import hashlib
 import hmac
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import regex
 
@@ -91,6 +92,25 @@ class KeyedTagger:
         data = secret.encode("utf-8", "surrogatepass")
         digest = hmac.new(self._key, data, hashlib.sha256).hexdigest()[:8]
         return f"[REDACTED:{rule_id}:{digest}]"
+
+
+class StreamTooSlow(RuntimeError):
+    """A stream's text took more CPU to redact than its budget: the stream must be cut (nothing
+    of what was held is released). `code` is stable and safe to log or send."""
+
+    code = "redaction_timeout"
+
+
+# CPU a stream may spend on one `feed` or `flush`: a fixed part, plus a part per character fed.
+# Ordinary text costs 1-10 µs a character (scripts/bench_sse_body.py); text made to keep many
+# rules' partial matches open costs milliseconds a character (every feed rescans what is held),
+# and would hold mitmproxy's event loop, which runs every stream's redaction, for minutes.
+STREAM_BUDGET_SECONDS = 0.05
+STREAM_BUDGET_PER_CHAR = 10e-6
+# And over the whole stream, so that many calls just under their budget add up to little: a
+# second, plus a millisecond a call (tiny deltas cost ~0.1 ms each) and the per-character part.
+STREAM_TOTAL_SECONDS = 1.0
+STREAM_TOTAL_PER_CALL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -715,9 +735,15 @@ class StreamRedactor:
         reread: Callable[[str], RedactionResult] | None = None,
         *,
         segments: bool = False,
+        budget: tuple[float, float] = (STREAM_BUDGET_SECONDS, STREAM_BUDGET_PER_CHAR),
     ) -> None:
         if max_hold < 1:
             raise ValueError("max_hold must be positive")
+        self._budget = budget  # (seconds per call, seconds per character fed): CPU time
+        self._deadline = float("inf")
+        self._fed = 0  # characters fed so far
+        self._calls = 0
+        self._spent = 0.0  # CPU seconds spent so far
         self._reread = reread
         self._released_tail = ""  # the last CONTEXT_CHARS released, as released
         self.counts: dict[str, int] = {}
@@ -762,6 +788,37 @@ class StreamRedactor:
             raise RuntimeError("feed() after flush()")
         if not text:
             return ""
+        started = self._start_budget(len(text))
+        try:
+            return self._feed(text)
+        finally:
+            self._spent += time.thread_time() - started
+
+    def _start_budget(self, chars: int) -> float:
+        """Start the CPU budget of one call redacting `chars` more characters (see
+        `STREAM_BUDGET_SECONDS`); the CPU time it started at."""
+        now = time.thread_time()
+        self._fed += chars
+        self._calls += 1
+        call = self._budget[0] + self._budget[1] * chars
+        earned = STREAM_TOTAL_PER_CALL * self._calls + self._budget[1] * self._fed
+        total = STREAM_TOTAL_SECONDS + earned - self._spent
+        self._deadline = now + min(call, total)
+        return now
+
+    def _over_budget(self) -> NoReturn:
+        self._closed = True  # nothing held is released after this
+        raise StreamTooSlow("the stream's text took longer than its budget")
+
+    def _search_timeout(self) -> float:
+        """Wall-clock bound of one search: one search can be long too (partial matches that
+        run to the end from every position), so it is stopped (with a little room)."""
+        remaining = self._deadline - time.thread_time()
+        if remaining <= 0:
+            self._over_budget()
+        return remaining + 0.01
+
+    def _feed(self, text: str) -> str:
         start = len(self._buf)
         self._buf += text
         self._scan_buf += text
@@ -837,6 +894,7 @@ class StreamRedactor:
         if self._closed:
             return ""
         self._closed = True
+        self._start_budget(self.held)
         holding = self._holding
         for index in sorted(holding):
             self._scan(index, holding.pop(index), final=True)
@@ -863,9 +921,18 @@ class StreamRedactor:
             rest = _FILLER * (size - pending)
             buf = buf[:pending] + ("[" + rest[1:] if view else rest)
         while pos <= size:
-            match = scanner.pattern.search(buf, pos)
+            try:
+                match = scanner.pattern.search(buf, pos, timeout=self._search_timeout())
+                attempt = (
+                    None
+                    if final
+                    else scanner.sentinel.search(
+                        buf, pos, partial=True, timeout=self._search_timeout()
+                    )
+                )
+            except TimeoutError:
+                self._over_budget()
             if not final:
-                attempt = scanner.sentinel.search(buf, pos, partial=True)
                 hold = attempt.start() if attempt is not None and attempt.start() < size else None
                 if index == 0 and match is not None and (hold is None or hold >= match.start()):
                     hold = None  # a tag is final at its `]`: no longer tag starts there
