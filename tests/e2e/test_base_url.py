@@ -55,12 +55,20 @@ class BaseUrlGateway:
         self.port = base_url_port(gw)
         self.root = f"http://127.0.0.1:{self.port}"
 
-    def flows(self) -> list[Any]:
-        out: list[Any] = []
-        for path in sorted(self.recordings.rglob("*.mitm")):
-            with path.open("rb") as f:
-                out.extend(io.FlowReader(f).stream())
-        return out
+    def flows(self, path: str | None = None, count: int = 0, timeout: float = 10) -> list[Any]:
+        """The recorded flows (for `path`), once at least `count` are there: a flow is written
+        when it ends, a moment after its client has read the last byte."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out: list[Any] = []
+            for session in sorted(self.recordings.rglob("*.mitm")):
+                with session.open("rb") as f:
+                    out.extend(io.FlowReader(f).stream())
+            if path is not None:
+                out = [f for f in out if f.request.path == path]
+            if len(out) >= count or time.monotonic() > deadline:
+                return out
+            time.sleep(0.05)
 
     def recorded_bytes(self) -> bytes:
         return b"".join(p.read_bytes() for p in self.recordings.rglob("*") if p.is_file())
@@ -173,7 +181,7 @@ def test_the_openai_sdk_through_the_base_url(
         assert b"[REDACTED:github-token]" in wire
 
     # Recorded like a proxied flow, with its prefix; no secret in the recording or the log.
-    flows = [f for f in base_gw.flows() if f.request.path == "/v1/chat/completions"]
+    flows = base_gw.flows("/v1/chat/completions", count=2)
     assert len(flows) == 2
     meta = flows[0].metadata["sluicegate"]
     assert meta["route"] == "openai" and meta["base_url"] == "/openai"
