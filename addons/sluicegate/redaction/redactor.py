@@ -810,13 +810,21 @@ class StreamRedactor:
         self._closed = True  # nothing held is released after this
         raise StreamTooSlow("the stream's text took longer than its budget")
 
-    def _search_timeout(self) -> float:
-        """Wall-clock bound of one search: one search can be long too (partial matches that
-        run to the end from every position), so it is stopped (with a little room)."""
-        remaining = self._deadline - time.thread_time()
-        if remaining <= 0:
-            self._over_budget()
-        return remaining + 0.01
+    def _search(
+        self, pattern: regex.Pattern[str], buf: str, pos: int, *, partial: bool
+    ) -> regex.Match[str] | None:
+        """`pattern.search(buf, pos)` within the budget. One search can be long too (partial
+        matches that run to the end from every position), so it is stopped by the regex
+        module's timeout (wall clock); a timeout the CPU budget does not confirm (the thread
+        was not scheduled) searches again."""
+        while True:
+            remaining = self._deadline - time.thread_time()
+            if remaining <= 0:
+                self._over_budget()
+            try:
+                return pattern.search(buf, pos, partial=partial, timeout=remaining + 0.01)
+            except TimeoutError:
+                continue
 
     def _feed(self, text: str) -> str:
         start = len(self._buf)
@@ -921,17 +929,8 @@ class StreamRedactor:
             rest = _FILLER * (size - pending)
             buf = buf[:pending] + ("[" + rest[1:] if view else rest)
         while pos <= size:
-            try:
-                match = scanner.pattern.search(buf, pos, timeout=self._search_timeout())
-                attempt = (
-                    None
-                    if final
-                    else scanner.sentinel.search(
-                        buf, pos, partial=True, timeout=self._search_timeout()
-                    )
-                )
-            except TimeoutError:
-                self._over_budget()
+            match = self._search(scanner.pattern, buf, pos, partial=False)
+            attempt = None if final else self._search(scanner.sentinel, buf, pos, partial=True)
             if not final:
                 hold = attempt.start() if attempt is not None and attempt.start() < size else None
                 if index == 0 and match is not None and (hold is None or hold >= match.start()):
