@@ -111,6 +111,8 @@ STREAM_BUDGET_PER_CHAR = 10e-6
 # second, plus a millisecond a call (tiny deltas cost ~0.1 ms each) and the per-character part.
 STREAM_TOTAL_SECONDS = 1.0
 STREAM_TOTAL_PER_CALL = 1e-3
+# Searches over at most this many characters run without the regex module's timeout.
+_UNTIMED_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -741,6 +743,7 @@ class StreamRedactor:
             raise ValueError("max_hold must be positive")
         self._budget = budget  # (seconds per call, seconds per character fed): CPU time
         self._deadline = float("inf")
+        self._wall_deadline = float("inf")
         self._fed = 0  # characters fed so far
         self._calls = 0
         self._spent = 0.0  # CPU seconds spent so far
@@ -803,7 +806,11 @@ class StreamRedactor:
         call = self._budget[0] + self._budget[1] * chars
         earned = STREAM_TOTAL_PER_CALL * self._calls + self._budget[1] * self._fed
         total = STREAM_TOTAL_SECONDS + earned - self._spent
-        self._deadline = now + min(call, total)
+        allowed = min(call, total)
+        self._deadline = now + allowed
+        # Wall time is never less than this thread's CPU time and far cheaper to read: the CPU
+        # clock is read only once the wall clock says the budget may be spent.
+        self._wall_deadline = time.perf_counter() + allowed
         return now
 
     def _over_budget(self) -> NoReturn:
@@ -818,9 +825,14 @@ class StreamRedactor:
         module's timeout (wall clock); a timeout the CPU budget does not confirm (the thread
         was not scheduled) searches again."""
         while True:
-            remaining = self._deadline - time.thread_time()
+            remaining = self._wall_deadline - time.perf_counter()
             if remaining <= 0:
-                self._over_budget()
+                remaining = self._deadline - time.thread_time()
+                if remaining <= 0:
+                    self._over_budget()
+                self._wall_deadline = time.perf_counter() + remaining
+            if len(buf) - pos <= _UNTIMED_CHARS:  # short: bounded, and a timeout costs ~1 µs
+                return pattern.search(buf, pos, partial=partial)
             try:
                 return pattern.search(buf, pos, partial=partial, timeout=remaining + 0.01)
             except TimeoutError:
@@ -929,8 +941,12 @@ class StreamRedactor:
             rest = _FILLER * (size - pending)
             buf = buf[:pending] + ("[" + rest[1:] if view else rest)
         while pos <= size:
-            match = self._search(scanner.pattern, buf, pos, partial=False)
-            attempt = None if final else self._search(scanner.sentinel, buf, pos, partial=True)
+            if size - pos <= _UNTIMED_CHARS and time.perf_counter() < self._wall_deadline:
+                match = scanner.pattern.search(buf, pos)  # short: the common case, kept cheap
+                attempt = None if final else scanner.sentinel.search(buf, pos, partial=True)
+            else:
+                match = self._search(scanner.pattern, buf, pos, partial=False)
+                attempt = None if final else self._search(scanner.sentinel, buf, pos, partial=True)
             if not final:
                 hold = attempt.start() if attempt is not None and attempt.start() < size else None
                 if index == 0 and match is not None and (hold is None or hold >= match.start()):
