@@ -1086,16 +1086,21 @@ class MonitoringSection:
     )
 
     def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
-        try:
-            ipaddress.ip_address(self.listen_host)
-        except ValueError:
-            if self.listen_host not in _LOOPBACK_NAMES:
-                yield "listen_host", "must be an IP address (or localhost)"
-        if not 0 <= self.listen_port < 65536:
-            yield "listen_port", "must be between 0 and 65535"
+        yield from _listener_problems(self.listen_host, self.listen_port)
 
 
 InnerTokenSource = Literal["authorization", "x_api_key", "api_key"]
+
+
+def _listener_problems(host: str, port: int) -> Iterable[tuple[str, str]]:
+    """A listener's address: an IP address (or a loopback name) and a port number."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host not in _LOOPBACK_NAMES:
+            yield "listen_host", "must be an IP address (or localhost)"
+    if not 0 <= port < 65536:
+        yield "listen_port", "must be between 0 and 65535"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1122,13 +1127,7 @@ class BaseUrlSection:
     )
 
     def check(self, parser: Parser) -> Iterable[tuple[str, str]]:
-        try:
-            ipaddress.ip_address(self.listen_host)
-        except ValueError:
-            if self.listen_host not in _LOOPBACK_NAMES:
-                yield "listen_host", "must be an IP address (or localhost)"
-        if not 0 <= self.listen_port < 65536:
-            yield "listen_port", "must be between 0 and 65535"
+        yield from _listener_problems(self.listen_host, self.listen_port)
         if not self.prefixes:
             yield "prefixes", "must name at least one prefix"
         for prefix in self.prefixes:
