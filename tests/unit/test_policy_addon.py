@@ -20,6 +20,7 @@ from sluicegate.mitm.policy import Policy, PreviewRedaction, Runtime
 from sluicegate.policy.decisions import Phase
 from sluicegate.policy.stream import ResponsePolicy, sse_error_event
 from sluicegate.redaction.redactor import LiteralSecret
+from tests.support.gateway import REPO
 
 TOKEN_ENV = "SLUICEGATE_TEST_ADDON_ADMIN"
 HS_ENV = "SLUICEGATE_TEST_ADDON_HS"
@@ -378,6 +379,19 @@ def test_streamed_response_no_scanner_saw_is_flagged(
 # -- previews of held bodies ----------------------------------------------------------------------
 
 GITHUB = "ghp_" + "Zq7kLm2Np9Rt4Vx8Bc1Df6Gh3Jk5Mn0Pq2Rs"
+
+
+def test_previews_use_the_rule_pack_validated_with_the_config(config_file: Path) -> None:
+    """Not the rule files read again (they may have changed since): the same compiled rules,
+    whose Hyperscan databases the gateway built when it applied the config."""
+    data = yaml.safe_load(config_file.read_text())
+    data["redaction"] = {"rules": [str(REPO / "rules")], "worker_processes": 0}
+    config_file.write_text(yaml.safe_dump(data))
+    config = load_config(config_file)
+    assert config.redaction.pack is not None
+    preview = PreviewRedaction(config, 40)
+    for redactor in (preview.runtime.request, preview.runtime.response):
+        assert redactor is not None and redactor.pack is config.redaction.pack
 
 
 def test_previews_are_redacted_whole_then_cut_and_binary_bodies_are_not_shown(

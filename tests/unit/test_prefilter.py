@@ -3,7 +3,9 @@ keyword index (the reference), on the real rule pack and on synthetic keyword se
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import example, given, settings
@@ -11,8 +13,8 @@ from hypothesis import strategies as st
 
 from sluicegate.redaction import prefilter
 from sluicegate.redaction.keywords import KeywordIndex
-from sluicegate.redaction.redactor import Redactor, _Compiled
-from sluicegate.redaction.rules import Direction, load_rule_pack, load_rule_set
+from sluicegate.redaction.redactor import LiteralSecret, Redactor, _Compiled
+from sluicegate.redaction.rules import Direction, load_rule_pack, load_rule_set, select
 from tests.unit.test_keywords import FRAGMENTS, PACK_KEYS, SYNTHETIC_KEYS, TEXT, naive
 
 RULES = Path(__file__).resolve().parents[2] / "rules"
@@ -142,3 +144,51 @@ def test_threads_scan_concurrently_with_their_own_scratch() -> None:
         thread.join()
     assert mismatches == []
     assert PACK._fast is not None and PACK._fast._prototype is not None
+
+
+def _count_builds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Hyperscan databases built from now on (their keyword counts)."""
+    builds: list[int] = []
+    real = prefilter.HyperscanKeywords.build
+
+    def counting(cls: type, words: Sequence[prefilter.Word]) -> Any:
+        builds.append(len(words))
+        return real(words)
+
+    monkeypatch.setattr(prefilter.HyperscanKeywords, "build", classmethod(counting))
+    return builds
+
+
+def test_warm_builds_the_database_so_no_scan_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway warms its redactors when it applies a config: the first request then finds
+    the database built (it took 0.2-0.4 s on whatever thread scanned first)."""
+    builds = _count_builds(monkeypatch)
+    pack = select(load_rule_set([RULES]), "default")  # a new pack: nothing compiled yet
+    redactor = Redactor(pack, Direction.REQUEST)
+    assert builds == []
+    redactor.warm()
+    assert len(builds) == 1
+    keywords = _Compiled.of(pack, Direction.REQUEST).keywords
+    assert keywords._fast is not None and not keywords._fast_pending
+    # The first scans, and a flow's redactor with literals (same compiled rules), build nothing.
+    redactor.redact_text("token=" + "a" * 20)
+    flow = redactor.with_literals([LiteralSecret("injected", "sk-literal-value-1234")])
+    assert "sk-literal-value-1234" not in flow.redact_text("x sk-literal-value-1234 y").text
+    flow.stream(4096).feed("api_key=abc")
+    assert len(builds) == 1
+    # The other direction is its own database, built when that direction's redactor warms.
+    Redactor(pack, Direction.RESPONSE).warm()
+    assert len(builds) == 2
+
+
+def test_warm_raises_what_building_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database Hyperscan refuses leaves the pure-Python passes (exact); any other failure
+    comes out of `warm`, where the gateway applies the config, not out of a request."""
+
+    def broken(cls: type, words: Sequence[prefilter.Word]) -> Any:
+        raise MemoryError("no memory for the database")
+
+    monkeypatch.setattr(prefilter.HyperscanKeywords, "build", classmethod(broken))
+    redactor = Redactor(select(load_rule_set([RULES]), "default"), Direction.REQUEST)
+    with pytest.raises(MemoryError):
+        redactor.warm()

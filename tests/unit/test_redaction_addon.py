@@ -21,6 +21,7 @@ from sluicegate.mitm import redaction as redaction_mod
 from sluicegate.mitm.redaction import Redaction
 from sluicegate.mitm.streaming import StreamRedaction
 from sluicegate.mitm.websockets import WebSockets
+from sluicegate.redaction import prefilter
 from sluicegate.redaction.bodies import redact_body
 from sluicegate.redaction.echo import secret_variants
 from tests.support.addon_harness import configured, write_config
@@ -547,6 +548,36 @@ def test_the_chain_shares_one_redaction_runtime(config_files: dict[str, Path]) -
         # The old config's worker pool is closed for good (its workers end after their jobs).
         assert first.offload is not None and first.offload.closed
         assert other.runtime.offload is not None and not other.runtime.offload.closed
+
+
+def test_applying_a_config_builds_the_redactors_indexes(config_files: dict[str, Path]) -> None:
+    """The Hyperscan databases and stream indexes are built when the config is applied, not by
+    the first request (0.2-0.4 s on its thread, or against a stream's budget)."""
+    addon = Redaction()
+    with configured(addon, config=config_files["default"]):
+        runtime = addon.runtime
+        assert runtime is not None and runtime.request is not None and runtime.response is not None
+        for redactor in (runtime.request, runtime.response, runtime.response_scrub_only):
+            keywords = redactor._compiled.keywords
+            assert not keywords._fast_pending and redactor._stream_index is not None
+        assert runtime.request._compiled.keywords._fast is not None
+        assert runtime.response._compiled.keywords._fast is not None
+
+
+def test_a_database_that_cannot_be_built_fails_the_config_not_a_request(
+    tmp_path: Path, idp: TestIdP, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(cls: type, words: Any) -> Any:
+        raise MemoryError("no memory for the database")
+
+    monkeypatch.setattr(prefilter.HyperscanKeywords, "build", classmethod(broken))
+    config = write_config(
+        tmp_path, idp, redaction={"rules": [str(REPO / "rules")], "worker_processes": 0}
+    )
+    addon = Redaction()
+    with caplog.at_level("ERROR", logger="sluicegate"), configured(addon, config=config):
+        assert addon.config is None  # unconfigured: every flow is refused (503)
+    assert "Redaction cannot start: MemoryError: no memory for the database" in caplog.text
 
 
 # -- large bodies: worker processes ---------------------------------------------------------------

@@ -717,6 +717,10 @@ class PreviewRedaction:
             binary_bodies="block",
             worker_processes=0,  # previews are bounded and rare: no worker processes
         )
+        # `replace` drops the pack compiled at validation (not an init field): keep it, so the
+        # preview uses the same rules (not the rule files read again) and shares their
+        # compiled indexes.
+        object.__setattr__(redaction, "pack", config.redaction.pack)
         self.runtime = builders.build_redaction(dataclasses.replace(config, redaction=redaction))
         # A buffered event stream runs through the SSE engine, slow on adversarial deltas: a
         # preview stops at PREVIEW_SSE_SECONDS ("not shown") rather than holding up the hold.

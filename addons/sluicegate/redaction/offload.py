@@ -501,6 +501,11 @@ class _Redactors:
         self.response = Redactor(pack, Direction.RESPONSE, tagger=self.tagger, decode=decode)
         no_rules = RulePack(rules=(), key_rules=(), profile="none")
         self.scrub_only = Redactor(no_rules, Direction.RESPONSE, tagger=self.tagger)
+        # The Hyperscan databases of the rules in use, before the worker answers `init`: its
+        # first job does not pay for them (workers redact whole bodies: no stream index).
+        for on, redactor in ((self.requests, self.request), (self.responses, self.response)):
+            if on:
+                redactor.warm(stream=False)
         self.fingerprint = setup_fingerprint(
             pack, self.tagger, self.requests, self.responses, decode
         )

@@ -308,6 +308,15 @@ class Redactor:
                 pattern, _sentinel(pattern), first, order=-1, literals=self._literals
             )
 
+    def warm(self, *, stream: bool = True) -> None:
+        """Build now what the first scan would otherwise build: the keyword index's Hyperscan
+        database (shared by every redactor of this pack and direction) and, with `stream`, the
+        stream index. The gateway calls this when it applies a config, so no request pays for
+        it and a failure stops the config, not a request."""
+        self._compiled.keywords.prepare()
+        if stream and self._stream_index is None:
+            self._stream_index = _StreamIndex.build(self._compiled, self._literal_scanner)
+
     def holds_literal(self, text: str) -> bool:
         """Whether `text` contains one of this redactor's literal secrets."""
         return any(value in text for value in self._literals)
