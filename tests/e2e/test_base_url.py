@@ -313,6 +313,45 @@ def test_a_bad_token_and_a_proxy_style_request(
     assert token not in base_gw.gw.settled_logs()
 
 
+def raw_exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of one request written as is; the gateway closes after it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_a_connect_request_is_a_proxy_style_request(
+    base_gw: BaseUrlGateway, upstream: FakeUpstream, token: str
+) -> None:
+    """mitmproxy refuses CONNECT on a reverse-mode listener itself (no hook can answer it):
+    the answer is still ours, 405 `base_url_proxy_request` in JSON with a logged request id."""
+    for target in (f"127.0.0.1:{upstream.port}", "api.openai.com:443"):
+        request = (
+            f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
+            f"Proxy-Authorization: Bearer {token}\r\n\r\n"
+        ).encode()
+        status, headers, raw = raw_exchange(base_gw.port, request)
+        body = json.loads(raw)
+        assert status == 405, raw
+        assert body["error"]["code"] == "base_url_proxy_request"
+        assert body["error"]["type"] == "sluicegate_error"
+        assert "HTTPS_PROXY" in body["error"]["message"]
+        assert headers[REQUEST_ID] == body["error"]["request_id"]
+        assert headers["content-type"] == "application/json"
+        assert body["error"]["request_id"] in base_gw.gw.settled_logs()
+    assert upstream.received == []
+    assert token not in base_gw.gw.settled_logs()
+
+
 def test_a_port_in_use_stops_the_gateway_with_exit_3(base_config: dict, tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

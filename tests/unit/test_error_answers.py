@@ -41,6 +41,13 @@ from sluicegate.mitmcompat.error_answers import classify, json_response
             (403, "egress_internal"),
         ),
         (400, "Invalid HTTP request line", (400, "bad_request")),
+        (
+            400,
+            "mitmproxy received an HTTP CONNECT request even though it is not running in "
+            "regular/upstream mode. This usually indicates a misconfiguration, please see the "
+            "mitmproxy mode documentation for details.",
+            (405, "base_url_proxy_request"),
+        ),
         (413, "Request body exceeds mitmproxy.options.body_size_limit.", (413, "body_too_large")),
     ],
 )

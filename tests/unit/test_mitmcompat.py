@@ -419,6 +419,28 @@ def test_http1_error_pages_come_from_the_module_level_make_error_response() -> N
     assert raw.startswith(b"HTTP/1.1 502") and b'"code": "upstream_unreachable"' in raw
 
 
+def test_a_connect_on_a_reverse_listener_is_refused_by_mitmproxy_with_a_known_message() -> None:
+    """A CONNECT on the base-URL listener (reverse mode: an HTTP layer in transparent mode)
+    never reaches `http_connect`: `HttpStream.check_invalid` refuses it with
+    `validate_request`'s message, runs the requestheaders and error hooks (a response they set
+    is ignored) and sends a 400 protocol error, which error_answers recognises by that message
+    and answers 405 `base_url_proxy_request`."""
+    from mitmproxy.proxy.layers import http as http_layers
+    from mitmproxy.test import tutils
+
+    request = tutils.treq(method=b"CONNECT", scheme=b"", path=b"", authority=b"api.test:443")
+    message = http_layers.validate_request(http_layers.HTTPMode.transparent, request, False)
+    assert message is not None
+    status, code, _ = error_answers.classify(400, message)
+    assert (status, code) == (405, "base_url_proxy_request")
+    regular = http_layers.validate_request(http_layers.HTTPMode.regular, request, False)
+    assert regular is None  # the proxy listener takes CONNECT
+    source = inspect.getsource(http_layers.HttpStream.state_wait_for_request_headers)
+    assert source.index("self.check_invalid(True)") < source.index('method == "CONNECT"')
+    check = inspect.getsource(http_layers.HttpStream.check_invalid)
+    assert "yield HttpRequestHeadersHook(self.flow)" in check and "ResponseProtocolError(" in check
+
+
 def test_protocol_error_codes_tell_the_http_status() -> None:
     """error_answers reads the status of a ResponseProtocolError's code (int or ErrorCode)."""
     if hasattr(_events, "ErrorCode"):  # 12.x

@@ -18,8 +18,13 @@ upstream and path as for a proxied request, and policy, redaction, credential in
 recording are the proxy's.
 
 A request written for a proxy (`GET http://host/...`, absolute form) is refused 405
-`base_url_proxy_request`: the listener is not a proxy. A port already in use stops the gateway
-at start-up with exit code 3 and says which setting to change.
+`base_url_proxy_request`: the listener is not a proxy. So is a `CONNECT`, which mitmproxy
+refuses itself on a reverse-mode listener before any hook can answer it (it then runs the
+requestheaders and error hooks, but ignores a response they set): its 400 error answer is
+turned into the same 405 by mitmcompat/error_answers.py, with a request id of its own.
+
+A port already in use stops the gateway at start-up with exit code 3 and says which setting to
+change.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from sluicegate.egress.base_url import PrefixTable, UnknownPrefix
 from sluicegate.egress.paths import AmbiguousPath
 from sluicegate.mitm import flowstate, guard
 from sluicegate.mitm.base import GatewayAddon
+from sluicegate.mitmcompat import error_answers
 
 logger = logging.getLogger("sluicegate.base_url")
 
@@ -215,11 +221,7 @@ class BaseUrl(GatewayAddon):
         request = flow.request
         if request.authority and not (request.is_http2 or request.is_http3):
             raise guard.GatewayRefusal(
-                405,
-                "base_url_proxy_request",
-                "This is the gateway's base-URL listener: send requests to it as to the API "
-                "(e.g. OPENAI_BASE_URL=http://<gateway>:<port>/openai/v1), not through it as a "
-                "proxy (the proxy is HTTPS_PROXY, on the gateway's proxy port).",
+                405, error_answers.BASE_URL_PROXY_REQUEST, error_answers.BASE_URL_PROXY_MESSAGE
             )
         try:
             mapped = table.map(request.path)

@@ -46,6 +46,21 @@ logger = logging.getLogger("sluicegate.errors")
 _MARK: Final = "_sluicegate_error_answers"
 REQUEST_ID_HEADER: Final = "x-sluicegate-request-id"
 
+# mitmproxy refuses a CONNECT on a listener that is not a proxy itself (`validate_request`, the
+# same words on 11.0.x and 12.x): in `HttpStream.check_invalid`, which runs the requestheaders
+# and error hooks but ignores a response they set, then sends a 400 `ResponseProtocolError`
+# (HTTP/1: `make_error_response`). In the gateway that listener is the base-URL one (reverse
+# mode; the proxy listener takes CONNECT), so the answer is its own refusal of proxy requests.
+CONNECT_NOT_A_PROXY: Final = (
+    "received an http connect request even though it is not running in regular/upstream mode"
+)
+BASE_URL_PROXY_REQUEST: Final = "base_url_proxy_request"
+BASE_URL_PROXY_MESSAGE: Final = (
+    "This is the gateway's base-URL listener: send requests to it as to the API "
+    "(e.g. OPENAI_BASE_URL=http://<gateway>:<port>/openai/v1), not through it as a "
+    "proxy (the proxy is HTTPS_PROXY, on the gateway's proxy port)."
+)
+
 # Set by ProxyHardening: (flow, status, mitmproxy's (scrubbed) message) -> the response to send
 # instead of mitmproxy's error page, or None to leave it.
 responder: Callable[[http.HTTPFlow, int, str], http.Response | None] | None = None
@@ -59,6 +74,8 @@ def classify(status: int, message: str) -> tuple[int, str, str]:
     text = message.lower()
     if "sluicegate: egress refused" in text:  # mitmcompat/upstream_connect's check
         return 403, "egress_internal", "The destination resolves to an internal address."
+    if CONNECT_NOT_A_PROXY in text:
+        return 405, BASE_URL_PROXY_REQUEST, BASE_URL_PROXY_MESSAGE
     if status == 400 or status == 413 or status == 431:
         code = {413: "body_too_large", 431: "headers_too_large"}.get(status, "bad_request")
         return status, code, "The gateway could not read this request."
