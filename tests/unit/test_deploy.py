@@ -86,11 +86,15 @@ def test_deployment_is_hardened_and_bounded() -> None:
     assert ports["monitoring"] == config["monitoring"]["listen_port"]
 
 
-def test_service_reaches_the_proxy_port_over_tcp() -> None:
-    (port,) = [p for p in container()["ports"] if p["name"] == "proxy"]
-    (service_port,) = one("Service")["spec"]["ports"]
-    assert port["name"] == service_port["targetPort"] == "proxy"
-    assert service_port["protocol"] == port["protocol"] == "TCP"
+def test_service_reaches_the_proxy_and_base_url_ports_over_tcp() -> None:
+    service_ports = {p["name"]: p for p in one("Service")["spec"]["ports"]}
+    assert sorted(service_ports) == ["base-url", "proxy"]  # never monitoring
+    for name in service_ports:
+        (port,) = [p for p in container()["ports"] if p["name"] == name]
+        service_port = service_ports[name]
+        assert service_port["targetPort"] == name
+        assert service_port["port"] == port["containerPort"]
+        assert service_port["protocol"] == port["protocol"] == "TCP"
     assert (
         one("Service")["spec"]["selector"] == one("Deployment")["spec"]["selector"]["matchLabels"]
     )
@@ -98,6 +102,37 @@ def test_service_reaches_the_proxy_port_over_tcp() -> None:
         one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"]
         == one("Service")["spec"]["selector"]
     )
+
+
+def configmap_config() -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load(one("ConfigMap")["data"]["sluicegate.yaml"])
+    return config
+
+
+def selects(peer: dict[str, Any], namespace: str) -> bool:
+    labels = peer.get("namespaceSelector", {}).get("matchLabels", {})
+    return bool(labels.get("kubernetes.io/metadata.name") == namespace)
+
+
+def test_the_base_url_listener_is_on_the_ports_the_config_enables() -> None:
+    """`base_url:` in the ConfigMap, the container port, the Service port and both network
+    policies name the same port; the listener is on the pod IP, where the Service reaches it."""
+    section = configmap_config()["base_url"]
+    assert section["listen_host"] == "0.0.0.0"
+    port = section["listen_port"]
+    assert port == 8081  # the config's default, as in the docs
+    ports = {p["name"]: p["containerPort"] for p in container()["ports"]}
+    assert ports["base-url"] == port
+    (service_port,) = [p for p in one("Service")["spec"]["ports"] if p["name"] == "base-url"]
+    assert service_port["port"] == port
+    policies = {d["metadata"]["name"]: d for d in documents() if d["kind"] == "NetworkPolicy"}
+    agents_out = policies["agents-egress-through-sluicegate"]["spec"]["egress"]
+    (to_gateway,) = [r for r in agents_out if any(selects(p, "sluicegate") for p in r["to"])]
+    gateway_in = policies["sluicegate"]["spec"]["ingress"]
+    (from_agents,) = [r for r in gateway_in if any(selects(p, "agents") for p in r["from"])]
+    for rule in (to_gateway, from_agents):
+        assert {"port": ports["proxy"], "protocol": "TCP"} in rule["ports"]
+        assert {"port": port, "protocol": "TCP"} in rule["ports"]
 
 
 def mounts() -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
@@ -151,6 +186,8 @@ def test_the_configmap_config_is_valid_with_the_mounts(tmp_path: Path) -> None:
     config = load_config(tmp_path / "sluicegate.yaml")
     assert config.gateway.environment == "production"
     assert [r.name for r in config.routes] == ["openai", "anthropic"]
+    assert config.base_url is not None
+    assert dict(config.base_url.prefixes) == {"/openai": "openai", "/anthropic": "anthropic"}
 
 
 def test_dockerfile_matches_the_deployment() -> None:
