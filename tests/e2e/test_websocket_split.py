@@ -21,10 +21,11 @@ from tests.conftest import UPSTREAM_KEY, UPSTREAM_KEY_ENV
 from tests.e2e.test_websockets import connect, recorded, recording_bytes, ws_route
 from tests.support.gateway import Gateway, recording_section
 from tests.support.pki import TestCA as CA
-from tests.support.websocket import WsClient, WsUpstream, say, say_split
+from tests.support.websocket import WsClient, WsUpstream, say, say_split, say_then_close
 
 SECRET = "ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
 HEAD, REST = SECRET[:12], SECRET[12:]
+TAG = "[REDACTED:github-token]"
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +240,140 @@ def test_a_value_the_timer_let_out_closes_when_the_text_deciding_it_comes(
     assert code == 1008 and got == [head]
     found = facts(gateway, "split-quote")
     assert found["closed_by_gateway"] == "websocket_secret_split"
+
+
+# -- a close while messages are held: they go first (issue: held messages lost at a close) -------
+
+# Held (its end could become a secret), and redacted: what the receiver must get.
+HELD = f"last words: the key {SECRET} and then {HEAD}"
+RELEASED = f"last words: the key {TAG} and then {HEAD}"
+
+
+def wait_for(condition: Any, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def held_by_now(server: WsUpstream) -> None:
+    """The upstream sent its answer (which the gateway holds for 1 s): give it 0.1 s to arrive."""
+    wait_for(lambda: server.received)
+    time.sleep(0.1)
+
+
+def send_close(client: WsClient, *texts: str) -> None:
+    """Send `texts` and a close (1000) in one write: the close comes right behind them."""
+    data = b"".join(client.ws.send(ev.TextMessage(t)) for t in texts)
+    client.sock.sendall(data + client.ws.send(ev.CloseConnection(code=1000)))
+
+
+def test_a_held_client_message_reaches_the_upstream_before_the_clients_close(
+    gateway: Gateway, realtime: WsUpstream, token: str
+) -> None:
+    with connect(gateway, realtime, token, **{"x-test-marker": "close-up-by-client"}) as client:
+        send_close(client, HELD)
+        assert isinstance(client.receive(), ev.CloseConnection)
+    wait_for(lambda: realtime.closes)
+    assert realtime.received == [RELEASED]  # before the close: the upstream stops reading there
+    assert realtime.closes == [1000]
+    assert_nowhere(gateway, str(realtime.received))
+    held = facts(gateway, "close-up-by-client")["held"]["client"]
+    assert held["released_at_close"] == 1 and held["lost_at_close"] == 0
+
+
+def test_a_held_server_message_reaches_the_client_before_the_servers_close(
+    gateway: Gateway, realtime: WsUpstream, token: str
+) -> None:
+    with connect(gateway, realtime, token, **{"x-test-marker": "close-down-by-server"}) as client:
+        client.send(say_then_close(HELD))
+        got, code = texts_until_close(client)
+    assert got == [RELEASED] and code == 1000
+    assert_nowhere(gateway, "".join(got))
+    flow = recorded(gateway, "close-down-by-server")
+    assert RELEASED.encode() in [m.content for m in flow.websocket.messages]
+    assert facts(gateway, "close-down-by-server")["held"]["server"]["released_at_close"] == 1
+
+
+def test_a_held_server_message_reaches_the_client_that_closes(
+    gateway: Gateway, realtime: WsUpstream, token: str
+) -> None:
+    """The receiver closes: the message still arrives, before the answer to its close."""
+    with connect(gateway, realtime, token, **{"x-test-marker": "close-down-by-client"}) as client:
+        client.send(say(HELD))
+        held_by_now(realtime)
+        client.sock.sendall(client.ws.send(ev.CloseConnection(code=1000)))
+        got, code = texts_until_close(client)
+    assert got == [RELEASED] and code == 1000
+    assert_nowhere(gateway, "".join(got))
+
+
+def test_a_held_client_message_reaches_the_upstream_that_closes(
+    gateway: Gateway, realtime: WsUpstream, token: str
+) -> None:
+    with connect(gateway, realtime, token, **{"x-test-marker": "close-up-by-server"}) as client:
+        client.send(say_then_close(pause=0.3))
+        client.send(HELD)  # held (for 1 s) when the upstream closes
+        got, code = texts_until_close(client)
+    assert got == [] and code == 1000
+    wait_for(lambda: realtime.closes)
+    assert realtime.received == [say_then_close(pause=0.3), RELEASED]
+    assert_nowhere(gateway, str(realtime.received))
+
+
+def test_a_held_client_message_reaches_the_upstream_when_the_client_drops(
+    gateway: Gateway, realtime: WsUpstream, token: str
+) -> None:
+    """No close frame, the connection just ends (1006): the message still goes up."""
+    client = connect(gateway, realtime, token, **{"x-test-marker": "close-up-dropped"})
+    client.send(HELD)
+    client.sock.close()
+    wait_for(lambda: realtime.closes)
+    assert realtime.received == [RELEASED]
+    assert facts(gateway, "close-up-dropped")["held"]["client"]["released_at_close"] == 1
+
+
+def test_a_held_message_whose_receiver_dropped_is_lost_visibly(
+    gateway: Gateway, realtime: WsUpstream, token: str
+) -> None:
+    """The receiver is gone: nothing to deliver to; the loss is logged and recorded, the text
+    is in neither."""
+    client = connect(gateway, realtime, token, **{"x-test-marker": "close-down-dropped"})
+    client.send(say(HELD))
+    held_by_now(realtime)
+    client.sock.close()
+    held = facts(gateway, "close-down-dropped")["held"]["server"]
+    assert held["lost_at_close"] == 1 and held["released_at_close"] == 0
+    assert held["lost_code"] == "websocket_receiver_gone"
+    logs = gateway.settled_logs()
+    assert "websocket_held_lost: 1 held server message(s)" in logs
+    assert "last words" not in logs and HEAD not in logs
+    flow = recorded(gateway, "close-down-dropped")
+    assert not any(b"last words" in m.content for m in flow.websocket.messages)
+    assert_nowhere(gateway, "")
+
+
+def test_a_secret_split_by_the_client_right_before_its_close_is_never_released(
+    gateway: Gateway, realtime: WsUpstream, token: str
+) -> None:
+    with connect(gateway, realtime, token, **{"x-test-marker": "close-split-up"}) as client:
+        send_close(client, f"here is {HEAD}", f"{REST} for you")
+        assert isinstance(client.receive(), ev.CloseConnection)
+    wait_for(lambda: realtime.closes)
+    upstream = "".join(str(m) for m in realtime.received)
+    assert HEAD not in upstream and REST not in upstream
+    assert_nowhere(gateway, upstream)
+    assert facts(gateway, "close-split-up")["closed_by_gateway"] == "websocket_secret_split"
+
+
+def test_a_secret_split_by_the_server_right_before_its_close_is_never_released(
+    gateway: Gateway, realtime: WsUpstream, token: str
+) -> None:
+    with connect(gateway, realtime, token, **{"x-test-marker": "close-split-down"}) as client:
+        client.send(say_split([f"here is {HEAD}", f"{REST} for you"]))
+        client.send(say_then_close())
+        got, _ = texts_until_close(client)
+    received = "".join(got)
+    assert HEAD not in received and REST not in received
+    assert_nowhere(gateway, received)
+    assert facts(gateway, "close-split-down")["closed_by_gateway"] == "websocket_secret_split"

@@ -10,6 +10,8 @@ test drives from the client side:
 - text `split:<text>`     the server sends each piece of the text (written backwards, pieces
                           separated by U+001E) as its own text message (`say_split`)
 - text `slow:<s>:<text>`  the same, sleeping `<s>` seconds between the pieces
+- text `close:<s>:<text>` the server sleeps `<s>` seconds, sends the text (written backwards, if
+                          any) and closes (1000), reading what still comes until the answer
 - any other text / bytes  echoed back unchanged
 """
 
@@ -61,6 +63,12 @@ def say_split(pieces: list[str], pause: float | None = None) -> str:
     return f"slow:{pause}:{text}" if pause is not None else "split:" + text
 
 
+def say_then_close(text: str = "", pause: float = 0.0) -> str:
+    """A message asking the upstream to wait `pause` seconds, send `text` (backwards, as `say`;
+    nothing when empty) and close the connection."""
+    return f"close:{pause}:{text[::-1]}"
+
+
 class WsUpstream(SocketServer):
     """A threaded WebSocket server on 127.0.0.1 (TLS when given a certificate)."""
 
@@ -99,7 +107,16 @@ class WsUpstream(SocketServer):
                     elif isinstance(event, ev.Message):
                         with self._lock:
                             self.received.append(event.data)
+                        if ws.state != wsproto.ConnectionState.OPEN:
+                            continue  # it closed: reading what still comes, answering nothing
                         data = event.data
+                        if isinstance(data, str) and data.startswith("close:"):
+                            _, seconds, text = data.split(":", 2)
+                            time.sleep(float(seconds))
+                            if text:
+                                sock.sendall(ws.send(ev.TextMessage(text[::-1])))
+                            sock.sendall(ws.send(ev.CloseConnection(code=1000)))
+                            continue
                         if isinstance(data, str) and data.startswith(("split:", "slow:")):
                             pause = 0.0
                             if data.startswith("slow:"):

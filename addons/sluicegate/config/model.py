@@ -949,8 +949,9 @@ class WebSocketsSection:
         1.0,
         doc="Text messages of one direction are one stream: a message whose end could still "
         "become a secret with the next message is held until the next message decides it, or "
-        "this long after the last message (then released with what is known, redacted). A "
-        "secret split across messages closes the connection (1008 `websocket_secret_split`).",
+        "this long after the last message, or until either side closes (then released with what "
+        "is known, redacted, before the close). A secret split across messages closes the "
+        "connection (1008 `websocket_secret_split`).",
     )
     hold_messages: int = setting(
         64,

@@ -55,9 +55,28 @@ class HeldDirection:
     """One direction's messages read as a stream (see `mitm/ws_hold.py`)."""
 
     stream: MessageStream
-    # What the gateway injected and has not seen come back through the hook yet, in order.
-    injected: collections.deque[bytes] = dataclasses.field(default_factory=collections.deque)
+    # What the gateway injected and has not seen come back through the hook yet, in order:
+    # (content, is_text).
+    injected: collections.deque[tuple[bytes, bool]] = dataclasses.field(
+        default_factory=collections.deque
+    )
     timer: asyncio.TimerHandle | None = None
+    # When a close came while messages waited (`websockets.WebSockets.websocket_closing`):
+    # messages sent ahead of the close, messages lost, and the code of the loss.
+    released_at_close: int = 0
+    lost_at_close: int = 0
+    lost_code: str | None = None
+
+    def close_facts(self) -> dict[str, Any]:
+        if not self.released_at_close and not self.lost_at_close:
+            return {}
+        facts: dict[str, Any] = {
+            "released_at_close": self.released_at_close,
+            "lost_at_close": self.lost_at_close,
+        }
+        if self.lost_code is not None:
+            facts["lost_code"] = self.lost_code
+        return facts
 
 
 @dataclasses.dataclass
@@ -99,6 +118,7 @@ class WebSocketChannel:
                     "waiting": hold.stream.pending,
                     "forced": hold.stream.forced,
                     "redaction": dict(hold.stream.counts),
+                    **hold.close_facts(),
                 }
                 for side, hold in self.holds.items()
             }

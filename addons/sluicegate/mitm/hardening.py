@@ -44,6 +44,7 @@ from sluicegate.mitmcompat import (
     head_limits,
     http1_protocol,
     protocol_errors,
+    websocket_closing,
 )
 
 logger = logging.getLogger("sluicegate.hardening")
@@ -102,6 +103,7 @@ class ProxyHardening(GatewayAddon):
         dispatch_cache.install()
         http1_protocol.install()
         error_answers.install()
+        websocket_closing.install()
         error_answers.responder = error_answer
 
     def configure(self, updated: Set[str]) -> None:

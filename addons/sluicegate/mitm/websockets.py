@@ -23,7 +23,9 @@ pass), a split secret closes the connection (1008 `websocket_secret_split`) befo
 left, and more than `hold_messages` / `hold_bytes` waiting releases what waits or closes it
 (1009 `websocket_hold_overflow`), per `hold_overflow`. Released messages are checked by the
 policy first: client messages by the request rules with body conditions, server messages by the
-response rules (1008 `policy_blocked`, the rule recorded).
+response rules (1008 `policy_blocked`, the rule recorded). When either side closes, what waits is
+released the same way and sent before the close (`websocket_closing`, a hook added by
+mitmcompat/websocket_closing.py); what cannot be sent is logged and counted (`websocket_held_lost`).
 
 mitmproxy has no API to close a WebSocket from an addon (mitmproxy#4773). `close_websocket`
 queues a close on the flow's WebsocketLayer and wakes it with an injected, dropped message; when
@@ -47,7 +49,9 @@ from sluicegate.config import Config, WebSocketsSection
 from sluicegate.mitm import flowstate, guard, ws_hold
 from sluicegate.mitm.base import GatewayAddon
 from sluicegate.mitm.policy import flow_context
+from sluicegate.mitmcompat import websocket_closing
 from sluicegate.mitmcompat.websocket_close import close_websocket
+from sluicegate.mitmcompat.websocket_closing import Closing
 from sluicegate.policy.decisions import Action
 from sluicegate.policy.engine import Policy
 from sluicegate.policy.views import BodyViews
@@ -65,6 +69,10 @@ BLOCKED_CODE: Final = "websocket_blocked"
 BINARY_BLOCKED: Final = "websocket_binary_blocked"
 TOO_LARGE: Final = "websocket_message_too_large"
 POLICY_CODE: Final = "policy_blocked"
+# Held messages not delivered when a side closed (logged with the cause: a check's code, or
+# HELD_UNDELIVERABLE when the receiver's connection was gone).
+HELD_LOST: Final = "websocket_held_lost"
+HELD_UNDELIVERABLE: Final = "websocket_receiver_gone"
 FAULT_POINT: Final = "WebSockets.websocket_message"
 # Text messages are JSON or text whatever the upgrade's content type said.
 TEXT_POLICY: Final = BodyPolicy(binary="block", unknown="text")
@@ -254,8 +262,83 @@ class WebSockets(GatewayAddon):
         from_client = message.from_client
         ws_hold.arm(hold, self.settings.hold_seconds, lambda: self._expired(flow, from_client))
 
+    def websocket_closing(self, flow: http.HTTPFlow) -> None:
+        """Either side closed: what waits is sent ahead of the close, released as the hold timer
+        releases it (mitmcompat/websocket_closing.py fires this before mitmproxy relays a close).
+
+        Fail closed: what a check refuses, and everything after it, is dropped; what cannot reach
+        its receiver any more (its connection dropped) is dropped. Either is logged and recorded
+        (`held.<side>.lost_at_close`, `lost_code`), never with the text. After the gateway closed
+        the connection itself nothing is released."""
+        st = flowstate.peek(flow)
+        channel = st.websocket if st is not None else None
+        closing = websocket_closing.closing(flow)
+        if channel is None or closing is None:
+            return
+        ws_hold.stop(channel)
+        for from_client in (closing.closed_by_client, not closing.closed_by_client):
+            hold = channel.holds.get(from_client)
+            if hold is not None:
+                self._release_at_close(flow, channel, hold, from_client, closing)
+        flowstate.record(flow, "websocket", channel.facts())
+
+    def _release_at_close(
+        self,
+        flow: http.HTTPFlow,
+        channel: Channel,
+        hold: flowstate.HeldDirection,
+        from_client: bool,
+        closing: Closing,
+    ) -> None:
+        waiting = len(hold.injected) + hold.stream.pending
+        if not waiting:
+            return
+        sent = 0
+
+        def send(content: bytes, is_text: bool) -> None:
+            nonlocal sent
+            if closing.send(from_client, content, is_text=is_text):
+                sent += 1
+
+        if channel.closed is not None:
+            failure: str | None = channel.closed  # the gateway closed it: nothing more passes
+        elif not closing.deliverable.get(from_client, False):
+            failure = HELD_UNDELIVERABLE
+        else:
+            try:
+                failure = ws_hold.release_all(flow, hold, from_client, self._check, send)
+            except Exception as exc:
+                logger.error(
+                    "sluicegate: %s: releasing held messages at close raised %s [request %s]",
+                    ERROR_CODE,
+                    type(exc).__name__,
+                    flow.id,
+                )
+                failure = ERROR_CODE
+            if failure is None and sent < waiting:
+                failure = HELD_UNDELIVERABLE
+        hold.injected.clear()
+        hold.released_at_close += sent
+        lost = waiting - sent
+        if lost <= 0:
+            return
+        hold.lost_at_close += lost
+        hold.lost_code = failure
+        if channel.closed is None:
+            logger.warning(
+                "sluicegate: %s: %d held %s message(s) dropped when the %s closed (%s) "
+                "[request %s]",
+                HELD_LOST,
+                lost,
+                "client" if from_client else "server",
+                "client" if closing.closed_by_client else "server",
+                failure,
+                flow.id,
+            )
+
     def websocket_end(self, flow: http.HTTPFlow) -> None:
-        """No hold timer outlives the connection (messages still waiting are not sent)."""
+        """No hold timer outlives the connection (what waited was released at the close, by
+        `websocket_closing`)."""
         channel = flowstate.state(flow).websocket
         if channel is not None:
             ws_hold.stop(channel)

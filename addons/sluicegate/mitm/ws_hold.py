@@ -11,7 +11,9 @@ Each released message is checked first (`Check`: the request rules for client me
 response rules for server messages); a refusal ends the release there.
 
 A held message is released `websockets.hold_seconds` after the last message of its direction if
-nothing decided it sooner (`expire`, from a timer).
+nothing decided it sooner (`expire`, from a timer), or when either side closes (`release_all`,
+from the `websocket_closing` hook of mitmcompat/websocket_closing.py): then what waits, the
+injected messages mitmproxy has not relayed yet included, is sent ahead of the close.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ HELD_MARKER: Final = b"[sluicegate:held]"
 
 # (flow, from_client, text) -> the code to close with, or None when the message may pass.
 Check = Callable[[http.HTTPFlow, bool, str], str | None]
+# (content, is_text): a released message, sent towards the other side.
+Send = Callable[[bytes, bool], None]
 
 
 def direction(
@@ -64,7 +68,7 @@ def take_injected(channel: WebSocketChannel, message: WebSocketMessage) -> bool:
     hold = channel.holds.get(message.from_client)
     if not message.injected or hold is None or not hold.injected:
         return False
-    if hold.injected[0] != message.content:
+    if hold.injected[0][0] != message.content:
         return False
     hold.injected.popleft()
     return True
@@ -82,6 +86,19 @@ def arrive(
 def expire(flow: http.HTTPFlow, hold: HeldDirection, from_client: bool, check: Check) -> str | None:
     """Release every waiting message with what is known (the timer fired)."""
     return _apply(flow, hold, from_client, hold.stream.flush(), None, check)
+
+
+def release_all(
+    flow: http.HTTPFlow, hold: HeldDirection, from_client: bool, check: Check, send: Send
+) -> str | None:
+    """The connection is closing: everything waiting goes to `send`, in order. First what was
+    injected and not relayed yet (checked already), then every held message released with what
+    is known, checked, exactly as `expire` releases them; the code of a failure (what failed and
+    everything after it is not sent)."""
+    while hold.injected:
+        content, is_text = hold.injected.popleft()
+        send(content, is_text)
+    return _apply(flow, hold, from_client, hold.stream.flush(), None, check, send)
 
 
 def behind(
@@ -110,7 +127,8 @@ def arm(hold: HeldDirection, seconds: float, callback: Callable[[], None]) -> No
 
 
 def stop(channel: WebSocketChannel) -> None:
-    """The connection ended: no timer fires any more (messages still waiting are lost)."""
+    """The connection is closing or ended: no timer fires any more (`release_all` sends what
+    waits ahead of the close)."""
     for hold in channel.holds.values():
         if hold.timer is not None:
             hold.timer.cancel()
@@ -124,6 +142,7 @@ def _apply(
     outcome: Outcome,
     current: WebSocketMessage | None,
     check: Check,
+    send: Send | None = None,
 ) -> str | None:
     if outcome.failure is not None:
         return outcome.failure
@@ -147,7 +166,10 @@ def _apply(
     if current is not None:
         _hold_back(current)
     for item in released:
-        _inject(flow, hold, from_client, item.text.encode(), is_text=True)
+        if send is not None:
+            send(item.text.encode(), True)
+        else:
+            _inject(flow, hold, from_client, item.text.encode(), is_text=True)
     return failure
 
 
@@ -159,5 +181,5 @@ def _hold_back(message: WebSocketMessage) -> None:
 def _inject(
     flow: http.HTTPFlow, hold: HeldDirection, from_client: bool, content: bytes, *, is_text: bool
 ) -> None:
-    hold.injected.append(content)
+    hold.injected.append((content, is_text))
     ctx.master.commands.call("inject.websocket", flow, not from_client, content, is_text)
