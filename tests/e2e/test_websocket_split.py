@@ -312,12 +312,12 @@ def test_a_held_client_message_reaches_the_upstream_that_closes(
     gateway: Gateway, realtime: WsUpstream, token: str
 ) -> None:
     with connect(gateway, realtime, token, **{"x-test-marker": "close-up-by-server"}) as client:
-        client.send(say_then_close(pause=0.3))
+        client.send(say_then_close(pause=0.6))
         client.send(HELD)  # held (for 1 s) when the upstream closes
         got, code = texts_until_close(client)
     assert got == [] and code == 1000
     wait_for(lambda: realtime.closes)
-    assert realtime.received == [say_then_close(pause=0.3), RELEASED]
+    assert realtime.received == [say_then_close(pause=0.6), RELEASED]
     assert_nowhere(gateway, str(realtime.received))
 
 
